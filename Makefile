@@ -1,0 +1,64 @@
+# The two commands a fresh clone needs: `make run` and `make test`. Everything else is a step of them.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+RECSYS := $(VENV)/bin/recsys
+ARTIFACTS ?= artifacts
+DATA ?= synthetic
+STAGE ?= pipeline
+EXTRAS ?= train,dev,deploy
+PROTOS := $(wildcard protos/recsys/v1/*.proto)
+STUBS := recsys/v1/__init__.py
+INSTALLED := $(VENV)/.installed
+
+.PHONY: install protos run test test-slow lint eval bench data train export serve clean system-deps format
+
+install: $(INSTALLED) $(STUBS)
+
+$(INSTALLED): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
+	touch $@
+
+# Generated gRPC stubs: one package (recsys.v1) imported by every service; never edited by hand.
+protos: $(STUBS)
+$(STUBS): $(PROTOS) $(INSTALLED)
+	rm -rf recsys/v1
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. $(PROTOS)
+	touch $@
+
+# Servers the tests start themselves (redis-server, prometheus/promtool); installed when missing.
+system-deps:
+	@bash scripts/install-system-deps.sh
+
+test: install system-deps
+	$(PY) -m pytest -m "not slow and not gpu" -q
+
+test-slow: install
+	$(PY) -m pytest -m "slow" -q
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+data: install
+	$(RECSYS) data prepare --data $(DATA) --artifacts $(ARTIFACTS)
+
+eval: install
+	$(RECSYS) eval --data $(DATA) --stage $(STAGE) --artifacts $(ARTIFACTS) --out $(ARTIFACTS)/eval-$(STAGE).json
+
+bench: install
+	$(RECSYS) bench all --artifacts $(ARTIFACTS) --out $(ARTIFACTS)/bench.json
+
+# Prepare data, train quickly, export both bundles, start recall, rank and gateway; Ctrl-C stops all.
+run: install
+	$(RECSYS) run --data $(DATA) --artifacts $(ARTIFACTS) --quick
+
+clean:
+	rm -rf $(ARTIFACTS) recsys/v1 .pytest_cache .ruff_cache build *.egg-info
