@@ -100,6 +100,7 @@ class ItemCatalog:
     brand_names: list[str] = field(default_factory=list)
     price: np.ndarray | None = None  # float32, NaN when unknown
     title: list[str] | None = None
+    bid: np.ndarray | None = None  # float32 sponsored bid per item, 0 when not sponsored
 
 
 @dataclass
