@@ -20,8 +20,9 @@ class BundleError(RuntimeError):
     """A bundle is missing, incomplete, or of the wrong kind/schema."""
 
 
-def write_manifest(bundle_dir: str | Path, kind: str, version: str, data_fingerprint: str,
-                   **metadata: Any) -> dict[str, Any]:
+def write_manifest(
+    bundle_dir: str | Path, kind: str, version: str, data_fingerprint: str, **metadata: Any
+) -> dict[str, Any]:
     """Write ``manifest.json`` listing every file in the bundle; returns the manifest."""
     bundle_dir = Path(bundle_dir)
     files = sorted(

@@ -61,8 +61,9 @@ class IdMap:
 
     def dense_many(self, external_ids: Sequence[str]) -> np.ndarray:
         """Dense ids (int64) of many external ids, -1 for unknown ones."""
-        return np.fromiter((self._index.get(e, -1) for e in external_ids), dtype=np.int64,
-                           count=len(external_ids))
+        return np.fromiter(
+            (self._index.get(e, -1) for e in external_ids), dtype=np.int64, count=len(external_ids)
+        )
 
     def external(self, dense_id: int) -> str:
         return self.ids[int(dense_id)]
