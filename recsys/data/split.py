@@ -47,7 +47,7 @@ class LeaveOneOutSplit:
     def item_counts_without_test(self) -> np.ndarray:
         """Interactions per item over everything except each user's test item (no leak)."""
         counts = np.zeros(self.dataset.num_items, dtype=np.int64)
-        for user, sequence in enumerate(self.dataset.sequences):
+        for sequence in self.dataset.sequences:
             visible = sequence[:-1] if len(sequence) >= 3 else sequence
             np.add.at(counts, visible, 1)
         return counts
