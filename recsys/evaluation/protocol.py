@@ -28,9 +28,10 @@ def target_ranks(scores: np.ndarray, targets: np.ndarray, histories: Sequence[np
     """
     scores = np.asarray(scores, dtype=np.float32)
     rows = np.arange(len(targets))
-    target_scores = scores[rows, targets].copy()
     for row, history in enumerate(histories):
         scores[row, history] = -np.inf
+    # Read after the mask: a target inside its own history is excluded with it and never hits.
+    target_scores = scores[rows, targets].copy()
     # Items >= target, minus the target itself; NaN targets count as ranked last.
     at_least = (scores >= target_scores[:, None]).sum(axis=1) - 1
     return np.where(np.isfinite(target_scores), at_least, scores.shape[1]).astype(np.float64)

@@ -1,0 +1,158 @@
+"""``recsys eval``: offline evaluation of one or more stages under the shared protocol.
+
+Writes ``{"dataset": {...}, "protocol": "...", "phase": ..., "stages": {name: metrics}}`` to
+``--out`` and prints that path as the last line of stdout (logs and progress go to stderr).
+
+``popularity`` is computed here and always included. The other stages are plug-ins imported
+only when asked for, each ``evaluate_stages(dataset, split, artifacts_dir, phase, quick)`` returning
+``{stage: metrics}`` and training with default settings whatever is missing:
+``recall``/``covisit``/``candidates`` from ``recall_service.evaluate``, ``pipeline`` from
+``rank_service.evaluate`` (which reports the recall stages too).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from recsys.data.loaders import DatasetFormatError
+from recsys.data.prepare import dataset_artifacts, prepare_dataset
+from recsys.data.split import LeaveOneOutSplit
+from recsys.evaluation.popularity import evaluate_popularity
+from recsys.evaluation.protocol import PROTOCOL
+
+log = logging.getLogger("recsys.eval")
+
+POPULARITY = "popularity"
+# stage -> the plug-in ("module:function") that evaluates it.
+PLUGINS: dict[str, str] = {
+    "recall": "recall_service.evaluate:evaluate_stages",
+    "covisit": "recall_service.evaluate:evaluate_stages",
+    "candidates": "recall_service.evaluate:evaluate_stages",
+    "pipeline": "rank_service.evaluate:evaluate_stages",
+}
+STAGES = (POPULARITY, *PLUGINS)
+
+
+class PluginUnavailableError(RuntimeError):
+    """A stage's plug-in module cannot be imported."""
+
+
+def resolve_plugin(target: str, stage: str) -> Callable[..., dict[str, dict]]:
+    """Import ``module:function``; a clear error names the stage when it is not available."""
+    module_name, function_name = target.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise PluginUnavailableError(
+            f"stage {stage!r} is evaluated by {target}, which cannot be imported: {error}"
+        ) from error
+    function = getattr(module, function_name, None)
+    if not callable(function):
+        raise PluginUnavailableError(f"stage {stage!r}: {module_name} has no function {function_name}()")
+    return function
+
+
+def plugins_for(stages: list[str]) -> list[tuple[str, str]]:
+    """``(target, first stage)`` of each plug-in to call, once each. ``pipeline``'s plug-in also
+    reports the recall stages, so the recall plug-in is skipped when it runs."""
+    targets: dict[str, str] = {}
+    for stage in stages:
+        if stage != POPULARITY:
+            targets.setdefault(PLUGINS[stage], stage)
+    if PLUGINS["pipeline"] in targets:
+        targets.pop(PLUGINS["recall"], None)
+    return [(target, stage) for target, stage in targets.items()]
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="recsys eval", description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default="synthetic", help="'synthetic' or a dataset folder/file")
+    parser.add_argument(
+        "--stage",
+        action="append",
+        choices=STAGES,
+        dest="stages",
+        help="stage to evaluate (repeatable; popularity is always included)",
+    )
+    parser.add_argument(
+        "--artifacts",
+        type=Path,
+        default=Path("artifacts"),
+        help="artifacts root (default: artifacts)",
+    )
+    parser.add_argument("--out", type=Path, help="JSON output (default: ARTIFACTS/eval-<stage>.json)")
+    parser.add_argument("--phase", choices=("test", "valid"), default="test")
+    parser.add_argument("--quick", action="store_true", help="quick synthetic data / short training")
+    return parser.parse_args(argv)
+
+
+def run_evaluation(args: argparse.Namespace) -> dict:
+    """Evaluate the requested stages; the result is the JSON document ``main`` writes."""
+    stages = list(dict.fromkeys(args.stages or [POPULARITY]))
+    plugins = [(resolve_plugin(target, stage), target) for target, stage in plugins_for(stages)]
+
+    dataset = prepare_dataset(args.data, args.artifacts, quick=args.quick)
+    log.info("dataset %s", json.dumps(dataset.summary()))
+    split = LeaveOneOutSplit(dataset)
+    results: dict[str, dict] = {}
+    seconds: dict[str, float] = {}
+
+    started = time.perf_counter()
+    results[POPULARITY] = evaluate_popularity(dataset, split, phase=args.phase, progress=True)
+    seconds[POPULARITY] = round(time.perf_counter() - started, 3)
+    log.info("popularity %s", json.dumps(results[POPULARITY]))
+
+    for evaluate_stages, target in plugins:
+        started = time.perf_counter()
+        reported = evaluate_stages(
+            dataset, split, dataset_artifacts(dataset, args.artifacts), args.phase, args.quick
+        )
+        elapsed = round(time.perf_counter() - started, 3)
+        for stage, metrics in reported.items():
+            results[stage] = dict(metrics)
+            seconds[stage] = elapsed
+            log.info("%s (%s) %s", stage, target, json.dumps(metrics))
+    missing = [stage for stage in stages if stage not in results]
+    if missing:
+        raise RuntimeError(f"plug-ins did not report stage(s) {', '.join(missing)}")
+    return {
+        "dataset": dataset.summary(),
+        "protocol": PROTOCOL,
+        "phase": args.phase,
+        "quick": args.quick,
+        "stages": results,
+        "seconds": seconds,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    if not logging.getLogger().handlers:
+        logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    try:
+        report = run_evaluation(args)
+    except PluginUnavailableError as error:
+        print(f"recsys eval: {error}", file=sys.stderr)
+        return 2
+    except DatasetFormatError as error:
+        print(f"recsys eval: {error}", file=sys.stderr)
+        return 1
+    stages = list(dict.fromkeys(args.stages or [POPULARITY]))
+    out = args.out or args.artifacts / f"eval-{'-'.join(stages)}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(f".{out.name}.tmp")
+    partial.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    partial.replace(out)
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
