@@ -1,0 +1,167 @@
+"""Typed serving configuration shared by every service, read once from env vars and flags.
+
+Precedence: command-line flag, then the environment variable (``RECSYS_PORT`` for ``--port``,
+see docs/CONVENTIONS.md), then the service's default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the setting."""
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    """Everything the serving bootstrap needs: addresses, shutdown grace, limits, TLS, logging."""
+
+    host: str = "0.0.0.0"
+    port: int = 0  # 0 = any free port (read back from RunningServer.port)
+    metrics_port: int = 0  # 0 = any free port (read back from RunningServer.metrics_port)
+    grace_seconds: float = 5.0
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None  # set: mutual TLS, clients must present a cert it signed
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def tls_enabled(self) -> bool:
+        return self.tls_cert is not None
+
+    @property
+    def mutual_tls(self) -> bool:
+        return self.tls_client_ca is not None
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first invalid setting."""
+        if not self.host:
+            raise ConfigError("host: must not be empty")
+        for name in ("port", "metrics_port"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65535:
+                raise ConfigError(f"{name}: must be an integer in 0..65535, got {value!r}")
+        if self.port != 0 and self.port == self.metrics_port:
+            raise ConfigError(f"metrics_port: must differ from port, both are {self.port}")
+        if not self.grace_seconds >= 0:  # also rejects NaN
+            raise ConfigError(f"grace_seconds: must be >= 0, got {self.grace_seconds!r}")
+        if isinstance(self.max_message_bytes, bool) or not isinstance(self.max_message_bytes, int):
+            raise ConfigError(f"max_message_bytes: must be an integer, got {self.max_message_bytes!r}")
+        if not 1024 <= self.max_message_bytes <= 2**31 - 1:
+            raise ConfigError(f"max_message_bytes: must be in 1024..2147483647, got {self.max_message_bytes}")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("tls_cert, tls_key: give both or neither")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ConfigError("tls_client_ca: mutual TLS needs tls_cert and tls_key too")
+        for name in ("tls_cert", "tls_key", "tls_client_ca"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ConfigError(f"{name}: file not found: {path}")
+        if self.log_level not in LOG_LEVELS:
+            raise ConfigError(f"log_level: must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
+
+
+def env_default(name: str, default: T, cast: Callable[[str], Any] = str) -> Any:
+    """The value of environment variable ``name`` passed through ``cast``, or ``default`` when the
+    variable is unset or empty. A value ``cast`` rejects raises ConfigError naming the variable."""
+    raw = os.environ.get(name, "")
+    if raw == "":
+        return default
+    try:
+        return cast(raw)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{name}: invalid value {raw!r} ({exc})") from None
+
+
+def _log_level(value: str) -> str:
+    level = value.strip().upper()
+    if level not in LOG_LEVELS:
+        raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}")
+    return level
+
+
+def _optional_path(value: str) -> Path | None:
+    return Path(value) if value else None
+
+
+# flag -> (env var, cast, help); the flag's dest is the ServingConfig field name.
+_SERVING_FLAGS: dict[str, tuple[str, Callable[[str], Any], str]] = {
+    "--host": ("RECSYS_HOST", str, "address to bind the gRPC and metrics servers"),
+    "--port": ("RECSYS_PORT", int, "gRPC port (0 = any free port)"),
+    "--metrics-port": ("RECSYS_METRICS_PORT", int, "HTTP /metrics port (0 = any free port)"),
+    "--grace-seconds": ("RECSYS_GRACE_SECONDS", float, "in-flight calls get this long on shutdown"),
+    "--max-message-bytes": ("RECSYS_MAX_MESSAGE_BYTES", int, "largest gRPC message sent or received"),
+    "--tls-cert": ("RECSYS_TLS_CERT", _optional_path, "server certificate chain (PEM); enables TLS"),
+    "--tls-key": ("RECSYS_TLS_KEY", _optional_path, "server private key (PEM)"),
+    "--tls-client-ca": ("RECSYS_TLS_CLIENT_CA", _optional_path, "client CA (PEM); enables mutual TLS"),
+    "--log-level": ("RECSYS_LOG_LEVEL", _log_level, f"one of {', '.join(LOG_LEVELS)}"),
+}
+
+
+def add_serving_arguments(
+    parser: argparse.ArgumentParser, default_port: int, default_metrics_port: int
+) -> None:
+    """Add the common serving flags to ``parser``; each defaults to its env var, then the default.
+
+    An invalid environment value makes the parser exit with a usage error naming the variable.
+    """
+    defaults: dict[str, Any] = {
+        "host": ServingConfig.host,
+        "port": default_port,
+        "metrics_port": default_metrics_port,
+        "grace_seconds": ServingConfig.grace_seconds,
+        "max_message_bytes": ServingConfig.max_message_bytes,
+        "tls_cert": None,
+        "tls_key": None,
+        "tls_client_ca": None,
+        "log_level": ServingConfig.log_level,
+    }
+    group = parser.add_argument_group("serving (flags override RECSYS_* environment variables)")
+    for flag, (env_name, cast, help_text) in _SERVING_FLAGS.items():
+        dest = flag[2:].replace("-", "_")
+        try:
+            default = env_default(env_name, defaults[dest], cast)
+        except ConfigError as exc:
+            parser.error(str(exc))
+        shown = "unset" if default is None else default
+        group.add_argument(
+            flag,
+            dest=dest,
+            type=cast,
+            default=default,
+            metavar=dest.upper(),
+            help=f"{help_text} (env {env_name}; now {shown})",
+        )
+
+
+def serving_config_from_args(args: argparse.Namespace) -> ServingConfig:
+    """Build and validate the ServingConfig from flags added by ``add_serving_arguments``.
+
+    Raises ConfigError naming the invalid setting (ports, TLS pairs, missing files, log level).
+    """
+    return ServingConfig(
+        host=args.host,
+        port=args.port,
+        metrics_port=args.metrics_port,
+        grace_seconds=args.grace_seconds,
+        max_message_bytes=args.max_message_bytes,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
+        log_level=args.log_level,
+    )
