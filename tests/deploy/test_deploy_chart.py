@@ -1,0 +1,438 @@
+"""The Helm chart: strict lint, a real Helm render for each switch combination, strict Kubernetes
+schema validation of every rendered object, and the properties an SRE relies on."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.deploy.chart import (
+    CHART_DIR,
+    COMPONENTS,
+    DEPLOY_DIR,
+    KUBE_VERSION,
+    MONITORING_API,
+    NAMESPACE,
+    RELEASE,
+    REPO_ROOT,
+    Manifest,
+    find,
+    helm_sdk,
+    kinds,
+    manifests,
+    render,
+)
+
+FULLNAME = f"{RELEASE}-recsys"
+SHA256 = "0" * 64
+GPU_ON = {"recall": {"gpu": {"enabled": True}}, "rank": {"gpu": {"enabled": True}}}
+MONITORING_ON = {"monitoring": {"serviceMonitor": {"enabled": True}, "prometheusRule": {"enabled": True}}}
+
+# name -> (values, API versions the "cluster" announces)
+COMBINATIONS: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
+    "default": ({}, ()),
+    "gpu": (GPU_ON, ()),
+    "monitoring-with-api": (MONITORING_ON, (MONITORING_API,)),
+    "monitoring-without-api": (MONITORING_ON, ()),
+    "redis": ({"redis": {"enabled": True}}, ()),
+    "redis-external-secret": ({"redis": {"existingSecret": {"name": "history-redis", "key": "url"}}}, ()),
+    "bundle-url": (
+        {
+            "recall": {
+                "bundle": {"existingClaim": "", "url": "https://models.example/recall.tgz", "sha256": SHA256}
+            },
+            "rank": {
+                "bundle": {"existingClaim": "", "url": "https://models.example/rank.tgz", "sha256": SHA256}
+            },
+        },
+        (),
+    ),
+    "gateway-only": (
+        {
+            "recall": {"enabled": False},
+            "rank": {"enabled": False},
+            "gateway": {"recallAddress": "recall.ml:50051", "rankAddress": "rank.ml:50052"},
+        },
+        (),
+    ),
+    "fixed-replicas-latency-hpa": (
+        {
+            "recall": {"autoscaling": {"enabled": False}, "podDisruptionBudget": {"enabled": False}},
+            "gateway": {"autoscaling": {"latency": {"enabled": True}}},
+            "networkPolicy": {"enabled": False},
+            "monitoring": {"dashboard": {"enabled": False}},
+        },
+        (),
+    ),
+    "everything-on": (
+        {**GPU_ON, **MONITORING_ON, "redis": {"enabled": True}},
+        (MONITORING_API,),
+    ),
+}
+
+# Kinds with no built-in schema (Prometheus Operator CRDs): checked by promtool and assertions.
+CRD_KINDS = {"ServiceMonitor", "PrometheusRule"}
+# Oldest Kubernetes the chart declares (native gRPC probes GA) and the newest schema available.
+SCHEMA_VERSIONS = ("1.27.0", "1.37.0")
+
+
+@pytest.fixture(scope="module")
+def rendered() -> dict[str, list[Manifest]]:
+    """Every combination rendered once for the whole module."""
+    return {name: manifests(render(values, apis)) for name, (values, apis) in COMBINATIONS.items()}
+
+
+def containers(pod_owner: dict[str, Any]) -> list[dict[str, Any]]:
+    spec = pod_owner["spec"]["template"]["spec"]
+    return spec.get("initContainers", []) + spec["containers"]
+
+
+def env_of(container: dict[str, Any]) -> dict[str, Any]:
+    return {item["name"]: item.get("value", item.get("valueFrom")) for item in container.get("env", [])}
+
+
+def deployment(objects: list[Manifest], component: str) -> dict[str, Any]:
+    return find(objects, "Deployment", f"{FULLNAME}-{component}")
+
+
+def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return all(labels.get(key) == value for key, value in selector.items())
+
+
+def test_chart_lints_strict_for_every_combination() -> None:
+    helm = helm_sdk()
+    for name, (values, _) in COMBINATIONS.items():
+        report = helm.lint(CHART_DIR, values, strict=True, namespace=NAMESPACE, kube_version=KUBE_VERSION)
+        problems = [m for m in report["messages"] if m["severity"] >= 2]
+        assert not report["errors"] and not problems, f"{name}: {report}"
+
+
+@pytest.mark.parametrize("schema_version", SCHEMA_VERSIONS)
+def test_every_manifest_validates_against_the_kubernetes_schema_strictly(
+    rendered: dict[str, list[Manifest]], schema_version: str
+) -> None:
+    kubernetes_validate = pytest.importorskip(
+        "kubernetes_validate", reason="kubernetes-validate is not installed (pip install -e '.[deploy]')"
+    )
+    # Objects identical across combinations are validated once.
+    unique: dict[str, str] = {}
+    for combination, objects in rendered.items():
+        assert objects, combination
+        for manifest in objects:
+            if manifest.kind not in CRD_KINDS:
+                where = f"{combination}: {manifest.template} {manifest.kind}/{manifest.name}"
+                unique.setdefault(json.dumps(manifest.body, sort_keys=True), where)
+    for body, where in unique.items():
+        try:
+            kubernetes_validate.validate(json.loads(body), schema_version, strict=True)
+        except kubernetes_validate.ValidationError as error:
+            pytest.fail(f"{where}: {error.message}")
+        except kubernetes_validate.SchemaNotFoundError:
+            pytest.fail(f"{where}: no Kubernetes {schema_version} schema for this kind")
+
+
+def test_the_validator_rejects_unknown_fields(rendered: dict[str, list[Manifest]]) -> None:
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    body = json.loads(json.dumps(deployment(rendered["default"], "recall")))
+    body["spec"]["template"]["spec"]["containers"][0]["readinessProb"] = {"grpc": {"port": 50051}}
+    with pytest.raises(kubernetes_validate.ValidationError, match="readinessProb"):
+        kubernetes_validate.validate(body, KUBE_VERSION, strict=True)
+
+
+def test_values_schema_rejects_misspelled_keys() -> None:
+    helm = helm_sdk()
+    with pytest.raises(helm.HelmError, match="replica"):
+        render({"recall": {"replica": 3}})
+    with pytest.raises(helm.HelmError, match="enable"):
+        render({"monitoring": {"serviceMonitor": {"enable": True}}})
+    report = helm.lint(CHART_DIR, {"gateway": {"confg": {}}}, strict=True, kube_version=KUBE_VERSION)
+    assert report["errors"] or any(m["severity"] >= 2 for m in report["messages"])
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"recall": {"bundle": {"url": "https://m.example/r.tgz", "sha256": SHA256}}}, "not both"),
+        ({"rank": {"bundle": {"existingClaim": "", "url": "https://m.example/r.tgz"}}}, "sha256 is required"),
+        ({"rank": {"bundle": {"existingClaim": ""}}}, "existingClaim"),
+        ({"recall": {"enabled": False}}, "recallAddress is required"),
+        ({"redis": {"enabled": True, "externalUrl": "redis://r:6379/0"}}, "not both"),
+    ],
+)
+def test_contradictory_values_fail_with_a_message(values: dict[str, Any], message: str) -> None:
+    helm = helm_sdk()
+    with pytest.raises(helm.HelmError, match=message):
+        render(values)
+
+
+def test_each_component_is_switchable(rendered: dict[str, list[Manifest]]) -> None:
+    default = {m.name for m in rendered["default"] if m.kind == "Deployment"}
+    assert default == {f"{FULLNAME}-{c}" for c in COMPONENTS}
+    gateway_only = rendered["gateway-only"]
+    assert {m.name for m in gateway_only if m.kind == "Deployment"} == {f"{FULLNAME}-gateway"}
+    assert not [m for m in gateway_only if "recall" in m.name or "rank" in m.name]
+    env = env_of(deployment(gateway_only, "gateway")["spec"]["template"]["spec"]["containers"][0])
+    assert env["RECSYS_RECALL_ADDRESS"] == "recall.ml:50051"
+    assert env["RECSYS_RANK_ADDRESS"] == "rank.ml:50052"
+
+
+def test_probes_are_native_grpc_on_the_grpc_port_with_a_startup_budget(
+    rendered: dict[str, list[Manifest]],
+) -> None:
+    for component in COMPONENTS:
+        (container,) = deployment(rendered["default"], component)["spec"]["template"]["spec"]["containers"]
+        ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+        assert set(ports) == {"grpc", "metrics"}
+        for probe_name in ("startupProbe", "readinessProbe", "livenessProbe"):
+            probe = container[probe_name]
+            assert probe["grpc"]["port"] == ports["grpc"], (component, probe_name)
+            assert not {"httpGet", "exec", "tcpSocket"} & set(probe)
+        startup = container["startupProbe"]
+        budget_s = startup["periodSeconds"] * startup["failureThreshold"]
+        assert budget_s >= (300 if component != "gateway" else 60), (component, budget_s)
+        env = env_of(container)
+        assert env["RECSYS_PORT"] == str(ports["grpc"])
+        assert env["RECSYS_METRICS_PORT"] == str(ports["metrics"])
+
+
+def test_every_pod_is_hardened(rendered: dict[str, list[Manifest]]) -> None:
+    for combination, objects in rendered.items():
+        for owner in (m for m in objects if m.kind == "Deployment"):
+            pod = owner.body["spec"]["template"]["spec"]
+            where = f"{combination}: {owner.name}"
+            assert pod["automountServiceAccountToken"] is False, where
+            assert pod["securityContext"]["runAsNonRoot"] is True, where
+            assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault", where
+            for container in containers(owner.body):
+                context = container["securityContext"]
+                assert context["runAsNonRoot"] is True, where
+                assert context["readOnlyRootFilesystem"] is True, where
+                assert context["allowPrivilegeEscalation"] is False, where
+                assert context["capabilities"]["drop"] == ["ALL"], where
+                assert context["seccompProfile"]["type"] == "RuntimeDefault", where
+                assert "limits" in container["resources"] and "requests" in container["resources"], where
+        (account,) = [m.body for m in objects if m.kind == "ServiceAccount"]
+        assert account["automountServiceAccountToken"] is False
+
+
+def test_gpu_scheduling_only_when_enabled(rendered: dict[str, list[Manifest]]) -> None:
+    for component in ("recall", "rank"):
+        cpu = deployment(rendered["default"], component)
+        gpu = deployment(rendered["gpu"], component)
+        (cpu_container,) = cpu["spec"]["template"]["spec"]["containers"]
+        (gpu_container,) = gpu["spec"]["template"]["spec"]["containers"]
+        assert "nvidia.com/gpu" not in json.dumps(cpu)
+        assert gpu_container["resources"]["limits"]["nvidia.com/gpu"] == 1
+        assert (
+            gpu_container["resources"]["limits"]["memory"] == cpu_container["resources"]["limits"]["memory"]
+        )
+        assert gpu_container["image"].endswith("-gpu") and not cpu_container["image"].endswith("-gpu")
+        assert env_of(gpu_container)["RECSYS_DEVICE"] == "gpu"
+        assert env_of(cpu_container)["RECSYS_DEVICE"] == "auto"
+        pod = gpu["spec"]["template"]["spec"]
+        assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+        assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+        assert "nodeSelector" not in cpu["spec"]["template"]["spec"]
+    assert "nvidia.com" not in json.dumps(deployment(rendered["gpu"], "gateway"))
+
+
+def test_monitoring_objects_need_the_value_and_the_api(rendered: dict[str, list[Manifest]]) -> None:
+    assert not kinds(rendered["default"]) & CRD_KINDS
+    assert not kinds(rendered["monitoring-without-api"]) & CRD_KINDS
+    # The API alone is not enough either.
+    assert not kinds(manifests(render({}, (MONITORING_API,)))) & CRD_KINDS
+    assert kinds(rendered["monitoring-with-api"]) >= CRD_KINDS
+    notes = render(MONITORING_ON)["recsys/templates/NOTES.txt"]
+    assert "no ServiceMonitor was created" in notes
+
+
+def test_service_monitor_scrapes_the_metrics_port_of_each_service(
+    rendered: dict[str, list[Manifest]],
+) -> None:
+    objects = rendered["monitoring-with-api"]
+    monitor = find(objects, "ServiceMonitor", FULLNAME)["spec"]
+    assert monitor["namespaceSelector"] == {"matchNames": [NAMESPACE]}
+    (endpoint,) = monitor["endpoints"]
+    assert endpoint["port"] == "metrics"
+    (relabel,) = endpoint["relabelings"]
+    assert relabel["targetLabel"] == "job" and relabel["replacement"] == "recsys-$1"
+    (expression,) = monitor["selector"]["matchExpressions"]
+    scraped = []
+    for service in (m.body for m in objects if m.kind == "Service"):
+        labels = service["metadata"]["labels"]
+        chosen = (
+            selects(monitor["selector"]["matchLabels"], labels)
+            and labels.get(expression["key"]) in (expression["values"])
+        )
+        if chosen and any(port["name"] == "metrics" for port in service["spec"]["ports"]):
+            scraped.append(labels["app.kubernetes.io/component"])
+    assert sorted(scraped) == sorted(COMPONENTS)
+
+
+def test_prometheus_rule_is_the_shipped_alert_file(rendered: dict[str, list[Manifest]]) -> None:
+    rule = find(rendered["monitoring-with-api"], "PrometheusRule", FULLNAME)
+    shipped = yaml.safe_load((DEPLOY_DIR / "prometheus" / "alerts.yaml").read_text())
+    assert rule["spec"] == shipped
+
+
+def test_network_policy_lets_only_the_gateway_call_recall_and_rank(
+    rendered: dict[str, list[Manifest]],
+) -> None:
+    objects = rendered["redis"]
+    gateway_pod_labels = deployment(objects, "gateway")["spec"]["template"]["metadata"]["labels"]
+    prometheus_labels = {"app.kubernetes.io/name": "prometheus"}
+    for component in ("recall", "rank", "redis"):
+        policy = find(objects, "NetworkPolicy", f"{FULLNAME}-{component}")["spec"]
+        pod_labels = deployment(objects, component)["spec"]["template"]["metadata"]["labels"]
+        assert selects(policy["podSelector"]["matchLabels"], pod_labels)
+        assert policy["policyTypes"] == ["Ingress"]
+        for rule in policy["ingress"]:
+            (peer,) = rule["from"]
+            ports = [port["port"] for port in rule["ports"]]
+            if ports == ["metrics"]:
+                assert peer["podSelector"]["matchLabels"] == prometheus_labels
+            else:
+                assert ports in (["grpc"], ["redis"]), (component, ports)
+                assert set(peer) == {"podSelector"}, "a pod selector without a namespace: this namespace"
+                assert selects(peer["podSelector"]["matchLabels"], gateway_pod_labels)
+                # Not too broad: the gateway's selector must not pick the component's own pods.
+                assert not selects(peer["podSelector"]["matchLabels"], pod_labels)
+    gateway_policy = find(objects, "NetworkPolicy", f"{FULLNAME}-gateway")["spec"]
+    client_rule = next(r for r in gateway_policy["ingress"] if r["ports"][0]["port"] == "grpc")
+    assert "from" not in client_rule  # default: any client may reach the gateway's gRPC port
+
+
+def test_redis_switches_the_history_backend(rendered: dict[str, list[Manifest]]) -> None:
+    sqlite_env = env_of(
+        deployment(rendered["default"], "gateway")["spec"]["template"]["spec"]["containers"][0]
+    )
+    assert sqlite_env["RECSYS_HISTORY_BACKEND"] == "sqlite"
+    assert sqlite_env["RECSYS_SQLITE_PATH"].startswith("/data/")
+    assert "RECSYS_REDIS_URL" not in sqlite_env
+    assert not [m for m in rendered["default"] if "redis" in m.name]
+
+    objects = rendered["redis"]
+    env = env_of(deployment(objects, "gateway")["spec"]["template"]["spec"]["containers"][0])
+    service = find(objects, "Service", f"{FULLNAME}-redis")
+    assert env["RECSYS_HISTORY_BACKEND"] == "redis"
+    assert env["RECSYS_REDIS_URL"] == f"redis://{FULLNAME}-redis.{NAMESPACE}.svc.cluster.local:6379/0"
+    assert service["spec"]["ports"][0]["port"] == 6379
+    assert selects(
+        service["spec"]["selector"], deployment(objects, "redis")["spec"]["template"]["metadata"]["labels"]
+    )
+
+    external = env_of(
+        deployment(rendered["redis-external-secret"], "gateway")["spec"]["template"]["spec"]["containers"][0]
+    )
+    assert external["RECSYS_HISTORY_BACKEND"] == "redis"
+    assert external["RECSYS_REDIS_URL"] == {"secretKeyRef": {"name": "history-redis", "key": "url"}}
+
+
+def test_gateway_dials_the_headless_services_of_this_release(rendered: dict[str, list[Manifest]]) -> None:
+    objects = rendered["default"]
+    env = env_of(deployment(objects, "gateway")["spec"]["template"]["spec"]["containers"][0])
+    for component, variable in (("recall", "RECSYS_RECALL_ADDRESS"), ("rank", "RECSYS_RANK_ADDRESS")):
+        match = re.fullmatch(r"dns:///([a-z0-9-]+)\.([a-z0-9-]+)\.svc\.cluster\.local:(\d+)", env[variable])
+        assert match, env[variable]
+        service = find(objects, "Service", match.group(1))
+        assert service["spec"]["clusterIP"] == "None" and match.group(2) == NAMESPACE
+        assert service["spec"]["ports"][0]["port"] == int(match.group(3))
+        pod_labels = deployment(objects, component)["spec"]["template"]["metadata"]["labels"]
+        assert selects(service["spec"]["selector"], pod_labels)
+
+
+def test_every_env_var_is_a_documented_setting(rendered: dict[str, list[Manifest]]) -> None:
+    documented = set(re.findall(r"`(RECSYS_[A-Z_]+)`", (REPO_ROOT / "docs" / "CONVENTIONS.md").read_text()))
+    for combination, objects in rendered.items():
+        for owner in (m for m in objects if m.kind == "Deployment" and "redis" not in m.name):
+            for container in containers(owner.body):
+                unknown = set(env_of(container)) - documented
+                assert not unknown, f"{combination}: {owner.name} sets undocumented {sorted(unknown)}"
+
+
+def test_scenario_config_is_a_directory_mounted_configmap_of_the_shipped_file(
+    rendered: dict[str, list[Manifest]],
+) -> None:
+    objects = rendered["default"]
+    gateway = deployment(objects, "gateway")["spec"]["template"]["spec"]
+    (container,) = gateway["containers"]
+    mount = next(m for m in container["volumeMounts"] if m["name"] == "scenarios")
+    assert "subPath" not in mount, "a subPath mount never sees ConfigMap updates"
+    volume = next(v for v in gateway["volumes"] if v["name"] == "scenarios")
+    config_map = find(objects, "ConfigMap", volume["configMap"]["name"])
+    (key,) = config_map["data"]
+    assert env_of(container)["RECSYS_SCENARIOS"] == f"{mount['mountPath']}/{key}"
+    shipped = yaml.safe_load((REPO_ROOT / "config" / "scenarios.yaml").read_text())
+    assert yaml.safe_load(config_map["data"][key]) == shipped
+
+    override = {"scenarios": {"home": {"k": 5}}}
+    custom = manifests(render({"gateway": {"scenarios": override}}))
+    assert yaml.safe_load(find(custom, "ConfigMap", f"{FULLNAME}-scenarios")["data"][key]) == override
+
+
+def test_bundle_sources(rendered: dict[str, list[Manifest]]) -> None:
+    for component in ("recall", "rank"):
+        from_claim = deployment(rendered["default"], component)["spec"]["template"]["spec"]
+        claim = next(v for v in from_claim["volumes"] if v["name"] == "bundle")
+        assert claim["persistentVolumeClaim"] == {"claimName": "recsys-bundles", "readOnly": True}
+        assert "initContainers" not in from_claim
+        mount = next(m for m in from_claim["containers"][0]["volumeMounts"] if m["name"] == "bundle")
+        assert mount["readOnly"] is True and mount["subPath"] == component
+        assert env_of(from_claim["containers"][0])["RECSYS_BUNDLE"] == mount["mountPath"]
+
+        from_url = deployment(rendered["bundle-url"], component)["spec"]["template"]["spec"]
+        (fetch,) = from_url["initContainers"]
+        assert fetch["command"][:2] == ["python", "/opt/recsys/fetch/fetch_bundle.py"]
+        args = dict(zip(fetch["command"][2::2], fetch["command"][3::2], strict=True))
+        assert args == {
+            "--url": f"https://models.example/{component}.tgz",
+            "--sha256": SHA256,
+            "--dest": f"/bundles/{component}",
+        }
+        bundle_volume = next(v for v in from_url["volumes"] if v["name"] == "bundle")
+        assert "emptyDir" in bundle_volume
+    script = find(rendered["bundle-url"], "ConfigMap", f"{FULLNAME}-fetch-bundle")["data"]["fetch_bundle.py"]
+    assert script.strip() == (CHART_DIR / "files" / "fetch_bundle.py").read_text().strip()
+
+
+def test_autoscalers_and_disruption_budgets_target_the_deployments(
+    rendered: dict[str, list[Manifest]],
+) -> None:
+    objects = rendered["default"]
+    for component in COMPONENTS:
+        target = deployment(objects, component)
+        assert "replicas" not in target["spec"], "the HPA owns the replica count"
+        hpa = find(objects, "HorizontalPodAutoscaler", target["metadata"]["name"])["spec"]
+        assert hpa["scaleTargetRef"] == {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "name": target["metadata"]["name"],
+        }
+        assert [metric["type"] for metric in hpa["metrics"]] == ["Resource"]
+        pdb = find(objects, "PodDisruptionBudget", target["metadata"]["name"])["spec"]
+        assert selects(pdb["selector"]["matchLabels"], target["spec"]["template"]["metadata"]["labels"])
+
+    tuned = rendered["fixed-replicas-latency-hpa"]
+    assert deployment(tuned, "recall")["spec"]["replicas"] == 2
+    assert not [
+        m
+        for m in tuned
+        if m.kind in {"HorizontalPodAutoscaler", "PodDisruptionBudget"} and "recall" in m.name
+    ]
+    gateway_hpa = find(tuned, "HorizontalPodAutoscaler", f"{FULLNAME}-gateway")["spec"]
+    latency = gateway_hpa["metrics"][1]
+    assert latency["type"] == "Pods"
+    assert latency["pods"]["target"] == {"type": "AverageValue", "averageValue": "100m"}
+    assert not kinds(tuned) & {"NetworkPolicy"}
+
+
+def test_dashboard_configmap_ships_the_dashboard_file(rendered: dict[str, list[Manifest]]) -> None:
+    config_map = find(rendered["default"], "ConfigMap", f"{FULLNAME}-dashboard")
+    assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
+    (payload,) = config_map["data"].values()
+    assert json.loads(payload) == json.loads((DEPLOY_DIR / "grafana" / "recsys-dashboard.json").read_text())
+    assert not [m for m in rendered["fixed-replicas-latency-hpa"] if m.name == f"{FULLNAME}-dashboard"]
