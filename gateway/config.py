@@ -1,0 +1,121 @@
+"""The gateway's typed configuration, read once from env vars and flags (flags win)."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from recsys.serving.config import (
+    ConfigError,
+    ServingConfig,
+    add_serving_arguments,
+    env_default,
+    serving_config_from_args,
+)
+
+DEFAULT_PORT = 50050
+DEFAULT_METRICS_PORT = 9090
+DEFAULT_SCENARIOS = Path(__file__).resolve().parents[1] / "config" / "scenarios.yaml"
+HISTORY_BACKENDS = ("sqlite", "redis")
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    """Everything the gateway needs: where its downstreams are, its scenarios, its history store."""
+
+    serving: ServingConfig = field(
+        default_factory=lambda: ServingConfig(port=DEFAULT_PORT, metrics_port=DEFAULT_METRICS_PORT)
+    )
+    scenarios_path: Path = DEFAULT_SCENARIOS
+    recall_address: str = "127.0.0.1:50051"
+    rank_address: str = "127.0.0.1:50052"
+    history_backend: str = "sqlite"
+    sqlite_path: Path = Path("artifacts/gateway-history.sqlite3")
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    max_history_length: int = 200
+    max_in_flight: int = 256
+    default_deadline_ms: float = 1000.0  # cap when a caller sends no deadline
+    reload_interval_s: float = 2.0  # how often the scenario file's mtime is checked
+    downstream_tls_ca: Path | None = None  # set: TLS to recall/rank, verified against this CA
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first invalid setting."""
+        if self.history_backend not in HISTORY_BACKENDS:
+            raise ConfigError(f"history_backend: must be sqlite or redis, got {self.history_backend!r}")
+        for name in ("recall_address", "rank_address"):
+            if ":" not in getattr(self, name):
+                raise ConfigError(f"{name}: must be HOST:PORT, got {getattr(self, name)!r}")
+        if not 1 <= self.max_history_length <= 1000:
+            raise ConfigError(f"max_history_length: must be in 1..1000, got {self.max_history_length}")
+        if self.max_in_flight < 1:
+            raise ConfigError(f"max_in_flight: must be >= 1, got {self.max_in_flight}")
+        if not self.default_deadline_ms > 0:
+            raise ConfigError(f"default_deadline_ms: must be > 0, got {self.default_deadline_ms}")
+        if not self.reload_interval_s > 0:
+            raise ConfigError(f"reload_interval_s: must be > 0, got {self.reload_interval_s}")
+        if not Path(self.scenarios_path).is_file():
+            raise ConfigError(f"scenarios_path: file not found: {self.scenarios_path}")
+        if self.downstream_tls_ca is not None and not Path(self.downstream_tls_ca).is_file():
+            raise ConfigError(f"downstream_tls_ca: file not found: {self.downstream_tls_ca}")
+
+    @classmethod
+    def from_args(cls, argv: Sequence[str] | None = None) -> GatewayConfig:
+        """Parse flags (each defaulting to its ``RECSYS_*`` env var); exits 2 on a bad value."""
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        try:
+            return cls(
+                serving=serving_config_from_args(args),
+                scenarios_path=Path(args.scenarios),
+                recall_address=args.recall_address,
+                rank_address=args.rank_address,
+                history_backend=args.history_backend,
+                sqlite_path=Path(args.sqlite_path),
+                redis_url=args.redis_url,
+                max_history_length=args.max_history_length,
+                max_in_flight=args.max_in_flight,
+                default_deadline_ms=args.default_deadline_ms,
+                reload_interval_s=args.reload_interval_s,
+                downstream_tls_ca=Path(args.downstream_tls_ca) if args.downstream_tls_ca else None,
+            )
+        except ConfigError as error:
+            parser.error(str(error))
+            raise  # unreachable: parser.error exits
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The gateway's flags: the common serving flags plus its own."""
+    parser = argparse.ArgumentParser(prog="recsys serve gateway", description="The recommendation gateway.")
+    add_serving_arguments(parser, DEFAULT_PORT, DEFAULT_METRICS_PORT)
+    group = parser.add_argument_group("gateway (flags override RECSYS_* environment variables)")
+    defaults = GatewayConfig.__dataclass_fields__
+
+    def add(flag: str, env: str, cast: type, help_text: str) -> None:
+        dest = flag[2:].replace("-", "_")
+        field_name = {"scenarios": "scenarios_path"}.get(dest, dest)
+        default = defaults[field_name].default
+        try:
+            value = env_default(env, default, cast)
+        except ConfigError as error:
+            parser.error(str(error))
+        group.add_argument(
+            flag, dest=dest, type=cast, default=value, help=f"{help_text} (env {env}; now {value})"
+        )
+
+    add("--scenarios", "RECSYS_SCENARIOS", str, "scenario pipelines YAML")
+    add("--recall-address", "RECSYS_RECALL_ADDRESS", str, "recall service HOST:PORT")
+    add("--rank-address", "RECSYS_RANK_ADDRESS", str, "rank service HOST:PORT")
+    add("--history-backend", "RECSYS_HISTORY_BACKEND", str, "event history store: sqlite or redis")
+    add("--sqlite-path", "RECSYS_SQLITE_PATH", str, "SQLite history file")
+    add("--redis-url", "RECSYS_REDIS_URL", str, "Redis URL for the redis history backend")
+    add("--max-history-length", "RECSYS_MAX_HISTORY_LENGTH", int, "events kept per user")
+    add("--max-in-flight", "RECSYS_MAX_IN_FLIGHT", int, "requests in flight before shedding")
+    add("--default-deadline-ms", "RECSYS_DEFAULT_DEADLINE_MS", float, "deadline when the caller sets none")
+    add("--reload-interval-s", "RECSYS_RELOAD_INTERVAL_S", float, "scenario file poll interval")
+    add("--downstream-tls-ca", "RECSYS_DOWNSTREAM_TLS_CA", str, "CA to verify recall/rank TLS with")
+    return parser

@@ -1,0 +1,136 @@
+"""`recsys query`: call the gateway from a terminal.
+
+recsys query --scenario home --user U [--item X ...] [--category C] [-n 10] [--debug]
+recsys query events --user U --item X --type add_to_cart [--event-id ID] [--scenario S]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+import uuid
+from collections.abc import Sequence
+from typing import TextIO
+
+import grpc
+
+from gateway.config import DEFAULT_PORT
+from recsys.data.dataset import EventType
+from recsys.serving.config import env_default
+from recsys.v1 import gateway_pb2, gateway_pb2_grpc
+
+DEFAULT_GATEWAY = f"127.0.0.1:{DEFAULT_PORT}"
+
+
+def _gateway_argument(parser: argparse.ArgumentParser) -> None:
+    default = env_default("RECSYS_GATEWAY_ADDRESS", DEFAULT_GATEWAY)
+    parser.add_argument(
+        "--gateway", default=default, help=f"gateway HOST:PORT (env RECSYS_GATEWAY_ADDRESS; now {default})"
+    )
+    parser.add_argument("--timeout", type=float, default=5.0, help="call deadline, seconds")
+
+
+def build_recommend_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="recsys query",
+        description="Recommendations from the gateway (`recsys query events --help` to send events).",
+    )
+    _gateway_argument(parser)
+    parser.add_argument("--scenario", default="home", help="scenario name from the gateway's config")
+    parser.add_argument("--user", default="", help="user id")
+    parser.add_argument(
+        "--item",
+        action="append",
+        default=[],
+        help="context item (viewed item / cart item); repeat for several",
+    )
+    parser.add_argument("--category", default="", help="context category (category scenario)")
+    parser.add_argument("-n", "--num-items", type=int, default=10)
+    parser.add_argument("--debug", action="store_true", help="explain each item")
+    return parser
+
+
+def build_events_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="recsys query events", description="Send one event to the gateway.")
+    _gateway_argument(parser)
+    parser.add_argument("--user", required=True)
+    parser.add_argument("--item", required=True)
+    parser.add_argument("--type", default="view", help="view, click, add_to_cart or purchase")
+    parser.add_argument("--event-id", default="", help="idempotency key (default: a new UUID)")
+    parser.add_argument("--scenario", default="")
+    return parser
+
+
+def format_response(response: gateway_pb2.RecommendResponse, debug: bool) -> str:
+    """A readable table of the items plus the response's status line."""
+    header = f"{'#':>3}  {'item':<24} {'score':>10}  {'source':<10}"
+    if debug:
+        header += f"  {'recall':>8} {'rank':>8}  explanation"
+    lines = [header, "-" * len(header)]
+    for position, item in enumerate(response.items, 1):
+        line = f"{position:>3}  {item.item_id:<24} {item.score:>10.4f}  {item.source:<10}"
+        if debug:
+            line += f"  {item.recall_score:>8.4f} {item.rank_score:>8.4f}  {item.explanation}"
+        lines.append(line)
+    timings = "  ".join(f"{t.stage} {t.milliseconds:.1f}ms" for t in response.timings)
+    status = "DEGRADED (" + ", ".join(response.degraded_reasons) + ")" if response.degraded else "ok"
+    lines.append(f"{len(response.items)} items  model {response.model_version or '-'}  {status}")
+    lines.append(f"timings: {timings}")
+    return "\n".join(lines)
+
+
+async def _recommend(args: argparse.Namespace, out: TextIO) -> int:
+    request = gateway_pb2.RecommendRequest(
+        request_id=uuid.uuid4().hex,
+        user_id=args.user,
+        scenario=args.scenario,
+        num_items=args.num_items,
+        context=gateway_pb2.RecommendContext(item_ids=args.item, category=args.category),
+        debug=args.debug,
+    )
+    async with grpc.aio.insecure_channel(args.gateway) as channel:
+        response = await gateway_pb2_grpc.GatewayStub(channel).Recommend(request, timeout=args.timeout)
+    print(format_response(response, args.debug), file=out)
+    return 0
+
+
+async def _events(args: argparse.Namespace, out: TextIO) -> int:
+    try:
+        event_type = EventType.parse(args.type)
+    except (KeyError, ValueError):
+        print(
+            f"--type: unknown event type {args.type!r} (view, click, add_to_cart, purchase)", file=sys.stderr
+        )
+        return 2
+    event = gateway_pb2.Event(
+        event_id=args.event_id or uuid.uuid4().hex,
+        user_id=args.user,
+        item_id=args.item,
+        type=int(event_type),
+        timestamp_ms=int(time.time() * 1000),
+        scenario=args.scenario,
+    )
+    async with grpc.aio.insecure_channel(args.gateway) as channel:
+        response = await gateway_pb2_grpc.GatewayStub(channel).LogEvents(
+            gateway_pb2.LogEventsRequest(events=[event]), timeout=args.timeout
+        )
+    print(f"event {event.event_id}: accepted {response.accepted}, duplicates {response.duplicates}", file=out)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    out = sys.stdout if out is None else out
+    if argv[:1] == ["events"]:
+        args = build_events_parser().parse_args(argv[1:])
+        call = _events(args, out)
+    else:
+        args = build_recommend_parser().parse_args(argv)
+        call = _recommend(args, out)
+    try:
+        return asyncio.run(call)
+    except grpc.aio.AioRpcError as error:
+        print(f"{error.code().name}: {error.details()}", file=sys.stderr)
+        return 1

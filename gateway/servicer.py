@@ -1,0 +1,243 @@
+"""The Gateway gRPC methods: thin — validate, shed load, call the pipeline or the history store."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import grpc
+from prometheus_client import CollectorRegistry
+
+from gateway.history import HistoryStore, StoredEvent
+from gateway.pipeline import GatewayMetrics, Pipeline, PipelineUnavailable, RecommendInputs, to_scored_item
+from gateway.scenarios import MAX_NUM_ITEMS, Scenario, ScenarioSet
+from recsys.serving.metrics import bundle_info
+from recsys.serving.validation import InvalidArgument, grpc_method, require, require_id, require_in_range
+from recsys.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+MAX_EVENTS_PER_CALL = 1000
+MAX_REQUEST_HISTORY = 1000
+MAX_CONTEXT_ITEMS = 100
+FUTURE_TOLERANCE_MS = 5 * 60 * 1000  # client clocks may run this far ahead of ours
+EVENT_TYPE_NAMES = {
+    common_pb2.VIEW: "view",
+    common_pb2.CLICK: "click",
+    common_pb2.ADD_TO_CART: "add_to_cart",
+    common_pb2.PURCHASE: "purchase",
+}
+
+
+class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
+    """Recommend and LogEvents. Scenarios are read per request from ``scenarios()`` (reloadable)."""
+
+    def __init__(
+        self,
+        scenarios: Callable[[], ScenarioSet],
+        pipeline: Pipeline,
+        history_store: HistoryStore,
+        registry: CollectorRegistry,
+        max_in_flight: int,
+        default_deadline_s: float,
+        clock_ms: Callable[[], int] = lambda: int(time.time() * 1000),
+    ):
+        self.scenarios = scenarios
+        self.pipeline = pipeline
+        self.history_store = history_store
+        self.registry = registry
+        self.metrics: GatewayMetrics = pipeline.metrics
+        self.max_in_flight = max_in_flight
+        self.default_deadline_s = default_deadline_s
+        self.clock_ms = clock_ms
+        self.in_flight = 0
+        self._reported_versions: dict[str, str] = {}
+
+    # -- load shedding ------------------------------------------------------------------------
+
+    async def _enter(self, context: grpc.aio.ServicerContext, scenario_label: str | None) -> None:
+        """Admit the call or reject it at once: never queue beyond ``max_in_flight``."""
+        if self.in_flight >= self.max_in_flight:
+            if scenario_label is not None:
+                self.metrics.requests.labels(scenario_label, "shed").inc()
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"gateway overloaded: {self.in_flight} requests in flight (limit {self.max_in_flight})",
+            )
+        self.in_flight += 1
+        self.metrics.in_flight.inc()
+
+    def _leave(self) -> None:
+        self.in_flight -= 1
+        self.metrics.in_flight.dec()
+
+    # -- Recommend ----------------------------------------------------------------------------
+
+    def _validate_recommend(
+        self, request: gateway_pb2.RecommendRequest, scenario: Scenario | None, scenario_set: ScenarioSet
+    ) -> RecommendInputs:
+        require(bool(request.scenario), "scenario", f"must be one of {sorted(scenario_set.scenarios)}")
+        if scenario is None:
+            raise InvalidArgument(
+                "scenario", f"unknown scenario {request.scenario!r}; known: {sorted(scenario_set.scenarios)}"
+            )
+        require_in_range(request.num_items, "num_items", 1, MAX_NUM_ITEMS)
+        require_id(request.request_id, "request_id", allow_empty=True)
+        required = scenario.required_fields
+        require_id(request.user_id, "user_id", allow_empty="user_id" not in required)
+        context_ids = list(request.context.item_ids)
+        require(
+            bool(context_ids) or "context.item_ids" not in required,
+            "context.item_ids",
+            f"required by scenario {scenario.name!r} (its recall stage is seeded by the context items)",
+        )
+        require(
+            len(context_ids) <= MAX_CONTEXT_ITEMS,
+            "context.item_ids",
+            f"at most {MAX_CONTEXT_ITEMS} items, got {len(context_ids)}",
+        )
+        for i, item_id in enumerate(context_ids):
+            require_id(item_id, f"context.item_ids[{i}]")
+        require(
+            bool(request.context.category) or "context.category" not in required,
+            "context.category",
+            f"required by scenario {scenario.name!r} (its recall stage filters by category)",
+        )
+        require(
+            len(request.history) <= MAX_REQUEST_HISTORY,
+            "history",
+            f"at most {MAX_REQUEST_HISTORY} items, got {len(request.history)}",
+        )
+        for i, entry in enumerate(request.history):
+            require_id(entry.item_id, f"history[{i}].item_id")
+            require(
+                entry.type in common_pb2.EventType.values(),
+                f"history[{i}].type",
+                f"unknown event type {entry.type}",
+            )
+        return RecommendInputs(
+            scenario=scenario,
+            user_id=request.user_id,
+            num_items=request.num_items,
+            context_item_ids=tuple(context_ids),
+            context_category=request.context.category,
+            history=tuple(request.history) if request.history else None,
+            debug=request.debug,
+            request_id=request.request_id,
+        )
+
+    @grpc_method
+    async def Recommend(
+        self, request: gateway_pb2.RecommendRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.RecommendResponse:
+        scenario_set = self.scenarios()
+        scenario = scenario_set.get(request.scenario)
+        label = scenario.name if scenario is not None else "unknown"
+        await self._enter(context, label)
+        try:
+            try:
+                inputs = self._validate_recommend(request, scenario, scenario_set)
+            except InvalidArgument:
+                self.metrics.requests.labels(label, "invalid").inc()
+                raise
+            assert scenario is not None
+            remaining = context.time_remaining()
+            budget_s = min(
+                self.default_deadline_s if remaining is None else remaining, scenario.timeout_ms / 1000
+            )
+            try:
+                result = await self.pipeline.run(inputs, time.monotonic() + budget_s)
+            except PipelineUnavailable as error:
+                self.metrics.requests.labels(label, "error").inc()
+                await context.abort(grpc.StatusCode.UNAVAILABLE, str(error))
+            except Exception:
+                self.metrics.requests.labels(label, "error").inc()
+                raise
+            self.metrics.requests.labels(label, "degraded" if result.degraded else "ok").inc()
+            self._report_versions(result.model_versions)
+            return gateway_pb2.RecommendResponse(
+                request_id=request.request_id,
+                items=[to_scored_item(item, request.debug) for item in result.items],
+                model_version=result.model_version,
+                degraded=result.degraded,
+                degraded_reasons=result.degraded_reasons,
+                timings=[
+                    gateway_pb2.StageTiming(stage=stage, milliseconds=ms)
+                    for stage, ms in result.timings_ms.items()
+                ],
+            )
+        finally:
+            self._leave()
+
+    def _report_versions(self, versions: dict[str, str]) -> None:
+        """Expose the downstream bundle versions the gateway is being served by."""
+        for kind, version in versions.items():
+            if version and self._reported_versions.get(kind) != version:
+                self._reported_versions[kind] = version
+                bundle_info(self.registry, "gateway", kind, version)
+
+    # -- LogEvents ----------------------------------------------------------------------------
+
+    def _validate_events(self, request: gateway_pb2.LogEventsRequest) -> list[StoredEvent]:
+        require(len(request.events) > 0, "events", "must not be empty")
+        require(
+            len(request.events) <= MAX_EVENTS_PER_CALL,
+            "events",
+            f"at most {MAX_EVENTS_PER_CALL} events per call, got {len(request.events)}",
+        )
+        now_ms = self.clock_ms()
+        events = []
+        for i, event in enumerate(request.events):
+            where = f"events[{i}]"
+            require_id(event.event_id, f"{where}.event_id")
+            require_id(event.user_id, f"{where}.user_id")
+            require_id(event.item_id, f"{where}.item_id")
+            require(
+                event.type in EVENT_TYPE_NAMES,
+                f"{where}.type",
+                f"must be one of VIEW, CLICK, ADD_TO_CART, PURCHASE, got {_type_name(event.type)}",
+            )
+            require(
+                event.timestamp_ms >= 0, f"{where}.timestamp_ms", f"must be >= 0, got {event.timestamp_ms}"
+            )
+            require(
+                event.timestamp_ms <= now_ms + FUTURE_TOLERANCE_MS,
+                f"{where}.timestamp_ms",
+                f"must not be more than {FUTURE_TOLERANCE_MS // 1000} s in the future, got "
+                f"{(event.timestamp_ms - now_ms) / 1000:.0f} s ahead",
+            )
+            require_id(event.scenario, f"{where}.scenario", allow_empty=True)
+            events.append(
+                StoredEvent(
+                    event_id=event.event_id,
+                    user_id=event.user_id,
+                    item_id=event.item_id,
+                    event_type=event.type,
+                    timestamp_ms=event.timestamp_ms or now_ms,  # 0 = unknown: the time it arrived
+                    scenario=event.scenario,
+                )
+            )
+        return events
+
+    @grpc_method
+    async def LogEvents(
+        self, request: gateway_pb2.LogEventsRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.LogEventsResponse:
+        await self._enter(context, None)
+        try:
+            events = self._validate_events(request)  # all or nothing: nothing stored on a bad field
+            stored = await self.history_store.append(events)
+            for event, new in zip(events, stored.stored, strict=True):
+                if new:
+                    self.metrics.events_ingested.labels(EVENT_TYPE_NAMES[event.event_type]).inc()
+            return gateway_pb2.LogEventsResponse(accepted=stored.accepted, duplicates=stored.duplicates)
+        finally:
+            self._leave()
+
+
+def _type_name(value: int) -> str:
+    try:
+        return common_pb2.EventType.Name(value)
+    except ValueError:
+        return str(value)

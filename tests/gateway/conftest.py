@@ -1,0 +1,119 @@
+"""Fixtures for gateway tests: fake downstreams, a gateway in front of them, a real redis-server."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import grpc
+import pytest
+
+from gateway.config import DEFAULT_SCENARIOS, GatewayConfig
+from gateway.server import GatewayServer, serve
+from recsys.serving.config import ServingConfig
+from recsys.serving.metrics import new_registry
+from recsys.v1 import gateway_pb2_grpc, rank_pb2_grpc, recall_pb2_grpc
+from tests.gateway.fakes import FakeRank, FakeRecall, FakeServer
+
+REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real redis-server on a free loopback port for the session (skips when not installed)."""
+    if not Path(REDIS_SERVER).is_file():
+        pytest.skip("redis-server not installed (make system-deps installs it)")
+    port = free_port()
+    workdir = tmp_path_factory.mktemp("redis")
+    process = subprocess.Popen(
+        [
+            REDIS_SERVER,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(workdir),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                    break
+            except OSError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"redis-server did not start on port {port}")
+                time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+@dataclass
+class FakeStack:
+    gateway: GatewayServer
+    recall: FakeServer
+    rank: FakeServer
+    channel: grpc.aio.Channel
+    stub: gateway_pb2_grpc.GatewayStub
+
+    @property
+    def fake_recall(self) -> FakeRecall:
+        return self.recall.servicer
+
+    @property
+    def fake_rank(self) -> FakeRank:
+        return self.rank.servicer
+
+
+def gateway_config(tmp_path: Path, recall_address: str, rank_address: str, **overrides) -> GatewayConfig:
+    config = GatewayConfig(
+        serving=ServingConfig(host="127.0.0.1", port=0, metrics_port=0, grace_seconds=0.5),
+        scenarios_path=DEFAULT_SCENARIOS,
+        recall_address=recall_address,
+        rank_address=rank_address,
+        sqlite_path=tmp_path / "history.sqlite3",
+    )
+    return replace(config, **overrides)
+
+
+@pytest.fixture
+async def fake_stack(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[FakeStack]:
+    """The real gateway in front of fake recall and rank servers; override config with
+    ``@pytest.mark.parametrize("fake_stack", [{...}], indirect=True)``."""
+    overrides = getattr(request, "param", {}) or {}
+    recall = FakeServer(FakeRecall(), recall_pb2_grpc.add_RecallServiceServicer_to_server)
+    rank = FakeServer(FakeRank(), rank_pb2_grpc.add_RankServiceServicer_to_server)
+    await recall.start()
+    await rank.start()
+    gateway = await serve(
+        gateway_config(tmp_path, recall.address, rank.address, **overrides), new_registry(False)
+    )
+    channel = grpc.aio.insecure_channel(gateway.address)
+    try:
+        yield FakeStack(gateway, recall, rank, channel, gateway_pb2_grpc.GatewayStub(channel))
+    finally:
+        await channel.close()
+        await gateway.stop(0)
+        await recall.stop()
+        await rank.stop()
