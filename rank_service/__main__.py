@@ -1,0 +1,27 @@
+"""`recsys serve rank` / `python -m rank_service`: parse config, serve until SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+from rank_service.config import RankConfig
+from rank_service.server import serve
+from recsys.serving.bootstrap import run_until_signal
+from recsys.serving.logging import configure_logging
+
+
+async def _serve(config: RankConfig) -> None:
+    running = await serve(config)
+    await run_until_signal(running)
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = RankConfig.from_args(sys.argv[1:] if argv is None else argv)
+    configure_logging("rank", config.serving.log_level)
+    asyncio.run(_serve(config))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,227 @@
+"""`recsys bench rank`: ranker latency at the serving shape, one run, JSON out.
+
+Compares, on the same weights and inputs (one history of 50, 500 candidates by default):
+torch eager; ONNX Runtime on the unoptimised export (ORT_DISABLE_ALL); the served CPU graph as
+the runtime loads it; the CPU graph with every ORT fusion (SkipLayerNormalization included: the
+alternative the served choice is measured against); the FP16 fused-attention GPU graph on the CPU
+provider; and ``RankRuntime.score`` end to end (features, packing, session). With a CUDA provider
+available it also times the GPU graph on it. Reports median and p99 in milliseconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+WARMUP = 20
+
+
+def percentiles(samples_ms: list[float]) -> dict[str, float]:
+    values = np.asarray(samples_ms)
+    return {
+        "p50_ms": round(float(np.percentile(values, 50)), 3),
+        "p99_ms": round(float(np.percentile(values, 99)), 3),
+        "mean_ms": round(float(values.mean()), 3),
+        "iterations": len(samples_ms),
+    }
+
+
+def time_calls(function: Callable[[], object], iterations: int) -> dict[str, float]:
+    for _ in range(WARMUP):
+        function()
+    samples = []
+    for _ in range(iterations):
+        started = time.perf_counter()
+        function()
+        samples.append((time.perf_counter() - started) * 1000.0)
+    return percentiles(samples)
+
+
+def machine() -> dict[str, object]:
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": sys.version.split()[0],
+    }
+
+
+def untrained_bundle(bundle_dir: Path, num_items: int) -> Path:
+    """Export an untrained ranker of the default (Beauty) size, with its checkpoint."""
+    from rank_service.export import checkpoint_path, export_bundle, save_checkpoint
+    from rank_service.model import Ranker, RankerConfig
+    from rank_service.train import RankTrainConfig
+    from recsys.data.dataset import DEFAULT_SCENARIOS, IdMap
+
+    train = RankTrainConfig.default()
+    config = RankerConfig(
+        num_items=num_items,
+        num_attributes=600,
+        num_scenarios=len(DEFAULT_SCENARIOS),
+        max_history=train.max_history,
+        max_attributes=train.max_attributes,
+        dim=train.dim,
+        heads=train.heads,
+        layers=train.layers,
+    )
+    rng = np.random.default_rng(0)
+    attributes = rng.integers(0, 601, size=(num_items + 1, 4))
+    model = Ranker(config, attributes, rng.random(num_items + 1).astype(np.float32)).eval()
+    items = IdMap(str(i) for i in range(num_items))
+    bundle_dir.mkdir(parents=True)
+    save_checkpoint(model, checkpoint_path(bundle_dir), items, list(DEFAULT_SCENARIOS))
+    export_bundle(model, bundle_dir, items, list(DEFAULT_SCENARIOS), "untrained")
+    return bundle_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`recsys bench rank [--bundle DIR | --artifacts DIR --data NAME] [--out FILE]`."""
+    import onnxruntime as ort
+    import torch
+
+    from rank_service.export import CPU_DISABLED_OPTIMIZERS, checkpoint_path, export_onnx, load_checkpoint
+    from rank_service.features import SOURCES
+    from rank_service.runtime import RankQuery, RankRuntime, gpu_available, session_options
+
+    parser = argparse.ArgumentParser(prog="recsys bench rank", description=__doc__.splitlines()[0])
+    parser.add_argument("--artifacts", type=Path, default=Path("artifacts"))
+    parser.add_argument("--data", default="synthetic", help="dataset name under --artifacts")
+    parser.add_argument("--bundle", type=Path, help="rank bundle (default ARTIFACTS/DATA/rank)")
+    parser.add_argument("--history", type=int, default=50)
+    parser.add_argument("--candidates", type=int, default=500)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--iterations", type=int, default=300)
+    parser.add_argument(
+        "--untrained-items",
+        type=int,
+        default=0,
+        help="without a bundle: time an untrained default-size model over this many items",
+    )
+    parser.add_argument("--out", type=Path, help="also write the JSON here")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    bundle_dir = args.bundle or args.artifacts / Path(args.data).name.lower() / "rank"
+    scratch = tempfile.TemporaryDirectory()
+    weights = "trained"
+    if not (bundle_dir / "manifest.json").is_file() or not checkpoint_path(bundle_dir).is_file():
+        if not args.untrained_items:
+            parser.error(f"no rank bundle + checkpoint at {bundle_dir}: train one or pass --untrained-items")
+        # Latency does not depend on the weights: an untrained model of the default size will do.
+        bundle_dir, weights = untrained_bundle(Path(scratch.name) / "rank", args.untrained_items), "untrained"
+    model, _, _, _ = load_checkpoint(checkpoint_path(bundle_dir))
+    model.freeze_item_table()
+    runtime = RankRuntime.load(bundle_dir, device="cpu", threads=args.threads)
+
+    rng = np.random.default_rng(0)
+    num_items = model.config.num_items
+    history = rng.choice(num_items, size=args.history, replace=False).astype(np.int64)
+    candidates = rng.choice(num_items, size=args.candidates, replace=False).astype(np.int64)
+    mask = rng.random((args.candidates, len(SOURCES))) < 0.4
+    mask[:, 0] = True
+    query = RankQuery(
+        history=history,
+        event_types=rng.integers(1, 5, size=args.history),
+        scenario=0,
+        candidates=candidates,
+        recall_scores=rng.random(args.candidates).astype(np.float32),
+        source_scores=(rng.random((args.candidates, len(SOURCES))) * mask).astype(np.float32),
+        source_mask=mask,
+    )
+    feeds = runtime.pack([query]).feeds()
+    tensors = tuple(torch.from_numpy(value) for value in feeds.values())
+
+    results: dict[str, dict] = {}
+    with torch.inference_mode():
+        reference = model(*tensors)[0].numpy()
+        results["torch_eager"] = time_calls(lambda: model(*tensors), args.iterations)
+        if args.threads > 1:
+            # On a busy machine torch's OpenMP pool can be far slower than one thread: time both
+            # and compare ORT with the faster one.
+            torch.set_num_threads(1)
+            results["torch_eager_1_thread"] = time_calls(lambda: model(*tensors), args.iterations)
+            torch.set_num_threads(args.threads)
+
+    def session(path: Path, level: ort.GraphOptimizationLevel, disabled: tuple[str, ...] = ()):
+        options = session_options(args.threads)
+        options.graph_optimization_level = level
+        return ort.InferenceSession(
+            str(path), options, providers=["CPUExecutionProvider"], disabled_optimizers=list(disabled)
+        )
+
+    graphs = runtime.manifest["graphs"]
+    with scratch:
+        plain = export_onnx(model, Path(scratch.name) / "plain.onnx", fused_attention=False)
+        variants = {
+            "ort_unoptimised": session(plain, ort.GraphOptimizationLevel.ORT_DISABLE_ALL),
+            "ort_served_cpu_graph": runtime.session,
+            "ort_all_fusions": session(plain, ort.GraphOptimizationLevel.ORT_ENABLE_ALL),
+            "ort_gpu_graph_fp16_on_cpu": session(
+                bundle_dir / graphs["gpu"]["file"], ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            ),
+        }
+        for name, variant in variants.items():
+            scores = variant.run(["scores"], feeds)[0]
+            results[name] = time_calls(
+                lambda variant=variant: variant.run(["scores"], feeds), args.iterations
+            )
+            results[name]["max_abs_diff_vs_torch"] = float(np.abs(scores - reference).max())
+    results["runtime_score_end_to_end"] = time_calls(lambda: runtime.score([query]), args.iterations)
+    if gpu_available():
+        gpu_runtime = RankRuntime.load(bundle_dir, device="gpu", threads=args.threads)
+        results["gpu_runtime_score_end_to_end"] = time_calls(
+            lambda: gpu_runtime.score([query]), args.iterations
+        )
+        results["gpu_runtime_score_end_to_end"]["provider"] = gpu_runtime.provider
+
+    served = results["ort_served_cpu_graph"]["p50_ms"]
+    torch_best = min(v["p50_ms"] for k, v in results.items() if k.startswith("torch_eager"))
+    report = {
+        "benchmark": "rank",
+        "command": " ".join(["recsys", "bench", "rank", *(argv if argv is not None else sys.argv[1:])]),
+        "machine": machine(),
+        "threads": args.threads,
+        "versions": {"onnxruntime": ort.__version__, "torch": torch.__version__, "numpy": np.__version__},
+        "bundle": {
+            "path": str(bundle_dir),
+            "version": runtime.version,
+            "weights": weights,
+            "model": runtime.manifest["model"],
+        },
+        "shape": {"batch": 1, "history": args.history, "candidates": args.candidates},
+        "served_cpu_graph": {
+            "file": graphs["cpu"]["file"],
+            "disabled_optimizers": list(CPU_DISABLED_OPTIMIZERS),
+        },
+        "results": results,
+        "speedup_served_vs_torch_eager": round(torch_best / served, 2),
+        "bar": {"speedup_at_least": 3.0, "p50_ms_below": 5.0},
+        "passes_bar": bool(torch_best / served >= 3.0 and served < 5.0),
+    }
+    text = json.dumps(report, indent=2)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,536 @@
+"""`recsys train rank`: train the Transformer ranker on recall's own candidates, then export.
+
+For each training prefix (never a validation or test item: ``LeaveOneOutSplit.train_sequence``)
+the candidate list is what a recall bundle returns for that history — its top-K — plus the true
+next item, with the recall features serving will see.
+
+Which recall bundle: the served one counts co-visitation and popularity over everything but the
+test items, so for every training (and validation) target its own transition is already in the
+tables and its source scores are inflated — a ranker trained on that learns to trust them more
+than they deserve on test. With ``holdout_recall`` (the default for real data) the lists come
+from a second recall bundle built on the data without each user's last training item, validation
+and test items, and the ranker learns on exactly those held-out last training items (honest
+features, the same one-step-ahead situation as serving); early stopping uses the validation
+target with that bundle, whose tables have not seen it either. Examples whose target recall does
+not retrieve even within a larger pool are dropped: serving never ranks an item recall did not
+return, and such an item (no source features at all) would only teach the model to spot it.
+Loss: listwise softmax over the list. Early stopping on validation NDCG@10 of the full pipeline
+(recall top-K re-ranked, items outside the list ranked after it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from rank_service.candidates import Candidates, CandidateSource, RecallCandidates, scenario_names
+from rank_service.export import checkpoint_path, export_bundle, save_checkpoint
+from rank_service.features import candidate_features, history_inputs, pack_batch
+from rank_service.model import Ranker, RankerConfig
+from recsys.data.dataset import Dataset
+from recsys.data.split import LeaveOneOutSplit, Phase
+from recsys.evaluation.protocol import metrics_from_ranks, ranks_from_lists
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RankTrainConfig:
+    """Model, candidate and training settings of the rank bundle."""
+
+    # model
+    dim: int = 64
+    heads: int = 2
+    layers: int = 2
+    max_history: int = 50
+    max_attributes: int = 8
+    dropout: float = 0.2
+    # candidates
+    train_candidates: int = 100  # recall top-K per training prefix
+    candidate_pool: int = 300  # a target ranked within this pool is added with its recall features
+    pipeline_candidates: int = 200  # recall top-K re-ranked in the pipeline (eval, early stop)
+    prefixes_per_user: int = 4  # most recent training prefixes per user (1 with holdout_recall)
+    holdout_recall: bool = True  # train on a recall bundle that has not seen the targets
+    holdout_recall_time_limit_s: float = 8 * 60.0
+    # training
+    epochs: int = 30
+    batch_size: int = 128
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-5
+    patience: int = 3
+    eval_users: int = 4000  # validation users for early stopping (0 = all)
+    time_limit_s: float = 13 * 60.0
+    seed: int = 7
+    threads: int = 2
+
+    @classmethod
+    def tiny(cls) -> RankTrainConfig:
+        """Seconds on the tiny synthetic data (test fixtures)."""
+        return cls(
+            dim=32,
+            heads=2,
+            layers=1,
+            max_history=20,
+            dropout=0.1,
+            train_candidates=30,
+            candidate_pool=60,
+            pipeline_candidates=50,
+            prefixes_per_user=2,
+            epochs=2,
+            batch_size=64,
+            learning_rate=3e-3,
+            patience=2,
+            eval_users=150,
+            time_limit_s=30.0,
+            holdout_recall=False,
+        )
+
+    @classmethod
+    def quick(cls) -> RankTrainConfig:
+        """`make run` on the quick synthetic data: well under two minutes."""
+        return cls(
+            dim=32,
+            heads=2,
+            layers=1,
+            max_history=30,
+            train_candidates=50,
+            candidate_pool=100,
+            pipeline_candidates=100,
+            prefixes_per_user=2,
+            epochs=6,
+            learning_rate=2e-3,
+            patience=2,
+            eval_users=1000,
+            time_limit_s=75.0,
+            holdout_recall=False,
+        )
+
+    @classmethod
+    def default(cls) -> RankTrainConfig:
+        """Beauty-sized data: target under 15 minutes on 2 cores (plus the holdout recall bundle)."""
+        # Measured on Beauty: ~7.8k honest lists; the id embeddings overfit after one or two epochs,
+        # hence the low learning rate, strong weight decay and short patience.
+        return cls(
+            prefixes_per_user=1, epochs=20, patience=2, learning_rate=3e-4, weight_decay=0.05, dropout=0.3
+        )
+
+
+@dataclass
+class CandidateLists:
+    """Training (or evaluation) lists: one per (user, prefix)."""
+
+    users: np.ndarray  # [E]
+    cuts: np.ndarray  # [E] history = sequence[:cut], target = sequence[cut]
+    scenarios: np.ndarray  # [E] dense scenario id
+    lists: list[Candidates]
+    target_positions: np.ndarray  # [E] index of the target in its list (-1 = absent)
+
+
+def item_attribute_matrix(dataset: Dataset, width: int) -> np.ndarray:
+    """[num_items + 1, width] attribute ids + 1 (0 = none) per model item id; row 0 padding."""
+    matrix = np.zeros((dataset.num_items + 1, width), dtype=np.int64)
+    for item, bag in enumerate(dataset.catalog.attributes):
+        bag = np.asarray(bag, dtype=np.int64)[:width]
+        matrix[item + 1, : len(bag)] = bag + 1
+    return matrix
+
+
+def item_log_popularity(dataset: Dataset, split: LeaveOneOutSplit) -> np.ndarray:
+    """log1p(training count) scaled to [0, 1] per model item id (no validation/test items)."""
+    counts = np.zeros(dataset.num_items + 1, dtype=np.float64)
+    for user in range(dataset.num_users):
+        np.add.at(counts, split.train_sequence(user) + 1, 1.0)
+    logged = np.log1p(counts)
+    return (logged / max(logged.max(), 1.0)).astype(np.float32)
+
+
+def event_scenario(dataset: Dataset, user: int, position: int) -> int:
+    """Dense scenario of the user's event at ``position`` (0 when the data has none)."""
+    if dataset.scenarios is None:
+        return 0
+    return int(dataset.scenarios[user][position])
+
+
+def training_lists(
+    dataset: Dataset, split: LeaveOneOutSplit, source: CandidateSource, config: RankTrainConfig
+) -> CandidateLists:
+    """Recall's candidates for the most recent training prefixes of every user (target added)."""
+    names = scenario_names(dataset.scenario_names)
+    users, cuts = [], []
+    for user in range(dataset.num_users):
+        train = split.train_sequence(user)
+        for cut in range(max(1, len(train) - config.prefixes_per_user), len(train)):
+            if train[cut] not in train[:cut]:
+                users.append(user)
+                cuts.append(cut)
+    users_a, cuts_a = np.asarray(users, dtype=np.int64), np.asarray(cuts, dtype=np.int64)
+    histories = [dataset.sequences[u][:c] for u, c in zip(users_a, cuts_a, strict=True)]
+    events = [dataset.events_of(u)[:c] for u, c in zip(users_a, cuts_a, strict=True)]
+    scenarios = np.array([event_scenario(dataset, u, c) for u, c in zip(users_a, cuts_a, strict=True)])
+    started = time.perf_counter()
+    pools = source.generate(histories, events, [names[s] for s in scenarios], config.candidate_pool)
+    log.info("recall for %d training prefixes: %.1f s", len(pools), time.perf_counter() - started)
+    keep, lists, positions = [], [], []
+    k = config.train_candidates
+    for row, (pool, user, cut) in enumerate(zip(pools, users_a, cuts_a, strict=True)):
+        target = dataset.sequences[user][cut]
+        hits = np.flatnonzero(pool.items == target)
+        if not hits.size:
+            continue
+        index = int(hits[0])
+        chosen = np.arange(min(k, len(pool.items)))
+        if index >= k:
+            chosen = np.append(chosen, index)
+        keep.append(row)
+        positions.append(min(index, len(chosen) - 1))
+        lists.append(
+            Candidates(
+                pool.items[chosen], pool.scores[chosen], pool.source_scores[chosen], pool.source_mask[chosen]
+            )
+        )
+    kept = np.asarray(keep, dtype=np.int64)
+    log.info(
+        "training lists: %d of %d prefixes have the target within recall's top %d",
+        len(kept),
+        len(pools),
+        config.candidate_pool,
+    )
+    return CandidateLists(users_a[kept], cuts_a[kept], scenarios[kept], lists, np.asarray(positions))
+
+
+def eval_lists(
+    dataset: Dataset,
+    split: LeaveOneOutSplit,
+    source: CandidateSource,
+    phase: Phase,
+    users: np.ndarray,
+    k: int,
+) -> list[Candidates]:
+    """Recall's top-``k`` for each user's ``phase`` history (the pipeline's first stage)."""
+    names = scenario_names(dataset.scenario_names)
+    histories = [split.history(int(u), phase) for u in users]
+    events = [dataset.events_of(int(u))[: len(h)] for u, h in zip(users, histories, strict=True)]
+    scenarios = [
+        names[event_scenario(dataset, int(u), len(h))] for u, h in zip(users, histories, strict=True)
+    ]
+    return source.generate(histories, events, scenarios, k)
+
+
+class TorchScorer:
+    """Scores lists with the torch model through the same feature/packing code as the runtime."""
+
+    def __init__(self, model: Ranker):
+        self.model = model
+
+    def batch_inputs(
+        self,
+        histories: Sequence[np.ndarray],
+        events: Sequence[np.ndarray],
+        scenarios: Sequence[int],
+        lists: Sequence[Candidates],
+    ) -> tuple[tuple[torch.Tensor, ...], np.ndarray]:
+        max_history = self.model.config.max_history
+        packed = pack_batch(
+            [history_inputs(h, e, max_history) for h, e in zip(histories, events, strict=True)],
+            scenarios,
+            [c.items for c in lists],
+            [candidate_features(c.scores, c.source_scores, c.source_mask) for c in lists],
+        )
+        tensors = tuple(torch.from_numpy(a) for a in packed.feeds().values())
+        return tensors, packed.candidate_counts
+
+    @torch.no_grad()
+    def score(self, histories, events, scenarios, lists) -> list[np.ndarray]:
+        self.model.eval()
+        tensors, counts = self.batch_inputs(histories, events, scenarios, lists)
+        scores = self.model(*tensors)[0].numpy()
+        return [scores[row, : int(n)] for row, n in enumerate(counts)]
+
+
+ScoreLists = Callable[[list[np.ndarray], list[np.ndarray], list[int], list[Candidates]], list[np.ndarray]]
+
+
+def pipeline_metrics(
+    dataset: Dataset,
+    split: LeaveOneOutSplit,
+    phase: Phase,
+    users: np.ndarray,
+    lists: Sequence[Candidates],
+    score_lists: ScoreLists,
+    ks: Sequence[int] = (10, 20, 50),
+    batch_size: int = 64,
+) -> dict[str, float]:
+    """Full-ranking metrics of recall top-K re-ranked by ``score_lists`` (absent targets never hit)."""
+    ranked: list[np.ndarray] = []
+    for start in range(0, len(users), batch_size):
+        batch = users[start : start + batch_size]
+        histories = [split.history(int(u), phase) for u in batch]
+        events = [dataset.events_of(int(u))[: len(h)] for u, h in zip(batch, histories, strict=True)]
+        scenarios = [event_scenario(dataset, int(u), len(h)) for u, h in zip(batch, histories, strict=True)]
+        batch_lists = list(lists[start : start + batch_size])
+        scores = score_lists(histories, events, scenarios, batch_lists)
+        for candidates, candidate_scores in zip(batch_lists, scores, strict=True):
+            ranked.append(candidates.items[np.argsort(-candidate_scores, kind="stable")])
+    return metrics_from_ranks(ranks_from_lists(ranked, split.targets(users, phase)), ks)
+
+
+@dataclass
+class TrainResult:
+    model: Ranker
+    best_valid: dict[str, float]
+    recall_valid: dict[str, float]
+    best_epoch: int
+    epochs_run: int
+    train_seconds: float
+    examples: int
+
+
+def build_model(dataset: Dataset, split: LeaveOneOutSplit, config: RankTrainConfig) -> Ranker:
+    num_attributes = max(
+        len(dataset.catalog.attribute_names),
+        max((int(np.max(b)) + 1 for b in dataset.catalog.attributes if len(b)), default=0),
+    )
+    model_config = RankerConfig(
+        num_items=dataset.num_items,
+        num_attributes=num_attributes,
+        num_scenarios=len(scenario_names(dataset.scenario_names)),
+        max_history=config.max_history,
+        max_attributes=config.max_attributes,
+        dim=config.dim,
+        heads=config.heads,
+        layers=config.layers,
+        dropout=config.dropout,
+    )
+    return Ranker(
+        model_config,
+        item_attribute_matrix(dataset, config.max_attributes),
+        item_log_popularity(dataset, split),
+    )
+
+
+def train_model(dataset: Dataset, source: CandidateSource, config: RankTrainConfig) -> TrainResult:
+    """Train with early stopping on validation pipeline NDCG@10; returns the best model."""
+    torch.manual_seed(config.seed)
+    torch.set_num_threads(max(1, min(config.threads, 2)))
+    rng = np.random.default_rng(config.seed)
+    started = time.perf_counter()
+    split = LeaveOneOutSplit(dataset)
+    examples = training_lists(dataset, split, source, config)
+    if not len(examples.users):
+        raise RuntimeError("no training prefix has its target among recall's candidates")
+    valid_users = split.eval_users
+    if config.eval_users and len(valid_users) > config.eval_users:
+        valid_users = np.sort(rng.choice(valid_users, config.eval_users, replace=False))
+    valid_lists = eval_lists(dataset, split, source, "valid", valid_users, config.pipeline_candidates)
+    recall_valid = pipeline_metrics(
+        dataset,
+        split,
+        "valid",
+        valid_users,
+        valid_lists,
+        lambda h, e, s, lists: [-np.arange(len(c.items), dtype=np.float32) for c in lists],
+    )
+    log.info(
+        "valid recall top-%d (no ranker): NDCG@10 %.4f HR@10 %.4f",
+        config.pipeline_candidates,
+        recall_valid["NDCG@10"],
+        recall_valid["HR@10"],
+    )
+
+    model = build_model(dataset, split, config)
+    scorer = TorchScorer(model)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
+    )
+    best_state, best_valid, best_epoch, stale, epoch = None, {"NDCG@10": -1.0}, 0, 0, 0
+    for epoch in range(1, config.epochs + 1):
+        model.train()
+        order = rng.permutation(len(examples.users))
+        total, batches = 0.0, 0
+        for start in range(0, len(order), config.batch_size):
+            rows = order[start : start + config.batch_size]
+            histories = [dataset.sequences[examples.users[r]][: examples.cuts[r]] for r in rows]
+            events = [dataset.events_of(examples.users[r])[: examples.cuts[r]] for r in rows]
+            tensors, counts = scorer.batch_inputs(
+                histories, events, examples.scenarios[rows].tolist(), [examples.lists[r] for r in rows]
+            )
+            logits = model(*tensors)[0]
+            width = logits.shape[1]
+            padding = torch.arange(width)[None, :] >= torch.from_numpy(counts)[:, None]
+            logits = logits.masked_fill(padding, float("-inf"))
+            loss = F.cross_entropy(logits, torch.from_numpy(examples.target_positions[rows]))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+            optimizer.step()
+            total += float(loss.detach())
+            batches += 1
+        valid = pipeline_metrics(dataset, split, "valid", valid_users, valid_lists, scorer.score)
+        elapsed = time.perf_counter() - started
+        log.info(
+            "epoch %d: loss %.4f valid NDCG@10 %.4f HR@10 %.4f (%.0f s)",
+            epoch,
+            total / max(batches, 1),
+            valid["NDCG@10"],
+            valid["HR@10"],
+            elapsed,
+        )
+        if valid["NDCG@10"] > best_valid["NDCG@10"]:
+            best_state, best_valid, best_epoch, stale = copy.deepcopy(model.state_dict()), valid, epoch, 0
+        else:
+            stale += 1
+        if stale >= config.patience:
+            break
+        if elapsed > config.time_limit_s:
+            log.info("time limit %.0f s reached", config.time_limit_s)
+            break
+    assert best_state is not None
+    model.load_state_dict(best_state)
+    model.eval()
+    return TrainResult(
+        model=model,
+        best_valid=best_valid,
+        recall_valid=recall_valid,
+        best_epoch=best_epoch,
+        epochs_run=epoch,
+        train_seconds=time.perf_counter() - started,
+        examples=len(examples.users),
+    )
+
+
+def holdout_dataset(dataset: Dataset, split: LeaveOneOutSplit) -> Dataset:
+    """Every user's training sequence only (validation and test items dropped): the recall bundle
+    built from it (which also leaves out each sequence's last item) never sees the training
+    targets of the last prefixes."""
+
+    def cut(arrays: list[np.ndarray] | None) -> list[np.ndarray] | None:
+        if arrays is None:
+            return None
+        return [values[: split.train_length(user)] for user, values in enumerate(arrays)]
+
+    return dataclasses.replace(
+        dataset,
+        sequences=cut(dataset.sequences),
+        event_types=cut(dataset.event_types),
+        scenarios=cut(dataset.scenarios),
+        timestamps=cut(dataset.timestamps),
+    )
+
+
+def holdout_candidates(dataset: Dataset, bundle_dir: Path, config: RankTrainConfig) -> RecallCandidates:
+    """Candidates from the holdout recall bundle beside ``bundle_dir`` (built when missing)."""
+    from recall_service.train import RecallTrainConfig
+    from recall_service.train import build_bundle as build_recall_bundle
+
+    holdout = holdout_dataset(dataset, LeaveOneOutSplit(dataset))
+    holdout_dir = bundle_dir.parent / f"{bundle_dir.name}-holdout-recall"
+    manifest = holdout_dir / "manifest.json"
+    if (
+        not manifest.is_file()
+        or json.loads(manifest.read_text()).get("data_fingerprint") != holdout.fingerprint()
+    ):
+        recall_config = RecallTrainConfig.default()
+        recall_config.time_limit_s = config.holdout_recall_time_limit_s
+        recall_config.threads = config.threads
+        started = time.perf_counter()
+        build_recall_bundle(holdout, holdout_dir, recall_config)
+        log.info("holdout recall bundle %s built in %.0f s", holdout_dir, time.perf_counter() - started)
+    return RecallCandidates.load(holdout_dir, threads=config.threads)
+
+
+def build_bundle(
+    dataset: Dataset,
+    recall_bundle_dir: Path,
+    bundle_dir: Path,
+    config: RankTrainConfig,
+    source: CandidateSource | None = None,
+) -> Path:
+    """Train on ``recall_bundle_dir``'s candidates, export to ``bundle_dir``; returns ``bundle_dir``.
+
+    The torch checkpoint is kept beside the bundle (``export.checkpoint_path``) for re-export.
+    """
+    bundle_dir = Path(bundle_dir)
+    served = (
+        RecallCandidates.load(Path(recall_bundle_dir), threads=config.threads) if source is None else None
+    )
+    if source is None:
+        source = holdout_candidates(dataset, bundle_dir, config) if config.holdout_recall else served
+    result = train_model(dataset, source, config)
+    metadata = {
+        "recall_bundle_version": served.version
+        if served is not None
+        else getattr(source, "version", "unknown"),
+        "train_recall_bundle_version": getattr(source, "version", "unknown"),
+        "train": {
+            "config": asdict(config),
+            "examples": result.examples,
+            "best_epoch": result.best_epoch,
+            "epochs_run": result.epochs_run,
+            "train_seconds": round(result.train_seconds, 1),
+            "valid_pipeline": result.best_valid,
+            "valid_recall_only": result.recall_valid,
+        },
+    }
+    scenarios = scenario_names(dataset.scenario_names)
+    bundle_dir.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(
+        result.model,
+        checkpoint_path(bundle_dir),
+        dataset.items,
+        scenarios,
+        data_fingerprint=dataset.fingerprint(),
+        **metadata,
+    )
+    export_bundle(result.model, bundle_dir, dataset.items, scenarios, dataset.fingerprint(), **metadata)
+    return bundle_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`recsys train rank --data synthetic|DIR --artifacts DIR [--quick]`."""
+    from recsys.data.prepare import dataset_artifacts, prepare_dataset
+
+    parser = argparse.ArgumentParser(prog="recsys train rank", description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default="synthetic", help="'synthetic' or a dataset folder")
+    parser.add_argument("--artifacts", type=Path, default=Path("artifacts"))
+    parser.add_argument("--quick", action="store_true", help="small model, few epochs (make run)")
+    parser.add_argument("--epochs", type=int, help="override the number of epochs")
+    parser.add_argument("--threads", type=int, help="torch threads (at most 2)")
+    parser.add_argument("--learning-rate", type=float, help="override the learning rate")
+    parser.add_argument("--weight-decay", type=float, help="override the AdamW weight decay")
+    parser.add_argument("--dropout", type=float, help="override the dropout")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = RankTrainConfig.quick() if args.quick else RankTrainConfig.default()
+    for name in ("epochs", "threads", "learning_rate", "weight_decay", "dropout"):
+        if getattr(args, name) is not None:
+            setattr(config, name, getattr(args, name))
+    dataset = prepare_dataset(args.data, args.artifacts, args.quick)
+    artifacts = dataset_artifacts(dataset, args.artifacts)
+    recall_dir = ensure_recall_bundle(dataset, artifacts / "recall", args.quick)
+    started = time.perf_counter()
+    bundle_dir = build_bundle(dataset, recall_dir, artifacts / "rank", config)
+    print(f"rank bundle: {bundle_dir} (trained and exported in {time.perf_counter() - started:.0f} s)")
+    return 0
+
+
+def ensure_recall_bundle(dataset: Dataset, recall_dir: Path, quick: bool) -> Path:
+    """The recall bundle the ranker trains on, built first when missing."""
+    if (recall_dir / "manifest.json").is_file():
+        return recall_dir
+    from recall_service.train import RecallTrainConfig
+    from recall_service.train import build_bundle as build_recall_bundle
+
+    log.info("no recall bundle at %s: building it first", recall_dir)
+    recall_config = RecallTrainConfig.quick() if quick else RecallTrainConfig.default()
+    return build_recall_bundle(dataset, recall_dir, recall_config)

@@ -1,0 +1,102 @@
+"""`recsys bench rank|recall|gateway|all ...`: the benchmark commands, each printing JSON.
+
+``recsys bench COMPONENT ARGS`` forwards ARGS to that component's ``bench.main`` (imported only
+then, so the gateway bench needs no torch). ``recsys bench all [--artifacts DIR] [--data NAME]
+[--out FILE]`` runs every benchmark that can be imported and run here and merges their JSON
+under the component names; one that fails is reported with its error instead of stopping the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import io
+import json
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+BENCHMARKS: dict[str, str] = {
+    "rank": "rank_service.bench:main",
+    "recall": "recall_service.bench:main",
+    "gateway": "gateway.bench:main",
+}
+
+
+def _load(target: str):
+    module_name, function_name = target.split(":")
+    return getattr(importlib.import_module(module_name), function_name)
+
+
+def _component_args(component: str, artifacts: Path, data: str, out: Path) -> list[str]:
+    """Arguments ``all`` gives each benchmark (the gateway bench targets a running gateway)."""
+    if component == "gateway":
+        return ["--out", str(out)]
+    return ["--artifacts", str(artifacts), "--data", data, "--out", str(out)]
+
+
+def run_all(artifacts: Path, data: str) -> dict[str, object]:
+    """Run every importable benchmark; ``{component: its JSON | {"error": ...}}``."""
+    merged: dict[str, object] = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        for component, target in BENCHMARKS.items():
+            out = Path(scratch) / f"{component}.json"
+            started = time.perf_counter()
+            try:
+                main = _load(target)
+            except ImportError as error:
+                merged[component] = {"skipped": f"cannot import {target}: {error}"}
+                continue
+            try:
+                with contextlib.redirect_stdout(io.StringIO()):
+                    code = main(_component_args(component, artifacts, data, out))
+            except SystemExit as exit_:
+                code = exit_.code if isinstance(exit_.code, int) else 1
+            except Exception as error:  # one failing benchmark must not lose the others' numbers
+                log.exception("benchmark %s failed", component)
+                merged[component] = {"error": f"{type(error).__name__}: {error}"}
+                continue
+            if code == 0 and out.is_file():
+                merged[component] = json.loads(out.read_text())
+            else:
+                merged[component] = {"error": f"exit status {code}"}
+            log.info("bench %s: %.1f s", component, time.perf_counter() - started)
+    return merged
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    choices = [*BENCHMARKS, "all"]
+    if not argv or argv[0] not in choices:
+        print(f"usage: recsys bench {{{','.join(choices)}}} [ARGS...]", file=sys.stderr)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    component, rest = argv[0], argv[1:]
+    if component != "all":
+        return int(_load(BENCHMARKS[component])(rest) or 0)
+    parser = argparse.ArgumentParser(prog="recsys bench all", description="run every benchmark, merge JSON")
+    parser.add_argument("--artifacts", type=Path, default=Path("artifacts"))
+    parser.add_argument("--data", default="synthetic", help="dataset name under --artifacts")
+    parser.add_argument("--out", type=Path, help="also write the merged JSON here")
+    args = parser.parse_args(rest)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    merged = run_all(args.artifacts, args.data)
+    text = json.dumps(merged, indent=2)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+    print(text)
+    return (
+        0
+        if any(isinstance(v, dict) and "error" not in v and "skipped" not in v for v in merged.values())
+        else 1
+    )
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

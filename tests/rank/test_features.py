@@ -1,0 +1,65 @@
+"""Feature building shared by training and serving."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from rank_service.features import (
+    NUM_CANDIDATE_FEATURES,
+    PER_SOURCE_FEATURES,
+    SOURCES,
+    candidate_features,
+    history_inputs,
+    pack_batch,
+)
+from recsys.data.dataset import EventType
+
+
+def test_candidate_features_rank_within_each_source_and_mark_absent_sources():
+    scores = np.array([[0.9, 0, 0, 0], [0.5, 0, 2.0, 0], [0.1, 0, 4.0, 0]], dtype=np.float32)
+    mask = np.array([[1, 0, 0, 0], [1, 0, 1, 0], [1, 0, 1, 0]], dtype=bool)
+    features = candidate_features(scores.max(axis=1), scores, mask)
+    assert features.shape == (3, NUM_CANDIDATE_FEATURES)
+    u2i, covisit = 0, SOURCES.index("covisit") * PER_SOURCE_FEATURES
+    assert list(features[:, u2i]) == [1, 1, 1]
+    assert list(features[:, u2i + 2]) == [1.0, 0.5, 1 / 3]  # reciprocal rank by score
+    assert list(features[:, covisit]) == [0, 1, 1]
+    assert features[0, covisit : covisit + PER_SOURCE_FEATURES].tolist() == [0, 0, 0, 0]
+    assert features[2, covisit + 2] == 1.0 and features[1, covisit + 2] == 0.5
+    assert features[2, covisit + 1] > 0 > features[1, covisit + 1]  # z-score within the request
+
+
+def test_candidate_features_do_not_depend_on_order():
+    rng = np.random.default_rng(0)
+    scores = rng.normal(size=(6, len(SOURCES))).astype(np.float32)
+    mask = rng.random((6, len(SOURCES))) < 0.6
+    recall = scores.max(axis=1)
+    permutation = rng.permutation(6)
+    forward = candidate_features(recall, scores, mask)
+    shuffled = candidate_features(recall[permutation], scores[permutation], mask[permutation])
+    assert np.allclose(forward[permutation], shuffled)
+
+
+def test_history_inputs_drop_unknown_items_keep_the_most_recent_and_read_unspecified_as_view():
+    items, events = history_inputs(np.array([5, -1, 6, 7, 8]), np.array([0, 1, 2, 3, 4]), max_history=3)
+    assert items.tolist() == [7, 8, 9]  # dense + 1
+    assert events.tolist() == [2, 3, 4]
+    items, events = history_inputs(np.array([5]), np.array([EventType.UNSPECIFIED]), max_history=3)
+    assert events.tolist() == [EventType.VIEW]
+    items, events = history_inputs(np.zeros(0, np.int64), None, max_history=3)
+    assert items.size == 0 and events.size == 0
+
+
+def test_pack_batch_pads_right_and_maps_unknown_candidates_to_padding():
+    histories = [(np.array([3, 4]), np.array([1, 1])), (np.zeros(0, np.int64), np.zeros(0, np.int64))]
+    features = [
+        np.ones((3, NUM_CANDIDATE_FEATURES), np.float32),
+        np.ones((1, NUM_CANDIDATE_FEATURES), np.float32),
+    ]
+    batch = pack_batch(histories, [0, 2], [np.array([0, -1, 5]), np.array([7])], features)
+    assert batch.history.tolist() == [[3, 4], [0, 0]]
+    assert batch.candidates.tolist() == [[1, 0, 6], [8, 0, 0]]
+    assert batch.candidate_counts.tolist() == [3, 1]
+    assert not batch.candidate_features[1, 1:].any()
+    empty = pack_batch(histories[1:], [0], [np.array([1])], features[1:])
+    assert empty.history.shape == (1, 1)  # at least one (padding) column: ORT rejects width 0

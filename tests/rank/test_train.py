@@ -1,0 +1,64 @@
+"""Training lists come from the candidate source, hold the target, and never use a validation or
+test item; the pipeline metric puts the ranker's order on the recall list."""
+
+from __future__ import annotations
+
+import numpy as np
+from rank_stubs import StubCandidates
+
+from rank_service.candidates import Candidates
+from rank_service.train import RankTrainConfig, pipeline_metrics, training_lists
+from recsys.data.split import LeaveOneOutSplit
+
+
+def test_training_lists_hold_the_target_and_only_training_items(synthetic_dataset):
+    split = LeaveOneOutSplit(synthetic_dataset)
+    config = RankTrainConfig.tiny()
+    lists = training_lists(synthetic_dataset, split, StubCandidates(synthetic_dataset), config)
+    assert len(lists.users) > 0
+    for user, cut, candidates, position in zip(
+        lists.users, lists.cuts, lists.lists, lists.target_positions, strict=True
+    ):
+        assert 1 <= cut < split.train_length(int(user))  # history and target inside training data
+        target = synthetic_dataset.sequences[user][cut]
+        assert candidates.items[position] == target
+        assert len(candidates.items) <= config.train_candidates + 1
+        assert len(np.unique(candidates.items)) == len(candidates.items)
+
+
+def test_pipeline_metrics_rank_by_the_scorer_and_miss_targets_outside_the_list(synthetic_dataset):
+    split = LeaveOneOutSplit(synthetic_dataset)
+    users = split.eval_users[:2]
+    targets = split.targets(users, "valid")
+    empty = np.zeros((3, 4), np.float32)
+    lists = [
+        Candidates(
+            np.array([targets[0] + 1000, targets[0], targets[0] + 2000]), np.zeros(3), empty, empty > 0
+        ),
+        Candidates(
+            np.array([targets[1] + 1000, targets[1] + 2000, targets[1] + 3000]), np.zeros(3), empty, empty > 0
+        ),
+    ]
+
+    def target_first(histories, events, scenarios, candidate_lists):
+        return [np.isin(c.items, targets).astype(np.float32) for c in candidate_lists]
+
+    metrics = pipeline_metrics(synthetic_dataset, split, "valid", users, lists, target_first, ks=(1,))
+    assert metrics["HR@1"] == 0.5 and metrics["users"] == 2
+
+
+def test_holdout_dataset_keeps_only_training_items(synthetic_dataset):
+    from rank_service.train import holdout_dataset
+
+    split = LeaveOneOutSplit(synthetic_dataset)
+    holdout = holdout_dataset(synthetic_dataset, split)
+    for user in range(synthetic_dataset.num_users):
+        train = split.train_sequence(user)
+        assert np.array_equal(holdout.sequences[user], train)
+        assert len(holdout.events_of(user)) == len(train)
+    # The recall bundle built from it also leaves out each sequence's last item: the last
+    # training item (the ranker's target) of every evaluated user is never in its tables.
+    held_out = LeaveOneOutSplit(holdout)
+    for user in split.eval_users:
+        train = split.train_sequence(int(user))
+        assert np.array_equal(held_out.history(int(user), "test"), train[:-1])
