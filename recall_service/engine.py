@@ -1,0 +1,424 @@
+"""The recall engine: what the gRPC servicer, offline evaluation and the rank trainer all run.
+
+A batch of queries costs ONE user-tower run (ONNX Runtime) and one index search per source and
+filter group; co-visitation and popularity are table look-ups. Each query's source lists are then
+filtered (seen items, excluded ids, category, sponsored), merged under per-source quotas,
+de-duplicated and topped up from popularity so that ``k`` items come back whenever the catalog
+has them. No torch here.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from recall_service.index import VectorSearcher, load_searcher
+from recall_service.sources import CovisitTable, PopularityTable, covisit_candidates
+from recsys.bundle import read_manifest
+from recsys.data.dataset import EventType, IdMap
+
+log = logging.getLogger(__name__)
+
+SOURCES: tuple[str, ...] = ("u2i", "i2i", "covisit", "popular")
+SOURCE_INDEX = {name: position for position, name in enumerate(SOURCES)}
+_EMPTY_IDS = np.zeros(0, dtype=np.int64)
+
+
+@dataclass
+class RecallQuery:
+    """One recall request in dense ids (unknown external ids already dropped)."""
+
+    history: np.ndarray  # dense item ids, oldest first
+    event_types: np.ndarray | None = None  # aligned with history; None = all VIEW
+    scenario: int = 0
+    seed_items: np.ndarray = field(default_factory=lambda: _EMPTY_IDS)
+    quotas: dict[str, int] = field(default_factory=dict)  # empty -> the scenario's defaults
+    k: int = 100
+    exclude_history: bool = True
+    exclude_items: np.ndarray = field(default_factory=lambda: _EMPTY_IDS)
+    category: int = -1  # dense category id, -1 = any
+    sponsored_only: bool = False
+    fill_popular: bool = True  # top up to k from popularity when the sources run short
+
+
+@dataclass
+class CandidateList:
+    """Merged candidates of one query, best first."""
+
+    items: np.ndarray  # int64 dense ids
+    scores: np.ndarray  # float32, the primary source's score
+    sources: list[str]  # primary source per item
+    source_scores: np.ndarray  # float32 [n, len(SOURCES)], 0 where a source did not produce it
+    source_mask: np.ndarray  # bool [n, len(SOURCES)]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+@dataclass
+class _SourceList:
+    items: np.ndarray
+    scores: np.ndarray
+
+
+class UserTower:
+    """The exported user tower in ONNX Runtime, threads pinned."""
+
+    def __init__(self, path: Path, device: str = "auto", threads: int | None = None):
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        providers = ["CPUExecutionProvider"]
+        if device != "cpu" and "CUDAExecutionProvider" in ort.get_available_providers():
+            providers.insert(0, "CUDAExecutionProvider")
+        elif device == "gpu":
+            log.warning("onnxruntime has no CUDA provider here: the user tower runs on CPU")
+        # The fused SkipLayerNormalization CPU kernel is slower than the unfused graph (TOOLING.md).
+        disabled = ["SkipLayerNormFusion"] if providers[0] == "CPUExecutionProvider" else []
+        self.session = ort.InferenceSession(
+            str(path), sess_options=options, providers=providers, disabled_optimizers=disabled
+        )
+        self.device = "gpu" if providers[0] == "CUDAExecutionProvider" else "cpu"
+
+    def __call__(self, items: np.ndarray, events: np.ndarray, scenarios: np.ndarray) -> np.ndarray:
+        (vectors,) = self.session.run(None, {"items": items, "events": events, "scenario": scenarios})
+        return vectors
+
+
+def _read_names(path: Path) -> list[str]:
+    return path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
+
+
+class RecallEngine:
+    """Loads a recall bundle and answers batches of :class:`RecallQuery`."""
+
+    def __init__(
+        self,
+        manifest: dict,
+        user_tower: UserTower,
+        searcher: VectorSearcher,
+        item_vectors: np.ndarray,
+        items: IdMap,
+        covisit: CovisitTable,
+        popularity: PopularityTable,
+        item_category: np.ndarray,
+        category_names: list[str],
+        item_brand: np.ndarray,
+        brand_names: list[str],
+        item_bid: np.ndarray,
+    ):
+        self.manifest = manifest
+        self.version: str = manifest["version"]
+        self.scenarios: list[str] = list(manifest["scenarios"])
+        self.max_length: int = int(manifest["max_length"])
+        self.user_tower = user_tower
+        self.searcher = searcher
+        self.item_vectors = item_vectors
+        self.items = items
+        self.covisit = covisit
+        self.popularity = popularity
+        self.item_category = item_category
+        self.category_names = category_names
+        self.item_brand = item_brand
+        self.brand_names = brand_names
+        self.item_bid = item_bid
+        covisit_settings = manifest.get("covisit", {})
+        self.covisit_recent_items = int(covisit_settings.get("recent_items", 5))
+        self.covisit_recency_decay = float(covisit_settings.get("recency_decay", 0.6))
+        self.default_sources: dict[str, dict[str, float]] = manifest.get("default_sources", {})
+        self._filter_cache: dict[
+            tuple[int, bool], tuple[np.ndarray | None, np.ndarray | None, np.ndarray]
+        ] = {}
+
+    @classmethod
+    def load(cls, bundle_dir: Path, device: str = "auto", threads: int | None = None) -> RecallEngine:
+        """Load a bundle written by ``recall_service.export`` (device: auto|cpu|gpu)."""
+        bundle_dir = Path(bundle_dir)
+        manifest = read_manifest(bundle_dir, "recall")
+        item_vectors = np.load(bundle_dir / "item_vectors.npy")
+        searcher = load_searcher(
+            bundle_dir,
+            item_vectors,
+            device,
+            nprobe=int(manifest.get("nprobe", 32)),
+            ef_search=int(manifest.get("ef_search", 128)),
+            threads=threads,
+        )
+        engine = cls(
+            manifest=manifest,
+            user_tower=UserTower(bundle_dir / manifest["onnx"]["file"], device, threads),
+            searcher=searcher,
+            item_vectors=item_vectors,
+            items=IdMap.load(bundle_dir / "items.txt"),
+            covisit=CovisitTable.load(bundle_dir),
+            popularity=PopularityTable.load(bundle_dir),
+            item_category=np.load(bundle_dir / "item_category.npy"),
+            category_names=_read_names(bundle_dir / "categories.txt"),
+            item_brand=np.load(bundle_dir / "item_brand.npy"),
+            brand_names=_read_names(bundle_dir / "brands.txt"),
+            item_bid=np.load(bundle_dir / "item_bid.npy"),
+        )
+        log.info(
+            "recall bundle %s loaded: %d items, %s, user tower on %s",
+            engine.version,
+            len(engine.items),
+            searcher.description,
+            engine.user_tower.device,
+        )
+        return engine
+
+    @property
+    def num_items(self) -> int:
+        return len(self.items)
+
+    # ------------------------------------------------------------------ quotas and filters
+
+    def default_quotas(self, scenario: int, k: int) -> dict[str, int]:
+        """The scenario's default source mix scaled to ``k`` (each source at least 1)."""
+        name = self.scenarios[scenario] if 0 <= scenario < len(self.scenarios) else ""
+        mix = self.default_sources.get(name) or self.default_sources.get("home") or {"u2i": 1.0}
+        return {source: max(1, math.ceil(share * k)) for source, share in mix.items() if share > 0}
+
+    def _resolve_quotas(self, query: RecallQuery) -> dict[str, int]:
+        quotas = query.quotas or self.default_quotas(query.scenario, query.k)
+        unknown = set(quotas) - set(SOURCES)
+        if unknown:
+            raise ValueError(f"unknown recall sources {sorted(unknown)}; known: {SOURCES}")
+        # A quota <= 0 means "up to k"; no source may contribute more than k.
+        return {source: query.k if quota <= 0 else min(quota, query.k) for source, quota in quotas.items()}
+
+    def _filter(
+        self, category: int, sponsored_only: bool
+    ) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray]:
+        """(allowed ids or None, allowed mask or None, popularity order within them) for a filter."""
+        key = (category, sponsored_only)
+        if key not in self._filter_cache:
+            mask = None
+            if category >= 0:
+                mask = self.item_category == category
+            if sponsored_only:
+                sponsored = self.item_bid > 0
+                mask = sponsored if mask is None else mask & sponsored
+            ranked = self.popularity.ranked(category)
+            if sponsored_only:
+                ranked = ranked[self.item_bid[ranked] > 0]
+            allowed = None if mask is None else np.flatnonzero(mask).astype(np.int64)
+            self._filter_cache[key] = (allowed, mask, ranked)
+        return self._filter_cache[key]
+
+    # ------------------------------------------------------------------ sources
+
+    def _user_vectors(self, queries: Sequence[RecallQuery]) -> np.ndarray:
+        """One user-tower run for all ``queries`` (histories truncated to the newest L items)."""
+        width = max(1, min(self.max_length, max(len(q.history) for q in queries)))
+        items = np.zeros((len(queries), width), dtype=np.int64)
+        events = np.zeros((len(queries), width), dtype=np.int64)
+        for row, query in enumerate(queries):
+            recent = np.asarray(query.history, dtype=np.int64)[-width:]
+            if recent.size == 0:
+                continue
+            items[row, -recent.size :] = recent + 1
+            if query.event_types is None:
+                events[row, -recent.size :] = EventType.VIEW
+            else:
+                types = np.asarray(query.event_types, dtype=np.int64)[-recent.size :]
+                events[row, -recent.size :] = np.where(types == EventType.UNSPECIFIED, EventType.VIEW, types)
+        scenarios = np.asarray([q.scenario for q in queries], dtype=np.int64)
+        return self.user_tower(items, events, scenarios)
+
+    @staticmethod
+    def _seeds(query: RecallQuery) -> np.ndarray:
+        """The i2i anchors: the request's seed items, else the newest history item."""
+        seeds = query.seed_items if len(query.seed_items) else query.history[-1:]
+        return np.asarray(seeds, dtype=np.int64)
+
+    def _seed_vectors(self, seeds: Sequence[np.ndarray]) -> np.ndarray:
+        """Mean item vector of each query's seeds, L2-normalised."""
+        vectors = np.stack([self.item_vectors[s].mean(axis=0) for s in seeds]).astype(np.float32)
+        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+        return vectors / np.maximum(norms, 1e-12)
+
+    def _vector_source(
+        self,
+        vectors: np.ndarray,
+        rows: list[int],
+        fetch: list[int],
+        excluded: list[np.ndarray],
+        queries: Sequence[RecallQuery],
+    ) -> dict[int, _SourceList]:
+        """ANN results of ``vectors`` (one per row in ``rows``): one search per filter group."""
+        results: dict[int, _SourceList] = {}
+        groups: dict[tuple[int, bool], list[int]] = {}
+        for position, row in enumerate(rows):
+            groups.setdefault((queries[row].category, queries[row].sponsored_only), []).append(position)
+        for (category, sponsored_only), positions in groups.items():
+            allowed, _, _ = self._filter(category, sponsored_only)
+            if allowed is not None and allowed.size == 0:
+                for position in positions:
+                    results[rows[position]] = _SourceList(_EMPTY_IDS, np.zeros(0, np.float32))
+                continue
+            # Over-fetch by the number of excluded items so that k survive the exclusion.
+            k = max(fetch[rows[p]] + len(excluded[rows[p]]) for p in positions)
+            scores, ids = self.searcher.search(vectors[positions], min(k, self.num_items), allowed)
+            for position, score_row, id_row in zip(positions, scores, ids, strict=True):
+                row = rows[position]
+                keep = (id_row >= 0) & ~np.isin(id_row, excluded[row], assume_unique=False)
+                results[row] = _SourceList(id_row[keep][: fetch[row]], score_row[keep][: fetch[row]])
+        return results
+
+    def _covisit_source(self, query: RecallQuery, fetch: int, excluded: np.ndarray) -> _SourceList:
+        anchors: list[int] = [int(s) for s in dict.fromkeys(np.asarray(query.seed_items).tolist())]
+        weights: list[float] = [1.0] * len(anchors)
+        age = 0
+        for item in np.asarray(query.history)[::-1].tolist():
+            if age >= self.covisit_recent_items:
+                break
+            if item in anchors:
+                continue
+            anchors.append(int(item))
+            weights.append(self.covisit_recency_decay**age)
+            age += 1
+        items, scores = covisit_candidates(
+            self.covisit, np.asarray(anchors, np.int64), np.asarray(weights), self.popularity.counts
+        )
+        _, mask, _ = self._filter(query.category, query.sponsored_only)
+        keep = ~np.isin(items, excluded)
+        if mask is not None:
+            keep &= mask[items]
+        return _SourceList(items[keep][:fetch], scores[keep][:fetch])
+
+    def _popular_source(self, query: RecallQuery, fetch: int, excluded: np.ndarray) -> _SourceList:
+        _, _, ranked = self._filter(query.category, query.sponsored_only)
+        head = ranked[: fetch + len(excluded)]
+        head = head[~np.isin(head, excluded)][:fetch]
+        return _SourceList(head, self.popularity.scores(head))
+
+    # ------------------------------------------------------------------ recall
+
+    def recall(self, queries: Sequence[RecallQuery]) -> list[CandidateList]:
+        """Candidates for every query; one user-tower run and one search per source for the batch."""
+        if not queries:
+            return []
+        quotas = [self._resolve_quotas(q) for q in queries]
+        fetch = [sum(q.values()) for q in quotas]  # enough that de-duplication cannot starve a source
+        fetch = [min(f, self.num_items) for f in fetch]
+        excluded = [self._excluded(q) for q in queries]
+        lists: list[dict[str, _SourceList]] = [{} for _ in queries]
+
+        u2i_rows = [r for r, q in enumerate(queries) if "u2i" in quotas[r] and len(q.history)]
+        if u2i_rows:
+            vectors = self._user_vectors([queries[r] for r in u2i_rows])
+            for row, found in self._vector_source(vectors, u2i_rows, fetch, excluded, queries).items():
+                lists[row]["u2i"] = found
+        i2i_rows = [
+            r for r, q in enumerate(queries) if "i2i" in quotas[r] and (len(q.seed_items) or len(q.history))
+        ]
+        if i2i_rows:
+            seeds = {r: self._seeds(queries[r]) for r in i2i_rows}
+            vectors = self._seed_vectors([seeds[r] for r in i2i_rows])
+            # An item is its own nearest neighbour: never offer a seed back as its own i2i candidate.
+            i2i_excluded = [
+                np.union1d(excluded[r], seeds[r]) if r in seeds else excluded[r] for r in range(len(queries))
+            ]
+            for row, found in self._vector_source(vectors, i2i_rows, fetch, i2i_excluded, queries).items():
+                lists[row]["i2i"] = found
+        for row, query in enumerate(queries):
+            if "covisit" in quotas[row] and (len(query.seed_items) or len(query.history)):
+                lists[row]["covisit"] = self._covisit_source(query, fetch[row], excluded[row])
+            if "popular" in quotas[row]:
+                lists[row]["popular"] = self._popular_source(query, fetch[row], excluded[row])
+        return [
+            self._merge(query, quotas[row], lists[row], excluded[row]) for row, query in enumerate(queries)
+        ]
+
+    def _excluded(self, query: RecallQuery) -> np.ndarray:
+        parts = [np.asarray(query.exclude_items, dtype=np.int64)]
+        if query.exclude_history:
+            parts.append(np.asarray(query.history, dtype=np.int64))
+        return np.unique(np.concatenate(parts))
+
+    def _merge(
+        self, query: RecallQuery, quotas: dict[str, int], lists: dict[str, _SourceList], excluded: np.ndarray
+    ) -> CandidateList:
+        """Interleave sources by rank relative to their quota, de-duplicate, cap each source at its
+        quota, cut at k, then top up from popularity (under the same filters) when short."""
+        names = [s for s in SOURCES if s in lists and len(lists[s].items)]
+        if names:
+            items = np.concatenate([lists[s].items for s in names])
+            source_ids = np.concatenate([np.full(len(lists[s].items), SOURCE_INDEX[s]) for s in names])
+            keys = np.concatenate([(np.arange(len(lists[s].items)) + 1.0) / quotas[s] for s in names])
+            order = np.lexsort((source_ids, keys))
+            items, source_ids = items[order], source_ids[order]
+            chosen = self._take_under_quotas(items, source_ids, quotas)
+            chosen = chosen[: query.k]
+            items, source_ids = items[chosen], source_ids[chosen]
+        else:
+            items, source_ids = _EMPTY_IDS, np.zeros(0, dtype=np.int64)
+        if query.fill_popular and len(items) < query.k:
+            _, _, ranked = self._filter(query.category, query.sponsored_only)
+            taken = np.concatenate([excluded, items])
+            head = ranked[: query.k - len(items) + len(taken)]
+            extra = head[~np.isin(head, taken)][: query.k - len(items)]
+            items = np.concatenate([items, extra])
+            source_ids = np.concatenate([source_ids, np.full(len(extra), SOURCE_INDEX["popular"])])
+        source_scores = np.zeros((len(items), len(SOURCES)), dtype=np.float32)
+        source_mask = np.zeros((len(items), len(SOURCES)), dtype=bool)
+        for name, found in lists.items():
+            column = SOURCE_INDEX[name]
+            order = np.argsort(found.items, kind="stable")
+            sorted_items = found.items[order]
+            positions = np.searchsorted(sorted_items, items)
+            positions = np.minimum(positions, max(len(sorted_items) - 1, 0))
+            hit = sorted_items[positions] == items if len(sorted_items) else np.zeros(len(items), bool)
+            source_scores[hit, column] = found.scores[order][positions[hit]]
+            source_mask[hit, column] = True
+        popular_column = SOURCE_INDEX["popular"]
+        filled = (source_ids == popular_column) & ~source_mask[:, popular_column]
+        source_scores[filled, popular_column] = self.popularity.scores(items[filled])
+        source_mask[filled, popular_column] = True
+        rows = np.arange(len(items))
+        return CandidateList(
+            items=items.astype(np.int64),
+            scores=source_scores[rows, source_ids].astype(np.float32),
+            sources=[SOURCES[s] for s in source_ids],
+            source_scores=source_scores,
+            source_mask=source_mask,
+        )
+
+    @staticmethod
+    def _take_under_quotas(items: np.ndarray, source_ids: np.ndarray, quotas: dict[str, int]) -> np.ndarray:
+        """Positions (in merge order) of the first occurrence of each item, each source capped.
+
+        An entry past its source's quota is dropped, which may let a later entry of another
+        source claim the item; repeat until stable (at most one round per source).
+        """
+        limit = np.zeros(len(SOURCES), dtype=np.int64)
+        for name, quota in quotas.items():
+            limit[SOURCE_INDEX[name]] = quota
+        active = np.ones(len(items), dtype=bool)
+        for _ in range(len(SOURCES) + 1):
+            candidates = np.flatnonzero(active)
+            _, first = np.unique(items[candidates], return_index=True)
+            primary = np.sort(candidates[first])
+            by_source = np.argsort(source_ids[primary], kind="stable")
+            grouped = source_ids[primary][by_source]
+            group_start = np.searchsorted(grouped, grouped)
+            rank_in_source = np.empty(len(primary), dtype=np.int64)
+            rank_in_source[by_source] = np.arange(len(primary)) - group_start
+            over = rank_in_source >= limit[source_ids[primary]]
+            if not over.any():
+                return primary
+            # Everything a source offers after its first over-quota entry can never be taken.
+            for source in np.unique(source_ids[primary[over]]):
+                cutoff = primary[over & (source_ids[primary] == source)].min()
+                active &= ~((source_ids == source) & (np.arange(len(items)) >= cutoff))
+        return primary[~over]

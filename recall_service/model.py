@@ -1,0 +1,189 @@
+"""The two-tower recall model (PyTorch; training and export only, never imported by serving).
+
+User tower: a learned "no history" start token followed by the user's recent items (item id +
+pooled attribute embedding + event type + position), encoded by a small causal pre-LN Transformer;
+the output at the newest position plus a scenario embedding, projected and L2-normalised, is the
+user vector. Because attention is causal, one forward pass yields the user vector of every prefix
+of a sequence (the next-item training objective). Histories are LEFT-padded (newest item last) so
+the newest position is always the last column, and the start token guarantees at least one
+unmasked key for every real position (no NaN on empty histories in ONNX Runtime).
+
+Item tower: item id embedding plus the mean of its attribute embeddings, L2-normalised. The user
+tower reads items through the same tables, so a rarely-bought item still shares its brand and
+category signal.
+
+Ids: items are ``dense + 1`` (0 = padding), attributes ``dense + 1`` (0 = padding).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class TwoTowerShape:
+    """Sizes that define the model's parameters (saved with checkpoints)."""
+
+    num_items: int
+    num_attributes: int
+    max_attributes: int
+    num_scenarios: int
+    num_event_types: int = 5
+    dim: int = 64
+    layers: int = 2
+    heads: int = 2
+    max_length: int = 50
+    dropout: float = 0.3
+    # Learned per-head attention bias by distance (in items) between query and key: a recency
+    # signal that, unlike absolute positions, means the same for every prefix of a sequence.
+    relative_positions: bool = False
+
+
+class CausalSelfAttentionBlock(nn.Module):
+    """Pre-LN Transformer block with an explicit boolean attention mask (exports cleanly to ONNX)."""
+
+    def __init__(self, dim: int, heads: int, dropout: float):
+        super().__init__()
+        self.heads = heads
+        self.head_dim = dim // heads
+        self.norm_attention = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.attention_out = nn.Linear(dim, dim)
+        self.norm_feed_forward = nn.LayerNorm(dim)
+        self.feed_forward = nn.Sequential(
+            nn.Linear(dim, 4 * dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(4 * dim, dim)
+        )
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(
+        self, hidden: torch.Tensor, allowed: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``hidden`` [B, S, D]; ``allowed`` [B, 1, S, S] bool (query row may attend key column);
+        ``bias`` [B, H, S, S] added to the attention logits."""
+        batch, length, dim = hidden.shape
+        qkv = self.qkv(self.norm_attention(hidden)).view(batch, length, 3, self.heads, self.head_dim)
+        query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, S, Dh]
+        scores = query @ key.transpose(-1, -2) / math.sqrt(self.head_dim)
+        if bias is not None:
+            scores = scores + bias
+        scores = scores.masked_fill(~allowed, -1e9)
+        attention = self.dropout(torch.softmax(scores, dim=-1))
+        context = (attention @ value).transpose(1, 2).reshape(batch, length, dim)
+        hidden = hidden + self.dropout(self.attention_out(context))
+        return hidden + self.dropout(self.feed_forward(self.norm_feed_forward(hidden)))
+
+
+class TwoTowerModel(nn.Module):
+    """User and item towers sharing the item id and attribute tables."""
+
+    def __init__(self, shape: TwoTowerShape, item_attributes: np.ndarray):
+        super().__init__()
+        self.shape = shape
+        dim = shape.dim
+        self.item_embedding = nn.Embedding(shape.num_items + 1, dim, padding_idx=0)
+        self.attribute_embedding = nn.Embedding(shape.num_attributes + 1, dim, padding_idx=0)
+        # [num_items + 1, max_attributes] attribute ids (+1, 0 = none) per item id (+1).
+        self.register_buffer("item_attributes", torch.as_tensor(item_attributes, dtype=torch.long))
+        self.event_embedding = nn.Embedding(shape.num_event_types, dim)
+        self.position_embedding = nn.Embedding(shape.max_length + 1, dim)
+        self.start_token = nn.Parameter(torch.zeros(dim))
+        self.relative_bias = (
+            nn.Embedding(shape.max_length + 1, shape.heads) if shape.relative_positions else None
+        )
+        self.scenario_embedding = nn.Embedding(max(shape.num_scenarios, 1), dim)
+        self.input_dropout = nn.Dropout(shape.dropout)
+        self.blocks = nn.ModuleList(
+            CausalSelfAttentionBlock(dim, shape.heads, shape.dropout) for _ in range(shape.layers)
+        )
+        self.output_norm = nn.LayerNorm(dim)
+        self.user_projection = nn.Linear(dim, dim)
+        # log of the softmax scale (1 / temperature), learned; starts at 1/0.05.
+        self.log_scale = nn.Parameter(torch.tensor(math.log(20.0)))
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for embedding in (self.item_embedding, self.attribute_embedding):
+            nn.init.normal_(embedding.weight, std=0.05)
+            with torch.no_grad():
+                embedding.weight[0].zero_()
+        nn.init.normal_(self.position_embedding.weight, std=0.02)
+        nn.init.normal_(self.event_embedding.weight, std=0.02)
+        nn.init.normal_(self.scenario_embedding.weight, std=0.02)
+        nn.init.normal_(self.start_token, std=0.02)
+        if self.relative_bias is not None:
+            nn.init.zeros_(self.relative_bias.weight)
+
+    def scale(self) -> torch.Tensor:
+        return self.log_scale.clamp(max=math.log(100.0)).exp()
+
+    def item_features(self, items: torch.Tensor) -> torch.Tensor:
+        """Unnormalised item representation (id + mean attribute embedding) of ``items`` (+1 ids)."""
+        attributes = self.item_attributes[items]  # [..., A]
+        present = (attributes > 0).to(torch.float32)
+        pooled = (self.attribute_embedding(attributes) * present.unsqueeze(-1)).sum(-2)
+        pooled = pooled / present.sum(-1, keepdim=True).clamp(min=1.0)
+        return self.item_embedding(items) + pooled
+
+    def item_vectors(self, items: torch.Tensor) -> torch.Tensor:
+        """Item tower: L2-normalised vectors of ``items`` (+1 ids)."""
+        return F.normalize(self.item_features(items), dim=-1)
+
+    def all_item_vectors(self) -> torch.Tensor:
+        """[num_items, D] item-tower vectors in dense id order (row i = dense item i)."""
+        return self.item_vectors(torch.arange(1, self.shape.num_items + 1))
+
+    def encode(self, items: torch.Tensor, events: torch.Tensor) -> torch.Tensor:
+        """Hidden states [B, S + 1, D]: the start token sits just before each row's oldest item.
+
+        ``items``/``events`` are [B, S] left-padded (0 = padding), newest last; the last column of
+        the result is therefore always the newest item, or the start token for an empty history.
+        """
+        length = items.shape[1]
+        padded_items = torch.cat([torch.zeros_like(items[:, :1]), items], dim=1)  # [B, S + 1]
+        padded_events = torch.cat([torch.zeros_like(events[:, :1]), events], dim=1)
+        history_length = (items > 0).sum(dim=1, keepdim=True)
+        steps = torch.arange(length + 1, device=items.device)
+        is_start = steps.unsqueeze(0) == (length - history_length)  # [B, S + 1]
+        valid = is_start | (padded_items > 0)
+        tokens = self.item_features(padded_items) + self.event_embedding(padded_events)
+        tokens = torch.where(is_start.unsqueeze(-1), self.start_token.expand_as(tokens), tokens)
+        # Position 0 = start token, then 1.. from the oldest item (the same for every prefix).
+        positions = (torch.cumsum(valid.to(torch.long), dim=1) - 1).clamp(min=0)
+        hidden = self.input_dropout(tokens + self.position_embedding(positions))
+        causal = steps.unsqueeze(0) <= steps.unsqueeze(1)  # [S + 1, S + 1]: key <= query
+        diagonal = steps.unsqueeze(0) == steps.unsqueeze(1)
+        # Padding rows may attend themselves so that no row is fully masked.
+        allowed = ((causal & valid.unsqueeze(1)) | diagonal).unsqueeze(1)  # [B, 1, S + 1, S + 1]
+        bias = None
+        if self.relative_bias is not None:
+            distance = (positions.unsqueeze(2) - positions.unsqueeze(1)).clamp(0, self.shape.max_length)
+            bias = self.relative_bias(distance).permute(0, 3, 1, 2)  # [B, H, S + 1, S + 1]
+        for block in self.blocks:
+            hidden = block(hidden, allowed, bias)
+        return self.output_norm(hidden)
+
+    def user_head(self, hidden: torch.Tensor, scenarios: torch.Tensor) -> torch.Tensor:
+        """User vectors from hidden states and scenario ids (broadcast over positions)."""
+        return F.normalize(self.user_projection(hidden + self.scenario_embedding(scenarios)), dim=-1)
+
+    def forward(self, items: torch.Tensor, events: torch.Tensor, scenarios: torch.Tensor) -> torch.Tensor:
+        """User tower for serving: [B, D] user vectors after the newest history position."""
+        hidden = self.encode(items, events)[:, -1]
+        return self.user_head(hidden, scenarios)
+
+
+class UserTowerForExport(nn.Module):
+    """The serving graph: (items int64 [B, S], events int64 [B, S], scenario int64 [B]) -> [B, D]."""
+
+    def __init__(self, model: TwoTowerModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, items: torch.Tensor, events: torch.Tensor, scenario: torch.Tensor) -> torch.Tensor:
+        return self.model(items, events, scenario)

@@ -1,0 +1,46 @@
+"""Fixtures of the recall tests: a hand-made dataset and the engine over the shared tiny bundle."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from recsys.data.dataset import Dataset, IdMap, ItemCatalog
+
+
+def _make_dataset(
+    sequences: list[list[int]],
+    num_items: int,
+    categories: list[int] | None = None,
+    bids: list[float] | None = None,
+) -> Dataset:
+    """A small dataset from dense-id sequences; item i is ``"i{i}"`` with attribute bag [i % 3]."""
+    catalog = ItemCatalog(
+        attributes=[np.array([i % 3], dtype=np.int64) for i in range(num_items)],
+        attribute_names=["a0", "a1", "a2"],
+        category=None if categories is None else np.asarray(categories, dtype=np.int64),
+        category_names=[] if categories is None else [f"c{c}" for c in range(max(categories) + 1)],
+        bid=None if bids is None else np.asarray(bids, dtype=np.float32),
+    )
+    return Dataset(
+        name="handmade",
+        users=IdMap(f"u{u}" for u in range(len(sequences))),
+        items=IdMap(f"i{i}" for i in range(num_items)),
+        sequences=[np.asarray(s, dtype=np.int64) for s in sequences],
+        catalog=catalog,
+    )
+
+
+@pytest.fixture(scope="session")
+def recall_engine(recall_bundle: Path):
+    from recall_service.engine import RecallEngine
+
+    return RecallEngine.load(recall_bundle, device="cpu", threads=1)
+
+
+@pytest.fixture(scope="session")
+def make_dataset():
+    """Factory: ``make_dataset(sequences, num_items, categories=None, bids=None) -> Dataset``."""
+    return _make_dataset
