@@ -30,7 +30,7 @@ def synthetic_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def synthetic_dataset(synthetic_dir: Path):
     from recsys.data.loaders import load_dataset
 
-    return load_dataset(synthetic_dir, name="synthetic")
+    return load_dataset(synthetic_dir)
 
 
 @pytest.fixture(scope="session")
