@@ -16,9 +16,11 @@ from recsys.data.dataset import EventType
 # Recall sources, in the column order of ``source_scores`` / ``source_mask`` (same as recall's).
 SOURCES: tuple[str, ...] = ("u2i", "i2i", "covisit", "popular")
 NUM_EVENT_TYPES = len(EventType)
-# Per source: present, score z-scored within the request, reciprocal rank, signed log score;
-# then the recall score (signed log) and the fraction of sources that produced the candidate.
-PER_SOURCE_FEATURES = 4
+# Per source: present, score z-scored within the request, reciprocal rank, signed log score,
+# negative log rank (0 = the source's best, lets a linear term reproduce the source's order deep
+# into the list); then the recall score (signed log) and the fraction of sources that produced
+# the candidate. Absent sources are all zeros.
+PER_SOURCE_FEATURES = 5
 NUM_CANDIDATE_FEATURES = PER_SOURCE_FEATURES * len(SOURCES) + 2
 # Score given to candidates the bundle does not know (and to nothing else): far below any
 # score the model produces, finite so that it survives JSON and sorting.
@@ -61,6 +63,7 @@ def candidate_features(
         ranks[order] = np.arange(n, dtype=np.float32)
         features[present, base + 2] = 1.0 / (1.0 + ranks[present])
         features[present, base + 3] = signed_log(present_scores)
+        features[present, base + 4] = -np.log1p(ranks[present])
     features[:, -2] = signed_log(recall_scores)
     features[:, -1] = source_mask.mean(axis=1)
     return np.nan_to_num(features, nan=0.0, posinf=0.0, neginf=0.0)

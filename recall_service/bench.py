@@ -116,7 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m recall_service.bench", description=__doc__.splitlines()[0]
     )
-    parser.add_argument("--bundle", type=Path, required=True, help="recall bundle folder")
+    parser.add_argument("--artifacts", type=Path, default=Path("artifacts"))
+    parser.add_argument("--data", default="synthetic", help="dataset name under --artifacts")
+    parser.add_argument("--bundle", type=Path, help="recall bundle folder (default ARTIFACTS/DATA/recall)")
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--k", type=int, default=200, help="candidates per query")
     parser.add_argument("--history-length", type=int, default=20)
@@ -128,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-grpc", action="store_true", help="engine only")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     args = parser.parse_args(argv)
+    if args.bundle is None:
+        args.bundle = args.artifacts / args.data / "recall"
 
     engine = RecallEngine.load(args.bundle, device=args.device, threads=args.threads)
     histories = sample_histories(engine, args.queries, args.history_length, seed=0)

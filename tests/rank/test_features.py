@@ -24,9 +24,10 @@ def test_candidate_features_rank_within_each_source_and_mark_absent_sources():
     assert list(features[:, u2i]) == [1, 1, 1]
     assert list(features[:, u2i + 2]) == [1.0, 0.5, 1 / 3]  # reciprocal rank by score
     assert list(features[:, covisit]) == [0, 1, 1]
-    assert features[0, covisit : covisit + PER_SOURCE_FEATURES].tolist() == [0, 0, 0, 0]
+    assert features[0, covisit : covisit + PER_SOURCE_FEATURES].tolist() == [0] * PER_SOURCE_FEATURES
     assert features[2, covisit + 2] == 1.0 and features[1, covisit + 2] == 0.5
     assert features[2, covisit + 1] > 0 > features[1, covisit + 1]  # z-score within the request
+    assert features[2, covisit + 4] == 0.0 and np.isclose(features[1, covisit + 4], -np.log(2.0))
 
 
 def test_candidate_features_do_not_depend_on_order():
