@@ -40,7 +40,8 @@ def test_single_component_gets_the_arguments(fake_benchmarks, tmp_path):
     assert fake_benchmarks["rank"] == ["--out", str(out), "--iterations", "5"]
 
 
-def test_all_merges_results_and_reports_failures(fake_benchmarks, tmp_path, capsys):
+def test_all_merges_results_and_reports_failures(fake_benchmarks, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(bench, "_reachable", lambda address: True)
     out = tmp_path / "bench.json"
     assert bench.main(["all", "--artifacts", str(tmp_path), "--out", str(out)]) == 0
     merged = json.loads(out.read_text())
@@ -48,6 +49,15 @@ def test_all_merges_results_and_reports_failures(fake_benchmarks, tmp_path, caps
     assert "no stack running" in merged["gateway"]["error"]
     assert fake_benchmarks["rank"][:2] == ["--artifacts", str(tmp_path)]
     assert json.loads(capsys.readouterr().out) == merged
+
+
+def test_all_skips_the_gateway_with_a_reason_when_none_is_running(fake_benchmarks, tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "_reachable", lambda address: False)
+    out = tmp_path / "bench.json"
+    assert bench.main(["all", "--artifacts", str(tmp_path), "--out", str(out)]) == 0
+    merged = json.loads(out.read_text())
+    assert "make run" in merged["gateway"]["skipped"]
+    assert "gateway" not in fake_benchmarks
 
 
 def test_unknown_component_is_a_usage_error():
