@@ -1,5 +1,5 @@
 """Rank service: a Transformer ranker trained on recall's candidates, served by ONNX Runtime.
 
-Serving modules (config, features, runtime, batching, servicer, server) never import torch;
+Serving modules (config, features, runtime, servicer, server) never import torch;
 training modules (model, train, export) do. Import submodules directly.
 """

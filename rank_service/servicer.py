@@ -10,10 +10,10 @@ import grpc
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from rank_service.batching import MicroBatcher
 from rank_service.features import SOURCES
 from rank_service.runtime import RankQuery, RankRuntime
 from recsys.data.dataset import EventType
+from recsys.serving.batching import MicroBatcher
 from recsys.serving.metrics import get_or_create
 from recsys.serving.validation import InvalidArgument, grpc_method, require, require_id
 from recsys.v1 import rank_pb2, rank_pb2_grpc

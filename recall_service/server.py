@@ -8,10 +8,10 @@ import grpc
 import numpy as np
 from prometheus_client import CollectorRegistry
 
-from recall_service.batching import MicroBatcher
 from recall_service.config import RecallConfig
-from recall_service.engine import RecallEngine, RecallQuery
+from recall_service.engine import CandidateList, RecallEngine, RecallQuery
 from recall_service.servicer import RecallMetrics, RecallServicer
+from recsys.serving.batching import MicroBatcher
 from recsys.serving.bootstrap import RunningServer, start_server
 from recsys.serving.metrics import bundle_info, new_registry
 from recsys.v1 import recall_pb2, recall_pb2_grpc
@@ -25,10 +25,10 @@ async def serve(config: RecallConfig, registry: CollectorRegistry | None = None)
     engine = await asyncio.to_thread(RecallEngine.load, config.bundle, config.device, config.threads)
     bundle_info(registry, "recall", "recall", engine.version)
     metrics = RecallMetrics(registry)
-    batcher: MicroBatcher[RecallQuery, object] = MicroBatcher(
+    batcher: MicroBatcher[RecallQuery, CandidateList] = MicroBatcher(
         engine.recall, config.max_batch, config.max_wait_ms, on_batch=metrics.batch_size.observe
     )
-    servicer = RecallServicer(engine, batcher, metrics)  # type: ignore[arg-type]
+    servicer = RecallServicer(engine, batcher, metrics)
 
     def register(server: grpc.aio.Server) -> list[str]:
         recall_pb2_grpc.add_RecallServiceServicer_to_server(servicer, server)

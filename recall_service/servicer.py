@@ -6,8 +6,8 @@ import grpc
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from recall_service.batching import MicroBatcher
 from recall_service.engine import SOURCES, CandidateList, RecallEngine, RecallQuery
+from recsys.serving.batching import MicroBatcher
 from recsys.serving.metrics import get_or_create
 from recsys.serving.validation import InvalidArgument, grpc_method, require, require_id, require_in_range
 from recsys.v1 import recall_pb2, recall_pb2_grpc

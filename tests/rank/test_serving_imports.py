@@ -10,7 +10,7 @@ SERVING_MODULES = (
     "rank_service.config",
     "rank_service.features",
     "rank_service.runtime",
-    "rank_service.batching",
+    "recsys.serving.batching",
     "rank_service.candidates",
     "rank_service.servicer",
     "rank_service.server",

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from rank_service.batching import MicroBatcher
+from recsys.serving.batching import MicroBatcher
 
 
 async def test_concurrent_requests_share_batches_and_keep_their_results():
