@@ -4,9 +4,8 @@ One request = one behaviour sequence and N candidates. The sequence (item id + a
 type, recency position) is encoded ONCE by self-attention, with a learned "no history" token
 prepended so that every attention row has at least one unmasked key (an all-masked softmax is
 NaN in ONNX Runtime). Each candidate then attends to the encoded sequence (target attention);
-its own features, the scenario embedding and the recall-stage features go through an MLP; the
-score is a linear function of the recall-stage features (so the ranker starts from, and can
-always reproduce, the sources' own order) plus the MLP and target-attention corrections. Candidates never interact, so padding candidates cannot change real ones' scores.
+its own features, the scenario embedding and the recall-stage features go through an MLP to a
+score. Candidates never interact, so padding candidates cannot change real ones' scores.
 
 Attention has two implementations with the same weights: plain ops (training, the CPU graph,
 attention weights for debug) and a custom op exported as ``com.microsoft.MultiHeadAttention``
@@ -182,7 +181,6 @@ class Ranker(nn.Module):
         self.output_norm = nn.LayerNorm(dim)
         self.target_attention = Attention(dim, config.heads, 0.0)
         self.feature_projection = nn.Linear(NUM_CANDIDATE_FEATURES + 1, dim)
-        self.feature_score = nn.Linear(NUM_CANDIDATE_FEATURES + 1, 1)
         self.mlp = nn.Sequential(
             nn.Linear(5 * dim, 2 * dim),
             nn.GELU(),
@@ -264,11 +262,7 @@ class Ranker(nn.Module):
             [candidate, attended, candidate * attended, scenario_vector, self.feature_projection(numeric)],
             dim=-1,
         )
-        scores = (
-            self.feature_score(numeric).squeeze(-1)
-            + self.mlp(hidden).squeeze(-1)
-            + (candidate * attended).sum(-1)
-        )
+        scores = self.mlp(hidden).squeeze(-1) + (candidate * attended).sum(-1)
         return scores, weights
 
 

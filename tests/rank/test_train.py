@@ -22,7 +22,7 @@ def test_training_lists_hold_the_target_and_only_training_items(synthetic_datase
         assert 1 <= cut < split.train_length(int(user))  # history and target inside training data
         target = synthetic_dataset.sequences[user][cut]
         assert candidates.items[position] == target
-        assert len(candidates.items) <= config.train_candidates + 1
+        assert len(candidates.items) <= config.train_candidates
         assert len(np.unique(candidates.items)) == len(candidates.items)
 
 
