@@ -8,6 +8,7 @@ import sys
 from rank_service.config import RankConfig
 from rank_service.server import serve
 from recsys.serving.bootstrap import run_until_signal
+from recsys.serving.config import ConfigError
 from recsys.serving.logging import configure_logging
 
 
@@ -17,7 +18,11 @@ async def _serve(config: RankConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    config = RankConfig.from_args(sys.argv[1:] if argv is None else argv)
+    try:
+        config = RankConfig.from_args(sys.argv[1:] if argv is None else argv)
+    except ConfigError as error:
+        print(f"recsys serve rank: {error}", file=sys.stderr)
+        return 2
     configure_logging("rank", config.serving.log_level)
     asyncio.run(_serve(config))
     return 0

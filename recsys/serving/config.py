@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
+
+from recsys.bundle import MANIFEST
 
 T = TypeVar("T")
 
@@ -165,3 +167,90 @@ def serving_config_from_args(args: argparse.Namespace) -> ServingConfig:
         tls_client_ca=args.tls_client_ca,
         log_level=args.log_level,
     )
+
+
+DEVICES = ("auto", "cpu", "gpu")
+ModelConfigT = TypeVar("ModelConfigT", bound="ModelServingConfig")
+
+
+@dataclass(frozen=True)
+class ModelServingConfig:
+    """Serving settings plus what a model-serving process (recall, rank) needs: its bundle, the
+    device, micro-batching and compute threads. Each service subclasses it to set its name,
+    ports and defaults, so both read the same RECSYS_* variables and flags the same way."""
+
+    serving: ServingConfig
+    bundle: Path
+    device: str = "auto"
+    max_batch: int = 64  # requests per model run
+    max_wait_ms: float = 2.0  # how long a request may wait for others to join its batch
+    threads: int = 1  # Faiss / ONNX Runtime compute threads
+
+    component: ClassVar[str] = "model"
+    default_port: ClassVar[int] = 0
+    default_metrics_port: ClassVar[int] = 0
+
+    def __post_init__(self) -> None:
+        if self.device not in DEVICES:
+            raise ConfigError(f"device: must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        if not 1 <= self.max_batch <= 4096:
+            raise ConfigError(f"max_batch: must be in 1..4096, got {self.max_batch}")
+        if not 0.0 <= self.max_wait_ms <= 1000.0:
+            raise ConfigError(f"max_wait_ms: must be in 0..1000, got {self.max_wait_ms}")
+        if not 1 <= self.threads <= 256:
+            raise ConfigError(f"threads: must be in 1..256, got {self.threads}")
+        if not (Path(self.bundle) / MANIFEST).is_file():
+            raise ConfigError(
+                f"bundle: no {self.component} bundle at {self.bundle} "
+                f"(build it with `recsys train {self.component}`)"
+            )
+
+    @classmethod
+    def build_parser(cls) -> argparse.ArgumentParser:
+        """Serving flags plus --bundle/--device/--max-batch/--max-wait-ms/--threads, each
+        defaulting to its RECSYS_* variable, then to the class's default."""
+        parser = argparse.ArgumentParser(
+            prog=f"recsys serve {cls.component}", description=f"Serve the {cls.component} stage over gRPC."
+        )
+        add_serving_arguments(parser, cls.default_port, cls.default_metrics_port)
+        group = parser.add_argument_group(f"{cls.component} (flags override RECSYS_* environment variables)")
+        defaults = {f.name: f.default for f in fields(cls)}
+        try:
+            settings: list[tuple[str, type, Any, str]] = [
+                (
+                    "bundle",
+                    Path,
+                    Path(f"artifacts/synthetic/{cls.component}"),
+                    f"{cls.component} bundle folder",
+                ),
+                ("device", str, defaults["device"], "where the model (and index) run"),
+                ("max_batch", int, defaults["max_batch"], "most requests per model run"),
+                ("max_wait_ms", float, defaults["max_wait_ms"], "longest a request waits for a batch"),
+                ("threads", int, defaults["threads"], "Faiss/ONNX Runtime compute threads"),
+            ]
+            for name, cast, default, text in settings:
+                variable = f"RECSYS_{name.upper()}"
+                value = env_default(variable, default, cast)
+                group.add_argument(
+                    f"--{name.replace('_', '-')}",
+                    type=cast,
+                    default=value,
+                    choices=DEVICES if name == "device" else None,
+                    help=f"{text} (env {variable}; now {value})",
+                )
+        except ConfigError as error:
+            parser.error(str(error))
+        return parser
+
+    @classmethod
+    def from_args(cls: type[ModelConfigT], argv: Sequence[str] | None = None) -> ModelConfigT:
+        """Parse flags (defaulting to env vars, then built-in defaults); raises ConfigError when invalid."""
+        args = cls.build_parser().parse_args(None if argv is None else list(argv))
+        return cls(
+            serving=serving_config_from_args(args),
+            bundle=args.bundle,
+            device=args.device,
+            max_batch=args.max_batch,
+            max_wait_ms=args.max_wait_ms,
+            threads=args.threads,
+        )
