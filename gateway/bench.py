@@ -11,19 +11,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import platform
 import random
 import sys
 import time
 from collections import Counter
-from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
-import numpy as np
 
 from gateway.query import DEFAULT_GATEWAY
+from recsys.bench import latency_summary, machine_info
 from recsys.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
 CONTEXT_SCENARIOS = {"item_detail", "cart"}
@@ -43,19 +40,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     return parser
-
-
-def percentiles(latencies_ms: Sequence[float]) -> dict[str, float]:
-    if not latencies_ms:
-        return {}
-    values = np.asarray(latencies_ms)
-    return {
-        "p50_ms": round(float(np.percentile(values, 50)), 3),
-        "p90_ms": round(float(np.percentile(values, 90)), 3),
-        "p99_ms": round(float(np.percentile(values, 99)), 3),
-        "mean_ms": round(float(values.mean()), 3),
-        "max_ms": round(float(values.max()), 3),
-    }
 
 
 async def _catalog_sample(stub: gateway_pb2_grpc.GatewayStub, timeout: float) -> list[str]:
@@ -124,11 +108,7 @@ async def run(args: argparse.Namespace) -> dict:
     return {
         "benchmark": "gateway Recommend end to end (gateway -> recall -> rank -> rerank)",
         "command": "python -m gateway.bench " + " ".join(sys.argv[1:]) if sys.argv else "",
-        "machine": {
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-        },
+        "machine": machine_info(),
         "settings": {
             "gateway": args.gateway,
             "concurrency": args.concurrency,
@@ -140,8 +120,8 @@ async def run(args: argparse.Namespace) -> dict:
         },
         "throughput_rps": round(len(measured) / wall_s, 1) if wall_s > 0 else 0.0,
         "outcomes": dict(outcomes),
-        "latency": percentiles(measured),
-        "latency_by_scenario": {s: percentiles(v) for s, v in latencies.items()},
+        "latency": latency_summary(measured),
+        "latency_by_scenario": {s: latency_summary(v) for s, v in latencies.items()},
     }
 
 

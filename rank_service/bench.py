@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -22,17 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
+from recsys.bench import latency_summary, machine_info
+
 WARMUP = 20
-
-
-def percentiles(samples_ms: list[float]) -> dict[str, float]:
-    values = np.asarray(samples_ms)
-    return {
-        "p50_ms": round(float(np.percentile(values, 50)), 3),
-        "p99_ms": round(float(np.percentile(values, 99)), 3),
-        "mean_ms": round(float(values.mean()), 3),
-        "iterations": len(samples_ms),
-    }
 
 
 def time_calls(function: Callable[[], object], iterations: int) -> dict[str, float]:
@@ -43,24 +33,7 @@ def time_calls(function: Callable[[], object], iterations: int) -> dict[str, flo
         started = time.perf_counter()
         function()
         samples.append((time.perf_counter() - started) * 1000.0)
-    return percentiles(samples)
-
-
-def machine() -> dict[str, object]:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "platform": platform.platform(),
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "python": sys.version.split()[0],
-    }
+    return latency_summary(samples)
 
 
 def untrained_bundle(bundle_dir: Path, num_items: int) -> Path:
@@ -196,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "benchmark": "rank",
         "command": " ".join(["recsys", "bench", "rank", *(argv if argv is not None else sys.argv[1:])]),
-        "machine": machine(),
+        "machine": machine_info(),
         "threads": args.threads,
         "versions": {"onnxruntime": ort.__version__, "torch": torch.__version__, "numpy": np.__version__},
         "bundle": {

@@ -10,8 +10,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -21,16 +19,15 @@ import numpy as np
 
 from recall_service.config import RecallConfig
 from recall_service.engine import RecallEngine, RecallQuery
+from recsys.bench import latency_summary, machine_info
 from recsys.serving.config import ServingConfig
 from recsys.v1 import common_pb2, recall_pb2, recall_pb2_grpc
 
 
 def _summary(latencies_s: list[float], wall_s: float, queries: int) -> dict[str, float]:
-    latencies = np.asarray(latencies_s) * 1000.0
     return {
         "queries": queries,
-        "p50_ms": round(float(np.percentile(latencies, 50)), 3),
-        "p99_ms": round(float(np.percentile(latencies, 99)), 3),
+        **latency_summary([latency * 1000.0 for latency in latencies_s]),
         "qps": round(queries / wall_s, 1),
     }
 
@@ -148,12 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         results.update(asyncio.run(bench_grpc(config, engine, histories, args.k, args.concurrency)))
     report = {
         "command": " ".join([Path(sys.argv[0]).name, *(sys.argv[1:] if argv is None else argv)]),
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-        },
+        "machine": machine_info(),
         "threads": args.threads,
         "bundle": {
             "version": engine.version,

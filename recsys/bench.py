@@ -14,11 +14,16 @@ import importlib
 import io
 import json
 import logging
+import os
+import platform
 import socket
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
+
+import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +32,39 @@ BENCHMARKS: dict[str, str] = {
     "recall": "recall_service.bench:main",
     "gateway": "gateway.bench:main",
 }
+
+
+def latency_summary(latencies_ms: Sequence[float]) -> dict[str, float]:
+    """p50/p90/p99/mean/max of latencies in milliseconds (3 decimals) and the sample count."""
+    if not len(latencies_ms):
+        return {}
+    values = np.asarray(latencies_ms, dtype=np.float64)
+    return {
+        "p50_ms": round(float(np.percentile(values, 50)), 3),
+        "p90_ms": round(float(np.percentile(values, 90)), 3),
+        "p99_ms": round(float(np.percentile(values, 99)), 3),
+        "mean_ms": round(float(values.mean()), 3),
+        "max_ms": round(float(values.max()), 3),
+        "samples": len(values),
+    }
+
+
+def machine_info() -> dict[str, object]:
+    """What every benchmark JSON records about the machine it ran on."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": sys.version.split()[0],
+    }
 
 
 def _load(target: str):
