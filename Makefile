@@ -12,7 +12,7 @@ PROTOS := $(wildcard protos/recsys/v1/*.proto)
 STUBS := recsys/v1/__init__.py
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install protos run test test-slow lint eval bench data train export serve clean system-deps format
+.PHONY: install protos run test test-slow lint eval bench data train export serve clean system-deps format gpu-check
 
 install: $(INSTALLED) $(STUBS)
 
@@ -59,6 +59,10 @@ bench: install
 # Prepare data, train quickly, export both bundles, start recall, rank and gateway; Ctrl-C stops all.
 run: install
 	$(RECSYS) run --data $(DATA) --artifacts $(ARTIFACTS) --quick
+
+# On a GPU host: GPU tests, rank/recall suites and `recsys bench gpu`, JSON + logs in artifacts/gpu-check.
+gpu-check: install
+	PYTHON=$(PY) bash scripts/gpu-check.sh
 
 clean:
 	rm -rf $(ARTIFACTS) recsys/v1 .pytest_cache .ruff_cache build *.egg-info

@@ -8,6 +8,7 @@ warmed up at load. ``score`` is batched over requests: one padded batch, one ses
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 from collections.abc import Sequence
@@ -72,8 +73,47 @@ class RankQuery:
         )
 
 
+def cuda_device_count() -> int:
+    """CUDA devices the driver sees (0 without a driver), asked of libcuda directly (no torch)."""
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+        count = ctypes.c_int(0)
+        if cuda.cuInit(0) != 0 or cuda.cuDeviceGetCount(ctypes.byref(count)) != 0:
+            return 0
+        return int(count.value)
+    except OSError:
+        return 0
+
+
 def gpu_available() -> bool:
-    return "CUDAExecutionProvider" in ort.get_available_providers()
+    """This onnxruntime build has the CUDA provider AND a CUDA device is present."""
+    return "CUDAExecutionProvider" in ort.get_available_providers() and cuda_device_count() > 0
+
+
+def tensorrt_usable() -> bool:
+    """TensorRT provider built in, its library loadable, and not turned off (RECSYS_TENSORRT=0)."""
+    if os.environ.get("RECSYS_TENSORRT", "1") == "0":
+        return False
+    if "TensorrtExecutionProvider" not in ort.get_available_providers():
+        return False
+    for name in ("libnvinfer.so.10", "libnvinfer.so"):
+        try:
+            ctypes.CDLL(name)
+            return True
+        except OSError:
+            continue
+    return False
+
+
+def preload_cuda_libraries() -> None:
+    """Load CUDA/cuDNN from the nvidia-* wheels when the system has none (onnxruntime >= 1.21)."""
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None:
+        return
+    try:
+        preload()
+    except Exception as error:  # the system libraries may still be found by the provider
+        log.warning("onnxruntime.preload_dlls failed: %s", error)
 
 
 def resolve_device(device: str) -> Literal["cpu", "gpu"]:
@@ -81,8 +121,8 @@ def resolve_device(device: str) -> Literal["cpu", "gpu"]:
         raise ValueError(f"device must be auto, cpu or gpu, got {device!r}")
     if device == "gpu" and not gpu_available():
         raise RuntimeError(
-            "device=gpu but ONNX Runtime has no CUDAExecutionProvider "
-            f"(available: {ort.get_available_providers()}); install onnxruntime-gpu"
+            "device=gpu needs onnxruntime-gpu's CUDAExecutionProvider and a CUDA device "
+            f"(providers: {ort.get_available_providers()}, CUDA devices: {cuda_device_count()})"
         )
     if device == "auto":
         return "gpu" if gpu_available() else "cpu"
@@ -101,9 +141,8 @@ def session_options(threads: int | None) -> ort.SessionOptions:
 
 def gpu_providers(max_history: int, max_candidates: int = 5000, max_batch: int = 64) -> list[Any]:
     """TensorRT (FP16, one dynamic-shape profile) when built in, then CUDA, then CPU fallback."""
-    available = ort.get_available_providers()
     providers: list[Any] = []
-    if "TensorrtExecutionProvider" in available:
+    if tensorrt_usable():
         width = max_history
         shapes = {
             "min": (1, 1, 1),
@@ -175,6 +214,7 @@ class RankRuntime:
         graph = manifest["graphs"]["gpu" if resolved == "gpu" else "cpu"]
         options = session_options(threads)
         if resolved == "gpu":
+            preload_cuda_libraries()
             providers = gpu_providers(int(manifest["max_history"]))
         else:
             providers = ["CPUExecutionProvider"]
@@ -184,6 +224,13 @@ class RankRuntime:
             providers=providers,
             disabled_optimizers=list(graph.get("disabled_optimizers", [])),
         )
+        if resolved == "gpu" and session.get_providers()[0] == "CPUExecutionProvider":
+            if device == "gpu":
+                raise RuntimeError(
+                    f"device=gpu but the CUDA provider did not start: {session.get_providers()}"
+                )
+            log.warning("the CUDA provider did not start; falling back to the CPU graph")
+            return cls.load(bundle_dir, device="cpu", threads=threads)
         runtime = cls(bundle_dir, manifest, items, session, resolved, threads)
         runtime.warm_up()
         log.info(

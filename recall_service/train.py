@@ -40,12 +40,14 @@ class RecallTrainConfig:
     max_length: int = 50
     dropout: float = 0.3
     relative_positions: bool = True
+    item_bias: bool = False  # a learned per-item score offset (an extra index dimension)
     # training
     epochs: int = 60
     batch_size: int = 128
     learning_rate: float = 2e-3
     weight_decay: float = 0.0
-    uniform_negatives: int = 2048
+    uniform_negatives: int = 2048  # >= the catalog size: every item is a negative (full softmax)
+    logq_correction: bool = True
     patience: int = 4
     eval_users: int = 0  # validation users for early stopping (0 = all)
     time_limit_s: float = 14 * 60.0
@@ -231,25 +233,42 @@ def padded_history(
 
 
 class SampledSoftmaxLoss:
-    """In-batch + uniform negatives with logQ correction under their mixture sampling law."""
+    """In-batch + uniform negatives with logQ correction under their mixture sampling law.
 
-    def __init__(self, item_counts: np.ndarray, uniform_negatives: int, rng: np.random.Generator):
+    With ``uniform_negatives`` at least the catalog size every item is a candidate: an exact
+    (full) softmax, which needs no correction.
+    """
+
+    def __init__(
+        self,
+        item_counts: np.ndarray,
+        uniform_negatives: int,
+        rng: np.random.Generator,
+        logq_correction: bool = True,
+    ):
         counts = item_counts.astype(np.float64) + 1.0
         self.popularity = counts / counts.sum()
         self.num_items = len(item_counts)
         self.uniform_negatives = uniform_negatives
+        self.full_softmax = uniform_negatives >= self.num_items
+        self.logq_correction = logq_correction and not self.full_softmax
         self.rng = rng
 
     def __call__(self, model: TwoTowerModel, users: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
         """``users`` [P, D] normalised; ``positives`` [P] item ids (+1)."""
+        if self.full_softmax:
+            logits = model.item_logits(users, torch.arange(1, self.num_items + 1))
+            return F.cross_entropy(logits, positives - 1)
         in_batch = torch.unique(positives)
         extra = self.rng.integers(1, self.num_items + 1, size=self.uniform_negatives)
         extra = np.setdiff1d(extra, in_batch.numpy())
         candidates = torch.cat([in_batch, torch.as_tensor(extra, dtype=torch.long)])
-        # Probability that each candidate was drawn: expected in-batch occurrences + uniform draws.
-        popularity = torch.as_tensor(self.popularity, dtype=torch.float32)[candidates - 1]
-        sample_probability = len(positives) * popularity + self.uniform_negatives / self.num_items
-        logits = model.scale() * (users @ model.item_vectors(candidates).T) - torch.log(sample_probability)
+        logits = model.item_logits(users, candidates)
+        if self.logq_correction:
+            # Probability that each candidate was drawn: expected in-batch occurrences + uniform draws.
+            popularity = torch.as_tensor(self.popularity, dtype=torch.float32)[candidates - 1]
+            sample_probability = len(positives) * popularity + self.uniform_negatives / self.num_items
+            logits = logits - torch.log(sample_probability)
         labels = torch.searchsorted(in_batch, positives)
         return F.cross_entropy(logits, labels)
 
@@ -290,7 +309,7 @@ class UserVectorScorer:
         events = torch.as_tensor(np.stack([r[1] for r in rows]))
         scenarios = torch.as_tensor(np.asarray(scenario_rows, dtype=np.int64))
         user_vectors = self.model(items, events, scenarios)
-        return (user_vectors @ self.model.all_item_vectors().T).numpy()
+        return self.model.item_logits(user_vectors, torch.arange(1, self.model.shape.num_items + 1)).numpy()
 
 
 def train_one_epoch(
@@ -352,6 +371,7 @@ def train_model(dataset: Dataset, config: RecallTrainConfig) -> TrainResult:
         max_length=config.max_length,
         dropout=config.dropout,
         relative_positions=config.relative_positions,
+        item_bias=config.item_bias,
     )
     attributes = item_attribute_matrix(dataset)
     shape.max_attributes = attributes.shape[1]
@@ -359,7 +379,7 @@ def train_model(dataset: Dataset, config: RecallTrainConfig) -> TrainResult:
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
     )
-    loss_fn = SampledSoftmaxLoss(item_counts, config.uniform_negatives, rng)
+    loss_fn = SampledSoftmaxLoss(item_counts, config.uniform_negatives, rng, config.logq_correction)
     eval_users = split.eval_users
     if config.eval_users and len(eval_users) > config.eval_users:
         eval_users = np.sort(rng.choice(eval_users, size=config.eval_users, replace=False))
@@ -434,7 +454,7 @@ def _refit(
         model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
     )
     counts = training_item_counts(dataset, split, include_validation=True)
-    loss_fn = SampledSoftmaxLoss(counts, config.uniform_negatives, rng)
+    loss_fn = SampledSoftmaxLoss(counts, config.uniform_negatives, rng, config.logq_correction)
     for epoch in range(1, epochs + 1):
         loss = train_one_epoch(model, optimizer, loss_fn, windows, config.batch_size, rng)
         log.info("refit epoch %d/%d loss %.4f", epoch, epochs, loss)

@@ -1,4 +1,4 @@
-"""`recsys bench rank|recall|gateway|all ...`: the benchmark commands, each printing JSON.
+"""`recsys bench rank|recall|gateway|gpu|all ...`: the benchmark commands, each printing JSON.
 
 ``recsys bench COMPONENT ARGS`` forwards ARGS to that component's ``bench.main`` (imported only
 then, so the gateway bench needs no torch). ``recsys bench all [--artifacts DIR] [--data NAME]
@@ -31,6 +31,7 @@ BENCHMARKS: dict[str, str] = {
     "rank": "rank_service.bench:main",
     "recall": "recall_service.bench:main",
     "gateway": "gateway.bench:main",
+    "gpu": "recsys.gpu_bench:main",
 }
 
 
@@ -89,6 +90,8 @@ def _component_args(component: str, artifacts: Path, data: str, out: Path) -> li
     """Arguments ``all`` gives each benchmark (the gateway bench targets a running gateway)."""
     if component == "gateway":
         return ["--gateway", DEFAULT_GATEWAY, "--out", str(out)]
+    if component == "gpu":
+        return ["--out", str(out)]
     return ["--artifacts", str(artifacts), "--data", data, "--out", str(out)]
 
 

@@ -29,6 +29,7 @@ def fake_benchmarks(monkeypatch):
         "rank_service.bench:main": fake("rank"),
         "recall_service.bench:main": fake("recall"),
         "gateway.bench:main": fake("gateway", fail=True),
+        "recsys.gpu_bench:main": fake("gpu"),
     }
     monkeypatch.setattr(bench, "_load", lambda target: functions[target])
     return calls
@@ -46,6 +47,7 @@ def test_all_merges_results_and_reports_failures(fake_benchmarks, tmp_path, caps
     assert bench.main(["all", "--artifacts", str(tmp_path), "--out", str(out)]) == 0
     merged = json.loads(out.read_text())
     assert merged["rank"] == {"benchmark": "rank"} and merged["recall"] == {"benchmark": "recall"}
+    assert merged["gpu"] == {"benchmark": "gpu"} and fake_benchmarks["gpu"][0] == "--out"
     assert "no stack running" in merged["gateway"]["error"]
     assert fake_benchmarks["rank"][:2] == ["--artifacts", str(tmp_path)]
     assert json.loads(capsys.readouterr().out) == merged

@@ -1,0 +1,105 @@
+"""`python -m recall_service.sweep`: train several recall configurations in parallel processes and
+print each one's validation (used to choose) and test u2i metrics as JSON.
+
+Each trial is ``name:key=value,key=value`` over :class:`RecallTrainConfig` fields on top of the
+default preset, trained on one thread in its own process (so a many-core host runs many at once),
+and scored by the torch user tower over the full catalog under the evaluation protocol. Choose by
+validation; the test column is printed so that the note can say what the choice costs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any
+
+SWEEP_KS = (10, 20, 50, 500)
+
+
+def parse_trial(text: str) -> tuple[str, dict[str, Any]]:
+    """``name:key=value,...`` -> (name, overrides) with values typed like the config's fields."""
+    from recall_service.train import RecallTrainConfig
+
+    name, _, body = text.partition(":")
+    fields = {f.name: f for f in dataclasses.fields(RecallTrainConfig)}
+    defaults = RecallTrainConfig()
+    overrides: dict[str, Any] = {}
+    for item in filter(None, body.split(",")):
+        key, _, raw = item.partition("=")
+        if key not in fields:
+            raise ValueError(f"trial {name!r}: unknown config field {key!r}")
+        current = getattr(defaults, key)
+        if isinstance(current, bool):
+            overrides[key] = raw.lower() in ("1", "true", "yes")
+        else:
+            overrides[key] = type(current)(raw)
+    return name or "default", overrides
+
+
+def run_trial(data: str, name: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    """Train one configuration; its validation and test metrics (u2i over the full catalog)."""
+    import torch
+
+    from recall_service.train import RecallTrainConfig, UserVectorScorer, train_model
+    from recsys.data.loaders import load_dataset
+    from recsys.data.split import LeaveOneOutSplit
+    from recsys.evaluation.protocol import evaluate_scorer
+
+    torch.set_num_threads(1)
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {name}: %(message)s")
+    dataset = load_dataset(Path(data))
+    config = dataclasses.replace(RecallTrainConfig.default(), threads=1, **overrides)
+    started = time.perf_counter()
+    result = train_model(dataset, config)
+    split = LeaveOneOutSplit(dataset)
+    scorer = UserVectorScorer(result.model, dataset, split, config.max_length)
+    valid = evaluate_scorer(scorer, split, "valid", ks=SWEEP_KS, batch_size=1024)
+    test = evaluate_scorer(scorer, split, "test", ks=SWEEP_KS, batch_size=1024)
+    return {
+        "trial": name,
+        "overrides": overrides,
+        "epochs_run": result.epochs_run,
+        "best_epoch": result.best_epoch,
+        "train_seconds": round(result.train_seconds, 1),
+        "total_seconds": round(time.perf_counter() - started, 1),
+        "valid": {k: round(v, 4) for k, v in valid.items() if k != "users"},
+        "test": {k: round(v, 4) for k, v in test.items() if k != "users"},
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m recall_service.sweep", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--data", required=True, help="dataset folder (e.g. ../shared/data/amazon-beauty)")
+    parser.add_argument("--trial", action="append", required=True, help="name:key=value,... (repeat)")
+    parser.add_argument("--parallel", type=int, default=2, help="trials at once (one core each)")
+    parser.add_argument("--out", type=Path, help="also write the JSON here")
+    args = parser.parse_args(argv)
+    trials = [parse_trial(text) for text in args.trial]
+    results = []
+    with ProcessPoolExecutor(max_workers=args.parallel) as pool:
+        futures = {pool.submit(run_trial, args.data, name, overrides): name for name, overrides in trials}
+        for future in as_completed(futures):
+            try:
+                results.append(future.result())
+            except Exception as error:  # one broken trial must not lose the others' results
+                results.append({"trial": futures[future], "error": repr(error)})
+            print(json.dumps(results[-1]), file=sys.stderr, flush=True)
+    results.sort(key=lambda r: -r.get("valid", {}).get("HR@10", -1.0))
+    text = json.dumps({"sweep": "recall", "data": args.data, "results": results}, indent=2)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
