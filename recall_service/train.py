@@ -48,6 +48,10 @@ class RecallTrainConfig:
     weight_decay: float = 0.0
     uniform_negatives: int = 2048  # >= the catalog size: every item is a negative (full softmax)
     logq_correction: bool = True
+    # Loss weight 1 + boost * decay ** age for a user's training targets (age 0 = newest): the
+    # latest behaviour is the closest to what the user will do next. 0 = uniform weights.
+    recency_boost: float = 0.0
+    recency_decay: float = 0.5
     patience: int = 4
     eval_users: int = 0  # validation users for early stopping (0 = all)
     time_limit_s: float = 14 * 60.0
@@ -137,6 +141,9 @@ class TrainingWindows:
     targets: np.ndarray
     scenarios: np.ndarray
     lengths: np.ndarray  # real input items per window
+    # [W, L + 1] loss weight per target: 1 + boost * decay ** (targets after it in the user's
+    # training sequence); all ones without a recency boost.
+    weights: np.ndarray | None = None
 
 
 def item_attribute_matrix(dataset: Dataset) -> np.ndarray:
@@ -150,14 +157,21 @@ def item_attribute_matrix(dataset: Dataset) -> np.ndarray:
 
 
 def build_training_windows(
-    dataset: Dataset, split: LeaveOneOutSplit, max_length: int, include_validation: bool = False
+    dataset: Dataset,
+    split: LeaveOneOutSplit,
+    max_length: int,
+    include_validation: bool = False,
+    recency_boost: float = 0.0,
+    recency_decay: float = 0.5,
 ) -> TrainingWindows:
     """Cut every training sequence into windows of at most ``max_length + 1`` targets.
 
     The first window of a sequence also trains the start token (predict the first item from no
     history); later windows of long sequences drop that target, since they do have history.
+    ``recency_boost`` > 0 weighs each user's latest training targets up (the closest in time to
+    what will be asked next): weight ``1 + boost * decay ** age``, age 0 = the newest target.
     """
-    rows_items, rows_events, rows_targets, rows_scenarios, lengths = [], [], [], [], []
+    rows_items, rows_events, rows_targets, rows_scenarios, lengths, rows_weights = [], [], [], [], [], []
     span = max_length + 1
     for user in range(dataset.num_users):
         length = split.train_length(user)
@@ -185,6 +199,10 @@ def build_training_windows(
                 event_row[-inputs:] = events[start : end - 1]
             # Right-aligned with the model's outputs: start token, then one output per input item.
             target_row[-(inputs + 1) :] = sequence[start:end]
+            ages = length - 1 - np.arange(start, end)
+            weight_row = np.zeros(span, dtype=np.float32)
+            weight_row[-(inputs + 1) :] = 1.0 + recency_boost * recency_decay ** ages.astype(np.float32)
+            rows_weights.append(weight_row)
             scenario_row[-(inputs + 1) :] = scenarios[start:end]
             if start > 0:
                 target_row[-(inputs + 1)] = 0  # this window has history the start token cannot see
@@ -201,6 +219,7 @@ def build_training_windows(
         targets=np.stack(rows_targets),
         scenarios=np.stack(rows_scenarios),
         lengths=np.asarray(lengths, dtype=np.int64),
+        weights=np.stack(rows_weights) if recency_boost > 0 else None,
     )
 
 
@@ -254,11 +273,17 @@ class SampledSoftmaxLoss:
         self.logq_correction = logq_correction and not self.full_softmax
         self.rng = rng
 
-    def __call__(self, model: TwoTowerModel, users: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
-        """``users`` [P, D] normalised; ``positives`` [P] item ids (+1)."""
+    def __call__(
+        self,
+        model: TwoTowerModel,
+        users: torch.Tensor,
+        positives: torch.Tensor,
+        weights: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``users`` [P, D] normalised; ``positives`` [P] item ids (+1); ``weights`` [P] or None."""
         if self.full_softmax:
             logits = model.item_logits(users, torch.arange(1, self.num_items + 1))
-            return F.cross_entropy(logits, positives - 1)
+            return weighted_mean(F.cross_entropy(logits, positives - 1, reduction="none"), weights)
         in_batch = torch.unique(positives)
         extra = self.rng.integers(1, self.num_items + 1, size=self.uniform_negatives)
         extra = np.setdiff1d(extra, in_batch.numpy())
@@ -270,7 +295,11 @@ class SampledSoftmaxLoss:
             sample_probability = len(positives) * popularity + self.uniform_negatives / self.num_items
             logits = logits - torch.log(sample_probability)
         labels = torch.searchsorted(in_batch, positives)
-        return F.cross_entropy(logits, labels)
+        return weighted_mean(F.cross_entropy(logits, labels, reduction="none"), weights)
+
+
+def weighted_mean(losses: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    return losses.mean() if weights is None else (losses * weights).sum() / weights.sum()
 
 
 @dataclass
@@ -332,7 +361,10 @@ def train_one_epoch(
         hidden = model.encode(items, events)
         present = targets > 0
         users = model.user_head(hidden[present], scenarios[present])
-        loss = loss_fn(model, users, targets[present])
+        weights = None
+        if windows.weights is not None:
+            weights = torch.as_tensor(windows.weights[batch, -(width + 1) :])[present]
+        loss = loss_fn(model, users, targets[present], weights)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -358,7 +390,13 @@ def train_model(dataset: Dataset, config: RecallTrainConfig) -> TrainResult:
     torch.set_num_threads(max(1, min(config.threads, 2)))
     rng = np.random.default_rng(config.seed)
     split = LeaveOneOutSplit(dataset)
-    windows = build_training_windows(dataset, split, config.max_length)
+    windows = build_training_windows(
+        dataset,
+        split,
+        config.max_length,
+        recency_boost=config.recency_boost,
+        recency_decay=config.recency_decay,
+    )
     item_counts = training_item_counts(dataset, split)
     shape = TwoTowerShape(
         num_items=dataset.num_items,
@@ -448,7 +486,14 @@ def _refit(
     log.info("refit: %d epochs on training + validation items", epochs)
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
-    windows = build_training_windows(dataset, split, config.max_length, include_validation=True)
+    windows = build_training_windows(
+        dataset,
+        split,
+        config.max_length,
+        include_validation=True,
+        recency_boost=config.recency_boost,
+        recency_decay=config.recency_decay,
+    )
     model = TwoTowerModel(shape, attributes)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
