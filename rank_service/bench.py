@@ -1,11 +1,13 @@
 """`recsys bench rank`: ranker latency at the serving shape, one run, JSON out.
 
 Compares, on the same weights and inputs (one history of 50, 500 candidates by default):
-torch eager; ONNX Runtime on the unoptimised export (ORT_DISABLE_ALL); the served CPU graph as
-the runtime loads it; the CPU graph with every ORT fusion (SkipLayerNormalization included: the
-alternative the served choice is measured against); the FP16 fused-attention GPU graph on the CPU
-provider; and ``RankRuntime.score`` end to end (features, packing, session). With a CUDA provider
-available it also times the GPU graph on it. Reports median and p99 in milliseconds.
+torch eager; ONNX Runtime on the unoptimised export of the model (ORT_DISABLE_ALL); the model's
+own graph as the runtime served it before folding (the bundle's explain graph); the served CPU
+graph (the folded graph, see rank_service/folded.py) as the runtime loads it; the same with every
+ORT fusion (SkipLayerNormalization included: the alternative the served choice is measured
+against); the FP16 fused-attention GPU graph on the CPU provider; and ``RankRuntime.score`` end to
+end (features, packing, session). With a CUDA provider available it also times the GPU graph on
+it. Reports median and p99 in milliseconds.
 """
 
 from __future__ import annotations
@@ -144,8 +146,15 @@ def main(argv: list[str] | None = None) -> int:
         plain = export_onnx(model, Path(scratch.name) / "plain.onnx", fused_attention=False)
         variants = {
             "ort_unoptimised": session(plain, ort.GraphOptimizationLevel.ORT_DISABLE_ALL),
+            "ort_unfolded_graph": session(
+                bundle_dir / graphs.get("explain", graphs["cpu"])["file"],
+                ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+                CPU_DISABLED_OPTIMIZERS,
+            ),
             "ort_served_cpu_graph": runtime.session,
-            "ort_all_fusions": session(plain, ort.GraphOptimizationLevel.ORT_ENABLE_ALL),
+            "ort_all_fusions": session(
+                bundle_dir / graphs["cpu"]["file"], ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            ),
             "ort_gpu_graph_fp16_on_cpu": session(
                 bundle_dir / graphs["gpu"]["file"], ort.GraphOptimizationLevel.ORT_ENABLE_ALL
             ),

@@ -1,12 +1,16 @@
 """Export a trained ranker to a serving bundle (`recsys export rank`).
 
-Two graphs from one model, both with dynamic batch, history length and candidate count
+Three graphs from one model, all with dynamic batch, history length and candidate count
 (``torch.onnx.export(dynamo=True)`` with ``Dim``s; the legacy exporter bakes lengths in):
 
-- ``ranker_cpu.onnx``: plain-op attention (also outputs target-attention weights for debug),
-  pre-optimised by ONNX Runtime at ORT_ENABLE_EXTENDED (portable; ENABLE_ALL files are
-  hardware-specific). The runtime loads it with SkipLayerNormFusion disabled (a regression on
-  this CPU, see ../shared/TOOLING.md) — the benchmark measures the alternatives.
+- ``ranker_cpu.onnx`` (served on CPU): :class:`~rank_service.folded.FoldedRanker`, the same scores
+  with everything that depends only on the item or the scenario precomputed into tables, composed
+  weights, and one ``com.microsoft.Attention`` node per encoder layer (scores only). Pre-optimised
+  by ONNX Runtime at ORT_ENABLE_EXTENDED (portable; ENABLE_ALL files are hardware-specific) and
+  loaded with SkipLayerNormFusion disabled (no gain here; a regression at large batches, see
+  ../shared/TOOLING.md) — the benchmark measures the alternatives.
+- ``ranker_cpu_explain.onnx``: the model as trained, plain-op attention, also outputting the
+  target-attention weights (``RankRuntime.score(attention=True)``, debug only).
 - ``ranker_gpu.onnx``: FP16 (float32 inputs/outputs), attention as the fused contrib op
   ``com.microsoft.MultiHeadAttention``, standard ``LayerNormalization`` and ``Gelu``. It also runs
   on the CPU provider (tested).
@@ -28,6 +32,7 @@ import onnxruntime as ort
 import torch
 
 from rank_service.features import NUM_CANDIDATE_FEATURES, SOURCES
+from rank_service.folded import FOLDED_DESCRIPTION, ONNX_TRANSLATIONS, FoldedRanker
 from rank_service.model import Ranker, RankerConfig, ScoresOnly, onnx_multi_head_attention
 from recsys.bundle import new_version, write_manifest
 from recsys.data.dataset import IdMap
@@ -35,6 +40,7 @@ from recsys.data.dataset import IdMap
 log = logging.getLogger(__name__)
 
 CPU_GRAPH = "ranker_cpu.onnx"
+EXPLAIN_GRAPH = "ranker_cpu_explain.onnx"
 GPU_GRAPH = "ranker_gpu.onnx"
 ITEMS_FILE = "items.txt"
 INPUT_NAMES = ("history", "history_events", "scenario", "candidates", "candidate_features")
@@ -96,44 +102,63 @@ def example_inputs(model: Ranker, batch: int = 2, history: int = 5, candidates: 
     )
 
 
-def export_onnx(model: Ranker, path: Path, fused_attention: bool) -> Path:
-    """Export the ranker (item table frozen) to ONNX with dynamic batch/history/candidates."""
-    model = model.eval()
-    model.freeze_item_table()
-    model.set_fused_attention(fused_attention)
-    wrapper = ScoresOnly(model, with_attention=not fused_attention).eval()
+def _dynamic_shapes() -> dict[str, dict[int, Any]]:
     batch, history, candidates = (torch.export.Dim(n) for n in ("batch", "history", "candidates"))
-    dynamic_shapes = {
+    return {
         "history": {0: batch, 1: history},
         "history_events": {0: batch, 1: history},
         "scenario": {0: batch},
         "candidates": {0: batch, 1: candidates},
         "candidate_features": {0: batch, 1: candidates},
     }
+
+
+def _export(
+    module: torch.nn.Module, inputs: tuple, path: Path, outputs: list[str], translations: dict | None = None
+) -> Path:
+    """``torch.onnx.export(dynamo=True)`` with dynamic batch/history/candidates, saved to ``path``."""
+    # One Dim shared by several inputs makes the exporter warn about axis names: expected here.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="# The axis name")
+        program = torch.onnx.export(
+            module,
+            inputs,
+            dynamo=True,
+            dynamic_shapes=_dynamic_shapes(),
+            input_names=list(INPUT_NAMES),
+            output_names=outputs,
+            custom_translation_table=translations,
+            optimize=True,
+            verbose=False,
+        )
+    program.save(str(path))
+    return path
+
+
+def export_onnx(model: Ranker, path: Path, fused_attention: bool) -> Path:
+    """Export the ranker (item table frozen) to ONNX with dynamic batch/history/candidates."""
+    model = model.eval()
+    model.freeze_item_table()
+    model.set_fused_attention(fused_attention)
+    wrapper = ScoresOnly(model, with_attention=not fused_attention).eval()
     translations = (
         {torch.ops.recsys.multi_head_attention.default: onnx_multi_head_attention}
         if fused_attention
         else None
     )
-    # One Dim shared by several inputs makes the exporter warn about axis names: expected here.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="# The axis name")
-        try:
-            program = torch.onnx.export(
-                wrapper,
-                example_inputs(model),
-                dynamo=True,
-                dynamic_shapes=dynamic_shapes,
-                input_names=list(INPUT_NAMES),
-                output_names=["scores"] if fused_attention else ["scores", "attention"],
-                custom_translation_table=translations,
-                optimize=True,
-                verbose=False,
-            )
-        finally:
-            model.set_fused_attention(False)
-    program.save(str(path))
-    return path
+    outputs = ["scores"] if fused_attention else ["scores", "attention"]
+    try:
+        return _export(wrapper, example_inputs(model), path, outputs, translations)
+    finally:
+        model.set_fused_attention(False)
+
+
+def export_folded(model: Ranker, path: Path) -> Path:
+    """Export :class:`FoldedRanker` (the served CPU graph: scores only) to ONNX."""
+    model = model.eval()
+    model.freeze_item_table()
+    folded = FoldedRanker(model).eval()
+    return _export(folded, example_inputs(model), path, ["scores"], ONNX_TRANSLATIONS)
 
 
 def optimize_for_cpu(
@@ -187,9 +212,11 @@ def export_bundle(
         stale.unlink()
     quiet_exporter_logs()
     with tempfile.TemporaryDirectory() as scratch:
+        folded = export_folded(model, Path(scratch) / "folded.onnx")
         plain = export_onnx(model, Path(scratch) / "plain.onnx", fused_attention=False)
         fused = export_onnx(model, Path(scratch) / "fused.onnx", fused_attention=True)
-        optimize_for_cpu(plain, bundle_dir / CPU_GRAPH)
+        optimize_for_cpu(folded, bundle_dir / CPU_GRAPH)
+        optimize_for_cpu(plain, bundle_dir / EXPLAIN_GRAPH)
         to_fp16(fused, bundle_dir / GPU_GRAPH)
     items.save(bundle_dir / ITEMS_FILE)
     config = model.config
@@ -199,8 +226,17 @@ def export_bundle(
             "precision": "fp32",
             "optimization": "ORT_ENABLE_EXTENDED (saved)",
             "disabled_optimizers": list(CPU_DISABLED_OPTIMIZERS),
-            "outputs": ["scores", "attention"],
+            "folded": FOLDED_DESCRIPTION,
+            "outputs": ["scores"],
             "operators": operator_types(bundle_dir / CPU_GRAPH),
+        },
+        "explain": {
+            "file": EXPLAIN_GRAPH,
+            "precision": "fp32",
+            "optimization": "ORT_ENABLE_EXTENDED (saved)",
+            "disabled_optimizers": list(CPU_DISABLED_OPTIMIZERS),
+            "outputs": ["scores", "attention"],
+            "operators": operator_types(bundle_dir / EXPLAIN_GRAPH),
         },
         "gpu": {
             "file": GPU_GRAPH,

@@ -226,6 +226,13 @@ class Ranker(nn.Module):
     # -- forward -------------------------------------------------------------------------
     def encode_history(self, history: Tensor, history_events: Tensor) -> tuple[Tensor, Tensor]:
         """[B, L] -> encoded [B, L + 1, D] (position 0 = "no history" token) and key mask."""
+        x, mask = self.embed_history(history, history_events)
+        for layer in self.layers:
+            x = layer(x, mask)
+        return self.output_norm(x), mask
+
+    def embed_history(self, history: Tensor, history_events: Tensor) -> tuple[Tensor, Tensor]:
+        """The encoder's input [B, L + 1, D] (normalised, "no history" token first) and key mask."""
         valid = history > 0
         lengths = valid.sum(dim=1, keepdim=True)
         steps = torch.arange(history.shape[1], device=history.device)[None, :]
@@ -239,10 +246,7 @@ class Ranker(nn.Module):
         no_history = self.no_history.expand(history.shape[0], 1, -1)
         x = torch.cat([no_history, x], dim=1)
         mask = torch.cat([torch.ones_like(valid[:, :1]), valid], dim=1)
-        x = self.input_dropout(self.input_norm(x))
-        for layer in self.layers:
-            x = layer(x, mask)
-        return self.output_norm(x), mask
+        return self.input_dropout(self.input_norm(x)), mask
 
     def forward(
         self,

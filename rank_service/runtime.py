@@ -279,11 +279,12 @@ class RankRuntime:
         return self.session.run(outputs, feeds)
 
     def _explainer(self) -> ort.InferenceSession:
-        """A CPU session of the graph that outputs attention weights (the fused one does not)."""
+        """A CPU session of the graph that outputs attention weights (the served ones do not)."""
         if "attention" in self._outputs:
             return self.session
         if self._explain_session is None:
-            graph = self.manifest["graphs"]["cpu"]
+            graphs = self.manifest["graphs"]
+            graph = graphs.get("explain", graphs["cpu"])
             self._explain_session = ort.InferenceSession(
                 str(self.bundle_dir / graph["file"]),
                 session_options(self.threads),
