@@ -38,34 +38,35 @@ def candidate_features(
     """Per-candidate numeric features [n, NUM_CANDIDATE_FEATURES] (float32) of one request.
 
     Depends only on the request's own candidates (ranks and z-scores within the request), never
-    on their order in the request nor on padding.
+    on their order in the request nor on padding. Vectorised over sources (no per-source loop).
     """
     recall_scores = np.asarray(recall_scores, dtype=np.float32).reshape(-1)
     n = recall_scores.shape[0]
-    source_scores = np.asarray(source_scores, dtype=np.float32).reshape(n, len(SOURCES))
-    source_mask = np.asarray(source_mask, dtype=bool).reshape(n, len(SOURCES))
-    features = np.zeros((n, NUM_CANDIDATE_FEATURES), dtype=np.float32)
-    for column in range(len(SOURCES)):
-        present = source_mask[:, column]
-        base = column * PER_SOURCE_FEATURES
-        features[:, base] = present
-        count = int(present.sum())
-        if count == 0:
-            continue
-        scores = np.where(present, source_scores[:, column], np.float32(0.0))
-        present_scores = scores[present]
-        spread = float(present_scores.std())
-        if count > 1 and spread > 0:
-            features[present, base + 1] = (present_scores - present_scores.mean()) / spread
-        # Rank within the source (0 = best), ties broken by position for determinism.
-        order = np.argsort(-np.where(present, scores, -np.inf), kind="stable")
-        ranks = np.empty(n, dtype=np.float32)
-        ranks[order] = np.arange(n, dtype=np.float32)
-        features[present, base + 2] = 1.0 / (1.0 + ranks[present])
-        features[present, base + 3] = signed_log(present_scores)
-        features[present, base + 4] = -np.log1p(ranks[present])
+    sources = len(SOURCES)
+    source_scores = np.asarray(source_scores, dtype=np.float32).reshape(n, sources)
+    present = np.asarray(source_mask, dtype=bool).reshape(n, sources)
+    per_source = np.zeros((n, sources, PER_SOURCE_FEATURES), dtype=np.float32)
+    per_source[:, :, 0] = present
+    counts = present.sum(axis=0)
+    scores = np.where(present, source_scores, np.float32(0.0))
+    safe_counts = np.maximum(counts, 1).astype(np.float32)
+    mean = scores.sum(axis=0, dtype=np.float32) / safe_counts
+    centred = np.where(present, scores - mean, np.float32(0.0))
+    spread = np.sqrt((centred * centred).sum(axis=0, dtype=np.float32) / safe_counts)
+    usable = (counts > 1) & (spread > 0)
+    zscores = centred / np.where(usable, spread, np.float32(1.0))
+    per_source[:, :, 1] = np.where(present & usable, zscores, np.float32(0.0))
+    # Rank within each source (0 = best), ties broken by position for determinism.
+    order = np.argsort(-np.where(present, scores, -np.inf), axis=0, kind="stable")
+    ranks = np.empty((n, sources), dtype=np.float32)
+    np.put_along_axis(ranks, order, np.arange(n, dtype=np.float32)[:, None], axis=0)
+    per_source[:, :, 2] = np.where(present, 1.0 / (1.0 + ranks), np.float32(0.0))
+    per_source[:, :, 3] = np.where(present, signed_log(scores), np.float32(0.0))
+    per_source[:, :, 4] = np.where(present, -np.log1p(ranks), np.float32(0.0))
+    features = np.empty((n, NUM_CANDIDATE_FEATURES), dtype=np.float32)
+    features[:, :-2] = per_source.reshape(n, sources * PER_SOURCE_FEATURES)
     features[:, -2] = signed_log(recall_scores)
-    features[:, -1] = source_mask.mean(axis=1)
+    features[:, -1] = present.mean(axis=1)
     return np.nan_to_num(features, nan=0.0, posinf=0.0, neginf=0.0)
 
 
