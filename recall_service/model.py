@@ -43,9 +43,6 @@ class TwoTowerShape:
     # Learned per-head attention bias by distance (in items) between query and key: a recency
     # signal that, unlike absolute positions, means the same for every prefix of a sequence.
     relative_positions: bool = False
-    # A learned per-item offset added to the score (popularity the cosine cannot express). Served
-    # as one extra dimension: user [u, 1/scale] . item [v, bias] = cos(u, v) + bias / scale.
-    item_bias: bool = False
 
 
 class CausalSelfAttentionBlock(nn.Module):
@@ -100,7 +97,6 @@ class TwoTowerModel(nn.Module):
             nn.Embedding(shape.max_length + 1, shape.heads) if shape.relative_positions else None
         )
         self.scenario_embedding = nn.Embedding(max(shape.num_scenarios, 1), dim)
-        self.item_bias = nn.Embedding(shape.num_items + 1, 1) if shape.item_bias else None
         self.input_dropout = nn.Dropout(shape.dropout)
         self.blocks = nn.ModuleList(
             CausalSelfAttentionBlock(dim, shape.heads, shape.dropout) for _ in range(shape.layers)
@@ -122,8 +118,6 @@ class TwoTowerModel(nn.Module):
         nn.init.normal_(self.start_token, std=0.02)
         if self.relative_bias is not None:
             nn.init.zeros_(self.relative_bias.weight)
-        if self.item_bias is not None:
-            nn.init.zeros_(self.item_bias.weight)
 
     def scale(self) -> torch.Tensor:
         return self.log_scale.clamp(max=math.log(100.0)).exp()
@@ -141,11 +135,8 @@ class TwoTowerModel(nn.Module):
         return F.normalize(self.item_features(items), dim=-1)
 
     def item_logits(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        """Training/eval logits [U, I]: scale * cos(user, item) (+ the item's learned bias)."""
-        logits = self.scale() * (users @ self.item_vectors(items).T)
-        if self.item_bias is not None:
-            logits = logits + self.item_bias(items).squeeze(-1)
-        return logits
+        """Training/eval logits [U, I]: scale * cos(user, item), what the index ranks by."""
+        return self.scale() * (users @ self.item_vectors(items).T)
 
     def all_item_vectors(self) -> torch.Tensor:
         """[num_items, D] item-tower vectors in dense id order (row i = dense item i)."""

@@ -40,7 +40,6 @@ class RecallTrainConfig:
     max_length: int = 50
     dropout: float = 0.3
     relative_positions: bool = True
-    item_bias: bool = False  # a learned per-item score offset (an extra index dimension)
     # training
     epochs: int = 60
     batch_size: int = 128
@@ -52,6 +51,8 @@ class RecallTrainConfig:
     # latest behaviour is the closest to what the user will do next. 0 = uniform weights.
     recency_boost: float = 0.0
     recency_decay: float = 0.5
+    # Evaluate and keep an exponential moving average of the weights (0 = the live weights).
+    weight_average_decay: float = 0.0
     patience: int = 4
     eval_users: int = 0  # validation users for early stopping (0 = all)
     time_limit_s: float = 14 * 60.0
@@ -348,6 +349,7 @@ def train_one_epoch(
     windows: TrainingWindows,
     batch_size: int,
     rng: np.random.Generator,
+    average: WeightAverage | None = None,
 ) -> float:
     """One pass over the windows in length-bucketed batches; returns the mean loss."""
     model.train()
@@ -368,9 +370,29 @@ def train_one_epoch(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if average is not None:
+            average.update(model)
         losses.append(loss.item())
     model.eval()
     return float(np.mean(losses))
+
+
+class WeightAverage:
+    """Exponential moving average of a model's floating-point parameters and buffers."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        for name, value in model.state_dict().items():
+            if name in self.shadow:
+                self.shadow[name].lerp_(value, 1.0 - self.decay)
+
+    def state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """``model``'s state with the averaged weights in place of the live ones."""
+        return {k: self.shadow.get(k, v).clone() for k, v in model.state_dict().items()}
 
 
 def training_item_counts(
@@ -409,7 +431,6 @@ def train_model(dataset: Dataset, config: RecallTrainConfig) -> TrainResult:
         max_length=config.max_length,
         dropout=config.dropout,
         relative_positions=config.relative_positions,
-        item_bias=config.item_bias,
     )
     attributes = item_attribute_matrix(dataset)
     shape.max_attributes = attributes.shape[1]
@@ -427,8 +448,13 @@ def train_model(dataset: Dataset, config: RecallTrainConfig) -> TrainResult:
     history: list[dict[str, float]] = []
     started, cpu_started = time.perf_counter(), time.process_time()
     epoch = 0
+    average = WeightAverage(model, config.weight_average_decay) if config.weight_average_decay > 0 else None
     for epoch in range(1, config.epochs + 1):
-        mean_loss = train_one_epoch(model, optimizer, loss_fn, windows, config.batch_size, rng)
+        mean_loss = train_one_epoch(model, optimizer, loss_fn, windows, config.batch_size, rng, average)
+        live_state = None
+        if average is not None:  # validate (and keep) the averaged weights
+            live_state = copy.deepcopy(model.state_dict())
+            model.load_state_dict(average.state_dict(model))
         valid = evaluate_scorer(scorer, split, "valid", ks=(10, 50), users=eval_users, batch_size=1024)
         elapsed = time.perf_counter() - started
         cpu_seconds = time.process_time() - cpu_started
@@ -453,7 +479,9 @@ def train_model(dataset: Dataset, config: RecallTrainConfig) -> TrainResult:
         )
         if valid["HR@10"] > best_valid["HR@10"]:
             best_state, best_valid, best_epoch = copy.deepcopy(model.state_dict()), valid, epoch
-        elif epoch - best_epoch >= config.patience:
+        if live_state is not None:
+            model.load_state_dict(live_state)
+        if epoch - best_epoch >= config.patience:
             log.info("early stop: no validation gain for %d epochs", config.patience)
             break
         if elapsed > config.time_limit_s:

@@ -47,3 +47,57 @@ def test_refit_windows_add_the_validation_item_but_never_the_test_item(make_data
     )
     targets = set((windows.targets[windows.targets > 0] - 1).tolist())
     assert targets == {0, 1, 2, 3, 5, 6}  # 3 is user 0's validation item; 4 (test) stays out
+
+
+def test_recency_boost_weighs_each_users_newest_training_targets_most(make_dataset) -> None:
+    sequence = list(range(14))  # 12 training targets, cut into several windows
+    dataset = make_dataset([sequence, [20, 21, 22, 23, 24]], num_items=25)
+    split = LeaveOneOutSplit(dataset)
+    assert build_training_windows(dataset, split, max_length=4).weights is None
+    windows = build_training_windows(dataset, split, max_length=4, recency_boost=2.0, recency_decay=0.5)
+    by_target = {
+        int(t) - 1: float(w)
+        for t, w in zip(windows.targets.ravel(), windows.weights.ravel(), strict=True)
+        if t > 0
+    }
+    assert by_target[11] == 3.0 and by_target[10] == 2.0 and by_target[9] == 1.5  # ages 0, 1, 2
+    assert by_target[22] == 3.0 and by_target[21] == 2.0  # every user's newest target: age 0
+    assert 1.0 < by_target[0] < 1.001
+
+
+def test_full_softmax_is_plain_cross_entropy_over_every_item(make_dataset) -> None:
+    import torch
+    import torch.nn.functional as F
+
+    from recall_service.model import TwoTowerModel, TwoTowerShape
+    from recall_service.train import SampledSoftmaxLoss, weighted_mean
+
+    torch.manual_seed(0)
+    shape = TwoTowerShape(num_items=30, num_attributes=3, max_attributes=1, num_scenarios=1, dim=8, layers=1)
+    model = TwoTowerModel(shape, np.zeros((31, 1), dtype=np.int64)).eval()
+    users = F.normalize(torch.randn(5, 8), dim=-1)
+    positives = torch.tensor([1, 4, 4, 9, 30])
+    loss = SampledSoftmaxLoss(np.ones(30), uniform_negatives=30, rng=np.random.default_rng(0))
+    expected = F.cross_entropy(model.item_logits(users, torch.arange(1, 31)), positives - 1)
+    torch.testing.assert_close(loss(model, users, positives), expected)
+    # weights: all ones change nothing; a zero weight drops that example
+    torch.testing.assert_close(loss(model, users, positives, torch.ones(5)), expected)
+    each = F.cross_entropy(model.item_logits(users, torch.arange(1, 31)), positives - 1, reduction="none")
+    torch.testing.assert_close(
+        loss(model, users, positives, torch.tensor([1.0, 1, 1, 1, 0])), weighted_mean(each[:4], None)
+    )
+
+
+def test_weight_average_follows_the_model_at_its_decay() -> None:
+    import torch
+
+    from recall_service.train import WeightAverage
+
+    model = torch.nn.Linear(2, 2)
+    average = WeightAverage(model, decay=0.75)
+    start = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(4.0)
+    average.update(model)
+    torch.testing.assert_close(average.state_dict(model)["weight"], start + 1.0)  # 0.75 old + 0.25 new
+    torch.testing.assert_close(model.weight, start + 4.0)  # the live weights are untouched
