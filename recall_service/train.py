@@ -40,6 +40,7 @@ class RecallTrainConfig:
     max_length: int = 50
     dropout: float = 0.3
     relative_positions: bool = True
+    use_attributes: bool = True  # False: items are ids alone (no pooled attribute embedding)
     # training
     epochs: int = 60
     batch_size: int = 128
@@ -433,6 +434,8 @@ def train_model(dataset: Dataset, config: RecallTrainConfig) -> TrainResult:
         relative_positions=config.relative_positions,
     )
     attributes = item_attribute_matrix(dataset)
+    if not config.use_attributes:
+        attributes = np.zeros((dataset.num_items + 1, 1), dtype=np.int64)
     shape.max_attributes = attributes.shape[1]
     model = TwoTowerModel(shape, attributes)
     optimizer = torch.optim.AdamW(
