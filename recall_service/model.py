@@ -43,6 +43,9 @@ class TwoTowerShape:
     # Learned per-head attention bias by distance (in items) between query and key: a recency
     # signal that, unlike absolute positions, means the same for every prefix of a sequence.
     relative_positions: bool = False
+    # Training only: the share of candidate items whose id embedding is dropped from the item
+    # tower (attributes alone), so that rarely-seen items still get a useful vector.
+    id_dropout: float = 0.0
 
 
 class CausalSelfAttentionBlock(nn.Module):
@@ -122,17 +125,22 @@ class TwoTowerModel(nn.Module):
     def scale(self) -> torch.Tensor:
         return self.log_scale.clamp(max=math.log(100.0)).exp()
 
-    def item_features(self, items: torch.Tensor) -> torch.Tensor:
-        """Unnormalised item representation (id + mean attribute embedding) of ``items`` (+1 ids)."""
+    def item_features(self, items: torch.Tensor, id_dropout: float = 0.0) -> torch.Tensor:
+        """Unnormalised item representation (id + mean attribute embedding) of ``items`` (+1 ids);
+        ``id_dropout`` drops that share of the id embeddings (training)."""
         attributes = self.item_attributes[items]  # [..., A]
         present = (attributes > 0).to(torch.float32)
         pooled = (self.attribute_embedding(attributes) * present.unsqueeze(-1)).sum(-2)
         pooled = pooled / present.sum(-1, keepdim=True).clamp(min=1.0)
-        return self.item_embedding(items) + pooled
+        ids = self.item_embedding(items)
+        if id_dropout > 0:
+            ids = ids * (torch.rand(ids.shape[:-1], device=ids.device) >= id_dropout).unsqueeze(-1)
+        return ids + pooled
 
     def item_vectors(self, items: torch.Tensor) -> torch.Tensor:
         """Item tower: L2-normalised vectors of ``items`` (+1 ids)."""
-        return F.normalize(self.item_features(items), dim=-1)
+        id_dropout = self.shape.id_dropout if self.training else 0.0
+        return F.normalize(self.item_features(items, id_dropout), dim=-1)
 
     def item_logits(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """Training/eval logits [U, I]: scale * cos(user, item), what the index ranks by."""

@@ -41,6 +41,7 @@ class RecallTrainConfig:
     dropout: float = 0.3
     relative_positions: bool = True
     use_attributes: bool = True  # False: items are ids alone (no pooled attribute embedding)
+    id_dropout: float = 0.0  # training: share of candidate id embeddings dropped (attributes only)
     # training
     epochs: int = 60
     batch_size: int = 128
@@ -432,6 +433,7 @@ def train_model(dataset: Dataset, config: RecallTrainConfig) -> TrainResult:
         max_length=config.max_length,
         dropout=config.dropout,
         relative_positions=config.relative_positions,
+        id_dropout=config.id_dropout,
     )
     attributes = item_attribute_matrix(dataset)
     if not config.use_attributes:

@@ -101,3 +101,26 @@ def test_weight_average_follows_the_model_at_its_decay() -> None:
     average.update(model)
     torch.testing.assert_close(average.state_dict(model)["weight"], start + 1.0)  # 0.75 old + 0.25 new
     torch.testing.assert_close(model.weight, start + 4.0)  # the live weights are untouched
+
+
+def test_id_dropout_only_touches_training_item_vectors() -> None:
+    import torch
+
+    from recall_service.model import TwoTowerModel, TwoTowerShape
+
+    torch.manual_seed(0)
+    shape = TwoTowerShape(
+        num_items=6, num_attributes=4, max_attributes=2, num_scenarios=1, dim=8, layers=1, id_dropout=1.0
+    )
+    attributes = np.array([[0, 0], [1, 2], [2, 0], [3, 4], [1, 0], [4, 0], [2, 3]])
+    model = TwoTowerModel(shape, attributes)
+    items = torch.arange(1, 7)
+    model.train()
+    attributes_only = model.item_features(items) - model.item_embedding(items)
+    torch.testing.assert_close(
+        model.item_vectors(items), torch.nn.functional.normalize(attributes_only, dim=-1)
+    )
+    model.eval()  # serving and export: the id embedding is always there
+    torch.testing.assert_close(
+        model.item_vectors(items), torch.nn.functional.normalize(model.item_features(items), dim=-1)
+    )
