@@ -2,7 +2,8 @@
 # The GPU check, for a host with an NVIDIA GPU (`make gpu-check`): what the CPU-only CI cannot run.
 #
 #   1. installs carried packages when present: $CARRIED/wheels/*.whl (pip --no-deps) and
-#      $CARRIED/ort-gpu.tar.xz (an onnxruntime-gpu package tree) into $RECSYS_GPU_SITE;
+#      $CARRIED/ort-gpu.tar.xz (an onnxruntime-gpu package tree made by scripts/repack_ort_gpu.py)
+#      into $RECSYS_GPU_SITE;
 #   2. records the host (GPU, onnxruntime providers, CUDA devices, CuPy) in env.json;
 #   3. runs the GPU tests (`pytest -m gpu`) and the rank + recall suites on this host;
 #   4. runs `recsys bench gpu` (ORT CUDA vs torch eager GPU vs CPU paths; CuPy exact vs Faiss).
