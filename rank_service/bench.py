@@ -16,26 +16,35 @@ import argparse
 import json
 import sys
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-from recsys.bench import latency_summary, machine_info
-
-WARMUP = 20
+from recsys.bench import machine_info, time_calls
 
 
-def time_calls(function: Callable[[], object], iterations: int) -> dict[str, float]:
-    for _ in range(WARMUP):
-        function()
-    samples = []
-    for _ in range(iterations):
-        started = time.perf_counter()
-        function()
-        samples.append((time.perf_counter() - started) * 1000.0)
-    return latency_summary(samples)
+def serving_queries(num_items: int, history: int, candidates: int, count: int, seed: int = 0) -> list:
+    """``count`` random rank requests at the serving shape, recall features included."""
+    from rank_service.features import SOURCES
+    from rank_service.runtime import RankQuery
+
+    rng = np.random.default_rng(seed)
+    queries = []
+    for _ in range(count):
+        mask = rng.random((candidates, len(SOURCES))) < 0.4
+        mask[:, 0] = True
+        queries.append(
+            RankQuery(
+                history=rng.choice(num_items, size=history, replace=False).astype(np.int64),
+                event_types=rng.integers(1, 5, size=history),
+                scenario=0,
+                candidates=rng.choice(num_items, size=candidates, replace=False).astype(np.int64),
+                recall_scores=rng.random(candidates).astype(np.float32),
+                source_scores=(rng.random((candidates, len(SOURCES))) * mask).astype(np.float32),
+                source_mask=mask,
+            )
+        )
+    return queries
 
 
 def untrained_bundle(bundle_dir: Path, num_items: int) -> Path:
@@ -72,8 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from rank_service.export import CPU_DISABLED_OPTIMIZERS, checkpoint_path, export_onnx, load_checkpoint
-    from rank_service.features import SOURCES
-    from rank_service.runtime import RankQuery, RankRuntime, gpu_available, session_options
+    from rank_service.runtime import RankRuntime, gpu_available, session_options
 
     parser = argparse.ArgumentParser(prog="recsys bench rank", description=__doc__.splitlines()[0])
     parser.add_argument("--artifacts", type=Path, default=Path("artifacts"))
@@ -105,21 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     model.freeze_item_table()
     runtime = RankRuntime.load(bundle_dir, device="cpu", threads=args.threads)
 
-    rng = np.random.default_rng(0)
-    num_items = model.config.num_items
-    history = rng.choice(num_items, size=args.history, replace=False).astype(np.int64)
-    candidates = rng.choice(num_items, size=args.candidates, replace=False).astype(np.int64)
-    mask = rng.random((args.candidates, len(SOURCES))) < 0.4
-    mask[:, 0] = True
-    query = RankQuery(
-        history=history,
-        event_types=rng.integers(1, 5, size=args.history),
-        scenario=0,
-        candidates=candidates,
-        recall_scores=rng.random(args.candidates).astype(np.float32),
-        source_scores=(rng.random((args.candidates, len(SOURCES))) * mask).astype(np.float32),
-        source_mask=mask,
-    )
+    [query] = serving_queries(model.config.num_items, args.history, args.candidates, 1)
     feeds = runtime.pack([query]).feeds()
     tensors = tuple(torch.from_numpy(value) for value in feeds.values())
 

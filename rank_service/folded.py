@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rank_service.model import Ranker, multi_head_attention
+from rank_service.model import Ranker, multi_head_attention, register_microsoft_schema
 
 # What the served CPU graph computes (the bundle manifest carries it).
 FOLDED_DESCRIPTION = (
@@ -57,30 +57,13 @@ def _(x: Tensor, weight: Tensor, bias: Tensor, key_mask: Tensor, num_heads: int)
 
 
 def _register_attention_schema() -> None:
-    """Register ``com.microsoft.Attention`` (the inputs used here) with the onnx package."""
-    import onnx
-    from onnx.defs import OpSchema
-
-    if onnx.defs.has("Attention", "com.microsoft"):
-        return
-    schema = OpSchema(
+    """``com.microsoft.Attention`` with the inputs used here (packed Q|K|V weights and bias)."""
+    register_microsoft_schema(
         "Attention",
-        "com.microsoft",
-        1,
-        inputs=[
-            OpSchema.FormalParameter("input", "T"),
-            OpSchema.FormalParameter("weights", "T"),
-            OpSchema.FormalParameter("bias", "T"),
-            OpSchema.FormalParameter("mask_index", "M"),
-        ],
-        outputs=[OpSchema.FormalParameter("output", "T")],
-        type_constraints=[
-            ("T", ["tensor(float)"], "float tensors"),
-            ("M", ["tensor(int32)"], "key padding mask [B, T], 1 = attend"),
-        ],
-        attributes=[OpSchema.Attribute("num_heads", OpSchema.AttrType.INT, "number of heads")],
+        [("input", "T", False), ("weights", "T", False), ("bias", "T", False), ("mask_index", "M", False)],
+        ["tensor(float)"],
+        "key padding mask [B, T], 1 = attend",
     )
-    onnx.defs.register_schema(schema)
 
 
 def onnx_self_attention(x, weight, bias, key_mask, num_heads: int):

@@ -65,34 +65,48 @@ def _(query: Tensor, key: Tensor, value: Tensor, key_mask: Tensor, num_heads: in
     return torch.empty_like(query)
 
 
-def _register_multi_head_attention_schema() -> None:
-    """Register ``com.microsoft.MultiHeadAttention`` with the onnx package (which lacks ONNX
-    Runtime's contrib schemas) so that onnxscript can emit it; inputs as in ORT's contrib op."""
+def register_microsoft_schema(
+    name: str, inputs: list[tuple[str, str, bool]], float_types: list[str], mask_doc: str
+) -> None:
+    """Register ``com.microsoft.<name>`` with the onnx package (which lacks ONNX Runtime's contrib
+    schemas) so that onnxscript can emit it. ``inputs``: (name, type var, optional); type var
+    ``T`` is ``float_types``, ``M`` an int32 mask; one ``T`` output and a ``num_heads`` attribute."""
     import onnx
     from onnx.defs import OpSchema
 
-    if onnx.defs.has("MultiHeadAttention", "com.microsoft"):
+    if onnx.defs.has(name, "com.microsoft"):
         return
     optional = OpSchema.FormalParameterOption.Optional
+    single = OpSchema.FormalParameterOption.Single
     schema = OpSchema(
-        "MultiHeadAttention",
+        name,
         "com.microsoft",
         1,
         inputs=[
-            OpSchema.FormalParameter("query", "T"),
-            OpSchema.FormalParameter("key", "T", param_option=optional),
-            OpSchema.FormalParameter("value", "T", param_option=optional),
-            OpSchema.FormalParameter("bias", "T", param_option=optional),
-            OpSchema.FormalParameter("key_padding_mask", "M", param_option=optional),
+            OpSchema.FormalParameter(input_name, kind, param_option=optional if is_optional else single)
+            for input_name, kind, is_optional in inputs
         ],
         outputs=[OpSchema.FormalParameter("output", "T")],
-        type_constraints=[
-            ("T", ["tensor(float)", "tensor(float16)"], "float tensors"),
-            ("M", ["tensor(int32)"], "key padding mask, 1 = attend"),
-        ],
+        type_constraints=[("T", float_types, "float tensors"), ("M", ["tensor(int32)"], mask_doc)],
         attributes=[OpSchema.Attribute("num_heads", OpSchema.AttrType.INT, "number of heads")],
     )
     onnx.defs.register_schema(schema)
+
+
+def _register_multi_head_attention_schema() -> None:
+    """``com.microsoft.MultiHeadAttention`` with the inputs of ORT's contrib op."""
+    register_microsoft_schema(
+        "MultiHeadAttention",
+        [
+            ("query", "T", False),
+            ("key", "T", True),
+            ("value", "T", True),
+            ("bias", "T", True),
+            ("key_padding_mask", "M", True),
+        ],
+        ["tensor(float)", "tensor(float16)"],
+        "key padding mask, 1 = attend",
+    )
 
 
 def onnx_multi_head_attention(query, key, value, key_mask, num_heads: int):

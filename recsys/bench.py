@@ -20,7 +20,7 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +48,24 @@ def latency_summary(latencies_ms: Sequence[float]) -> dict[str, float]:
         "max_ms": round(float(values.max()), 3),
         "samples": len(values),
     }
+
+
+def time_calls(
+    function: Callable[[], object], iterations: int, sync: Callable[[], None] | None = None, warmup: int = 20
+) -> dict[str, float]:
+    """Latency summary of ``function`` after ``warmup`` calls (``sync`` waits for a device after each)."""
+    for _ in range(warmup):
+        function()
+    if sync:
+        sync()
+    samples = []
+    for _ in range(iterations):
+        started = time.perf_counter()
+        function()
+        if sync:
+            sync()
+        samples.append((time.perf_counter() - started) * 1000.0)
+    return latency_summary(samples)
 
 
 def machine_info() -> dict[str, object]:

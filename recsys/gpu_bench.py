@@ -17,65 +17,20 @@ import argparse
 import json
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from recsys.bench import latency_summary, machine_info
-
-WARMUP = 20
-
-
-def time_calls(
-    function: Callable[[], object], iterations: int, sync: Callable[[], None] | None = None
-) -> dict:
-    """Latency summary of ``function`` (``sync`` waits for the device after each call)."""
-    for _ in range(WARMUP):
-        function()
-    if sync:
-        sync()
-    samples = []
-    for _ in range(iterations):
-        started = time.perf_counter()
-        function()
-        if sync:
-            sync()
-        samples.append((time.perf_counter() - started) * 1000.0)
-    return latency_summary(samples)
-
-
-def serving_queries(num_items: int, history: int, candidates: int, count: int, seed: int = 0) -> list:
-    """``count`` random rank requests at the serving shape (recall features included)."""
-    from rank_service.features import SOURCES
-    from rank_service.runtime import RankQuery
-
-    rng = np.random.default_rng(seed)
-    queries = []
-    for _ in range(count):
-        mask = rng.random((candidates, len(SOURCES))) < 0.4
-        mask[:, 0] = True
-        queries.append(
-            RankQuery(
-                history=rng.choice(num_items, size=history, replace=False).astype(np.int64),
-                event_types=rng.integers(1, 5, size=history),
-                scenario=0,
-                candidates=rng.choice(num_items, size=candidates, replace=False).astype(np.int64),
-                recall_scores=rng.random(candidates).astype(np.float32),
-                source_scores=(rng.random((candidates, len(SOURCES))) * mask).astype(np.float32),
-                source_mask=mask,
-            )
-        )
-    return queries
+from recsys.bench import machine_info, time_calls
 
 
 def bench_rank(args: argparse.Namespace) -> dict[str, Any]:
     """Rank: ORT CUDA (fp16 fused graph) vs torch eager GPU vs the CPU paths."""
     import onnxruntime as ort
 
-    from rank_service.bench import untrained_bundle
+    from rank_service.bench import serving_queries, untrained_bundle
     from rank_service.export import checkpoint_path, load_checkpoint
     from rank_service.runtime import RankRuntime, gpu_available
 
