@@ -64,6 +64,7 @@ def untrained_bundle(bundle_dir: Path, num_items: int) -> Path:
         dim=train.dim,
         heads=train.heads,
         layers=train.layers,
+        mlp_width=train.mlp_width,
     )
     rng = np.random.default_rng(0)
     attributes = rng.integers(0, 601, size=(num_items + 1, 4))

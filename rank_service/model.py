@@ -36,6 +36,8 @@ class RankerConfig:
     heads: int = 2
     layers: int = 2
     dropout: float = 0.2
+    # Width of the first MLP layer, the candidate side's largest matmul (0 = twice ``dim``).
+    mlp_width: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -195,11 +197,12 @@ class Ranker(nn.Module):
         self.output_norm = nn.LayerNorm(dim)
         self.target_attention = Attention(dim, config.heads, 0.0)
         self.feature_projection = nn.Linear(NUM_CANDIDATE_FEATURES + 1, dim)
+        mlp_width = config.mlp_width or 2 * dim
         self.mlp = nn.Sequential(
-            nn.Linear(5 * dim, 2 * dim),
+            nn.Linear(5 * dim, mlp_width),
             nn.GELU(),
             nn.Dropout(config.dropout),
-            nn.Linear(2 * dim, dim),
+            nn.Linear(mlp_width, dim),
             nn.GELU(),
             nn.Linear(dim, 1),
         )

@@ -165,6 +165,7 @@ def export_bundle(
             num_items=dataset.num_items,
             scenarios=list(dataset.scenario_names),
             metric="inner_product",
+            similarity=model.shape.similarity,
             index_factory=factory,
             nprobe=config.nprobe,
             ef_search=config.ef_search,
@@ -176,7 +177,10 @@ def export_bundle(
                     "events[B,S] int64",
                     "scenario[B] int64",
                 ],
-                "outputs": ["user_vectors[B,D] float32 L2-normalised"],
+                "outputs": [
+                    "user_vectors[B,D] float32"
+                    + (" L2-normalised" if model.normalised else " (raw inner product with item vectors)")
+                ],
             },
             covisit={
                 "window": config.covisit_window,

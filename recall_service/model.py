@@ -46,13 +46,19 @@ class TwoTowerShape:
     # Training only: the share of candidate items whose id embedding is dropped from the item
     # tower (attributes alone), so that rarely-seen items still get a useful vector.
     id_dropout: float = 0.0
+    # "cosine": L2-normalised towers and a learned temperature; "dot": raw inner product of the
+    # unnormalised towers (as SASRec), so an item's norm can carry its popularity.
+    similarity: str = "cosine"
+    # Post-LN blocks with a LayerNorm on the input embeddings (SASRec / BERT) instead of pre-LN.
+    post_norm: bool = False
 
 
 class CausalSelfAttentionBlock(nn.Module):
     """Pre-LN Transformer block with an explicit boolean attention mask (exports cleanly to ONNX)."""
 
-    def __init__(self, dim: int, heads: int, dropout: float):
+    def __init__(self, dim: int, heads: int, dropout: float, post_norm: bool = False):
         super().__init__()
+        self.post_norm = post_norm
         self.heads = heads
         self.head_dim = dim // heads
         self.norm_attention = nn.LayerNorm(dim)
@@ -70,7 +76,8 @@ class CausalSelfAttentionBlock(nn.Module):
         """``hidden`` [B, S, D]; ``allowed`` [B, 1, S, S] bool (query row may attend key column);
         ``bias`` [B, H, S, S] added to the attention logits."""
         batch, length, dim = hidden.shape
-        qkv = self.qkv(self.norm_attention(hidden)).view(batch, length, 3, self.heads, self.head_dim)
+        attention_input = hidden if self.post_norm else self.norm_attention(hidden)
+        qkv = self.qkv(attention_input).view(batch, length, 3, self.heads, self.head_dim)
         query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, S, Dh]
         scores = query @ key.transpose(-1, -2) / math.sqrt(self.head_dim)
         if bias is not None:
@@ -78,6 +85,9 @@ class CausalSelfAttentionBlock(nn.Module):
         scores = scores.masked_fill(~allowed, -1e9)
         attention = self.dropout(torch.softmax(scores, dim=-1))
         context = (attention @ value).transpose(1, 2).reshape(batch, length, dim)
+        if self.post_norm:
+            hidden = self.norm_attention(hidden + self.dropout(self.attention_out(context)))
+            return self.norm_feed_forward(hidden + self.dropout(self.feed_forward(hidden)))
         hidden = hidden + self.dropout(self.attention_out(context))
         return hidden + self.dropout(self.feed_forward(self.norm_feed_forward(hidden)))
 
@@ -101,9 +111,13 @@ class TwoTowerModel(nn.Module):
         )
         self.scenario_embedding = nn.Embedding(max(shape.num_scenarios, 1), dim)
         self.input_dropout = nn.Dropout(shape.dropout)
+        if shape.similarity not in ("cosine", "dot"):
+            raise ValueError(f"similarity must be 'cosine' or 'dot', not {shape.similarity!r}")
         self.blocks = nn.ModuleList(
-            CausalSelfAttentionBlock(dim, shape.heads, shape.dropout) for _ in range(shape.layers)
+            CausalSelfAttentionBlock(dim, shape.heads, shape.dropout, shape.post_norm)
+            for _ in range(shape.layers)
         )
+        # Pre-LN: normalises the last block's output; post-LN: the input embeddings.
         self.output_norm = nn.LayerNorm(dim)
         self.user_projection = nn.Linear(dim, dim)
         # log of the softmax scale (1 / temperature), learned; starts at 1/0.05.
@@ -122,7 +136,15 @@ class TwoTowerModel(nn.Module):
         if self.relative_bias is not None:
             nn.init.zeros_(self.relative_bias.weight)
 
+    @property
+    def normalised(self) -> bool:
+        """Whether both towers' outputs are L2-normalised (cosine similarity)."""
+        return self.shape.similarity == "cosine"
+
     def scale(self) -> torch.Tensor:
+        """Logit scale: learned 1 / temperature for cosine similarity, 1 for the raw dot product."""
+        if not self.normalised:
+            return torch.ones(())
         return self.log_scale.clamp(max=math.log(100.0)).exp()
 
     def item_features(self, items: torch.Tensor, id_dropout: float = 0.0) -> torch.Tensor:
@@ -138,9 +160,10 @@ class TwoTowerModel(nn.Module):
         return ids + pooled
 
     def item_vectors(self, items: torch.Tensor) -> torch.Tensor:
-        """Item tower: L2-normalised vectors of ``items`` (+1 ids)."""
+        """Item tower: vectors of ``items`` (+1 ids), L2-normalised for cosine similarity."""
         id_dropout = self.shape.id_dropout if self.training else 0.0
-        return F.normalize(self.item_features(items, id_dropout), dim=-1)
+        features = self.item_features(items, id_dropout)
+        return F.normalize(features, dim=-1) if self.normalised else features
 
     def item_logits(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """Training/eval logits [U, I]: scale * cos(user, item), what the index ranks by."""
@@ -167,7 +190,10 @@ class TwoTowerModel(nn.Module):
         tokens = torch.where(is_start.unsqueeze(-1), self.start_token.expand_as(tokens), tokens)
         # Position 0 = start token, then 1.. from the oldest item (the same for every prefix).
         positions = (torch.cumsum(valid.to(torch.long), dim=1) - 1).clamp(min=0)
-        hidden = self.input_dropout(tokens + self.position_embedding(positions))
+        hidden = tokens + self.position_embedding(positions)
+        if self.shape.post_norm:
+            hidden = self.output_norm(hidden)
+        hidden = self.input_dropout(hidden)
         causal = steps.unsqueeze(0) <= steps.unsqueeze(1)  # [S + 1, S + 1]: key <= query
         diagonal = steps.unsqueeze(0) == steps.unsqueeze(1)
         # Padding rows may attend themselves so that no row is fully masked.
@@ -178,11 +204,12 @@ class TwoTowerModel(nn.Module):
             bias = self.relative_bias(distance).permute(0, 3, 1, 2)  # [B, H, S + 1, S + 1]
         for block in self.blocks:
             hidden = block(hidden, allowed, bias)
-        return self.output_norm(hidden)
+        return hidden if self.shape.post_norm else self.output_norm(hidden)
 
     def user_head(self, hidden: torch.Tensor, scenarios: torch.Tensor) -> torch.Tensor:
         """User vectors from hidden states and scenario ids (broadcast over positions)."""
-        return F.normalize(self.user_projection(hidden + self.scenario_embedding(scenarios)), dim=-1)
+        users = self.user_projection(hidden + self.scenario_embedding(scenarios))
+        return F.normalize(users, dim=-1) if self.normalised else users
 
     def forward(self, items: torch.Tensor, events: torch.Tensor, scenarios: torch.Tensor) -> torch.Tensor:
         """User tower for serving: [B, D] user vectors after the newest history position."""

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 
-def randomized_ranker(num_items: int = 60, max_history: int = 12, seed: int = 0):
+def randomized_ranker(num_items: int = 60, max_history: int = 12, seed: int = 0, mlp_width: int = 0):
     """An untrained ranker with weights large enough that scores differ clearly per input."""
     import torch
 
@@ -24,6 +24,7 @@ def randomized_ranker(num_items: int = 60, max_history: int = 12, seed: int = 0)
         heads=4,
         layers=2,
         dropout=0.0,
+        mlp_width=mlp_width,
     )
     attributes = np.where(rng.random((num_items + 1, 3)) < 0.6, rng.integers(1, 11, (num_items + 1, 3)), 0)
     attributes[0] = 0

@@ -11,6 +11,7 @@ import torch
 from rank_service.export import EXPLAIN_GRAPH, example_inputs
 from rank_service.folded import FoldedRanker
 from rank_service.runtime import RankRuntime
+from tests.rank.conftest import randomized_ranker
 from tests.rank.test_export_parity import make_query
 
 TOLERANCE_FP32 = 1e-4
@@ -34,6 +35,18 @@ def test_folded_ranker_matches_the_model_in_torch(random_bundle, history):
         expected = model(*inputs)[0]
         folded = FoldedRanker(model).eval()(*inputs)
     assert torch.isfinite(folded).all()
+    assert (folded - expected).abs().max() <= TOLERANCE_FP32
+    assert expected.std() > 1e-3
+
+
+def test_folded_ranker_matches_a_model_with_a_narrow_mlp():
+    """The folding reads the MLP's widths from the model (``mlp_width`` below twice ``dim``)."""
+    model = randomized_ranker(mlp_width=8)
+    assert model.mlp[0].out_features == 8
+    inputs = example_inputs(model, batch=3, history=6, candidates=7)
+    with torch.no_grad():
+        expected = model(*inputs)[0]
+        folded = FoldedRanker(model).eval()(*inputs)
     assert (folded - expected).abs().max() <= TOLERANCE_FP32
     assert expected.std() > 1e-3
 

@@ -21,12 +21,6 @@ def beauty_stages(beauty_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
     return evaluate_stages(dataset, LeaveOneOutSplit(dataset), artifacts, "test", quick=False)
 
 
-@pytest.mark.xfail(
-    reason="u2i test HR@10 measured 0.0744 (valid 0.0956); eight variants (docs/EXPERIMENTS.md) "
-    "raise validation to 0.098 but test stays 0.068-0.074: training may not see validation items, "
-    "and Beauty's test period drifts from the training period",
-    strict=False,
-)
 def test_u2i_hr_at_10_bar(beauty_stages: dict[str, dict]) -> None:
     assert beauty_stages["recall"]["HR@10"] >= 0.080
 

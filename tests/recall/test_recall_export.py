@@ -19,8 +19,14 @@ from recall_service.model import TwoTowerModel, TwoTowerShape  # noqa: E402
 MAX_LENGTH = 12
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[TwoTowerModel, ort.InferenceSession]:
+# The default tower (pre-LN, cosine) and the SASRec-style one (post-LN, raw inner product).
+ARCHITECTURES = {"pre_ln_cosine": {}, "post_ln_dot": {"post_norm": True, "similarity": "dot"}}
+
+
+@pytest.fixture(scope="module", params=sorted(ARCHITECTURES))
+def exported(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[TwoTowerModel, ort.InferenceSession]:
     torch.manual_seed(0)
     torch.set_num_threads(1)
     shape = TwoTowerShape(
@@ -34,6 +40,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[TwoTowerModel, o
         max_length=MAX_LENGTH,
         dropout=0.2,
         relative_positions=True,
+        **ARCHITECTURES[request.param],
     )
     attributes = np.zeros((41, 2), dtype=np.int64)
     attributes[1:, 0] = np.arange(40) % 6 + 1
@@ -67,7 +74,11 @@ def test_onnx_user_tower_matches_torch_at_every_history_length(exported, length:
     expected, got = _both(model, session, items, events, scenario)
     assert np.isfinite(got).all()
     assert np.abs(expected - got).max() <= 1e-4
-    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+    norms = np.linalg.norm(got, axis=1)
+    if model.normalised:
+        np.testing.assert_allclose(norms, 1.0, atol=1e-5)
+    else:  # raw inner product: the norm is the model's, not forced to 1
+        assert np.abs(norms - 1.0).max() > 1e-2
 
 
 def test_onnx_user_tower_handles_ragged_batches(exported) -> None:
