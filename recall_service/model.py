@@ -1,14 +1,16 @@
 """The two-tower recall model (PyTorch; training and export only, never imported by serving).
 
 User tower: a learned "no history" start token followed by the user's recent items (item id +
-pooled attribute embedding + event type + position), encoded by a small causal pre-LN Transformer;
-the output at the newest position plus a scenario embedding, projected and L2-normalised, is the
+pooled attribute embedding + event type + position), encoded by a small causal Transformer (pre-LN,
+or post-LN with a LayerNorm on the input embeddings as in SASRec); the output at the newest
+position plus a scenario embedding, projected (and L2-normalised for cosine similarity), is the
 user vector. Because attention is causal, one forward pass yields the user vector of every prefix
 of a sequence (the next-item training objective). Histories are LEFT-padded (newest item last) so
 the newest position is always the last column, and the start token guarantees at least one
 unmasked key for every real position (no NaN on empty histories in ONNX Runtime).
 
-Item tower: item id embedding plus the mean of its attribute embeddings, L2-normalised. The user
+Item tower: item id embedding plus the mean of its attribute embeddings (L2-normalised for cosine
+similarity; raw for the inner product, where an item's norm can carry its popularity). The user
 tower reads items through the same tables, so a rarely-bought item still shares its brand and
 category signal.
 
