@@ -388,7 +388,7 @@ def train_one_epoch(
         loss.backward()
         optimizer.step()
         if average is not None:
-            average.update(model)
+            average.update()
         losses.append(loss.item())
     model.eval()
     return float(np.mean(losses))
@@ -399,13 +399,17 @@ class WeightAverage:
 
     def __init__(self, model: torch.nn.Module, decay: float):
         self.decay = decay
-        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+        live = {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
+        self.shadow = {k: v.detach().clone() for k, v in live.items()}
+        # The optimizer and load_state_dict update these tensors in place: keep them, so that each
+        # step is one fused lerp instead of rebuilding the state dict.
+        self._live = list(live.values())
+        self._averaged = list(self.shadow.values())
 
     @torch.no_grad()
-    def update(self, model: torch.nn.Module) -> None:
-        for name, value in model.state_dict().items():
-            if name in self.shadow:
-                self.shadow[name].lerp_(value, 1.0 - self.decay)
+    def update(self) -> None:
+        """One step of the average towards the model's current weights."""
+        torch._foreach_lerp_(self._averaged, self._live, 1.0 - self.decay)
 
     def state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         """``model``'s state with the averaged weights in place of the live ones."""

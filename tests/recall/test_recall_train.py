@@ -98,9 +98,16 @@ def test_weight_average_follows_the_model_at_its_decay() -> None:
     start = model.weight.detach().clone()
     with torch.no_grad():
         model.weight.add_(4.0)
-    average.update(model)
+    average.update()
     torch.testing.assert_close(average.state_dict(model)["weight"], start + 1.0)  # 0.75 old + 0.25 new
     torch.testing.assert_close(model.weight, start + 4.0)  # the live weights are untouched
+    # Training swaps the averaged weights in for validation and back (load_state_dict, in place):
+    # the average keeps following the live weights afterwards.
+    live = {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(average.state_dict(model))
+    model.load_state_dict(live)
+    average.update()
+    torch.testing.assert_close(average.state_dict(model)["weight"], start + 1.75)
 
 
 def test_id_dropout_only_touches_training_item_vectors() -> None:
