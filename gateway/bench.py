@@ -19,8 +19,9 @@ from pathlib import Path
 
 import grpc
 
-from gateway.query import DEFAULT_GATEWAY
+from gateway.query import DEFAULT_GATEWAY, TokenError, add_token_argument, token_from_args
 from recsys.bench import latency_summary, machine_info
+from recsys.serving.auth import BearerTokenInterceptor
 from recsys.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
 CONTEXT_SCENARIOS = {"item_detail", "cart"}
@@ -29,6 +30,7 @@ CONTEXT_SCENARIOS = {"item_detail", "cart"}
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gateway bench", description=__doc__.splitlines()[0])
     parser.add_argument("--gateway", default=DEFAULT_GATEWAY, help="gateway HOST:PORT")
+    add_token_argument(parser)
     parser.add_argument("--scenarios", default="home,item_detail,cart", help="comma-separated scenarios")
     parser.add_argument("--category", default="", help="also bench the category scenario with this category")
     parser.add_argument("--concurrency", type=int, default=16, help="calls in flight")
@@ -71,7 +73,9 @@ async def run(args: argparse.Namespace) -> dict:
     if args.category:
         scenarios.append("category")
     rng = random.Random(args.seed)
-    async with grpc.aio.insecure_channel(args.gateway) as channel:
+    token = token_from_args(args)
+    interceptors = [BearerTokenInterceptor(token)] if token is not None else None
+    async with grpc.aio.insecure_channel(args.gateway, interceptors=interceptors) as channel:
         stub = gateway_pb2_grpc.GatewayStub(channel)
         items = await _catalog_sample(stub, args.timeout)
         if not items:
@@ -127,7 +131,11 @@ async def run(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    result = asyncio.run(run(args))
+    try:
+        result = asyncio.run(run(args))
+    except TokenError as error:
+        print(error, file=sys.stderr)
+        return 2
     text = json.dumps(result, indent=2)
     print(text)
     if args.out is not None:

@@ -7,6 +7,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gateway.history import SQLITE_SYNCHRONOUS
+from recsys.serving.auth import load_tokens
 from recsys.serving.config import (
     ConfigError,
     ServingConfig,
@@ -19,6 +21,18 @@ DEFAULT_PORT = 50050
 DEFAULT_METRICS_PORT = 9090
 DEFAULT_SCENARIOS = Path(__file__).resolve().parents[1] / "config" / "scenarios.yaml"
 HISTORY_BACKENDS = ("sqlite", "redis")
+# Limits of the public port, sized for the chart's 512 MiB gateway pods. The largest valid request
+# (1000 events with 256-character ids) is about 1 MB, so 4 MiB messages refuse nothing legitimate;
+# larger ones are answered RESOURCE_EXHAUSTED by gRPC from their length prefix, unread. Each call
+# being read or handled costs about 3x its size (transport buffer, bytes, parsed message), and
+# calls beyond GATEWAY_MAX_CONCURRENT_RPCS are refused before their request is read. Measured on
+# one gateway process (62 MiB at rest): 40 concurrent 15 MiB requests against these defaults are
+# all refused (peak RSS 73 MiB; with 16 MiB messages and no cap: all read, 1.5 GiB); 100-200
+# concurrent 4 MB requests peak at 325-665 MiB, so a pod expecting such floods needs a lower
+# --max-message-bytes or more memory. The in-flight limit (max_in_flight, counted in
+# recsys_requests_total{outcome="shed"}) stays below the RPC cap so overload is shed visibly.
+GATEWAY_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+GATEWAY_MAX_CONCURRENT_RPCS = 64
 
 
 @dataclass(frozen=True)
@@ -26,7 +40,12 @@ class GatewayConfig:
     """Everything the gateway needs: where its downstreams are, its scenarios, its history store."""
 
     serving: ServingConfig = field(
-        default_factory=lambda: ServingConfig(port=DEFAULT_PORT, metrics_port=DEFAULT_METRICS_PORT)
+        default_factory=lambda: ServingConfig(
+            port=DEFAULT_PORT,
+            metrics_port=DEFAULT_METRICS_PORT,
+            max_message_bytes=GATEWAY_MAX_MESSAGE_BYTES,
+            max_concurrent_rpcs=GATEWAY_MAX_CONCURRENT_RPCS,
+        )
     )
     scenarios_path: Path = DEFAULT_SCENARIOS
     recall_address: str = "127.0.0.1:50051"
@@ -35,10 +54,17 @@ class GatewayConfig:
     sqlite_path: Path = Path("artifacts/gateway-history.sqlite3")
     redis_url: str = "redis://127.0.0.1:6379/0"
     max_history_length: int = 200
-    max_in_flight: int = 256
+    sqlite_synchronous: str = "NORMAL"  # NORMAL survives a process crash; FULL also power loss
+    dedupe_retention_hours: float = 168.0  # how long an accepted event_id stays a duplicate
+    max_in_flight: int = 48  # below serving.max_concurrent_rpcs: see GATEWAY_MAX_CONCURRENT_RPCS
     default_deadline_ms: float = 1000.0  # cap when a caller sends no deadline
     reload_interval_s: float = 2.0  # how often the scenario file's mtime is checked
     downstream_tls_ca: Path | None = None  # set: TLS to recall/rank, verified against this CA
+    # Bearer tokens and their scopes (recsys/serving/auth.py). Without a tokens file the gateway
+    # refuses to start unless allow_unauthenticated is set (it then logs a warning); with one,
+    # allow_unauthenticated is ignored.
+    auth_tokens_file: Path | None = None
+    allow_unauthenticated: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -52,6 +78,13 @@ class GatewayConfig:
                 raise ConfigError(f"{name}: must be HOST:PORT, got {getattr(self, name)!r}")
         if not 1 <= self.max_history_length <= 1000:
             raise ConfigError(f"max_history_length: must be in 1..1000, got {self.max_history_length}")
+        if self.sqlite_synchronous not in SQLITE_SYNCHRONOUS:
+            raise ConfigError(
+                f"sqlite_synchronous: must be one of {', '.join(SQLITE_SYNCHRONOUS)},"
+                f" got {self.sqlite_synchronous!r}"
+            )
+        if not self.dedupe_retention_hours > 0:
+            raise ConfigError(f"dedupe_retention_hours: must be > 0, got {self.dedupe_retention_hours}")
         if self.max_in_flight < 1:
             raise ConfigError(f"max_in_flight: must be >= 1, got {self.max_in_flight}")
         if not self.default_deadline_ms > 0:
@@ -62,6 +95,13 @@ class GatewayConfig:
             raise ConfigError(f"scenarios_path: file not found: {self.scenarios_path}")
         if self.downstream_tls_ca is not None and not Path(self.downstream_tls_ca).is_file():
             raise ConfigError(f"downstream_tls_ca: file not found: {self.downstream_tls_ca}")
+        if self.auth_tokens_file is not None:
+            load_tokens(self.auth_tokens_file)  # fail at start, naming the bad entry
+        elif not self.allow_unauthenticated:
+            raise ConfigError(
+                "auth_tokens_file: required (--auth-tokens-file / RECSYS_AUTH_TOKENS_FILE); to serve "
+                "without authentication pass --allow-unauthenticated (RECSYS_ALLOW_UNAUTHENTICATED=1)"
+            )
 
     @classmethod
     def from_args(cls, argv: Sequence[str] | None = None) -> GatewayConfig:
@@ -78,10 +118,14 @@ class GatewayConfig:
                 sqlite_path=Path(args.sqlite_path),
                 redis_url=args.redis_url,
                 max_history_length=args.max_history_length,
+                sqlite_synchronous=args.sqlite_synchronous,
+                dedupe_retention_hours=args.dedupe_retention_hours,
                 max_in_flight=args.max_in_flight,
                 default_deadline_ms=args.default_deadline_ms,
                 reload_interval_s=args.reload_interval_s,
                 downstream_tls_ca=Path(args.downstream_tls_ca) if args.downstream_tls_ca else None,
+                auth_tokens_file=Path(args.auth_tokens_file) if args.auth_tokens_file else None,
+                allow_unauthenticated=args.allow_unauthenticated,
             )
         except ConfigError as error:
             parser.error(str(error))
@@ -91,7 +135,13 @@ class GatewayConfig:
 def build_parser() -> argparse.ArgumentParser:
     """The gateway's flags: the common serving flags plus its own."""
     parser = argparse.ArgumentParser(prog="recsys serve gateway", description="The recommendation gateway.")
-    add_serving_arguments(parser, DEFAULT_PORT, DEFAULT_METRICS_PORT)
+    add_serving_arguments(
+        parser,
+        DEFAULT_PORT,
+        DEFAULT_METRICS_PORT,
+        max_message_bytes=GATEWAY_MAX_MESSAGE_BYTES,
+        max_concurrent_rpcs=GATEWAY_MAX_CONCURRENT_RPCS,
+    )
     group = parser.add_argument_group("gateway (flags override RECSYS_* environment variables)")
     defaults = GatewayConfig.__dataclass_fields__
 
@@ -103,8 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
             value = env_default(env, default, cast)
         except ConfigError as error:
             parser.error(str(error))
+        shown = redacted_url(value) if dest == "redis_url" else value  # --help never shows a password
         group.add_argument(
-            flag, dest=dest, type=cast, default=value, help=f"{help_text} (env {env}; now {value})"
+            flag, dest=dest, type=cast, default=value, help=f"{help_text} (env {env}; now {shown})"
         )
 
     add("--scenarios", "RECSYS_SCENARIOS", str, "scenario pipelines YAML")
@@ -113,9 +164,58 @@ def build_parser() -> argparse.ArgumentParser:
     add("--history-backend", "RECSYS_HISTORY_BACKEND", str, "event history store: sqlite or redis")
     add("--sqlite-path", "RECSYS_SQLITE_PATH", str, "SQLite history file")
     add("--redis-url", "RECSYS_REDIS_URL", str, "Redis URL for the redis history backend")
-    add("--max-history-length", "RECSYS_MAX_HISTORY_LENGTH", int, "events kept per user")
+    add("--max-history-length", "RECSYS_MAX_HISTORY_LENGTH", int, "events per user in the history window")
+    add(
+        "--sqlite-synchronous",
+        "RECSYS_SQLITE_SYNCHRONOUS",
+        str.upper,
+        "SQLite durability: NORMAL (survives a process crash) or FULL (also power loss)",
+    )
+    add(
+        "--dedupe-retention-hours",
+        "RECSYS_DEDUPE_RETENTION_HOURS",
+        float,
+        "how long an accepted event_id is remembered as a duplicate (any user)",
+    )
     add("--max-in-flight", "RECSYS_MAX_IN_FLIGHT", int, "requests in flight before shedding")
     add("--default-deadline-ms", "RECSYS_DEFAULT_DEADLINE_MS", float, "deadline when the caller sets none")
     add("--reload-interval-s", "RECSYS_RELOAD_INTERVAL_S", float, "scenario file poll interval")
     add("--downstream-tls-ca", "RECSYS_DOWNSTREAM_TLS_CA", str, "CA to verify recall/rank TLS with")
+    add(
+        "--auth-tokens-file",
+        "RECSYS_AUTH_TOKENS_FILE",
+        str,
+        "bearer tokens (sha256) and scopes, YAML/JSON; a mounted Secret works (recsys/serving/auth.py)",
+    )
+    try:
+        allow = env_default("RECSYS_ALLOW_UNAUTHENTICATED", False, _flag)
+    except ConfigError as error:
+        parser.error(str(error))
+    group.add_argument(
+        "--allow-unauthenticated",
+        action="store_true",
+        default=allow,
+        help="serve without a tokens file: anyone who reaches the port may call every method "
+        f"(env RECSYS_ALLOW_UNAUTHENTICATED=1; now {allow})",
+    )
     return parser
+
+
+def _flag(value: str) -> bool:
+    """An environment switch: 1/true/yes/on or 0/false/no/off."""
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("must be 1/true/yes/on or 0/false/no/off")
+
+
+def redacted_url(url: str) -> str:
+    """``url`` with its password, if any, replaced by ``***`` (for help text and logs)."""
+    scheme, separator, rest = url.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    if not separator or not at or ":" not in userinfo:
+        return url
+    user = userinfo.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}"

@@ -2,26 +2,64 @@
 
 recsys query --scenario home --user U [--item X ...] [--category C] [-n 10] [--debug]
 recsys query events --user U --item X --type add_to_cart [--event-id ID] [--scenario S]
+
+Calls carry ``authorization: Bearer <token>``: the token in --token-file, else $RECSYS_TOKEN,
+else the one `make run` wrote to artifacts/dev-token (when that file exists).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 import time
 import uuid
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TextIO
 
 import grpc
 
 from gateway.config import DEFAULT_PORT
 from recsys.data.dataset import EventType
+from recsys.serving.auth import DEV_TOKEN_FILE, TOKEN_ENV, bearer_metadata, read_token
 from recsys.serving.config import env_default
 from recsys.v1 import gateway_pb2, gateway_pb2_grpc
 
 DEFAULT_GATEWAY = f"127.0.0.1:{DEFAULT_PORT}"
+DEFAULT_TOKEN_FILE = Path("artifacts") / DEV_TOKEN_FILE
+
+
+class TokenError(Exception):
+    """The token file named on the command line cannot be used."""
+
+
+def add_token_argument(parser: argparse.ArgumentParser) -> None:
+    """--token-file; the help says whether $RECSYS_TOKEN is set, never its value."""
+    shown = "set" if os.environ.get(TOKEN_ENV, "").strip() else "unset"
+    parser.add_argument(
+        "--token-file",
+        type=Path,
+        help=f"file holding the bearer token (default: env {TOKEN_ENV}, now {shown}; "
+        f"else {DEFAULT_TOKEN_FILE} when it exists)",
+    )
+
+
+def token_from_args(args: argparse.Namespace) -> str | None:
+    """The bearer token: --token-file, else $RECSYS_TOKEN, else artifacts/dev-token if present."""
+    path = args.token_file
+    if path is None:
+        token = os.environ.get(TOKEN_ENV, "").strip()
+        if token:
+            return token
+        if not DEFAULT_TOKEN_FILE.is_file():
+            return None
+        path = DEFAULT_TOKEN_FILE
+    try:
+        return read_token(path)
+    except (OSError, ValueError) as error:
+        raise TokenError(f"--token-file: cannot read a token from {path}: {error}") from None
 
 
 def _gateway_argument(parser: argparse.ArgumentParser) -> None:
@@ -30,6 +68,7 @@ def _gateway_argument(parser: argparse.ArgumentParser) -> None:
         "--gateway", default=default, help=f"gateway HOST:PORT (env RECSYS_GATEWAY_ADDRESS; now {default})"
     )
     parser.add_argument("--timeout", type=float, default=5.0, help="call deadline, seconds")
+    add_token_argument(parser)
 
 
 def build_recommend_parser() -> argparse.ArgumentParser:
@@ -81,6 +120,11 @@ def format_response(response: gateway_pb2.RecommendResponse, debug: bool) -> str
     return "\n".join(lines)
 
 
+def _call_metadata(args: argparse.Namespace) -> tuple[tuple[str, str], ...] | None:
+    token = token_from_args(args)
+    return bearer_metadata(token) if token is not None else None
+
+
 async def _recommend(args: argparse.Namespace, out: TextIO) -> int:
     request = gateway_pb2.RecommendRequest(
         request_id=uuid.uuid4().hex,
@@ -90,8 +134,11 @@ async def _recommend(args: argparse.Namespace, out: TextIO) -> int:
         context=gateway_pb2.RecommendContext(item_ids=args.item, category=args.category),
         debug=args.debug,
     )
+    metadata = _call_metadata(args)
     async with grpc.aio.insecure_channel(args.gateway) as channel:
-        response = await gateway_pb2_grpc.GatewayStub(channel).Recommend(request, timeout=args.timeout)
+        response = await gateway_pb2_grpc.GatewayStub(channel).Recommend(
+            request, timeout=args.timeout, metadata=metadata
+        )
     print(format_response(response, args.debug), file=out)
     return 0
 
@@ -112,9 +159,10 @@ async def _events(args: argparse.Namespace, out: TextIO) -> int:
         timestamp_ms=int(time.time() * 1000),
         scenario=args.scenario,
     )
+    metadata = _call_metadata(args)
     async with grpc.aio.insecure_channel(args.gateway) as channel:
         response = await gateway_pb2_grpc.GatewayStub(channel).LogEvents(
-            gateway_pb2.LogEventsRequest(events=[event]), timeout=args.timeout
+            gateway_pb2.LogEventsRequest(events=[event]), timeout=args.timeout, metadata=metadata
         )
     print(f"event {event.event_id}: accepted {response.accepted}, duplicates {response.duplicates}", file=out)
     return 0
@@ -131,6 +179,14 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         call = _recommend(args, out)
     try:
         return asyncio.run(call)
+    except TokenError as error:
+        print(error, file=sys.stderr)
+        return 2
     except grpc.aio.AioRpcError as error:
         print(f"{error.code().name}: {error.details()}", file=sys.stderr)
+        if error.code() == grpc.StatusCode.UNAUTHENTICATED:
+            print(
+                f"pass --token-file FILE or set {TOKEN_ENV} (`make run` writes {DEFAULT_TOKEN_FILE})",
+                file=sys.stderr,
+            )
         return 1

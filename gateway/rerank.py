@@ -1,16 +1,19 @@
 """Re-rank rules applied in the gateway after ranking: business filters, diversity, ads revenue.
 
-Each rule takes the ordered list of :class:`CandidateItem` (best first) and returns a new list;
-rules never reorder what they do not have to.
+Candidates stay columnar (:class:`Candidates`: numpy arrays of catalog indices and scores) from
+recall's answer to the response; each rule takes them best first and returns a new selection or
+order, never reordering what it does not have to. Item attributes (category, brand, bid) come
+from the gateway's :class:`~gateway.catalog.Catalog`, not from the wire.
 """
 
 from __future__ import annotations
 
-import math
-from collections import Counter
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 
+import numpy as np
+
+from gateway.catalog import Catalog
 from gateway.scenarios import (
     DiversityRule,
     DropPurchasedRule,
@@ -18,121 +21,187 @@ from gateway.scenarios import (
     RerankRule,
     RevenueRule,
 )
+from recsys.sources import RECALL_SOURCES
 from recsys.v1 import common_pb2
 
 DAY_MS = 86_400_000
+ATTENDED_TOP = 3
 
 
-@dataclass
-class CandidateItem:
-    """One candidate as it moves through the pipeline."""
+@dataclass(frozen=True)
+class Candidates:
+    """An ordered candidate list (best first) as parallel arrays."""
 
-    item_id: str
-    recall_score: float
-    source: str
-    source_scores: dict[str, float] = field(default_factory=dict)
-    category: str = ""
-    brand: str = ""
-    bid: float = 0.0
-    rank_score: float | None = None
-    attended_item_ids: list[str] = field(default_factory=list)
-    score: float = 0.0  # the score the response carries (rank, recall, or expected revenue)
+    items: np.ndarray  # int32 catalog indices
+    recall_scores: np.ndarray  # float32: the primary recall source's score
+    sources: np.ndarray  # uint8 primary source, an index into RECALL_SOURCES
+    source_scores: np.ndarray  # float32 [n, len(RECALL_SOURCES)], 0 where absent
+    source_flags: np.ndarray  # uint8: bit s = RECALL_SOURCES[s] produced the item
+    scores: np.ndarray  # float32: the score the response carries (rank, recall or revenue)
+    rank_scores: np.ndarray | None = None  # float32 when ranked
+    attended: np.ndarray | None = None  # int32 [n, 3] history positions the ranker attended to
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def take(self, positions: np.ndarray) -> Candidates:
+        """The candidates at ``positions`` (a selection or a new order)."""
+        return Candidates(
+            items=self.items[positions],
+            recall_scores=self.recall_scores[positions],
+            sources=self.sources[positions],
+            source_scores=self.source_scores[positions],
+            source_flags=self.source_flags[positions],
+            scores=self.scores[positions],
+            rank_scores=None if self.rank_scores is None else self.rank_scores[positions],
+            attended=None if self.attended is None else self.attended[positions],
+        )
+
+    def head(self, count: int) -> Candidates:
+        return self.take(np.arange(min(count, len(self))))
+
+    def with_scores(self, scores: np.ndarray, **changes: np.ndarray | None) -> Candidates:
+        return replace(self, scores=np.asarray(scores, dtype=np.float32), **changes)
+
+    @classmethod
+    def empty(cls) -> Candidates:
+        return cls.from_source(np.zeros(0, np.int32), np.zeros(0, np.float32), "popular")
+
+    @classmethod
+    def from_source(cls, items: np.ndarray, scores: np.ndarray, source: str) -> Candidates:
+        """Candidates that all come from one source (the gateway's popular fallback)."""
+        column = RECALL_SOURCES.index(source)
+        count = len(items)
+        source_scores = np.zeros((count, len(RECALL_SOURCES)), dtype=np.float32)
+        source_scores[:, column] = scores
+        return cls(
+            items=np.asarray(items, dtype=np.int32),
+            recall_scores=np.asarray(scores, dtype=np.float32),
+            sources=np.full(count, column, dtype=np.uint8),
+            source_scores=source_scores,
+            source_flags=np.full(count, 1 << column, dtype=np.uint8),
+            scores=np.asarray(scores, dtype=np.float32),
+        )
+
+
+@dataclass(frozen=True)
+class History:
+    """A user's behaviour sequence, oldest first, with the catalog index of each item."""
+
+    item_ids: tuple[str, ...] = ()
+    types: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint8))  # EventType per item
+    timestamps_ms: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # 0 = unknown
+    # Catalog index per item, -1 = not in the catalog.
+    indices: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
+
+    def __len__(self) -> int:
+        return len(self.item_ids)
+
+    @property
+    def known(self) -> np.ndarray:
+        """Positions of the items the catalog knows (what the models see)."""
+        return np.flatnonzero(self.indices >= 0)
 
 
 @dataclass(frozen=True)
 class RerankInputs:
     """What the rules may read besides the candidates."""
 
-    history: Sequence[common_pb2.HistoryItem] = ()
-    context_item_ids: Sequence[str] = ()
+    catalog: Catalog
+    history: History = field(default_factory=History)
+    # Catalog indices of context.item_ids.
+    context_items: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
     now_ms: int = 0
 
 
-def exclude_items(items: Sequence[CandidateItem], excluded: Iterable[str]) -> list[CandidateItem]:
-    """Drop the given item ids."""
-    excluded_set = set(excluded)
-    return [item for item in items if item.item_id not in excluded_set]
+def exclude_items(candidates: Candidates, excluded: np.ndarray) -> Candidates:
+    """Drop the given catalog indices."""
+    if not len(excluded) or not len(candidates):
+        return candidates
+    return candidates.take(np.flatnonzero(~np.isin(candidates.items, excluded)))
 
 
-def purchased_within(history: Sequence[common_pb2.HistoryItem], now_ms: int, days: float) -> set[str]:
-    """Items purchased in the last ``days`` days; a purchase without a timestamp counts as recent."""
+def purchased_within(history: History, now_ms: int, days: float) -> np.ndarray:
+    """Catalog indices purchased in the last ``days`` days; a purchase without a timestamp counts
+    as recent."""
     since_ms = now_ms - days * DAY_MS
-    return {
-        entry.item_id
-        for entry in history
-        if entry.type == common_pb2.PURCHASE and (entry.timestamp_ms <= 0 or entry.timestamp_ms >= since_ms)
-    }
+    timestamps = history.timestamps_ms
+    recent = (history.types == common_pb2.PURCHASE) & ((timestamps <= 0) | (timestamps >= since_ms))
+    indices = history.indices[recent]
+    return indices[indices >= 0]
 
 
 def diversify(
-    items: Sequence[CandidateItem],
+    candidates: Candidates,
+    catalog: Catalog,
     top_n: int,
     max_per_category: int | None,
     max_per_brand: int | None,
-) -> list[CandidateItem]:
+) -> Candidates:
     """Greedy caps: fill the top ``top_n`` in order, deferring items whose category or brand is
     already at its cap; deferred items follow, in their original order. Items without a category
     (or brand) are not capped on it."""
-    top: list[CandidateItem] = []
-    deferred: list[CandidateItem] = []
-    per_category: Counter[str] = Counter()
-    per_brand: Counter[str] = Counter()
-    for position, item in enumerate(items):
+    categories = catalog.item_category[candidates.items].tolist()
+    brands = catalog.item_brand[candidates.items].tolist()
+    no_cap = len(candidates) + 1
+    category_cap = no_cap if max_per_category is None else max_per_category
+    brand_cap = no_cap if max_per_brand is None else max_per_brand
+    top: list[int] = []
+    deferred: list[int] = []
+    per_category: dict[int, int] = {}
+    per_brand: dict[int, int] = {}
+    position = 0
+    for position, (category, brand) in enumerate(zip(categories, brands, strict=True)):
         if len(top) >= top_n:
-            return top + deferred + list(items[position:])
-        category_full = (
-            bool(item.category)
-            and max_per_category is not None
-            and (per_category[item.category] >= max_per_category)
-        )
-        brand_full = bool(item.brand) and max_per_brand is not None and per_brand[item.brand] >= max_per_brand
-        if category_full or brand_full:
-            deferred.append(item)
+            break
+        if (category >= 0 and per_category.get(category, 0) >= category_cap) or (
+            brand >= 0 and per_brand.get(brand, 0) >= brand_cap
+        ):
+            deferred.append(position)
             continue
-        top.append(item)
-        per_category[item.category] += 1
-        per_brand[item.brand] += 1
-    return top + deferred
+        top.append(position)
+        per_category[category] = per_category.get(category, 0) + 1
+        per_brand[brand] = per_brand.get(brand, 0) + 1
+    else:
+        position = len(candidates)
+    order = np.asarray(top + deferred + list(range(position, len(candidates))), dtype=np.int64)
+    return candidates.take(order)
 
 
-def order_by_revenue(items: Sequence[CandidateItem], floor: float) -> list[CandidateItem]:
+def order_by_revenue(candidates: Candidates, catalog: Catalog, floor: float) -> Candidates:
     """Expected revenue = P(choice) x bid, P from a softmax over the list's scores (the ranker is
     trained with a listwise softmax). Items bidding below ``floor`` (or not at all) are dropped;
     the score becomes the expected revenue."""
-    if not items:
-        return []
-    scores = [item.rank_score if item.rank_score is not None else item.score for item in items]
-    top = max(scores)
-    weights = [math.exp(s - top) for s in scores]
-    total = sum(weights)
-    kept = []
-    for item, weight in zip(items, weights, strict=True):
-        if item.bid <= 0 or item.bid < floor:
-            continue
-        item.score = weight / total * item.bid
-        kept.append(item)
-    kept.sort(key=lambda item: item.score, reverse=True)
-    return kept
+    if not len(candidates):
+        return candidates
+    scores = (candidates.rank_scores if candidates.rank_scores is not None else candidates.scores).astype(
+        np.float64
+    )
+    weights = np.exp(scores - scores.max())
+    choice = weights / weights.sum()
+    bids = catalog.item_bid[candidates.items].astype(np.float64)
+    kept = np.flatnonzero((bids > 0) & (bids >= floor))
+    revenue = choice[kept] * bids[kept]
+    order = kept[np.argsort(-revenue, kind="stable")]
+    ranked = candidates.take(order)
+    return ranked.with_scores((choice[order] * bids[order]).astype(np.float32))
 
 
-def apply_rule(rule: RerankRule, items: Sequence[CandidateItem], inputs: RerankInputs) -> list[CandidateItem]:
+def apply_rule(rule: RerankRule, candidates: Candidates, inputs: RerankInputs) -> Candidates:
     """Apply one configured rule."""
     if isinstance(rule, ExcludeContextRule):
-        return exclude_items(items, inputs.context_item_ids)
+        return exclude_items(candidates, inputs.context_items)
     if isinstance(rule, DropPurchasedRule):
-        return exclude_items(items, purchased_within(inputs.history, inputs.now_ms, rule.days))
+        return exclude_items(candidates, purchased_within(inputs.history, inputs.now_ms, rule.days))
     if isinstance(rule, DiversityRule):
-        return diversify(items, rule.top_n, rule.max_per_category, rule.max_per_brand)
+        return diversify(candidates, inputs.catalog, rule.top_n, rule.max_per_category, rule.max_per_brand)
     if isinstance(rule, RevenueRule):
-        return order_by_revenue(items, rule.floor)
+        return order_by_revenue(candidates, inputs.catalog, rule.floor)
     raise TypeError(f"unknown re-rank rule {rule!r}")
 
 
-def apply_rules(
-    rules: Sequence[RerankRule], items: Sequence[CandidateItem], inputs: RerankInputs
-) -> list[CandidateItem]:
+def apply_rules(rules: Sequence[RerankRule], candidates: Candidates, inputs: RerankInputs) -> Candidates:
     """Apply the rules in order."""
-    result = list(items)
     for rule in rules:
-        result = apply_rule(rule, result, inputs)
-    return result
+        candidates = apply_rule(rule, candidates, inputs)
+    return candidates

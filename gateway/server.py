@@ -8,22 +8,54 @@ import logging
 from typing import Any
 
 import grpc
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Counter
 
 from gateway.config import GatewayConfig
 from gateway.history import HistoryStore, open_history_store
-from gateway.pipeline import GatewayMetrics, Pipeline, PopularCache
+from gateway.pipeline import CATALOG_TIMEOUT_S, GatewayMetrics, Pipeline
 from gateway.scenarios import ScenarioRegistry
 from gateway.servicer import GatewayServicer
-from recsys.serving.bootstrap import RunningServer, client_channel_credentials, open_channel, start_server
+from recsys.serving.auth import AccessPolicy, BearerAuthInterceptor, TokenFile
+from recsys.serving.bootstrap import (
+    HEALTH_SERVICE_NAME,
+    REFLECTION_SERVICE_NAME,
+    RunningServer,
+    client_channel_credentials,
+    open_channel,
+    start_server,
+)
+from recsys.serving.config import DEFAULT_MAX_MESSAGE_BYTES
 from recsys.serving.metrics import bundle_info, new_registry
 from recsys.v1 import gateway_pb2, gateway_pb2_grpc, rank_pb2_grpc, recall_pb2_grpc
 
 log = logging.getLogger(__name__)
 
 GATEWAY_SERVICE = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name
-POPULAR_REFRESH_TIMEOUT_S = 5.0
-POPULAR_RETRY_S = 5.0  # refresh retry interval while the popular table is still empty
+CATALOG_RETRY_S = 5.0  # catalog refresh interval while none is held
+
+# Who may call what: the scope each Gateway method needs; `debug=true` on Recommend also needs
+# `debug` (it reveals the user's history items). Health checks and reflection stay open for probes.
+GATEWAY_ACCESS = AccessPolicy(
+    method_scopes={
+        f"/{GATEWAY_SERVICE}/Recommend": "recommend",
+        f"/{GATEWAY_SERVICE}/LogEvents": "events",
+        f"/{GATEWAY_SERVICE}/ForgetUser": "admin",
+    },
+    open_services=frozenset({HEALTH_SERVICE_NAME, REFLECTION_SERVICE_NAME}),
+    request_scopes={f"/{GATEWAY_SERVICE}/Recommend": lambda request: ("debug",) if request.debug else ()},
+)
+
+
+def auth_interceptors(config: GatewayConfig) -> list[grpc.aio.ServerInterceptor]:
+    """The bearer-token interceptor for ``config.auth_tokens_file``; none (and a warning) when
+    the gateway runs without authentication (``allow_unauthenticated``)."""
+    if config.auth_tokens_file is not None:
+        return [BearerAuthInterceptor(TokenFile(config.auth_tokens_file), GATEWAY_ACCESS)]
+    log.warning(
+        "serving WITHOUT authentication (allow_unauthenticated): anyone who reaches this port can "
+        "read recommendations and write events for any user"
+    )
+    return []
 
 
 class GatewayServer:
@@ -65,48 +97,54 @@ class GatewayServer:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await self.servicer.pipeline.close()
         for channel in self._channels:
             await channel.close()
         await self._history_store.close()
 
 
-async def serve(config: GatewayConfig, registry: CollectorRegistry | None = None) -> GatewayServer:
-    """Start the gateway; returns once it is SERVING (its popular table filled when recall is up)."""
+async def serve(
+    config: GatewayConfig,
+    registry: CollectorRegistry | None = None,
+    backends: tuple[Any, Any] | None = None,
+) -> GatewayServer:
+    """Start the gateway; returns once it is SERVING (with recall's catalog when recall is up).
+
+    ``backends`` replaces the gRPC stubs of recall and rank by objects with the same methods
+    (the in-process backends of ``recsys.inprocess``); by default they are channels to
+    ``config.recall_address`` / ``config.rank_address``."""
     registry = new_registry() if registry is None else registry
+    reload_errors = Counter(
+        "recsys_scenario_reload_errors",
+        "Scenario config reloads rejected (the previous config kept serving)",
+        registry=registry,
+    )
     scenarios = ScenarioRegistry(
         config.scenarios_path,
         config.reload_interval_s,
         on_reload=lambda current: bundle_info(registry, "gateway", "scenarios", current.digest),
+        on_error=lambda _message: reload_errors.inc(),
     )
     history_store = open_history_store(
         config.history_backend,
         config.max_history_length,
         sqlite_path=config.sqlite_path,
         redis_url=config.redis_url,
+        sqlite_synchronous=config.sqlite_synchronous,
+        retention_s=config.dedupe_retention_hours * 3600,
     )
-    credentials = None
-    if config.downstream_tls_ca is not None:
-        serving = config.serving
-        credentials = client_channel_credentials(config.downstream_tls_ca, serving.tls_cert, serving.tls_key)
-    max_bytes = config.serving.max_message_bytes
-    # round_robin spreads calls over every pod behind a headless Service (dns:/// addresses);
-    # the default pick_first would pin each gateway to one recall and one rank pod.
-    balanced = (("grpc.lb_policy_name", "round_robin"),)
-    recall_channel = open_channel(
-        config.recall_address, credentials=credentials, max_message_bytes=max_bytes, options=balanced
-    )
-    rank_channel = open_channel(
-        config.rank_address, credentials=credentials, max_message_bytes=max_bytes, options=balanced
-    )
-    recall = recall_pb2_grpc.RecallServiceStub(recall_channel)
-    popular_cache = PopularCache(scenarios.current.popular_cache_size)
+    channels: list[grpc.aio.Channel] = []
+    if backends is None:
+        recall, rank, channels = open_backends(config)
+    else:
+        recall, rank = backends
     pipeline = Pipeline(
         recall=recall,
-        rank=rank_pb2_grpc.RankServiceStub(rank_channel),
+        rank=rank,
         history_store=history_store,
-        popular_cache=popular_cache,
         metrics=GatewayMetrics(registry),
         max_history_length=config.max_history_length,
+        fallback_depth=scenarios.current.popular_cache_size,
     )
     servicer = GatewayServicer(
         scenarios=lambda: scenarios.current,
@@ -117,41 +155,70 @@ async def serve(config: GatewayConfig, registry: CollectorRegistry | None = None
         default_deadline_s=config.default_deadline_ms / 1000,
     )
 
-    async def refresh_popular() -> bool:
-        current = scenarios.current
-        popular_cache.size = current.popular_cache_size
-        model_scenario = next(iter(current.scenarios.values())).model_scenario_name
-        try:
-            await popular_cache.refresh(recall, model_scenario, POPULAR_REFRESH_TIMEOUT_S)
-        except grpc.aio.AioRpcError as error:
-            log.warning("popular table refresh failed: %s %s", error.code().name, error.details())
-            return False
-        return True
-
-    async def refresh_popular_forever() -> None:
+    async def refresh_catalog_forever() -> None:
+        """Check recall's catalog every ``popular_cache.refresh_s`` (sooner while none is held)."""
         while True:
             interval = scenarios.current.popular_refresh_s
-            await asyncio.sleep(interval if popular_cache.candidates else min(interval, POPULAR_RETRY_S))
-            await refresh_popular()
+            await asyncio.sleep(interval if pipeline.catalog is not None else min(interval, CATALOG_RETRY_S))
+            pipeline.fallback_depth = scenarios.current.popular_cache_size
+            await pipeline.refresh_catalog()
 
     async def warmup() -> None:
         await history_store.ping()
-        if not await refresh_popular():
-            log.warning("recall unreachable at start: serving without a popular fallback until it answers")
+        if not await pipeline.refresh_catalog(CATALOG_TIMEOUT_S):
+            log.warning("recall unreachable at start: requests are UNAVAILABLE until it serves the catalog")
 
     def register(server: grpc.aio.Server) -> list[str]:
         gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, server)
         return [GATEWAY_SERVICE]
 
+    if config.max_in_flight >= config.serving.max_concurrent_rpcs:
+        log.warning(  # gRPC then refuses calls before the in-flight limit can shed (and count) them
+            "max_in_flight %d >= max_concurrent_rpcs %d: overload is refused uncounted",
+            config.max_in_flight,
+            config.serving.max_concurrent_rpcs,
+        )
     bundle_info(registry, "gateway", "scenarios", scenarios.current.digest)
     try:
         running = await start_server(
-            config.serving, service="gateway", register=register, warmup=warmup, registry=registry
+            config.serving,
+            service="gateway",
+            register=register,
+            warmup=warmup,
+            registry=registry,
+            interceptors=auth_interceptors(config),
         )
     except BaseException:
-        await recall_channel.close()
-        await rank_channel.close()
+        for channel in channels:
+            await channel.close()
         await history_store.close()
         raise
-    tasks = [asyncio.ensure_future(scenarios.watch()), asyncio.ensure_future(refresh_popular_forever())]
-    return GatewayServer(running, servicer, scenarios, [recall_channel, rank_channel], history_store, tasks)
+    tasks = [asyncio.ensure_future(scenarios.watch()), asyncio.ensure_future(refresh_catalog_forever())]
+    return GatewayServer(running, servicer, scenarios, channels, history_store, tasks)
+
+
+def open_backends(
+    config: GatewayConfig,
+) -> tuple[recall_pb2_grpc.RecallServiceStub, rank_pb2_grpc.RankServiceStub, list[grpc.aio.Channel]]:
+    """gRPC stubs for recall and rank (TLS when configured) and the channels to close."""
+    credentials = None
+    if config.downstream_tls_ca is not None:
+        serving = config.serving
+        credentials = client_channel_credentials(config.downstream_tls_ca, serving.tls_cert, serving.tls_key)
+    # The gateway's own limit (config.serving.max_message_bytes) guards against its public clients;
+    # recall and rank are trusted and answer within their servers' default limit.
+    max_bytes = DEFAULT_MAX_MESSAGE_BYTES
+    # round_robin spreads calls over every pod behind a headless Service (dns:/// addresses);
+    # the default pick_first would pin each gateway to one recall and one rank pod.
+    balanced = (("grpc.lb_policy_name", "round_robin"),)
+    recall_channel = open_channel(
+        config.recall_address, credentials=credentials, max_message_bytes=max_bytes, options=balanced
+    )
+    rank_channel = open_channel(
+        config.rank_address, credentials=credentials, max_message_bytes=max_bytes, options=balanced
+    )
+    return (
+        recall_pb2_grpc.RecallServiceStub(recall_channel),
+        rank_pb2_grpc.RankServiceStub(rank_channel),
+        [recall_channel, rank_channel],
+    )

@@ -5,15 +5,24 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from typing import NoReturn
 
 import grpc
 from prometheus_client import CollectorRegistry
 
 from gateway.history import HistoryStore, StoredEvent
-from gateway.pipeline import GatewayMetrics, Pipeline, PipelineUnavailable, RecommendInputs, to_scored_item
+from gateway.pipeline import GatewayMetrics, Pipeline, PipelineUnavailable, RecommendInputs
 from gateway.scenarios import MAX_NUM_ITEMS, Scenario, ScenarioSet
 from recsys.serving.metrics import bundle_info
-from recsys.serving.validation import InvalidArgument, grpc_method, require, require_id, require_in_range
+from recsys.serving.validation import (
+    InvalidArgument,
+    grpc_method,
+    require,
+    require_id,
+    require_in_range,
+    require_text,
+    shorten,
+)
 from recsys.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -21,6 +30,7 @@ log = logging.getLogger(__name__)
 MAX_EVENTS_PER_CALL = 1000
 MAX_REQUEST_HISTORY = 1000
 MAX_CONTEXT_ITEMS = 100
+MAX_CATEGORY_LENGTH = 256
 FUTURE_TOLERANCE_MS = 5 * 60 * 1000  # client clocks may run this far ahead of ours
 EVENT_TYPE_NAMES = {
     common_pb2.VIEW: "view",
@@ -31,7 +41,8 @@ EVENT_TYPE_NAMES = {
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
-    """Recommend and LogEvents. Scenarios are read per request from ``scenarios()`` (reloadable)."""
+    """Recommend, LogEvents and ForgetUser. Scenarios are read per request from ``scenarios()``
+    (reloadable)."""
 
     def __init__(
         self,
@@ -80,7 +91,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         require(bool(request.scenario), "scenario", f"must be one of {sorted(scenario_set.scenarios)}")
         if scenario is None:
             raise InvalidArgument(
-                "scenario", f"unknown scenario {request.scenario!r}; known: {sorted(scenario_set.scenarios)}"
+                "scenario",
+                f"unknown scenario {shorten(request.scenario)}; known: {sorted(scenario_set.scenarios)}",
             )
         require_in_range(request.num_items, "num_items", 1, MAX_NUM_ITEMS)
         require_id(request.request_id, "request_id", allow_empty=True)
@@ -99,6 +111,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         )
         for i, item_id in enumerate(context_ids):
             require_id(item_id, f"context.item_ids[{i}]")
+        require_text(request.context.category, "context.category", max_length=MAX_CATEGORY_LENGTH)
         require(
             bool(request.context.category) or "context.category" not in required,
             "context.category",
@@ -115,6 +128,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 entry.type in common_pb2.EventType.values(),
                 f"history[{i}].type",
                 f"unknown event type {entry.type}",
+            )
+            require(
+                entry.timestamp_ms >= 0,
+                f"history[{i}].timestamp_ms",
+                f"must be >= 0 (0 = unknown), got {entry.timestamp_ms}",
             )
         return RecommendInputs(
             scenario=scenario,
@@ -148,6 +166,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             )
             try:
                 result = await self.pipeline.run(inputs, time.monotonic() + budget_s)
+            except InvalidArgument:  # a field only the catalog can judge (an unknown category)
+                self.metrics.requests.labels(label, "invalid").inc()
+                raise
             except PipelineUnavailable as error:
                 self.metrics.requests.labels(label, "error").inc()
                 await context.abort(grpc.StatusCode.UNAVAILABLE, str(error))
@@ -158,7 +179,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             self._report_versions(result.model_versions)
             return gateway_pb2.RecommendResponse(
                 request_id=request.request_id,
-                items=[to_scored_item(item, request.debug) for item in result.items],
+                items=result.scored_items(request.debug),
                 model_version=result.model_version,
                 degraded=result.degraded,
                 degraded_reasons=result.degraded_reasons,
@@ -227,13 +248,39 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         await self._enter(context, None)
         try:
             events = self._validate_events(request)  # all or nothing: nothing stored on a bad field
-            stored = await self.history_store.append(events)
+            try:
+                stored = await self.history_store.append(events)
+            except Exception as error:
+                await _store_unavailable(context, "LogEvents", error)
             for event, new in zip(events, stored.stored, strict=True):
                 if new:
                     self.metrics.events_ingested.labels(EVENT_TYPE_NAMES[event.event_type]).inc()
             return gateway_pb2.LogEventsResponse(accepted=stored.accepted, duplicates=stored.duplicates)
         finally:
             self._leave()
+
+    # -- ForgetUser ---------------------------------------------------------------------------
+
+    @grpc_method
+    async def ForgetUser(
+        self, request: gateway_pb2.ForgetUserRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.ForgetUserResponse:
+        require_id(request.user_id, "user_id")
+        try:
+            deleted = await self.history_store.forget(request.user_id)
+        except Exception as error:
+            await _store_unavailable(context, "ForgetUser", error)
+        log.info("user forgotten: %d stored events deleted", deleted)  # no user id at INFO
+        return gateway_pb2.ForgetUserResponse(deleted_events=deleted)
+
+
+async def _store_unavailable(context: grpc.aio.ServicerContext, method: str, error: Exception) -> NoReturn:
+    """A failed history store call -> UNAVAILABLE: clients retry it, and a retry is safe because
+    appends are idempotent by event_id (INTERNAL would tell them not to)."""
+    log.warning("%s: history store failed: %r", method, error)
+    await context.abort(
+        grpc.StatusCode.UNAVAILABLE, f"history store unavailable ({type(error).__name__}); retry"
+    )
 
 
 def _type_name(value: int) -> str:

@@ -13,8 +13,8 @@ class RankConfig(ModelServingConfig):
     """Everything `recsys serve rank` needs, read once from env vars and flags."""
 
     max_batch: int = 16  # requests per model run
-    max_wait_ms: float = 1.0
-    threads: int = 2  # ONNX Runtime intra-op threads
+    max_wait_ms: float = 0.0
+    threads: int = 1  # ONNX Runtime intra-op threads (1 fits a host shared by 3 services)
 
     component: ClassVar[str] = "rank"
     default_port: ClassVar[int] = 50052

@@ -12,9 +12,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from recsys.data.dataset import EventType
+from recsys.sources import RECALL_SOURCES
 
 # Recall sources, in the column order of ``source_scores`` / ``source_mask`` (same as recall's).
-SOURCES: tuple[str, ...] = ("u2i", "i2i", "covisit", "popular")
+SOURCES: tuple[str, ...] = RECALL_SOURCES
 NUM_EVENT_TYPES = len(EventType)
 # Per source: present, score z-scored within the request, reciprocal rank, signed log score,
 # negative log rank (0 = the source's best, lets a linear term reproduce the source's order deep

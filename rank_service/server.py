@@ -24,21 +24,24 @@ async def serve(config: RankConfig, registry: CollectorRegistry | None = None) -
     gone through the micro-batcher (the same path as a real call)."""
     registry = new_registry() if registry is None else registry
     runtime = await asyncio.to_thread(RankRuntime.load, config.bundle, config.device, config.threads)
-    servicer = RankServicer(runtime, registry, config.max_batch, config.max_wait_ms)
+    servicer = RankServicer(runtime, registry, config.max_batch, config.max_wait_ms, config.max_queue)
     bundle_info(registry, "rank", "rank", runtime.version)
 
     def register(server: grpc.aio.Server) -> list[str]:
         rank_pb2_grpc.add_RankServiceServicer_to_server(servicer, server)
         return [service_name()]
 
-    async def warmup() -> None:
-        history = np.arange(min(len(runtime.items), runtime.max_history), dtype=np.int64)
-        query = RankQuery.without_recall(history, 0, np.arange(min(len(runtime.items), 100)))
-        scores, _ = await servicer.batcher.submit(ScoreJob(query, debug=False))
-        if not np.isfinite(scores).all():
-            raise RuntimeError("rank warm-up produced non-finite scores")
-
     log.info("rank runtime ready: %s on %s", runtime.version, runtime.provider)
     return await start_server(
-        config.serving, service="rank", register=register, warmup=warmup, registry=registry
+        config.serving, service="rank", register=register, warmup=lambda: warm_up(servicer), registry=registry
     )
+
+
+async def warm_up(servicer: RankServicer) -> None:
+    """One request through the micro-batcher: the same path as a real call."""
+    runtime = servicer.runtime
+    history = np.arange(min(len(runtime.items), runtime.max_history), dtype=np.int64)
+    query = RankQuery.without_recall(history, 0, np.arange(min(len(runtime.items), 100)))
+    scores, _ = await servicer.batcher.submit(ScoreJob(query, debug=False))
+    if not np.isfinite(scores).all():
+        raise RuntimeError("rank warm-up produced non-finite scores")

@@ -1,27 +1,50 @@
-"""`RankService.Rank`: validate, micro-batch into the runtime, answer scores in request order."""
+"""`RankService.Rank`: validate the packed request, micro-batch into the runtime, answer packed scores.
+
+The request carries catalog indices and recall's per-source scores as packed arrays (see
+protos/recsys/v1/rank.proto); decoding is a few ``np.frombuffer`` calls and the answer one
+``float32`` array in request order, whatever the number of candidates.
+"""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import grpc
 import numpy as np
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Histogram
 
 from rank_service.features import SOURCES
 from rank_service.runtime import RankQuery, RankRuntime
 from recsys.data.dataset import EventType
-from recsys.serving.batching import MicroBatcher
+from recsys.serving.batching import (
+    DEFAULT_MAX_QUEUE,
+    BatcherMetrics,
+    BatcherRejected,
+    MicroBatcher,
+    call_deadline,
+)
 from recsys.serving.metrics import get_or_create
 from recsys.serving.validation import InvalidArgument, grpc_method, require, require_id
+from recsys.serving.wire import (
+    FLAGS,
+    INDEX,
+    SCORE,
+    CatalogMismatch,
+    catalog_fingerprint,
+    check_catalog,
+    flags_to_mask,
+    pack,
+    unpack,
+    unpack_indices,
+    unpack_scores,
+)
 from recsys.v1 import rank_pb2, rank_pb2_grpc
 
 MAX_CANDIDATES = 5000
 MAX_HISTORY_ITEMS = 1000
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-EVENT_TYPES = frozenset(int(event) for event in EventType)
+EVENT_TYPE_MAX = max(int(event) for event in EventType)
 SOURCE_COLUMN = {name: column for column, name in enumerate(SOURCES)}
 
 
@@ -35,15 +58,6 @@ class ScoreJob:
 
 class RankMetrics:
     def __init__(self, registry: CollectorRegistry):
-        self.unknown_candidates: Counter = get_or_create(
-            registry,
-            "recsys_rank_unknown_candidates",
-            lambda: Counter(
-                "recsys_rank_unknown_candidates",
-                "Candidates not in the rank bundle's catalog (given the lowest score)",
-                registry=registry,
-            ),
-        )
         self.batch_size: Histogram = get_or_create(
             registry,
             "recsys_rank_batch_size",
@@ -56,65 +70,64 @@ class RankMetrics:
         )
 
 
-def parse_request(request: rank_pb2.RankRequest, runtime: RankRuntime) -> RankQuery:
-    """Validate a RankRequest and turn it into a RankQuery (dense ids, -1 for unknown candidates).
+def parse_request(request: rank_pb2.RankRequest, runtime: RankRuntime, catalog: str) -> RankQuery:
+    """Validate a RankRequest and decode it into a RankQuery.
 
-    Raises InvalidArgument naming the first bad field.
+    Raises InvalidArgument naming the first bad field, CatalogMismatch when the request was built
+    for another catalog than ``catalog`` (the rank bundle's).
     """
+    require(bool(request.catalog), "catalog", "must name the catalog the indices refer to")
+    check_catalog(catalog, request.catalog)
     require(bool(request.scenario), "scenario", "must not be empty")
+    require_id(request.user_id, "user_id", allow_empty=True)
     scenario = runtime.scenario_id(request.scenario)
+    require(scenario >= 0, "scenario", f"unknown scenario (known: {', '.join(runtime.scenarios)})")
+    num_items = len(runtime.items)
+    candidates = unpack_indices(request.candidate_items, "candidate_items", num_items)
+    count = len(candidates)
     require(
-        scenario >= 0,
-        "scenario",
-        f"unknown scenario {request.scenario!r} (known: {', '.join(runtime.scenarios)})",
+        0 < count <= MAX_CANDIDATES, "candidate_items", f"must have 1..{MAX_CANDIDATES} items, got {count}"
     )
-    count = len(request.candidates)
-    require(0 < count <= MAX_CANDIDATES, "candidates", f"must have 1..{MAX_CANDIDATES} items, got {count}")
+    history = unpack_indices(request.history_items, "history_items", num_items)
     require(
-        len(request.history) <= MAX_HISTORY_ITEMS,
-        "history",
-        f"must have at most {MAX_HISTORY_ITEMS} items, got {len(request.history)}",
+        len(history) <= MAX_HISTORY_ITEMS,
+        "history_items",
+        f"must have at most {MAX_HISTORY_ITEMS} items, got {len(history)}",
     )
-    history_ids: list[str] = []
-    events = np.empty(len(request.history), dtype=np.int64)
-    for position, item in enumerate(request.history):
-        require_id(item.item_id, f"history[{position}].item_id")
-        require(item.type in EVENT_TYPES, f"history[{position}].type", f"unknown event type {item.type}")
-        history_ids.append(item.item_id)
-        events[position] = item.type
-    candidate_ids: list[str] = []
-    recall_scores = np.zeros(count, dtype=np.float32)
+    events = None
+    if request.history_types:
+        events = unpack(request.history_types, FLAGS, "history_types", len(history))
+        require(
+            int(events.max(initial=0)) <= EVENT_TYPE_MAX,
+            "history_types",
+            f"event types must be in 0..{EVENT_TYPE_MAX}",
+        )
+    recall_scores = unpack_scores(request.recall_scores, "recall_scores", count)
+    names = list(request.source_names)
+    columns = []
+    for position, name in enumerate(names):
+        column = SOURCE_COLUMN.get(name)
+        if column is None:
+            raise InvalidArgument(
+                f"source_names[{position}]", f"unknown source (known: {', '.join(SOURCES)})"
+            )
+        require(column not in columns, f"source_names[{position}]", f"source {name!r} given twice")
+        columns.append(column)
     source_scores = np.zeros((count, len(SOURCES)), dtype=np.float32)
     source_mask = np.zeros((count, len(SOURCES)), dtype=bool)
-    for position, candidate in enumerate(request.candidates):
-        field = f"candidates[{position}]"
-        require_id(candidate.item_id, f"{field}.item_id")
-        require(math.isfinite(candidate.recall_score), f"{field}.recall_score", "must be finite")
-        candidate_ids.append(candidate.item_id)
-        recall_scores[position] = candidate.recall_score
-        for source, score in candidate.source_scores.items():
-            column = SOURCE_COLUMN.get(source)
-            if column is None:
-                raise InvalidArgument(
-                    f"{field}.source_scores", f"unknown source {source!r} (known: {', '.join(SOURCES)})"
-                )
-            require(math.isfinite(score), f"{field}.source_scores[{source}]", "must be finite")
-            source_scores[position, column] = score
-            source_mask[position, column] = True
-        if candidate.source:
-            column = SOURCE_COLUMN.get(candidate.source)
-            if column is None:
-                raise InvalidArgument(
-                    f"{field}.source", f"unknown source {candidate.source!r} (known: {', '.join(SOURCES)})"
-                )
-            if not source_mask[position, column]:
-                source_scores[position, column] = candidate.recall_score
-                source_mask[position, column] = True
+    if names:
+        given = unpack_scores(request.source_scores, "source_scores", count * len(names))
+        flags = unpack(request.source_flags, FLAGS, "source_flags", count)
+        mask = flags_to_mask(flags, len(names))
+        source_mask[:, columns] = mask
+        source_scores[:, columns] = np.where(mask, given.reshape(count, len(names)), np.float32(0.0))
+    else:
+        require(not request.source_scores, "source_scores", "given without source_names")
     return RankQuery(
-        history=runtime.items.dense_many(history_ids),
-        event_types=events,
+        history=history.astype(np.int64),
+        event_types=None if events is None else events.astype(np.int64),
         scenario=scenario,
-        candidates=runtime.items.dense_many(candidate_ids),
+        candidates=candidates.astype(np.int64),
         recall_scores=recall_scores,
         source_scores=source_scores,
         source_mask=source_mask,
@@ -124,11 +137,26 @@ def parse_request(request: rank_pb2.RankRequest, runtime: RankRuntime) -> RankQu
 class RankServicer(rank_pb2_grpc.RankServiceServicer):
     """Thin gRPC layer over a RankRuntime with micro-batching."""
 
-    def __init__(self, runtime: RankRuntime, registry: CollectorRegistry, max_batch: int, max_wait_ms: float):
+    def __init__(
+        self,
+        runtime: RankRuntime,
+        registry: CollectorRegistry,
+        max_batch: int,
+        max_wait_ms: float = 0.0,
+        max_queue: int = DEFAULT_MAX_QUEUE,
+    ):
         self.runtime = runtime
+        self.catalog = catalog_fingerprint(runtime.items.ids)
         self.metrics = RankMetrics(registry)
+        batcher_metrics = BatcherMetrics(registry, "rank")
         self.batcher: MicroBatcher[ScoreJob, tuple[np.ndarray, np.ndarray | None]] = MicroBatcher(
-            self._score_batch, max_batch, max_wait_ms, on_batch=self.metrics.batch_size.observe
+            self._score_batch,
+            max_batch,
+            max_wait_ms,
+            on_batch=self.metrics.batch_size.observe,
+            max_queue=max_queue,
+            on_queue_wait=batcher_metrics.observe_queue_wait,
+            on_reject=batcher_metrics.count_rejection,
         )
 
     def _score_batch(self, jobs: Sequence[ScoreJob]) -> list[tuple[np.ndarray, np.ndarray | None]]:
@@ -145,23 +173,31 @@ class RankServicer(rank_pb2_grpc.RankServiceServicer):
                 results[i] = (scores, attended)
         return results  # type: ignore[return-value]
 
+    async def rank(
+        self, request: rank_pb2.RankRequest, deadline: float | None = None
+    ) -> rank_pb2.RankResponse:
+        """Validate, score through the batcher and encode: the whole method without the transport
+        (the in-process backend calls it directly). ``deadline`` is a ``loop.time()`` instant."""
+        query = parse_request(request, self.runtime, self.catalog)
+        scores, attended = await self.batcher.submit(ScoreJob(query, request.debug), deadline)
+        response = rank_pb2.RankResponse(
+            model_version=self.runtime.version, catalog=self.catalog, scores=pack(scores, SCORE)
+        )
+        if attended is not None:
+            response.attended = pack(attended, INDEX)
+        return response
+
     @grpc_method
     async def Rank(
         self, request: rank_pb2.RankRequest, context: grpc.aio.ServicerContext
     ) -> rank_pb2.RankResponse:
-        query = parse_request(request, self.runtime)
-        scores, attended = await self.batcher.submit(ScoreJob(query, request.debug))
-        unknown = int((query.candidates < 0).sum())
-        if unknown:
-            self.metrics.unknown_candidates.inc(unknown)
-        response = rank_pb2.RankResponse(model_version=self.runtime.version, unknown_candidates=unknown)
-        for position, candidate in enumerate(request.candidates):
-            result = response.results.add(item_id=candidate.item_id, score=float(scores[position]))
-            if attended is not None:
-                result.attended_item_ids.extend(
-                    request.history[int(index)].item_id for index in attended[position] if index >= 0
-                )
-        return response
+        try:
+            return await self.rank(request, call_deadline(context))
+        except CatalogMismatch as error:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
+        except BatcherRejected as error:
+            await context.abort(grpc.StatusCode[error.status], f"rank: {error}")
+        raise AssertionError("unreachable: abort raises")
 
 
 def service_name() -> str:

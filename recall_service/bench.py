@@ -21,6 +21,7 @@ from recall_service.config import RecallConfig
 from recall_service.engine import RecallEngine, RecallQuery
 from recsys.bench import latency_summary, machine_info
 from recsys.serving.config import ServingConfig
+from recsys.serving.wire import FLAGS, INDEX, catalog_fingerprint, pack
 from recsys.v1 import common_pb2, recall_pb2, recall_pb2_grpc
 
 
@@ -68,14 +69,15 @@ async def bench_grpc(
     from recsys.serving.metrics import new_registry
 
     running = await serve(config, registry=new_registry(process_metrics=False))
+    catalog = catalog_fingerprint(engine.items.ids)
     requests = [
         recall_pb2.RecallRequest(
             scenario="home",
             k=k,
+            catalog=catalog,
             filters=recall_pb2.RecallFilters(exclude_history=True),
-            history=[
-                common_pb2.HistoryItem(item_id=i, type=common_pb2.VIEW) for i in engine.items.external_many(h)
-            ],
+            history_items=pack(h, INDEX),
+            history_types=pack(np.full(len(h), common_pb2.VIEW), FLAGS),
         )
         for h in histories
     ]

@@ -13,8 +13,8 @@ class RecallConfig(ModelServingConfig):
     """Serving settings plus the recall bundle, device and micro-batching knobs."""
 
     max_batch: int = 64
-    max_wait_ms: float = 2.0
-    threads: int = 1  # compute threads of Faiss and ONNX Runtime
+    max_wait_ms: float = 0.0
+    threads: int = 1  # compute threads of Faiss and ONNX Runtime (1 fits a host shared by 3 services)
 
     component: ClassVar[str] = "recall"
     default_port: ClassVar[int] = 50051

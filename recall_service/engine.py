@@ -22,11 +22,15 @@ from recall_service.index import VectorSearcher, load_searcher
 from recall_service.sources import CovisitTable, PopularityTable, covisit_candidates
 from recsys.bundle import read_manifest
 from recsys.data.dataset import EventType, IdMap
+from recsys.sources import RECALL_SOURCES as SOURCES
+from recsys.sources import SOURCE_INDEX
 
 log = logging.getLogger(__name__)
 
-SOURCES: tuple[str, ...] = ("u2i", "i2i", "covisit", "popular")
-SOURCE_INDEX = {name: position for position, name in enumerate(SOURCES)}
+# Each source fetches its own quota plus this share of it (at least FETCH_SLACK_MIN items), so
+# that items another source already took do not leave it short; exclusions are fetched on top.
+FETCH_SLACK = 0.5
+FETCH_SLACK_MIN = 20
 _EMPTY_IDS = np.zeros(0, dtype=np.int64)
 
 
@@ -53,12 +57,17 @@ class CandidateList:
 
     items: np.ndarray  # int64 dense ids
     scores: np.ndarray  # float32, the primary source's score
-    sources: list[str]  # primary source per item
+    source_ids: np.ndarray  # uint8 primary source per item, an index into SOURCES
     source_scores: np.ndarray  # float32 [n, len(SOURCES)], 0 where a source did not produce it
     source_mask: np.ndarray  # bool [n, len(SOURCES)]
 
     def __len__(self) -> int:
         return len(self.items)
+
+    @property
+    def sources(self) -> list[str]:
+        """The primary source's name per item."""
+        return [SOURCES[s] for s in self.source_ids.tolist()]
 
 
 @dataclass
@@ -77,6 +86,9 @@ class UserTower:
             options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # No spinning while idle: the threads would burn CPU the other services need (TOOLING.md).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
         providers = ["CPUExecutionProvider"]
         if device != "cpu" and "CUDAExecutionProvider" in ort.get_available_providers():
             providers.insert(0, "CUDAExecutionProvider")
@@ -115,7 +127,9 @@ class RecallEngine:
         item_brand: np.ndarray,
         brand_names: list[str],
         item_bid: np.ndarray,
+        threads: int | None = None,
     ):
+        self.threads = threads
         self.manifest = manifest
         self.version: str = manifest["version"]
         self.scenarios: list[str] = list(manifest["scenarios"])
@@ -154,6 +168,7 @@ class RecallEngine:
             threads=threads,
         )
         engine = cls(
+            threads=threads,
             manifest=manifest,
             user_tower=UserTower(bundle_dir / manifest["onnx"]["file"], device, threads),
             searcher=searcher,
@@ -179,6 +194,16 @@ class RecallEngine:
     @property
     def num_items(self) -> int:
         return len(self.items)
+
+    def pin_threads(self) -> None:
+        """Give the CALLING thread the configured number of Faiss (OpenMP) threads.
+
+        OpenMP's thread count is per calling thread: set only where the bundle was loaded, a
+        worker thread would search with one OpenMP thread per core, spinning between queries."""
+        if self.threads:
+            import faiss
+
+            faiss.omp_set_num_threads(self.threads)
 
     # ------------------------------------------------------------------ quotas and filters
 
@@ -309,15 +334,23 @@ class RecallEngine:
         if not queries:
             return []
         quotas = [self._resolve_quotas(q) for q in queries]
-        fetch = [sum(q.values()) for q in quotas]  # enough that de-duplication cannot starve a source
-        fetch = [min(f, self.num_items) for f in fetch]
         excluded = [self._excluded(q) for q in queries]
         lists: list[dict[str, _SourceList]] = [{} for _ in queries]
+
+        def fetch(source: str) -> list[int]:
+            """Per query: how many items ``source`` fetches (its quota plus slack, capped)."""
+            return [
+                min(self.num_items, q[source] + max(FETCH_SLACK_MIN, math.ceil(FETCH_SLACK * q[source])))
+                if source in q
+                else 0
+                for q in quotas
+            ]
 
         u2i_rows = [r for r, q in enumerate(queries) if "u2i" in quotas[r] and len(q.history)]
         if u2i_rows:
             vectors = self._user_vectors([queries[r] for r in u2i_rows])
-            for row, found in self._vector_source(vectors, u2i_rows, fetch, excluded, queries).items():
+            found_lists = self._vector_source(vectors, u2i_rows, fetch("u2i"), excluded, queries)
+            for row, found in found_lists.items():
                 lists[row]["u2i"] = found
         i2i_rows = [
             r for r, q in enumerate(queries) if "i2i" in quotas[r] and (len(q.seed_items) or len(q.history))
@@ -329,13 +362,15 @@ class RecallEngine:
             i2i_excluded = [
                 np.union1d(excluded[r], seeds[r]) if r in seeds else excluded[r] for r in range(len(queries))
             ]
-            for row, found in self._vector_source(vectors, i2i_rows, fetch, i2i_excluded, queries).items():
+            found_lists = self._vector_source(vectors, i2i_rows, fetch("i2i"), i2i_excluded, queries)
+            for row, found in found_lists.items():
                 lists[row]["i2i"] = found
+        covisit_fetch, popular_fetch = fetch("covisit"), fetch("popular")
         for row, query in enumerate(queries):
             if "covisit" in quotas[row] and (len(query.seed_items) or len(query.history)):
-                lists[row]["covisit"] = self._covisit_source(query, fetch[row], excluded[row])
+                lists[row]["covisit"] = self._covisit_source(query, covisit_fetch[row], excluded[row])
             if "popular" in quotas[row]:
-                lists[row]["popular"] = self._popular_source(query, fetch[row], excluded[row])
+                lists[row]["popular"] = self._popular_source(query, popular_fetch[row], excluded[row])
         return [
             self._merge(query, quotas[row], lists[row], excluded[row]) for row, query in enumerate(queries)
         ]
@@ -358,8 +393,7 @@ class RecallEngine:
             keys = np.concatenate([(np.arange(len(lists[s].items)) + 1.0) / quotas[s] for s in names])
             order = np.lexsort((source_ids, keys))
             items, source_ids = items[order], source_ids[order]
-            chosen = self._take_under_quotas(items, source_ids, quotas)
-            chosen = chosen[: query.k]
+            chosen = self._take_under_quotas(items, source_ids, quotas, query.k)
             items, source_ids = items[chosen], source_ids[chosen]
         else:
             items, source_ids = _EMPTY_IDS, np.zeros(0, dtype=np.int64)
@@ -389,36 +423,33 @@ class RecallEngine:
         return CandidateList(
             items=items.astype(np.int64),
             scores=source_scores[rows, source_ids].astype(np.float32),
-            sources=[SOURCES[s] for s in source_ids],
+            source_ids=source_ids.astype(np.uint8),
             source_scores=source_scores,
             source_mask=source_mask,
         )
 
     @staticmethod
-    def _take_under_quotas(items: np.ndarray, source_ids: np.ndarray, quotas: dict[str, int]) -> np.ndarray:
+    def _take_under_quotas(
+        items: np.ndarray, source_ids: np.ndarray, quotas: dict[str, int], k: int | None = None
+    ) -> np.ndarray:
         """Positions (in merge order) of the first occurrence of each item, each source capped.
 
-        An entry past its source's quota is dropped, which may let a later entry of another
-        source claim the item; repeat until stable (at most one round per source).
+        An entry past its source's quota is skipped without claiming its item, so a later entry
+        of another source may still claim it. One pass in merge order; stops at ``k`` taken.
         """
-        limit = np.zeros(len(SOURCES), dtype=np.int64)
+        limit = [0] * len(SOURCES)
         for name, quota in quotas.items():
             limit[SOURCE_INDEX[name]] = quota
-        active = np.ones(len(items), dtype=bool)
-        for _ in range(len(SOURCES) + 1):
-            candidates = np.flatnonzero(active)
-            _, first = np.unique(items[candidates], return_index=True)
-            primary = np.sort(candidates[first])
-            by_source = np.argsort(source_ids[primary], kind="stable")
-            grouped = source_ids[primary][by_source]
-            group_start = np.searchsorted(grouped, grouped)
-            rank_in_source = np.empty(len(primary), dtype=np.int64)
-            rank_in_source[by_source] = np.arange(len(primary)) - group_start
-            over = rank_in_source >= limit[source_ids[primary]]
-            if not over.any():
-                return primary
-            # Everything a source offers after its first over-quota entry can never be taken.
-            for source in np.unique(source_ids[primary[over]]):
-                cutoff = primary[over & (source_ids[primary] == source)].min()
-                active &= ~((source_ids == source) & (np.arange(len(items)) >= cutoff))
-        return primary[~over]
+        taken = [0] * len(SOURCES)
+        seen: set[int] = set()
+        chosen: list[int] = []
+        wanted = len(items) if k is None else k
+        for position, (item, source) in enumerate(zip(items.tolist(), source_ids.tolist(), strict=True)):
+            if item in seen or taken[source] >= limit[source]:
+                continue
+            seen.add(item)
+            taken[source] += 1
+            chosen.append(position)
+            if len(chosen) >= wanted:
+                break
+        return np.asarray(chosen, dtype=np.int64)

@@ -22,7 +22,15 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from recall_service.index import INDEX_FILE, build_index, default_index_factory
+from recall_service.index import (
+    INDEX_FILE,
+    TUNE_K,
+    TUNE_MIN_ITEMS,
+    TUNE_TARGET_RECALL,
+    build_index,
+    default_index_factory,
+    tune_index,
+)
 from recall_service.sources import PopularityTable, build_covisit_table
 from recsys.bundle import new_version, write_manifest
 from recsys.data.dataset import Dataset
@@ -97,8 +105,16 @@ def export_bundle(
     bundle_dir: Path,
     config: RecallTrainConfig,
     train_info: dict | None = None,
+    tune_min_items: int = TUNE_MIN_ITEMS,
+    tune_k: int = TUNE_K,
+    tune_target_recall: float = TUNE_TARGET_RECALL,
 ) -> Path:
-    """Write a complete bundle to ``bundle_dir`` (replaced atomically-ish via a sibling temp dir)."""
+    """Write a complete bundle to ``bundle_dir`` (replaced atomically-ish via a sibling temp dir).
+
+    Catalogs above ``tune_min_items`` get their index's search parameter tuned to reach
+    ``tune_target_recall`` recall@``tune_k`` (:func:`recall_service.index.tune_index`); the chosen
+    value goes to the manifest's ``nprobe`` / ``ef_search`` and the measurement to ``index_tuning``.
+    """
     import torch
 
     bundle_dir = Path(bundle_dir)
@@ -114,7 +130,12 @@ def export_bundle(
         import faiss
 
         faiss.omp_set_num_threads(max(1, config.threads))
-        faiss.write_index(build_index(item_vectors, factory, seed=config.seed), str(staging / INDEX_FILE))
+        index = build_index(item_vectors, factory, seed=config.seed)
+        tuning = tune_index(
+            index, item_vectors, tune_min_items, k=tune_k, target_recall=tune_target_recall, seed=config.seed
+        )
+        faiss.write_index(index, str(staging / INDEX_FILE))
+        del index
         dataset.items.save(staging / "items.txt")
 
         sequences = holdout_sequences(dataset)
@@ -167,8 +188,8 @@ def export_bundle(
             metric="inner_product",
             similarity=model.shape.similarity,
             index_factory=factory,
-            nprobe=config.nprobe,
-            ef_search=config.ef_search,
+            **tuning.searcher_settings(config.nprobe, config.ef_search),
+            index_tuning=tuning.to_manifest(),
             onnx={
                 "file": ONNX_FILE,
                 "opset": ONNX_OPSET,

@@ -9,6 +9,8 @@ restricts the search (a Faiss ``IDSelectorBatch`` on CPU, a score mask on GPU).
 from __future__ import annotations
 
 import logging
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -20,14 +22,25 @@ log = logging.getLogger(__name__)
 INDEX_FILE = "index.faiss"
 # Catalogs up to this size are searched exactly: a flat scan of 100k x 64 floats is ~1-2 ms.
 EXACT_SEARCH_MAX_ITEMS = 100_000
+# Build-time tuning of the search parameter (IVF nprobe / HNSW efSearch) for larger catalogs:
+# the smallest value whose recall@TUNE_K against exact search reaches TUNE_TARGET_RECALL on
+# held-out queries. TUNE_K is the most a scenario's u2i source fetches (quota 200 + 50% slack).
+TUNE_MIN_ITEMS = EXACT_SEARCH_MAX_ITEMS
+TUNE_TARGET_RECALL = 0.95
+TUNE_K = 300
+TUNE_QUERIES = 1000
+# IVF lists per sqrt(N) (rounded to a power of two). Measured on 1M clustered 64-d vectors at k=300:
+# 2 sqrt(N) lists (IVF2048) reach only 0.78 recall at nprobe 64, 8 sqrt(N) (IVF8192) 0.92, as the
+# k-th neighbour lies beyond the query's own list; Faiss's guide recommends 4-16 sqrt(N).
+IVF_LISTS_PER_SQRT_N = 8
 
 
 def default_index_factory(num_items: int) -> str:
-    """Exact inner product for small catalogs; above, IVF with ~2 sqrt(N) lists (a power of two),
-    searched with ``nprobe`` 32 by default (recall@100 >= 0.95 on clustered data, see tests)."""
+    """Exact inner product for small catalogs; above, IVF with ~8 sqrt(N) lists (a power of two)
+    whose ``nprobe`` is tuned at build time (:func:`tune_index`)."""
     if num_items <= EXACT_SEARCH_MAX_ITEMS:
         return "Flat"
-    lists = 1 << int(np.ceil(np.log2(2 * np.sqrt(num_items))))
+    lists = 1 << round(np.log2(IVF_LISTS_PER_SQRT_N * np.sqrt(num_items)))
     return f"IVF{min(lists, 65536)},Flat"
 
 
@@ -71,6 +84,214 @@ def _ivf_of(index: faiss.Index) -> faiss.IndexIVF | None:
 def _hnsw_of(index: faiss.Index) -> faiss.IndexHNSW | None:
     inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
     return inner if isinstance(inner, faiss.IndexHNSW) else None
+
+
+def search_parameter(index: faiss.Index) -> str | None:
+    """The index's speed/recall knob: ``nprobe`` (IVF), ``efSearch`` (HNSW) or None (exact)."""
+    if _ivf_of(index) is not None:
+        return "nprobe"
+    if _hnsw_of(index) is not None:
+        return "efSearch"
+    return None
+
+
+def _search_with(index: faiss.Index, parameter: str, value: int, queries: np.ndarray, k: int) -> np.ndarray:
+    params = (
+        faiss.SearchParametersIVF(nprobe=value)
+        if parameter == "nprobe"
+        else faiss.SearchParametersHNSW(efSearch=value)
+    )
+    return index.search(queries, k, params=params)[1]
+
+
+def without_ids(ids: np.ndarray, excluded: np.ndarray) -> np.ndarray:
+    """Rows of ``ids`` [Q, k+1] minus each row's ``excluded`` id (the last column when absent): [Q, k]."""
+    drop = ids == excluded[:, None]
+    drop[~drop.any(axis=1), -1] = True
+    drop &= np.cumsum(drop, axis=1) == 1  # one per row, even if an id repeats
+    return ids[~drop].reshape(len(ids), ids.shape[1] - 1)
+
+
+def exact_neighbours(vectors: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+    """Ids [Q, k] of the exact top-k by inner product (brute force with Faiss Flat)."""
+    flat = faiss.IndexFlatIP(vectors.shape[1])
+    flat.add(np.ascontiguousarray(vectors, dtype=np.float32))
+    return flat.search(np.ascontiguousarray(queries, dtype=np.float32), k)[1]
+
+
+def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
+    """Mean share of each query's exact top-k (``truth`` rows) present in ``found`` (-1 ignored)."""
+    k = truth.shape[1]
+    hits = [
+        np.intersect1d(row[row >= 0], true_row, assume_unique=True).size
+        for row, true_row in zip(found, truth, strict=True)
+    ]
+    return float(np.mean(hits)) / k
+
+
+def parameter_grid(parameter: str, index: faiss.Index, k: int) -> list[int]:
+    """The values tried in ascending order: nprobe 1 ... nlist (nlist is exact search), efSearch
+    k ... 16k (Faiss searches with max(efSearch, k), so smaller values add nothing)."""
+    if parameter == "nprobe":
+        nlist = _ivf_of(index).nlist
+        steps = sorted({round(b * 2**e) for e in range(17) for b in (1.0, 1.5)} | {3})
+        return [v for v in steps if v < nlist] + [nlist]
+    return [round(k * factor) for factor in (1, 1.25, 1.5, 2, 3, 4, 6, 8, 12, 16)]
+
+
+@dataclass
+class IndexTuning:
+    """The search parameter chosen at build time, or why none was (``parameter`` None)."""
+
+    parameter: str | None
+    value: int | None = None
+    k: int = TUNE_K
+    target_recall: float = TUNE_TARGET_RECALL
+    recall: float | None = None  # recall@k at ``value`` on the tuning queries
+    reached: bool = False
+    queries: int = 0
+    query_source: str = ""
+    tried: list[tuple[int, float]] = field(default_factory=list)  # (value, recall), ascending value
+    seconds: float = 0.0
+    reason: str = ""
+
+    def searcher_settings(self, nprobe: int, ef_search: int) -> dict[str, int]:
+        """``nprobe`` / ``ef_search`` for the manifest: the tuned one replaces its configured value."""
+        if self.parameter == "nprobe":
+            nprobe = int(self.value)
+        elif self.parameter == "efSearch":
+            ef_search = int(self.value)
+        return {"nprobe": nprobe, "ef_search": ef_search}
+
+    def to_manifest(self) -> dict[str, object]:
+        """The manifest's ``index_tuning`` record."""
+        if self.parameter is None:
+            return {"tuned": False, "reason": self.reason}
+        return {
+            "tuned": True,
+            "parameter": self.parameter,
+            "value": self.value,
+            "k": self.k,
+            "target_recall": self.target_recall,
+            "recall": round(float(self.recall), 4),
+            "reached": self.reached,
+            "queries": self.queries,
+            "query_source": self.query_source,
+            "tried": [[value, round(recall, 4)] for value, recall in self.tried],
+            "seconds": round(self.seconds, 2),
+        }
+
+
+def tune_search_parameter(
+    index: faiss.Index,
+    vectors: np.ndarray,
+    k: int = TUNE_K,
+    target_recall: float = TUNE_TARGET_RECALL,
+    queries: np.ndarray | None = None,
+    num_queries: int = TUNE_QUERIES,
+    seed: int = 7,
+) -> IndexTuning:
+    """The smallest nprobe / efSearch whose recall@k against exact search reaches ``target_recall``.
+
+    ``vectors`` are the rows the index holds (row i = id i). Without ``queries``, ``num_queries``
+    sampled items are the queries, held out by leave-one-out: each item is dropped from its own
+    exact and approximate results, so it is scored on its k other neighbours like an unseen query
+    from the catalog's distribution (and exactly like an i2i query). Steps up
+    :func:`parameter_grid`, then bisects between the last value that missed and the first that
+    reached the target (recall grows with the parameter: exactly so for IVF, whose probed lists
+    only grow). When no value reaches it, the largest tried is kept (``reached`` False) and a
+    warning logged.
+    """
+    parameter = search_parameter(index)
+    if parameter is None:
+        return IndexTuning(None, reason=f"{type(faiss.downcast_index(index)).__name__}: no search parameter")
+    started = time.perf_counter()
+    k = max(1, min(k, len(vectors) - 1))
+    if queries is None:
+        rng = np.random.default_rng(seed)
+        held_out = rng.choice(len(vectors), size=min(num_queries, len(vectors)), replace=False)
+        queries = vectors[held_out]
+        source = "sampled items, each left out of its own results"
+    else:
+        held_out, source = None, "given"
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+
+    def neighbours(found: np.ndarray) -> np.ndarray:
+        return found if held_out is None else without_ids(found, held_out)
+
+    fetch = k if held_out is None else k + 1
+    truth = neighbours(exact_neighbours(vectors, queries, fetch))
+    recalls: dict[int, float] = {}
+
+    def measure(value: int) -> float:
+        if value not in recalls:
+            found = neighbours(_search_with(index, parameter, value, queries, fetch))
+            recalls[value] = recall_at_k(found, truth)
+        return recalls[value]
+
+    grid = parameter_grid(parameter, index, k)
+    missed, chosen = grid[0] - 1, None  # never bisect below the grid (efSearch < k is efSearch k)
+    for value in grid:
+        if measure(value) >= target_recall:
+            chosen = value
+            break
+        missed = value
+    if chosen is None:
+        chosen = missed
+        log.warning(
+            "%s %d reaches recall@%d %.3f only, below the target %.3f",
+            parameter,
+            chosen,
+            k,
+            recalls[chosen],
+            target_recall,
+        )
+    else:
+        low, high = missed, chosen  # measure(low) < target <= measure(high)
+        while high - low > 1:
+            middle = (low + high) // 2
+            if measure(middle) >= target_recall:
+                high = middle
+            else:
+                low = middle
+        chosen = high
+    tuning = IndexTuning(
+        parameter,
+        value=int(chosen),
+        k=k,
+        target_recall=target_recall,
+        recall=recalls[chosen],
+        reached=recalls[chosen] >= target_recall,
+        queries=len(queries),
+        query_source=source,
+        tried=sorted(recalls.items()),
+        seconds=time.perf_counter() - started,
+    )
+    log.info(
+        "tuned %s = %d: recall@%d %.4f on %d held-out queries (%.1f s)",
+        parameter,
+        chosen,
+        k,
+        tuning.recall,
+        len(queries),
+        tuning.seconds,
+    )
+    return tuning
+
+
+def tune_index(
+    index: faiss.Index,
+    vectors: np.ndarray,
+    min_items: int = TUNE_MIN_ITEMS,
+    k: int = TUNE_K,
+    target_recall: float = TUNE_TARGET_RECALL,
+    num_queries: int = TUNE_QUERIES,
+    seed: int = 7,
+) -> IndexTuning:
+    """Build-time policy: tune the search parameter of catalogs above ``min_items`` items."""
+    if len(vectors) <= min_items:
+        return IndexTuning(None, reason=f"{len(vectors)} items <= {min_items}: search parameter not tuned")
+    return tune_search_parameter(index, vectors, k, target_recall, num_queries=num_queries, seed=seed)
 
 
 def stored_vectors(index: faiss.Index, ids: np.ndarray) -> np.ndarray:

@@ -1,35 +1,51 @@
-"""``RecallService.Recall``: validate, translate ids, micro-batch into the engine, answer."""
+"""``RecallService``: validate the packed request, micro-batch into the engine, answer packed arrays.
+
+``Recall`` speaks catalog indices (see protos/recsys/v1/recall.proto): decoding a request is a few
+``np.frombuffer`` calls and encoding the answer a few ``tobytes``, whatever the number of
+candidates. ``GetCatalog`` streams the catalog (ids, attributes, popularity order) the indices
+refer to, so the gateway can translate to and from external item ids.
+"""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 import grpc
 import numpy as np
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Histogram
 
 from recall_service.engine import SOURCES, CandidateList, RecallEngine, RecallQuery
-from recsys.serving.batching import MicroBatcher
+from recsys.data.dataset import EventType
+from recsys.serving.batching import BatcherRejected, MicroBatcher, call_deadline
 from recsys.serving.metrics import get_or_create
 from recsys.serving.validation import InvalidArgument, grpc_method, require, require_id, require_in_range
+from recsys.serving.wire import (
+    FLAGS,
+    INDEX,
+    SCORE,
+    CatalogMismatch,
+    catalog_fingerprint,
+    check_catalog,
+    mask_to_flags,
+    pack,
+    unpack,
+    unpack_indices,
+)
 from recsys.v1 import recall_pb2, recall_pb2_grpc
 
 MAX_K = 10_000
 MAX_HISTORY = 1_000
+MAX_SEEDS = 1_000
+MAX_EXCLUDED = 10_000
+CATALOG_CHUNK = 50_000  # items per GetCatalog message (~1-2 MB)
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+EVENT_TYPE_MAX = max(int(event) for event in EventType)
 
 
 class RecallMetrics:
     """The recall service's own metrics (on top of the bootstrap's RED metrics)."""
 
     def __init__(self, registry: CollectorRegistry):
-        self.unknown_history_items: Counter = get_or_create(
-            registry,
-            "recsys_recall_unknown_history_items",
-            lambda: Counter(
-                "recsys_recall_unknown_history_items",
-                "History item ids not in the recall bundle's catalog (skipped)",
-                registry=registry,
-            ),
-        )
         self.batch_size: Histogram = get_or_create(
             registry,
             "recsys_recall_batch_size",
@@ -51,112 +67,137 @@ class RecallServicer(recall_pb2_grpc.RecallServiceServicer):
         self.engine = engine
         self.batcher = batcher
         self.metrics = metrics
+        self.catalog = catalog_fingerprint(engine.items.ids)
         self._scenarios = {name: index for index, name in enumerate(engine.scenarios)}
         self._categories = {name: index for index, name in enumerate(engine.category_names)}
-        # Per item (dense id): its category and brand names, "" when unknown.
-        self._item_category = [
-            engine.category_names[c] if c >= 0 else "" for c in engine.item_category.tolist()
-        ]
-        self._item_brand = [engine.brand_names[b] if b >= 0 else "" for b in engine.item_brand.tolist()]
+        self._source_names = list(SOURCES)
 
-    def to_query(self, request: recall_pb2.RecallRequest) -> tuple[RecallQuery, int]:
-        """Validate ``request`` and translate it to dense ids; returns (query, unknown history ids).
-
-        Raises InvalidArgument naming the first bad field.
-        """
+    def to_query(self, request: recall_pb2.RecallRequest) -> RecallQuery:
+        """Validate ``request`` and decode its arrays; raises InvalidArgument naming the first bad
+        field, CatalogMismatch when it was built for another catalog."""
+        require(bool(request.catalog), "catalog", "must name the catalog the indices refer to")
+        check_catalog(self.catalog, request.catalog)
         require_id(request.user_id, "user_id", allow_empty=True)
         require_in_range(request.k, "k", 1, MAX_K)
         require(
             request.scenario in self._scenarios,
             "scenario",
-            f"unknown scenario {request.scenario!r}; known: {', '.join(self.engine.scenarios)}",
-        )
-        require(
-            len(request.history) <= MAX_HISTORY,
-            "history",
-            f"at most {MAX_HISTORY} items, got {len(request.history)}",
+            f"unknown scenario; known: {', '.join(self.engine.scenarios)}",
         )
         quotas: dict[str, int] = {}
         for position, quota in enumerate(request.sources):
             field = f"sources[{position}]"
             require(
-                quota.source in SOURCES,
-                f"{field}.source",
-                f"unknown source {quota.source!r}; known: {', '.join(SOURCES)}",
+                quota.source in SOURCES, f"{field}.source", f"unknown source; known: {', '.join(SOURCES)}"
             )
             require(quota.source not in quotas, f"{field}.source", f"source {quota.source!r} given twice")
             require_in_range(quota.k, f"{field}.k", 0, MAX_K)
             quotas[quota.source] = quota.k  # 0 = up to k
         category = -1
         if request.filters.category:
-            require(
-                request.filters.category in self._categories,
-                "filters.category",
-                f"unknown category {request.filters.category!r}",
-            )
-            category = self._categories[request.filters.category]
-
-        items = self.engine.items
-        history_ids = items.dense_many([h.item_id for h in request.history])
-        known = history_ids >= 0
-        event_types = np.fromiter(
-            (h.type for h in request.history), dtype=np.int64, count=len(request.history)
+            category = self._categories.get(request.filters.category, -2)
+            require(category >= 0, "filters.category", "unknown category")
+        num_items = self.engine.num_items
+        history = unpack_indices(request.history_items, "history_items", num_items)
+        require(
+            len(history) <= MAX_HISTORY, "history_items", f"at most {MAX_HISTORY} items, got {len(history)}"
         )
-        seeds = items.dense_many(list(request.seed_item_ids))
-        excluded = items.dense_many(list(request.filters.exclude_item_ids))
-        query = RecallQuery(
-            history=history_ids[known],
-            event_types=event_types[known],
+        event_types = None
+        if request.history_types:
+            event_types = unpack(request.history_types, FLAGS, "history_types", len(history))
+            require(
+                int(event_types.max(initial=0)) <= EVENT_TYPE_MAX,
+                "history_types",
+                f"event types must be in 0..{EVENT_TYPE_MAX}",
+            )
+        seeds = unpack_indices(request.seed_items, "seed_items", num_items)
+        require(len(seeds) <= MAX_SEEDS, "seed_items", f"at most {MAX_SEEDS} items, got {len(seeds)}")
+        excluded = unpack_indices(request.filters.exclude_items, "filters.exclude_items", num_items)
+        require(
+            len(excluded) <= MAX_EXCLUDED,
+            "filters.exclude_items",
+            f"at most {MAX_EXCLUDED} items, got {len(excluded)}",
+        )
+        return RecallQuery(
+            history=history.astype(np.int64),
+            event_types=None if event_types is None else event_types.astype(np.int64),
             scenario=self._scenarios[request.scenario],
-            seed_items=seeds[seeds >= 0],
+            seed_items=seeds.astype(np.int64),
             quotas=quotas,
             k=request.k,
             exclude_history=request.filters.exclude_history,
-            exclude_items=excluded[excluded >= 0],
+            exclude_items=excluded.astype(np.int64),
             category=category,
             sponsored_only=request.filters.sponsored_only,
         )
-        return query, int((~known).sum())
 
-    def to_response(self, candidates: CandidateList, unknown: int) -> recall_pb2.RecallResponse:
-        """The wire response; plain Python lists avoid per-field numpy scalar conversions."""
-        engine = self.engine
-        items = candidates.items.tolist()
-        scores = candidates.scores.tolist()
-        bids = engine.item_bid[candidates.items].tolist()
-        source_scores = candidates.source_scores.tolist()
-        source_mask = candidates.source_mask.tolist()
-        messages = [
-            recall_pb2.Candidate(
-                item_id=engine.items.ids[item],
-                score=scores[row],
-                source=candidates.sources[row],
-                source_scores={
-                    name: value
-                    for name, value, present in zip(
-                        SOURCES, source_scores[row], source_mask[row], strict=True
-                    )
-                    if present
-                },
-                category=self._item_category[item],
-                brand=self._item_brand[item],
-                bid=bids[row],
-            )
-            for row, item in enumerate(items)
-        ]
-        response = recall_pb2.RecallResponse(model_version=engine.version, unknown_history_items=unknown)
-        response.candidates.extend(messages)
-        return response
+    def to_response(self, candidates: CandidateList) -> recall_pb2.RecallResponse:
+        """The packed wire response: one array per column, whatever the number of candidates."""
+        return recall_pb2.RecallResponse(
+            model_version=self.engine.version,
+            catalog=self.catalog,
+            items=pack(candidates.items, INDEX),
+            scores=pack(candidates.scores, SCORE),
+            sources=pack(candidates.source_ids, FLAGS),
+            source_names=self._source_names,
+            source_scores=pack(candidates.source_scores, SCORE),
+            source_flags=mask_to_flags(candidates.source_mask).tobytes(),
+        )
+
+    async def recall(
+        self, request: recall_pb2.RecallRequest, deadline: float | None = None
+    ) -> recall_pb2.RecallResponse:
+        """Validate, run through the batcher and encode: the whole method without the transport
+        (the in-process backend calls it directly). ``deadline`` is a ``loop.time()`` instant."""
+        query = self.to_query(request)
+        return self.to_response(await self.batcher.submit(query, deadline))
 
     @grpc_method
     async def Recall(
         self, request: recall_pb2.RecallRequest, context: grpc.aio.ServicerContext
     ) -> recall_pb2.RecallResponse:
-        query, unknown = self.to_query(request)
-        if unknown:
-            self.metrics.unknown_history_items.inc(unknown)
-        candidates = await self.batcher.submit(query)
-        return self.to_response(candidates, unknown)
+        try:
+            return await self.recall(request, call_deadline(context))
+        except CatalogMismatch as error:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
+        except BatcherRejected as error:
+            await context.abort(grpc.StatusCode[error.status], f"recall: {error}")
+        raise AssertionError("unreachable: abort raises")
+
+    def catalog_chunks(self, known_catalog: str = "") -> list[recall_pb2.CatalogChunk]:
+        """The catalog as ordered chunks (one ``unchanged`` chunk when the caller has it)."""
+        engine = self.engine
+        if known_catalog == self.catalog:
+            return [
+                recall_pb2.CatalogChunk(catalog=self.catalog, model_version=engine.version, unchanged=True)
+            ]
+        num_items = engine.num_items
+        popular = engine.popularity.global_order
+        chunks = []
+        for offset in range(0, max(num_items, 1), CATALOG_CHUNK):
+            end = min(num_items, offset + CATALOG_CHUNK)
+            chunk = recall_pb2.CatalogChunk(
+                catalog=self.catalog,
+                model_version=engine.version,
+                num_items=num_items,
+                offset=offset,
+                item_ids=engine.items.ids[offset:end],
+                item_categories=pack(engine.item_category[offset:end], INDEX),
+                item_brands=pack(engine.item_brand[offset:end], INDEX),
+                item_bids=pack(engine.item_bid[offset:end], SCORE),
+                popular_items=pack(popular[offset:end], INDEX),
+            )
+            if offset == 0:
+                chunk.category_names.extend(engine.category_names)
+                chunk.brand_names.extend(engine.brand_names)
+            chunks.append(chunk)
+        return chunks
+
+    async def GetCatalog(
+        self, request: recall_pb2.CatalogRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[recall_pb2.CatalogChunk]:
+        for chunk in self.catalog_chunks(request.known_catalog):
+            yield chunk
 
 
 __all__ = ["InvalidArgument", "RecallMetrics", "RecallServicer"]

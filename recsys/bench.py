@@ -16,11 +16,12 @@ import json
 import logging
 import os
 import platform
+import random
 import socket
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,8 @@ BENCHMARKS: dict[str, str] = {
     "recall": "recall_service.bench:main",
     "gateway": "gateway.bench:main",
     "gpu": "recsys.gpu_bench:main",
+    "ann": "recall_service.ann_bench:main",
+    "e2e": "recsys.e2e_bench:main",
 }
 
 
@@ -66,6 +69,63 @@ def time_calls(
             sync()
         samples.append((time.perf_counter() - started) * 1000.0)
     return latency_summary(samples)
+
+
+def time_interleaved(
+    functions: Mapping[str, Callable[[], object]],
+    rounds: int,
+    calls_per_round: int,
+    warmup: int = 20,
+    seed: int = 0,
+    before_block: Mapping[str, Callable[[], None]] | None = None,
+    sync: Callable[[], None] | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict[str, object]:
+    """Time several variants fairly on a noisy machine: ``rounds`` rounds, in each of which every
+    variant runs a block of ``calls_per_round`` timed calls, in an order shuffled per round
+    (``random.Random(seed)``), so that load changes hit all variants alike.
+
+    Every variant is first called ``warmup`` times. ``before_block[name]`` (untimed) runs before
+    each of that variant's blocks and warmups, e.g. to set a thread count; ``sync`` waits for a
+    device after each call. Returns ``results`` (:func:`latency_summary` of all
+    ``rounds * calls_per_round`` calls per variant) and ``round_p50_ms`` (per variant, the median of
+    each round's block, in round order: per-round ratios come from these).
+    """
+    names = list(functions)
+    setups = before_block or {}
+    for name in names:
+        if name in setups:
+            setups[name]()
+        for _ in range(warmup):
+            functions[name]()
+        if sync:
+            sync()
+    shuffler = random.Random(seed)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    round_p50_ms: dict[str, list[float]] = {name: [] for name in names}
+    for _ in range(rounds):
+        order = names.copy()
+        shuffler.shuffle(order)
+        for name in order:
+            if name in setups:
+                setups[name]()
+            function, block = functions[name], []
+            for _ in range(calls_per_round):
+                started = clock()
+                function()
+                if sync:
+                    sync()
+                block.append((clock() - started) * 1000.0)
+            samples[name].extend(block)
+            round_p50_ms[name].append(float(np.median(block)))
+    return {
+        "rounds": rounds,
+        "calls_per_round": calls_per_round,
+        "order_seed": seed,
+        "warmup": warmup,
+        "results": {name: latency_summary(samples[name]) for name in names},
+        "round_p50_ms": round_p50_ms,
+    }
 
 
 def machine_info() -> dict[str, object]:

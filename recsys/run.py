@@ -5,12 +5,17 @@ Prepares the dataset, trains and exports the recall and rank bundles when they a
 services as child processes, waits until each reports SERVING over the standard gRPC health
 service, prints their addresses and /metrics URLs, and stays up until Ctrl-C or SIGTERM, when it
 stops the gateway, then rank, then recall, each gracefully.
+
+The gateway requires a bearer token: the first run writes a random token with every scope to
+``<artifacts>/dev-token`` (mode 0600; later runs reuse it) and its digest to
+``<artifacts>/auth-tokens.json``, the gateway's tokens file. `recsys query` reads the token.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import socket
 import subprocess
@@ -23,8 +28,18 @@ from typing import IO
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from gateway.query import DEFAULT_TOKEN_FILE
 from recsys.bundle import BundleError, read_manifest
 from recsys.data.dataset import Dataset
+from recsys.serving.auth import (
+    DEV_TOKEN_FILE,
+    SCOPES,
+    TOKENS_FILE,
+    new_token,
+    read_token,
+    write_private,
+    write_tokens_file,
+)
 
 log = logging.getLogger("recsys.run")
 
@@ -202,7 +217,7 @@ def seed_history_store(dataset: Dataset, sqlite_path: Path, max_length: int) -> 
         for position, (item, event_type, stamp) in enumerate(zip(sequence, types, stamps, strict=True)):
             events.append(
                 StoredEvent(
-                    f"dataset-{position}",
+                    f"dataset-{user_id}-{position}",  # event ids are unique across users
                     user_id,
                     dataset.items.external(int(item)),
                     int(event_type) or 1,
@@ -215,6 +230,22 @@ def seed_history_store(dataset: Dataset, sqlite_path: Path, max_length: int) -> 
     finally:
         asyncio.run(store.close())
     return len(events)
+
+
+def dev_credentials(artifacts: Path) -> tuple[Path, Path]:
+    """The dev token (every scope) in ``artifacts/dev-token``, made on the first run and reused
+    after (mode 0600, the token alone on one line), and the gateway's tokens file beside it
+    (its sha256 only). Returns (token file, tokens file)."""
+    token_path = artifacts / DEV_TOKEN_FILE
+    try:
+        token = read_token(token_path)
+        os.chmod(token_path, 0o600)
+    except (OSError, ValueError):
+        token = new_token()
+        write_private(token_path, token + "\n")
+    tokens_path = artifacts / TOKENS_FILE
+    write_tokens_file(tokens_path, [("dev", token, SCOPES)])
+    return token_path, tokens_path
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -246,7 +277,10 @@ def main(argv: list[str] | None = None) -> int:
         seeded = seed_history_store(dataset, sqlite_path, HISTORY_LENGTH)
         if seeded:
             print(f"gateway history: {seeded} dataset events loaded into {sqlite_path}", flush=True)
+    token_path, tokens_path = dev_credentials(args.artifacts)
     gateway_args = [
+        "--auth-tokens-file",
+        str(tokens_path),
         "--max-history-length",
         str(HISTORY_LENGTH),
         "--sqlite-path",
@@ -307,6 +341,13 @@ def main(argv: list[str] | None = None) -> int:
                 f"{service.name:<8} {service.address}  metrics http://{HOST}:{service.metrics_port}/metrics"
             )
         target = "" if gateway.port == 50050 else f" --gateway {gateway.address}"
+        if token_path.resolve() != DEFAULT_TOKEN_FILE.resolve():
+            target += f" --token-file {token_path}"  # where `recsys query` does not look by itself
+        print(
+            f"\ndev token (all scopes: {', '.join(SCOPES)}) in {token_path} (mode 0600); "
+            "`recsys query` sends it as 'authorization: Bearer <token>'",
+            flush=True,
+        )
         user, item = dataset.users.ids[0], dataset.items.ids[0]
         print(
             f"\ntry:  recsys query{target} --scenario home --user {user} --debug\n"

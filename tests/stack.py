@@ -1,7 +1,7 @@
 """The whole stack in-process for tests: real recall, rank and gateway servers on port 0.
 
     async with running_stack(recall_bundle, rank_bundle, tmp_path, max_in_flight=4) as stack:
-        stub = GatewayStub(grpc.aio.insecure_channel(stack.gateway_address))
+        stub = GatewayStub(stack.gateway_channel())  # its calls carry a token with every scope
         ...
         await stack.stop_rank()   # fallback tests
 
@@ -18,11 +18,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
+
 from gateway.config import DEFAULT_SCENARIOS, GatewayConfig
 from gateway.server import GatewayServer
 from gateway.server import serve as serve_gateway
+from recsys.serving.auth import SCOPES, BearerTokenInterceptor, write_tokens_file
 from recsys.serving.bootstrap import RunningServer
 from recsys.serving.config import ServingConfig
+
+STACK_TOKEN = "stack-token-with-every-scope"  # the gateway of running_stack accepts it
 
 
 def loopback_serving() -> ServingConfig:
@@ -41,6 +46,11 @@ class RunningStack:
     @property
     def gateway_address(self) -> str:
         return self.gateway.address
+
+    def gateway_channel(self, token: str | None = STACK_TOKEN) -> grpc.aio.Channel:
+        """A channel to the gateway whose calls carry ``token`` (None: unauthenticated)."""
+        interceptors = [BearerTokenInterceptor(token)] if token is not None else None
+        return grpc.aio.insecure_channel(self.gateway_address, interceptors=interceptors)
 
     @property
     def recall_address(self) -> str:
@@ -86,12 +96,15 @@ async def running_stack(
             RankConfig(serving=loopback_serving(), bundle=Path(rank_bundle), device="cpu")
         )
         stack.push_async_callback(rank.stop, 0)
+        tokens_path = Path(tmp_path) / "auth-tokens.json"
+        write_tokens_file(tokens_path, [("stack", STACK_TOKEN, SCOPES)])
         config = GatewayConfig(
             serving=loopback_serving(),
             scenarios_path=DEFAULT_SCENARIOS,
             recall_address=recall.address,
             rank_address=rank.address,
             sqlite_path=Path(tmp_path) / "gateway-history.sqlite3",
+            auth_tokens_file=tokens_path,
         )
         gateway = await serve_gateway(dataclasses.replace(config, **gateway_overrides))
         stack.push_async_callback(gateway.stop, 0)

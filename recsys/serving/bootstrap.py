@@ -2,7 +2,8 @@
 
 ``start_server`` builds a ``grpc.aio`` server with the standard health service (NOT_SERVING until
 the service's warmup succeeds), server reflection, the RED metrics interceptor and an HTTP
-``/metrics`` port, optional TLS / mutual TLS and message size limits. ``run_until_signal`` turns
+``/metrics`` port, optional TLS / mutual TLS, message size and concurrency limits, a maximum
+connection age, and INVALID_ARGUMENT (not UNKNOWN) for requests that do not parse. ``run_until_signal`` turns
 SIGTERM/SIGINT into NOT_SERVING followed by a graceful stop.
 """
 
@@ -24,6 +25,7 @@ from prometheus_client import CollectorRegistry
 from recsys.serving.config import ServingConfig
 from recsys.serving.logging import configure_logging
 from recsys.serving.metrics import GrpcServerMetrics, MetricsHttpServer, MetricsInterceptor, new_registry
+from recsys.serving.validation import MalformedRequestInterceptor
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +38,16 @@ def message_size_options(max_message_bytes: int) -> list[tuple[str, Any]]:
     return [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
+    ]
+
+
+def connection_age_options(config: ServingConfig) -> list[tuple[str, Any]]:
+    """Server options that expire connections after ``max_connection_age_s`` (none when 0)."""
+    if config.max_connection_age_s == 0:
+        return []
+    return [
+        ("grpc.max_connection_age_ms", round(config.max_connection_age_s * 1000)),
+        ("grpc.max_connection_age_grace_ms", round(config.max_connection_age_grace_s * 1000)),
     ]
 
 
@@ -229,17 +241,28 @@ async def start_server(
     (having stopped the server) if it fails; otherwise it returns at once and
     ``RunningServer.wait_until_serving()`` waits for the warmup. If the process has not
     configured logging yet, JSON logs at ``config.log_level`` go to stderr (``configure_logging``).
+
+    ``interceptors`` run inside the metrics interceptor (so what they answer is counted) and
+    outside the one that answers unparseable requests INVALID_ARGUMENT (so an authentication
+    interceptor answers first). Calls beyond ``config.max_concurrent_rpcs`` are refused by gRPC
+    with RESOURCE_EXHAUSTED before any interceptor runs, so they are not in the metrics.
     """
     if not logging.getLogger().handlers:  # like logging.basicConfig: only if nobody configured logging
         configure_logging(service, config.log_level)
     registry = new_registry() if registry is None else registry
     server = grpc.aio.server(
-        interceptors=[MetricsInterceptor(GrpcServerMetrics(registry)), *interceptors],
+        interceptors=[
+            MetricsInterceptor(GrpcServerMetrics(registry)),
+            *interceptors,
+            MalformedRequestInterceptor(),
+        ],
         options=[
             *message_size_options(config.max_message_bytes),
+            *connection_age_options(config),
             # a second process on the same port must fail to bind, not silently share it
             ("grpc.so_reuseport", 0),
         ],
+        maximum_concurrent_rpcs=config.max_concurrent_rpcs,
     )
     health = grpc_health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)

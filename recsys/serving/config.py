@@ -19,6 +19,7 @@ T = TypeVar("T")
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+DEFAULT_MAX_CONCURRENT_RPCS = 1000
 
 
 class ConfigError(ValueError):
@@ -34,6 +35,14 @@ class ServingConfig:
     metrics_port: int = 0  # 0 = any free port (read back from RunningServer.metrics_port)
     grace_seconds: float = 5.0
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    # RPCs one server handles at once; beyond it gRPC answers RESOURCE_EXHAUSTED before reading the
+    # request, so memory stays below about max_concurrent_rpcs x max_message_bytes (x ~3 in copies).
+    max_concurrent_rpcs: int = DEFAULT_MAX_CONCURRENT_RPCS
+    # Clients are sent GOAWAY after this long (gRPC adds +-10% jitter) and reconnect, re-resolving
+    # DNS: with round-robin over a headless Service, replicas added by the autoscaler get traffic.
+    # In-flight calls get the grace period to finish. 0 = connections never expire.
+    max_connection_age_s: float = 60.0
+    max_connection_age_grace_s: float = 10.0
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None  # set: mutual TLS, clients must present a cert it signed
@@ -66,6 +75,14 @@ class ServingConfig:
             raise ConfigError(f"max_message_bytes: must be an integer, got {self.max_message_bytes!r}")
         if not 1024 <= self.max_message_bytes <= 2**31 - 1:
             raise ConfigError(f"max_message_bytes: must be in 1024..2147483647, got {self.max_message_bytes}")
+        if isinstance(self.max_concurrent_rpcs, bool) or not isinstance(self.max_concurrent_rpcs, int):
+            raise ConfigError(f"max_concurrent_rpcs: must be an integer, got {self.max_concurrent_rpcs!r}")
+        if not 1 <= self.max_concurrent_rpcs <= 1_000_000:
+            raise ConfigError(f"max_concurrent_rpcs: must be in 1..1000000, got {self.max_concurrent_rpcs}")
+        for name in ("max_connection_age_s", "max_connection_age_grace_s"):
+            value = getattr(self, name)
+            if not 0 <= value <= 86400:  # also rejects NaN
+                raise ConfigError(f"{name}: must be in 0..86400 seconds, got {value!r}")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError("tls_cert, tls_key: give both or neither")
         if self.tls_client_ca is not None and self.tls_cert is None:
@@ -108,6 +125,21 @@ _SERVING_FLAGS: dict[str, tuple[str, Callable[[str], Any], str]] = {
     "--metrics-port": ("RECSYS_METRICS_PORT", int, "HTTP /metrics port (0 = any free port)"),
     "--grace-seconds": ("RECSYS_GRACE_SECONDS", float, "in-flight calls get this long on shutdown"),
     "--max-message-bytes": ("RECSYS_MAX_MESSAGE_BYTES", int, "largest gRPC message sent or received"),
+    "--max-concurrent-rpcs": (
+        "RECSYS_MAX_CONCURRENT_RPCS",
+        int,
+        "RPCs handled at once; more are refused with RESOURCE_EXHAUSTED before their request is read",
+    ),
+    "--max-connection-age-s": (
+        "RECSYS_MAX_CONNECTION_AGE_S",
+        float,
+        "clients reconnect (and re-resolve) after this long, so new replicas get traffic; 0 = never",
+    ),
+    "--max-connection-age-grace-s": (
+        "RECSYS_MAX_CONNECTION_AGE_GRACE_S",
+        float,
+        "in-flight calls on an expired connection get this long",
+    ),
     "--tls-cert": ("RECSYS_TLS_CERT", _optional_path, "server certificate chain (PEM); enables TLS"),
     "--tls-key": ("RECSYS_TLS_KEY", _optional_path, "server private key (PEM)"),
     "--tls-client-ca": ("RECSYS_TLS_CLIENT_CA", _optional_path, "client CA (PEM); enables mutual TLS"),
@@ -116,9 +148,15 @@ _SERVING_FLAGS: dict[str, tuple[str, Callable[[str], Any], str]] = {
 
 
 def add_serving_arguments(
-    parser: argparse.ArgumentParser, default_port: int, default_metrics_port: int
+    parser: argparse.ArgumentParser,
+    default_port: int,
+    default_metrics_port: int,
+    *,
+    max_message_bytes: int = ServingConfig.max_message_bytes,
+    max_concurrent_rpcs: int = ServingConfig.max_concurrent_rpcs,
 ) -> None:
-    """Add the common serving flags to ``parser``; each defaults to its env var, then the default.
+    """Add the common serving flags to ``parser``; each defaults to its env var, then the default
+    (a service may pass its own message size and concurrency defaults).
 
     An invalid environment value makes the parser exit with a usage error naming the variable.
     """
@@ -127,7 +165,10 @@ def add_serving_arguments(
         "port": default_port,
         "metrics_port": default_metrics_port,
         "grace_seconds": ServingConfig.grace_seconds,
-        "max_message_bytes": ServingConfig.max_message_bytes,
+        "max_message_bytes": max_message_bytes,
+        "max_concurrent_rpcs": max_concurrent_rpcs,
+        "max_connection_age_s": ServingConfig.max_connection_age_s,
+        "max_connection_age_grace_s": ServingConfig.max_connection_age_grace_s,
         "tls_cert": None,
         "tls_key": None,
         "tls_client_ca": None,
@@ -162,6 +203,9 @@ def serving_config_from_args(args: argparse.Namespace) -> ServingConfig:
         metrics_port=args.metrics_port,
         grace_seconds=args.grace_seconds,
         max_message_bytes=args.max_message_bytes,
+        max_concurrent_rpcs=args.max_concurrent_rpcs,
+        max_connection_age_s=args.max_connection_age_s,
+        max_connection_age_grace_s=args.max_connection_age_grace_s,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca,
@@ -183,8 +227,9 @@ class ModelServingConfig:
     bundle: Path
     device: str = "auto"
     max_batch: int = 64  # requests per model run
-    max_wait_ms: float = 2.0  # how long a request may wait for others to join its batch
+    max_wait_ms: float = 0.0  # how long an idle batcher waits for companions (0 = dispatch at once)
     threads: int = 1  # Faiss / ONNX Runtime compute threads
+    max_queue: int = 256  # requests waiting for a batch beyond this are shed (RESOURCE_EXHAUSTED)
 
     component: ClassVar[str] = "model"
     default_port: ClassVar[int] = 0
@@ -199,6 +244,8 @@ class ModelServingConfig:
             raise ConfigError(f"max_wait_ms: must be in 0..1000, got {self.max_wait_ms}")
         if not 1 <= self.threads <= 256:
             raise ConfigError(f"threads: must be in 1..256, got {self.threads}")
+        if not 1 <= self.max_queue <= 1_000_000:
+            raise ConfigError(f"max_queue: must be in 1..1000000, got {self.max_queue}")
         if not (Path(self.bundle) / MANIFEST).is_file():
             raise ConfigError(
                 f"bundle: no {self.component} bundle at {self.bundle} "
@@ -225,8 +272,14 @@ class ModelServingConfig:
                 ),
                 ("device", str, defaults["device"], "where the model (and index) run"),
                 ("max_batch", int, defaults["max_batch"], "most requests per model run"),
-                ("max_wait_ms", float, defaults["max_wait_ms"], "longest a request waits for a batch"),
+                (
+                    "max_wait_ms",
+                    float,
+                    defaults["max_wait_ms"],
+                    "longest an idle batcher waits for companions (0 = dispatch at once)",
+                ),
                 ("threads", int, defaults["threads"], "Faiss/ONNX Runtime compute threads"),
+                ("max_queue", int, defaults["max_queue"], "requests waiting beyond this are shed"),
             ]
             for name, cast, default, text in settings:
                 variable = f"RECSYS_{name.upper()}"
@@ -253,4 +306,5 @@ class ModelServingConfig:
             max_batch=args.max_batch,
             max_wait_ms=args.max_wait_ms,
             threads=args.threads,
+            max_queue=args.max_queue,
         )

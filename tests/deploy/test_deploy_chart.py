@@ -3,6 +3,7 @@ schema validation of every rendered object, and the properties an SRE relies on.
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 from typing import Any
@@ -31,6 +32,11 @@ FULLNAME = f"{RELEASE}-recsys"
 SHA256 = "0" * 64
 GPU_ON = {"recall": {"gpu": {"enabled": True}}, "rank": {"gpu": {"enabled": True}}}
 MONITORING_ON = {"monitoring": {"serviceMonitor": {"enabled": True}, "prometheusRule": {"enabled": True}}}
+# The one way the chart runs the gateway on SQLite: one replica, no autoscaler, a claim for /data.
+SQLITE_SINGLE_NODE = {
+    "redis": {"enabled": False},
+    "gateway": {"replicas": 1, "autoscaling": {"enabled": False}, "history": {"existingClaim": "history"}},
+}
 
 # name -> (values, API versions the "cluster" announces)
 COMBINATIONS: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
@@ -39,7 +45,16 @@ COMBINATIONS: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
     "monitoring-with-api": (MONITORING_ON, (MONITORING_API,)),
     "monitoring-without-api": (MONITORING_ON, ()),
     "redis": ({"redis": {"enabled": True}}, ()),
-    "redis-external-secret": ({"redis": {"existingSecret": {"name": "history-redis", "key": "url"}}}, ()),
+    "redis-external-secret": (
+        {"redis": {"enabled": False, "existingSecret": {"name": "history-redis", "key": "url"}}},
+        (),
+    ),
+    "redis-external-url": ({"redis": {"enabled": False, "externalUrl": "redis://r.example:6379/0"}}, ()),
+    "redis-own-password-everysec": (
+        {"redis": {"auth": {"existingSecret": "my-redis"}, "appendfsync": "everysec"}},
+        (),
+    ),
+    "sqlite-single-node": (SQLITE_SINGLE_NODE, ()),
     "bundle-url": (
         {
             "recall": {
@@ -161,6 +176,7 @@ def test_values_schema_rejects_misspelled_keys() -> None:
         ({"rank": {"bundle": {"existingClaim": ""}}}, "existingClaim"),
         ({"recall": {"enabled": False}}, "recallAddress is required"),
         ({"redis": {"enabled": True, "externalUrl": "redis://r:6379/0"}}, "not both"),
+        ({"redis": {"externalUrl": "redis://r:6379/0"}}, "not both"),  # Redis in-cluster by default
     ],
 )
 def test_contradictory_values_fail_with_a_message(values: dict[str, Any], message: str) -> None:
@@ -171,9 +187,10 @@ def test_contradictory_values_fail_with_a_message(values: dict[str, Any], messag
 
 def test_each_component_is_switchable(rendered: dict[str, list[Manifest]]) -> None:
     default = {m.name for m in rendered["default"] if m.kind == "Deployment"}
-    assert default == {f"{FULLNAME}-{c}" for c in COMPONENTS}
+    assert default == {f"{FULLNAME}-{c}" for c in (*COMPONENTS, "redis")}  # Redis: the history store
     gateway_only = rendered["gateway-only"]
-    assert {m.name for m in gateway_only if m.kind == "Deployment"} == {f"{FULLNAME}-gateway"}
+    gateway_and_its_store = {f"{FULLNAME}-gateway", f"{FULLNAME}-redis"}
+    assert {m.name for m in gateway_only if m.kind == "Deployment"} == gateway_and_its_store
     assert not [m for m in gateway_only if "recall" in m.name or "rank" in m.name]
     env = env_of(deployment(gateway_only, "gateway")["spec"]["template"]["spec"]["containers"][0])
     assert env["RECSYS_RECALL_ADDRESS"] == "recall.ml:50051"
@@ -306,30 +323,96 @@ def test_network_policy_lets_only_the_gateway_call_recall_and_rank(
     assert "from" not in client_rule  # default: any client may reach the gateway's gRPC port
 
 
-def test_redis_switches_the_history_backend(rendered: dict[str, list[Manifest]]) -> None:
-    sqlite_env = env_of(
-        deployment(rendered["default"], "gateway")["spec"]["template"]["spec"]["containers"][0]
-    )
-    assert sqlite_env["RECSYS_HISTORY_BACKEND"] == "sqlite"
-    assert sqlite_env["RECSYS_SQLITE_PATH"].startswith("/data/")
-    assert "RECSYS_REDIS_URL" not in sqlite_env
-    assert not [m for m in rendered["default"] if "redis" in m.name]
+def gateway_env(objects: list[Manifest]) -> dict[str, Any]:
+    return env_of(deployment(objects, "gateway")["spec"]["template"]["spec"]["containers"][0])
 
-    objects = rendered["redis"]
-    env = env_of(deployment(objects, "gateway")["spec"]["template"]["spec"]["containers"][0])
-    service = find(objects, "Service", f"{FULLNAME}-redis")
+
+def test_the_default_history_store_is_a_shared_persistent_password_protected_redis(
+    rendered: dict[str, list[Manifest]],
+) -> None:
+    """Every gateway replica shares one history that survives rollouts, evictions and scale-down."""
+    objects = rendered["default"]
+    secret_name = f"{FULLNAME}-redis"
+    env = gateway_env(objects)
     assert env["RECSYS_HISTORY_BACKEND"] == "redis"
-    assert env["RECSYS_REDIS_URL"] == f"redis://{FULLNAME}-redis.{NAMESPACE}.svc.cluster.local:6379/0"
-    assert service["spec"]["ports"][0]["port"] == 6379
-    assert selects(
-        service["spec"]["selector"], deployment(objects, "redis")["spec"]["template"]["metadata"]["labels"]
+    assert env["RECSYS_REDIS_URL"] == {"secretKeyRef": {"name": secret_name, "key": "url"}}
+    assert "RECSYS_SQLITE_PATH" not in env
+
+    secret = find(objects, "Secret", secret_name)["data"]
+    password = base64.b64decode(secret["password"]).decode()
+    assert len(password) >= 32
+    assert base64.b64decode(secret["url"]).decode() == (
+        f"redis://:{password}@{FULLNAME}-redis.{NAMESPACE}.svc.cluster.local:6379/0"
     )
 
-    external = env_of(
-        deployment(rendered["redis-external-secret"], "gateway")["spec"]["template"]["spec"]["containers"][0]
-    )
-    assert external["RECSYS_HISTORY_BACKEND"] == "redis"
-    assert external["RECSYS_REDIS_URL"] == {"secretKeyRef": {"name": "history-redis", "key": "url"}}
+    redis = deployment(objects, "redis")
+    assert redis["spec"]["replicas"] == 1 and redis["spec"]["strategy"] == {"type": "Recreate"}
+    pod = redis["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    args = container["args"]
+    assert args[args.index("--appendonly") + 1] == "yes"
+    assert args[args.index("--appendfsync") + 1] == "always"  # on disk before the gateway's reply
+    assert args[args.index("--requirepass") + 1] == "$(REDIS_PASSWORD)"
+    assert env_of(container)["REDIS_PASSWORD"] == {"secretKeyRef": {"name": secret_name, "key": "password"}}
+    data = next(v for v in pod["volumes"] if v["name"] == "data")
+    assert data == {"name": "data", "persistentVolumeClaim": {"claimName": f"{FULLNAME}-redis"}}
+    assert {"name": "data", "mountPath": "/data"} in container["volumeMounts"]
+    claim = find(objects, "PersistentVolumeClaim", f"{FULLNAME}-redis")
+    assert claim["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    assert claim["spec"]["resources"]["requests"]["storage"] == "8Gi"
+
+    service = find(objects, "Service", f"{FULLNAME}-redis")
+    assert service["spec"]["ports"][0]["port"] == 6379
+    assert selects(service["spec"]["selector"], redis["spec"]["template"]["metadata"]["labels"])
+    # The gateway may scale: the HPA is on and its replicas share the one history.
+    assert find(objects, "HorizontalPodAutoscaler", f"{FULLNAME}-gateway")
+
+
+def test_redis_alternatives_own_password_or_managed(rendered: dict[str, list[Manifest]]) -> None:
+    own = rendered["redis-own-password-everysec"]
+    assert not [m for m in own if m.kind == "Secret"]  # the chart generates none
+    assert gateway_env(own)["RECSYS_REDIS_URL"] == {"secretKeyRef": {"name": "my-redis", "key": "url"}}
+    (container,) = deployment(own, "redis")["spec"]["template"]["spec"]["containers"]
+    assert container["args"][container["args"].index("--appendfsync") + 1] == "everysec"
+    assert env_of(container)["REDIS_PASSWORD"] == {"secretKeyRef": {"name": "my-redis", "key": "password"}}
+
+    for combination, url in (
+        ("redis-external-secret", {"secretKeyRef": {"name": "history-redis", "key": "url"}}),
+        ("redis-external-url", "redis://r.example:6379/0"),
+    ):
+        objects = rendered[combination]
+        env = gateway_env(objects)
+        assert env["RECSYS_HISTORY_BACKEND"] == "redis" and env["RECSYS_REDIS_URL"] == url
+        assert not [m for m in objects if "redis" in m.name], combination  # no in-cluster Redis
+
+
+def test_sqlite_history_runs_only_as_one_gateway_on_a_claim(rendered: dict[str, list[Manifest]]) -> None:
+    objects = rendered["sqlite-single-node"]
+    env = gateway_env(objects)
+    assert env["RECSYS_HISTORY_BACKEND"] == "sqlite" and env["RECSYS_SQLITE_PATH"].startswith("/data/")
+    assert "RECSYS_REDIS_URL" not in env
+    gateway = deployment(objects, "gateway")
+    assert gateway["spec"]["replicas"] == 1 and gateway["spec"]["strategy"] == {"type": "Recreate"}
+    data = next(v for v in gateway["spec"]["template"]["spec"]["volumes"] if v["name"] == "data")
+    assert data["persistentVolumeClaim"] == {"claimName": "history"}
+    assert not [m for m in objects if "redis" in m.name]
+    assert not [m for m in objects if m.kind == "HorizontalPodAutoscaler" and "gateway" in m.name]
+
+
+@pytest.mark.parametrize(
+    ("gateway", "message"),
+    [
+        ({"replicas": 1, "history": {"existingClaim": "history"}}, "one history per pod"),  # HPA on
+        ({"replicas": 2, "autoscaling": {"enabled": False}, "history": {"existingClaim": "h"}}, "per pod"),
+        ({"replicas": 1, "autoscaling": {"enabled": False}}, "needs gateway.history.existingClaim"),
+    ],
+)
+def test_sqlite_history_that_would_split_or_lose_events_is_refused(
+    gateway: dict[str, Any], message: str
+) -> None:
+    helm = helm_sdk()
+    with pytest.raises(helm.HelmError, match=message):
+        render({"redis": {"enabled": False}, "gateway": gateway})
 
 
 def test_gateway_dials_the_headless_services_of_this_release(rendered: dict[str, list[Manifest]]) -> None:

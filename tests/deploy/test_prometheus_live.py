@@ -14,7 +14,6 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
@@ -209,7 +208,7 @@ async def test_prometheus_scrapes_every_scenario_and_the_dashboard_queries_run(
         prometheus.start()
         try:
             await prometheus.wait_ready()
-            async with grpc.aio.insecure_channel(stack.gateway_address) as channel:
+            async with stack.gateway_channel() as channel:
                 gateway = gateway_pb2_grpc.GatewayStub(channel)
                 for request in scenario_requests(synthetic_dataset, scenario_names):
                     response = await gateway.Recommend(request, timeout=10)

@@ -15,12 +15,28 @@ import pytest
 
 from gateway.config import DEFAULT_SCENARIOS, GatewayConfig
 from gateway.server import GatewayServer, serve
+from recsys.serving.auth import SCOPES, BearerTokenInterceptor, write_tokens_file
 from recsys.serving.config import ServingConfig
 from recsys.serving.metrics import new_registry
 from recsys.v1 import gateway_pb2_grpc, rank_pb2_grpc, recall_pb2_grpc
 from tests.gateway.fakes import FakeRank, FakeRecall, FakeServer
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
+TEST_TOKEN = "test-token-with-every-scope"  # in the tokens file gateway_config() writes
+
+
+def tokens_file(folder: Path, *tokens: tuple[str, str, tuple[str, ...]]) -> Path:
+    """A tokens file in ``folder`` accepting TEST_TOKEN (every scope) plus ``tokens``
+    (``(name, token, scopes)``)."""
+    path = folder / "auth-tokens.json"
+    write_tokens_file(path, [("tests", TEST_TOKEN, SCOPES), *tokens])
+    return path
+
+
+def gateway_channel(address: str, token: str | None = TEST_TOKEN) -> grpc.aio.Channel:
+    """A channel to the gateway whose calls carry ``token`` (none: unauthenticated)."""
+    interceptors = [BearerTokenInterceptor(token)] if token is not None else None
+    return grpc.aio.insecure_channel(address, interceptors=interceptors)
 
 
 def free_port() -> int:
@@ -93,6 +109,7 @@ def gateway_config(tmp_path: Path, recall_address: str, rank_address: str, **ove
         recall_address=recall_address,
         rank_address=rank_address,
         sqlite_path=tmp_path / "history.sqlite3",
+        auth_tokens_file=tokens_file(tmp_path),
     )
     return replace(config, **overrides)
 
@@ -109,7 +126,7 @@ async def fake_stack(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIte
     gateway = await serve(
         gateway_config(tmp_path, recall.address, rank.address, **overrides), new_registry(False)
     )
-    channel = grpc.aio.insecure_channel(gateway.address)
+    channel = gateway_channel(gateway.address)
     try:
         yield FakeStack(gateway, recall, rank, channel, gateway_pb2_grpc.GatewayStub(channel))
     finally:

@@ -7,7 +7,10 @@ import asyncio
 from dataclasses import dataclass, field
 
 import grpc
+import numpy as np
 
+from recsys.serving.wire import FLAGS, INDEX, SCORE, catalog_fingerprint, pack
+from recsys.sources import RECALL_SOURCES
 from recsys.v1 import rank_pb2, rank_pb2_grpc, recall_pb2, recall_pb2_grpc
 
 CATALOG_SIZE = 200
@@ -41,12 +44,43 @@ class Behaviour:
     blocked: asyncio.Event | None = None  # when set to an Event: every call waits for it
 
 
+CATEGORIES = [f"c{c}" for c in range(5)]
+BRANDS = [f"b{b}" for b in range(7)]
+ITEM_IDS = [f"i{index}" for index in range(CATALOG_SIZE)]
+CATALOG = catalog_fingerprint(ITEM_IDS)
+
+
 class FakeRecall(recall_pb2_grpc.RecallServiceServicer):
     """Items ``i0..i199``, popularity = index order. u2i ranks items after the user's last item
-    (so history changes the answer), i2i the items after each seed, popular the head."""
+    (so history changes the answer), i2i the items after each seed, popular the head.
+    Speaks the packed wire; ``catalog`` can be changed to simulate another bundle."""
 
     def __init__(self) -> None:
         self.behaviour = Behaviour()
+        self.catalog = CATALOG
+        self.catalog_calls = 0
+
+    async def GetCatalog(self, request: recall_pb2.CatalogRequest, context: grpc.aio.ServicerContext):
+        self.catalog_calls += 1
+        if self.behaviour.fail_with is not None:
+            await context.abort(self.behaviour.fail_with, "injected failure")
+        if request.known_catalog == self.catalog:
+            yield recall_pb2.CatalogChunk(catalog=self.catalog, unchanged=True)
+            return
+        indices = np.arange(CATALOG_SIZE)
+        yield recall_pb2.CatalogChunk(
+            catalog=CATALOG,
+            model_version="fake-recall-1",
+            num_items=CATALOG_SIZE,
+            offset=0,
+            item_ids=ITEM_IDS,
+            item_categories=pack(indices % len(CATEGORIES), INDEX),
+            item_brands=pack(indices % len(BRANDS), INDEX),
+            item_bids=pack([bid_of(i) for i in range(CATALOG_SIZE)], SCORE),
+            category_names=CATEGORIES,
+            brand_names=BRANDS,
+            popular_items=pack(indices, INDEX),
+        )
 
     async def Recall(self, request: recall_pb2.RecallRequest, context: grpc.aio.ServicerContext):
         behaviour = self.behaviour
@@ -59,46 +93,70 @@ class FakeRecall(recall_pb2_grpc.RecallServiceServicer):
             await asyncio.sleep(behaviour.delay_s)
         if behaviour.fail_with is not None:
             await context.abort(behaviour.fail_with, "injected failure")
-        excluded = set(request.filters.exclude_item_ids)
+        if request.catalog != self.catalog:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "catalog: another catalog")
+        history = history_of(request)
+        excluded = set(np.frombuffer(request.filters.exclude_items, "<i4").tolist())
         if request.filters.exclude_history:
-            excluded |= {entry.item_id for entry in request.history}
-        merged: dict[str, recall_pb2.Candidate] = {}
+            excluded |= set(history)
+        merged: dict[int, dict[str, float]] = {}
+        primary: dict[int, str] = {}
         for quota in request.sources:
-            for rank, index in enumerate(self._source(quota.source, request)):
-                item_id = f"i{index}"
-                if item_id in excluded:
+            taken = 0
+            for rank, index in enumerate(self._source(quota.source, request, history)):
+                if index in excluded:
                     continue
                 if request.filters.category and category_of(index) != request.filters.category:
                     continue
                 if request.filters.sponsored_only and bid_of(index) <= 0:
                     continue
                 score = 1.0 - rank / 1000
-                if item_id not in merged:
-                    merged[item_id] = recall_pb2.Candidate(
-                        item_id=item_id,
-                        score=score,
-                        source=quota.source,
-                        category=category_of(index),
-                        brand=brand_of(index),
-                        bid=bid_of(index),
-                    )
-                merged[item_id].source_scores[quota.source] = score
-                if sum(1 for c in merged.values() if c.source == quota.source) >= quota.k:
+                if index not in merged:
+                    merged[index] = {}
+                    primary[index] = quota.source
+                    taken += 1
+                merged[index][quota.source] = score
+                if taken >= quota.k:
                     break
-        candidates = list(merged.values())[: request.k]
-        return recall_pb2.RecallResponse(candidates=candidates, model_version="fake-recall-1")
+        items = list(merged)[: request.k]
+        names = list(RECALL_SOURCES)
+        scores = np.zeros((len(items), len(names)), np.float32)
+        flags = np.zeros(len(items), np.uint8)
+        for row, index in enumerate(items):
+            for source, score in merged[index].items():
+                scores[row, names.index(source)] = score
+                flags[row] |= 1 << names.index(source)
+        return recall_pb2.RecallResponse(
+            model_version="fake-recall-1",
+            catalog=self.catalog,
+            items=pack(items, INDEX),
+            scores=pack([merged[i][primary[i]] for i in items], SCORE),
+            sources=pack([names.index(primary[i]) for i in items], FLAGS),
+            source_names=names,
+            source_scores=scores.tobytes(),
+            source_flags=flags.tobytes(),
+        )
 
     @staticmethod
-    def _source(source: str, request: recall_pb2.RecallRequest) -> list[int]:
+    def _source(source: str, request: recall_pb2.RecallRequest, history: list[int]) -> list[int]:
         if source == "popular":
             return list(range(CATALOG_SIZE))
         if source == "u2i":
-            start = item_index(request.history[-1].item_id) + 1 if request.history else 100
+            start = history[-1] + 1 if history else 100
             return [(start + offset) % CATALOG_SIZE for offset in range(CATALOG_SIZE)]
-        anchors = [item_index(seed) for seed in request.seed_item_ids]
+        anchors = np.frombuffer(request.seed_items, "<i4").tolist()
         if source == "covisit" and not anchors:
-            anchors = [item_index(entry.item_id) for entry in request.history[-3:]]
+            anchors = history[-3:]
         return [(anchor + offset) % CATALOG_SIZE for offset in range(1, 40) for anchor in anchors]
+
+
+def history_of(request) -> list[int]:
+    """The catalog indices of a recall or rank request's history, oldest first."""
+    return np.frombuffer(request.history_items, "<i4").tolist()
+
+
+def candidates_of(request: rank_pb2.RankRequest) -> list[int]:
+    return np.frombuffer(request.candidate_items, "<i4").tolist()
 
 
 class FakeRank(rank_pb2_grpc.RankServiceServicer):
@@ -106,6 +164,7 @@ class FakeRank(rank_pb2_grpc.RankServiceServicer):
 
     def __init__(self) -> None:
         self.behaviour = Behaviour()
+        self.catalog = CATALOG
 
     async def Rank(self, request: rank_pb2.RankRequest, context: grpc.aio.ServicerContext):
         behaviour = self.behaviour
@@ -118,14 +177,16 @@ class FakeRank(rank_pb2_grpc.RankServiceServicer):
             await asyncio.sleep(behaviour.delay_s)
         if behaviour.fail_with is not None:
             await context.abort(behaviour.fail_with, "injected failure")
-        attended = [request.history[-1].item_id] if request.debug and request.history else []
-        results = [
-            rank_pb2.RankedCandidate(
-                item_id=c.item_id, score=float(item_index(c.item_id)), attended_item_ids=attended
-            )
-            for c in request.candidates
-        ]
-        return rank_pb2.RankResponse(results=results, model_version="fake-rank-1")
+        if request.catalog != self.catalog:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "catalog: another catalog")
+        candidates = candidates_of(request)
+        response = rank_pb2.RankResponse(
+            model_version="fake-rank-1", catalog=self.catalog, scores=pack(candidates, SCORE)
+        )
+        if request.debug:
+            newest = len(history_of(request)) - 1  # every candidate attended to the newest item
+            response.attended = pack([[newest, -1, -1]] * len(candidates), INDEX)
+        return response
 
 
 class FakeServer:

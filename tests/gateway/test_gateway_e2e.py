@@ -69,7 +69,7 @@ async def stack(recall_bundle: Path, rank_bundle: Path, tmp_path_factory) -> Asy
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def stub(stack: RunningStack) -> AsyncIterator[gateway_pb2_grpc.GatewayStub]:
-    async with grpc.aio.insecure_channel(stack.gateway_address) as channel:
+    async with stack.gateway_channel() as channel:
         yield gateway_pb2_grpc.GatewayStub(channel)
 
 
@@ -252,7 +252,7 @@ async def test_a_cart_event_changes_the_next_cart_recommendation_redis(
         running_stack(
             recall_bundle, rank_bundle, tmp_path, history_backend="redis", redis_url=redis_url
         ) as running,
-        grpc.aio.insecure_channel(running.gateway_address) as channel,
+        running.gateway_channel() as channel,
     ):
         await check_event_then_recommend(
             gateway_pb2_grpc.GatewayStub(channel), synthetic_dataset, "loop-redis"
@@ -262,7 +262,7 @@ async def test_a_cart_event_changes_the_next_cart_recommendation_redis(
 async def test_fallbacks_rank_stopped_then_recall_stopped(recall_bundle, rank_bundle, tmp_path):
     async with (
         running_stack(recall_bundle, rank_bundle, tmp_path) as running,
-        grpc.aio.insecure_channel(running.gateway_address) as channel,
+        running.gateway_channel() as channel,
     ):
         stub = gateway_pb2_grpc.GatewayStub(channel)
         healthy = await stub.Recommend(recommend("home", user="fallback", n=10))
@@ -276,7 +276,9 @@ async def test_fallbacks_rank_stopped_then_recall_stopped(recall_bundle, rank_bu
         await running.stop_recall()
         no_recall = await stub.Recommend(recommend("home", user="fallback", n=10), timeout=3)
         assert no_recall.degraded and any(r.startswith("recall_") for r in no_recall.degraded_reasons)
-        popular = [c.item_id for c in running.gateway.servicer.pipeline.popular_cache.candidates]
+        pipeline = running.gateway.servicer.pipeline
+        catalog = pipeline.catalog
+        popular = [catalog.item_ids[i] for i in catalog.popular[: pipeline.fallback_depth]]
         assert ids(no_recall) and set(ids(no_recall)) <= set(popular)
         assert {item.source for item in no_recall.items} == {"popular"}
 
@@ -284,7 +286,7 @@ async def test_fallbacks_rank_stopped_then_recall_stopped(recall_bundle, rank_bu
 async def test_load_beyond_the_in_flight_limit_is_shed(recall_bundle, rank_bundle, tmp_path):
     async with (
         running_stack(recall_bundle, rank_bundle, tmp_path, max_in_flight=1) as running,
-        grpc.aio.insecure_channel(running.gateway_address) as channel,
+        running.gateway_channel() as channel,
     ):
         stub = gateway_pb2_grpc.GatewayStub(channel)
         results = await asyncio.gather(
@@ -306,6 +308,7 @@ async def test_an_invalid_scenario_file_is_rejected_at_start(stack: RunningStack
         recall_address=stack.recall_address,
         rank_address=stack.rank_address,
         sqlite_path=tmp_path / "h.sqlite3",
+        allow_unauthenticated=True,
     )
     with pytest.raises(ScenarioConfigError, match="scenario 'home', stage 'rank': needs \\['candidates'\\]"):
         await serve(config)

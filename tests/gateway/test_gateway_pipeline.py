@@ -4,6 +4,7 @@ config, events, fallbacks, deadlines, load shedding, validation, metrics and con
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 import urllib.request
@@ -11,6 +12,7 @@ from collections import Counter
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 import yaml
 
@@ -18,8 +20,17 @@ from gateway.config import DEFAULT_SCENARIOS
 from gateway.server import serve
 from recsys.serving.metrics import new_registry
 from recsys.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, rank_pb2_grpc, recall_pb2_grpc
-from tests.gateway.conftest import FakeStack, gateway_config
-from tests.gateway.fakes import FakeRank, FakeRecall, FakeServer, bid_of, category_of, item_index
+from tests.gateway.conftest import FakeStack, gateway_channel, gateway_config
+from tests.gateway.fakes import (
+    CATALOG,
+    FakeRank,
+    FakeRecall,
+    FakeServer,
+    bid_of,
+    category_of,
+    history_of,
+    item_index,
+)
 
 NOW_MS = int(time.time() * 1000)
 
@@ -48,6 +59,14 @@ def ids(response: gateway_pb2.RecommendResponse) -> list[str]:
     return [item.item_id for item in response.items]
 
 
+def seeds_of(request) -> list[str]:
+    return [f"i{index}" for index in np.frombuffer(request.seed_items, "<i4").tolist()]
+
+
+def history_ids(request) -> list[str]:
+    return [f"i{index}" for index in history_of(request)]
+
+
 async def test_every_shipped_scenario_serves_items_that_obey_its_rules(fake_stack: FakeStack):
     stub = fake_stack.stub
     await stub.LogEvents(
@@ -72,7 +91,7 @@ async def test_every_shipped_scenario_serves_items_that_obey_its_rules(fake_stac
     detail = await stub.Recommend(recommend("item_detail", items=["i42"]))
     assert detail.items and "i42" not in ids(detail)
     recall_request = fake_stack.fake_recall.behaviour.requests[-1]
-    assert list(recall_request.seed_item_ids) == ["i42"]
+    assert seeds_of(recall_request) == ["i42"]
     assert {q.source for q in recall_request.sources} == {"i2i", "covisit", "u2i"}
 
     category = await stub.Recommend(recommend("category", category="c3"))
@@ -99,14 +118,14 @@ async def test_a_cart_event_changes_the_next_cart_recommendation(fake_stack: Fak
     stub = fake_stack.stub
     before = await stub.Recommend(recommend("cart", user="shopper"))
     empty_cart_request = fake_stack.fake_recall.behaviour.requests[-1]
-    assert not empty_cart_request.seed_item_ids
+    assert not seeds_of(empty_cart_request)
     assert {q.source for q in empty_cart_request.sources} == {"covisit", "u2i"}  # i2i needs seeds
     logged = await stub.LogEvents(
         gateway_pb2.LogEventsRequest(events=[event("c1", "i150", common_pb2.ADD_TO_CART, user="shopper")])
     )
     assert (logged.accepted, logged.duplicates) == (1, 0)
     after = await stub.Recommend(recommend("cart", user="shopper"))
-    assert list(fake_stack.fake_recall.behaviour.requests[-1].seed_item_ids) == ["i150"]
+    assert seeds_of(fake_stack.fake_recall.behaviour.requests[-1]) == ["i150"]
     assert "i2i" in {q.source for q in fake_stack.fake_recall.behaviour.requests[-1].sources}
     assert ids(after) != ids(before)
     assert "i150" not in ids(after)  # the cart item itself is not recommended
@@ -122,9 +141,8 @@ async def test_a_stateless_request_history_replaces_the_stored_one(fake_stack: F
     await stub.LogEvents(gateway_pb2.LogEventsRequest(events=[event("s1", "i5", user="stateless")]))
     history = [common_pb2.HistoryItem(item_id="i77", type=common_pb2.VIEW)]
     await stub.Recommend(recommend("home", user="stateless", history=history))
-    sent = fake_stack.fake_recall.behaviour.requests[-1].history
-    assert [h.item_id for h in sent] == ["i77"]
-    assert [h.item_id for h in fake_stack.fake_rank.behaviour.requests[-1].history] == ["i77"]
+    assert history_ids(fake_stack.fake_recall.behaviour.requests[-1]) == ["i77"]
+    assert history_ids(fake_stack.fake_rank.behaviour.requests[-1]) == ["i77"]
 
 
 async def test_debug_explains_each_item(fake_stack: FakeStack):
@@ -189,7 +207,7 @@ async def test_history_store_down_serves_a_cold_start_degraded(fake_stack: FakeS
     response = await fake_stack.stub.Recommend(recommend("home", n=5))
     assert response.degraded and list(response.degraded_reasons) == ["history_unavailable"]
     assert len(response.items) == 5
-    assert not fake_stack.fake_recall.behaviour.requests[-1].history
+    assert not history_ids(fake_stack.fake_recall.behaviour.requests[-1])
 
 
 async def test_load_beyond_the_in_flight_limit_is_shed_at_once(tmp_path: Path, fake_stack: FakeStack):
@@ -307,7 +325,7 @@ async def test_the_scenario_file_reloads_without_restart_and_a_bad_edit_is_rejec
         sqlite_path=tmp_path / "reload.sqlite3",
     )
     gateway = await serve(config, new_registry(False))
-    channel = grpc.aio.insecure_channel(gateway.address)
+    channel = gateway_channel(gateway.address)
     stub = gateway_pb2_grpc.GatewayStub(channel)
     try:
         document["scenarios"]["trending"] = {
@@ -339,7 +357,7 @@ async def test_the_scenario_file_reloads_without_restart_and_a_bad_edit_is_rejec
         await gateway.stop(0)
 
 
-async def test_recall_down_with_no_popular_table_yet_is_unavailable_not_a_hang(tmp_path: Path):
+async def test_recall_down_with_no_catalog_yet_is_unavailable_not_a_hang_then_recovers(tmp_path: Path):
     recall = FakeServer(FakeRecall(), recall_pb2_grpc.add_RecallServiceServicer_to_server)
     rank = FakeServer(FakeRank(), rank_pb2_grpc.add_RankServiceServicer_to_server)
     await recall.start()
@@ -347,12 +365,42 @@ async def test_recall_down_with_no_popular_table_yet_is_unavailable_not_a_hang(t
     recall.servicer.behaviour.fail_with = grpc.StatusCode.UNAVAILABLE  # from the very start
     gateway = await serve(gateway_config(tmp_path, recall.address, rank.address), new_registry(False))
     try:
-        async with grpc.aio.insecure_channel(gateway.address) as channel:
+        async with gateway_channel(gateway.address) as channel:
+            stub = gateway_pb2_grpc.GatewayStub(channel)
             with pytest.raises(grpc.aio.AioRpcError) as error:
-                await gateway_pb2_grpc.GatewayStub(channel).Recommend(recommend("home"), timeout=5)
-        assert error.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert "no popular table is cached" in error.value.details()
+                await stub.Recommend(recommend("home"), timeout=5)
+            assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "recall has not served the catalog yet" in error.value.details()
+
+            recall.servicer.behaviour.fail_with = None  # recall comes back: the next calls fetch it
+            for _ in range(100):
+                if gateway.servicer.pipeline.catalog is not None:
+                    break
+                with contextlib.suppress(grpc.aio.AioRpcError):
+                    await stub.Recommend(recommend("home"), timeout=5)
+                await asyncio.sleep(0.05)
+            assert (await stub.Recommend(recommend("home"), timeout=5)).items
     finally:
         await gateway.stop(0)
         await recall.stop()
         await rank.stop()
+
+
+async def test_a_downstream_on_another_catalog_is_reported_degraded_never_wrong_items(fake_stack: FakeStack):
+    stub = fake_stack.stub
+    fake_stack.fake_rank.catalog = "f" * 64  # rank loaded a bundle of another catalog
+    response = await stub.Recommend(recommend("home", n=10))
+    assert response.degraded and list(response.degraded_reasons) == ["rank_catalog_mismatch"]
+    assert len(response.items) == 10 and "rank=" not in response.model_version
+
+    fake_stack.fake_rank.catalog = CATALOG
+    fake_stack.fake_recall.catalog = "f" * 64  # recall too: its indices would mean other items
+    calls_before = fake_stack.fake_recall.catalog_calls
+    response = await stub.Recommend(recommend("home", n=10))
+    assert response.degraded and list(response.degraded_reasons) == ["recall_catalog_mismatch"]
+    assert {item.source for item in response.items} == {"popular"}
+    for _ in range(100):  # the mismatch made the gateway fetch the catalog again
+        if fake_stack.fake_recall.catalog_calls > calls_before:
+            break
+        await asyncio.sleep(0.02)
+    assert fake_stack.fake_recall.catalog_calls > calls_before

@@ -1,12 +1,16 @@
-"""Re-rank rules on hand-built lists."""
+"""Re-rank rules on hand-built columnar lists over a small catalog."""
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
+
+from gateway.catalog import Catalog
+from gateway.pipeline import to_history
 from gateway.rerank import (
     DAY_MS,
-    CandidateItem,
+    Candidates,
     RerankInputs,
     apply_rules,
     diversify,
@@ -14,82 +18,96 @@ from gateway.rerank import (
     purchased_within,
 )
 from gateway.scenarios import DropPurchasedRule, ExcludeContextRule
+from recsys.serving.wire import catalog_fingerprint
 from recsys.v1 import common_pb2
 
 
-def item(
-    item_id: str, category: str = "", brand: str = "", bid: float = 0.0, rank_score: float | None = None
-):
-    return CandidateItem(
-        item_id=item_id,
-        recall_score=0.0,
-        source="u2i",
-        category=category,
-        brand=brand,
-        bid=bid,
-        rank_score=rank_score,
-        score=rank_score or 0.0,
+def catalog_of(items: list[tuple[str, str, str, float]]) -> Catalog:
+    """A catalog from (item_id, category, brand, bid); "" = no category/brand."""
+    categories = sorted({c for _, c, _, _ in items if c})
+    brands = sorted({b for _, _, b, _ in items if b})
+    ids = [item_id for item_id, _, _, _ in items]
+    return Catalog(
+        fingerprint=catalog_fingerprint(ids),
+        version="test",
+        item_ids=ids,
+        item_category=np.asarray([categories.index(c) if c else -1 for _, c, _, _ in items], np.int32),
+        item_brand=np.asarray([brands.index(b) if b else -1 for _, _, b, _ in items], np.int32),
+        item_bid=np.asarray([bid for *_, bid in items], np.float32),
+        category_names=categories,
+        brand_names=brands,
+        popular=np.arange(len(items), dtype=np.int32),
     )
 
 
-def ids(items) -> list[str]:
-    return [i.item_id for i in items]
+def listed(catalog: Catalog, rank_scores: list[float] | None = None) -> Candidates:
+    """Every catalog item, in catalog order, as a recall list (optionally ranked)."""
+    count = len(catalog)
+    candidates = Candidates.from_source(np.arange(count, dtype=np.int32), np.ones(count, np.float32), "u2i")
+    if rank_scores is None:
+        return candidates
+    scores = np.asarray(rank_scores, np.float32)
+    return candidates.with_scores(scores, rank_scores=scores)
+
+
+def ids(catalog: Catalog, candidates: Candidates) -> list[str]:
+    return [catalog.item_ids[i] for i in candidates.items.tolist()]
 
 
 def test_diversity_caps_categories_in_the_top_n_and_defers_the_rest_in_order():
-    items = [
-        item("a1", "A"),
-        item("a2", "A"),
-        item("a3", "A"),
-        item("b1", "B"),
-        item("a4", "A"),
-        item("c1", "C"),
-        item("b2", "B"),
-    ]
-    result = diversify(items, top_n=4, max_per_category=2, max_per_brand=None)
-    assert ids(result) == ["a1", "a2", "b1", "c1", "a3", "a4", "b2"]
-    assert sorted(ids(result)) == sorted(ids(items))  # nothing lost
+    catalog = catalog_of([(i, i[0].upper(), "", 0.0) for i in ("a1", "a2", "a3", "b1", "a4", "c1", "b2")])
+    result = diversify(listed(catalog), catalog, top_n=4, max_per_category=2, max_per_brand=None)
+    assert ids(catalog, result) == ["a1", "a2", "b1", "c1", "a3", "a4", "b2"]
+    assert sorted(ids(catalog, result)) == sorted(catalog.item_ids)  # nothing lost
 
 
 def test_diversity_caps_brands_and_leaves_unknown_attributes_uncapped():
-    items = [item("x1", brand="X"), item("x2", brand="X"), item("n1"), item("n2"), item("y1", brand="Y")]
-    assert ids(diversify(items, top_n=3, max_per_category=None, max_per_brand=1)) == [
-        "x1",
-        "n1",
-        "n2",
-        "x2",
-        "y1",
-    ]
+    catalog = catalog_of(
+        [
+            ("x1", "", "X", 0.0),
+            ("x2", "", "X", 0.0),
+            ("n1", "", "", 0.0),
+            ("n2", "", "", 0.0),
+            ("y1", "", "Y", 0.0),
+        ]
+    )
+    result = diversify(listed(catalog), catalog, top_n=3, max_per_category=None, max_per_brand=1)
+    assert ids(catalog, result) == ["x1", "n1", "n2", "x2", "y1"]
 
 
 def test_diversity_when_the_caps_cannot_fill_the_top_n():
-    items = [item("a1", "A"), item("a2", "A"), item("a3", "A")]
-    assert ids(diversify(items, top_n=3, max_per_category=1, max_per_brand=None)) == ["a1", "a2", "a3"]
+    catalog = catalog_of([("a1", "A", "", 0.0), ("a2", "A", "", 0.0), ("a3", "A", "", 0.0)])
+    result = diversify(listed(catalog), catalog, top_n=3, max_per_category=1, max_per_brand=None)
+    assert ids(catalog, result) == ["a1", "a2", "a3"]
 
 
 def test_purchased_within_days_uses_timestamps_and_treats_unknown_times_as_recent():
     now = 100 * DAY_MS
-    history = [
-        common_pb2.HistoryItem(item_id="old", type=common_pb2.PURCHASE, timestamp_ms=now - 40 * DAY_MS),
-        common_pb2.HistoryItem(item_id="new", type=common_pb2.PURCHASE, timestamp_ms=now - 2 * DAY_MS),
-        common_pb2.HistoryItem(item_id="unknown_time", type=common_pb2.PURCHASE),
-        common_pb2.HistoryItem(item_id="viewed", type=common_pb2.VIEW, timestamp_ms=now),
-    ]
-    assert purchased_within(history, now, 30) == {"new", "unknown_time"}
-    inputs = RerankInputs(history=history, context_item_ids=["ctx"], now_ms=now)
-    items = [item("old"), item("new"), item("ctx"), item("viewed"), item("unknown_time")]
+    catalog = catalog_of([(i, "", "", 0.0) for i in ("old", "new", "ctx", "viewed", "unknown_time")])
+    history = to_history(
+        ["old", "new", "unknown_time", "viewed", "not_in_catalog"],
+        [common_pb2.PURCHASE, common_pb2.PURCHASE, common_pb2.PURCHASE, common_pb2.VIEW, common_pb2.PURCHASE],
+        [now - 40 * DAY_MS, now - 2 * DAY_MS, 0, now, now],
+        catalog,
+    )
+    assert sorted(catalog.item_ids[i] for i in purchased_within(history, now, 30)) == ["new", "unknown_time"]
+    inputs = RerankInputs(
+        catalog=catalog, history=history, context_items=catalog.indices(["ctx"]), now_ms=now
+    )
     rules = [DropPurchasedRule(days=30), ExcludeContextRule()]
-    assert ids(apply_rules(rules, items, inputs)) == ["old", "viewed"]
+    assert ids(catalog, apply_rules(rules, listed(catalog), inputs)) == ["old", "viewed"]
 
 
 def test_revenue_orders_by_choice_probability_times_bid_and_applies_the_floor():
-    items = [
-        item("relevant_cheap", bid=0.1, rank_score=3.0),
-        item("less_relevant_rich", bid=2.0, rank_score=2.0),
-        item("not_sponsored", bid=0.0, rank_score=5.0),
-        item("below_floor", bid=0.04, rank_score=9.0),
-    ]
-    result = order_by_revenue(items, floor=0.05)
-    assert ids(result) == ["less_relevant_rich", "relevant_cheap"]
+    catalog = catalog_of(
+        [
+            ("relevant_cheap", "", "", 0.1),
+            ("less_relevant_rich", "", "", 2.0),
+            ("not_sponsored", "", "", 0.0),
+            ("below_floor", "", "", 0.04),
+        ]
+    )
+    result = order_by_revenue(listed(catalog, [3.0, 2.0, 5.0, 9.0]), catalog, floor=0.05)
+    assert ids(catalog, result) == ["less_relevant_rich", "relevant_cheap"]
     weights = [math.exp(s - 9.0) for s in (3.0, 2.0, 5.0, 9.0)]
-    assert math.isclose(result[0].score, weights[1] / sum(weights) * 2.0, rel_tol=1e-6)
+    assert math.isclose(float(result.scores[0]), weights[1] / sum(weights) * 2.0, rel_tol=1e-6)

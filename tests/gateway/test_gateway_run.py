@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -32,7 +33,12 @@ def test_pick_port_prefers_the_default_and_avoids_taken_ports():
 
 
 def test_recsys_run_serves_all_three_and_stops_them_on_sigterm(
-    synthetic_dir: Path, synthetic_dataset, recall_bundle: Path, rank_bundle: Path, tmp_path: Path
+    synthetic_dir: Path,
+    synthetic_dataset,
+    recall_bundle: Path,
+    rank_bundle: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ):
     artifacts = tmp_path / "artifacts"
     root = dataset_artifacts(prepare_dataset(str(synthetic_dir), artifacts), artifacts)  # where run looks
@@ -65,12 +71,21 @@ def test_recsys_run_serves_all_three_and_stops_them_on_sigterm(
         )
         assert set(addresses) == {"recall", "rank", "gateway"}, text
 
+        token_file = artifacts / "dev-token"  # the dev token: mode 0600, the token alone on one line
+        assert f"dev token (all scopes: recommend, events, debug, admin) in {token_file}" in text
+        assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+        assert len(token_file.read_text().splitlines()) == 1
+        assert token_file.read_text().strip() not in text  # printed where, never what
         user = synthetic_dataset.users.ids[0]
+        argv = ["--gateway", addresses["gateway"], "--scenario", "home", "--user", user, "-n", "5"]
         out = io.StringIO()
-        code = query.main(
-            ["--gateway", addresses["gateway"], "--scenario", "home", "--user", user, "-n", "5"], out
-        )
+        code = query.main([*argv, "--token-file", str(token_file)], out)
         assert code == 0 and "5 items" in out.getvalue() and "ok" in out.getvalue().splitlines()[-2]
+        monkeypatch.delenv("RECSYS_TOKEN", raising=False)
+        monkeypatch.chdir(artifacts)  # no artifacts/dev-token below the working directory
+        assert query.main(argv, io.StringIO()) == 1  # no token: UNAUTHENTICATED
+        monkeypatch.chdir(artifacts.parent)  # `recsys query` finds artifacts/dev-token by itself
+        assert query.main(argv, io.StringIO()) == 0
 
         process.send_signal(signal.SIGTERM)
         rest, _ = process.communicate(timeout=60)

@@ -1,9 +1,10 @@
 """Scenario config: the shipped file loads; pipelines that do not fit are rejected at load time
 with the scenario and stage named; the registry reloads on change and keeps the old config when
-the new one is invalid."""
+the new one is invalid; its watcher survives any error (counted) and stops cleanly."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 
@@ -20,6 +21,11 @@ from gateway.scenarios import (
     load_scenarios,
     parse_scenarios,
 )
+from gateway.server import serve
+from recsys.serving.metrics import new_registry
+from recsys.v1 import rank_pb2_grpc, recall_pb2_grpc
+from tests.gateway.conftest import gateway_config
+from tests.gateway.fakes import FakeRank, FakeRecall, FakeServer
 
 
 def one(stages: list, **scenario) -> dict:
@@ -142,3 +148,95 @@ def test_registry_refuses_to_start_on_an_invalid_file(tmp_path: Path):
     path.write_text(yaml.safe_dump(one([{"rank": {}}])))
     with pytest.raises(ScenarioConfigError, match="scenario 's', stage 'rank'"):
         ScenarioRegistry(path)
+
+
+# `seeds:` left empty: the loader fails with a TypeError rather than a ScenarioConfigError.
+EMPTY_SEEDS = """\
+version: 1
+scenarios:
+  s:
+    stages:
+      - recall:
+          sources: {i2i: 50}
+          k: 50
+          seeds:
+"""
+
+
+async def eventually(condition, timeout_s: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
+def edit(path: Path, text: str, mtime: int) -> None:
+    path.write_text(text)
+    os.utime(path, (mtime, mtime))  # a distinct mtime even on coarse filesystems
+
+
+async def test_the_watcher_survives_any_reload_error_and_applies_the_next_valid_edit(tmp_path: Path):
+    path = tmp_path / "scenarios.yaml"
+    edit(path, yaml.safe_dump(one([RECALL])), 1)
+    errors: list[str] = []
+    installed: list[str] = []
+
+    def on_reload(current) -> None:
+        installed.append(current.digest)
+        if len(installed) == 1:
+            raise RuntimeError("a failing reload hook")
+
+    registry = ScenarioRegistry(path, poll_interval_s=0.01, on_reload=on_reload, on_error=errors.append)
+    first = registry.current
+    watcher = asyncio.ensure_future(registry.watch())
+    try:
+        edit(path, EMPTY_SEEDS, 2)
+        await eventually(lambda: registry.last_error is not None)
+        assert registry.current is first and len(errors) == 1
+        assert str(path) in registry.last_error
+
+        edit(path, yaml.safe_dump(one([{"rank": {}}])), 3)  # an invalid pipeline: rejected too
+        await eventually(lambda: len(errors) == 2)
+        assert "stage 'rank'" in registry.last_error
+
+        extra = one([RECALL])
+        extra["scenarios"]["extra"] = {"stages": [RECALL]}
+        edit(path, yaml.safe_dump(extra), 4)  # valid, but the hook fails: installed, error kept
+        await eventually(lambda: len(errors) == 3)
+        assert set(registry.current.scenarios) == {"s", "extra"}
+        assert "RuntimeError: a failing reload hook" in registry.last_error
+
+        edit(path, yaml.safe_dump(one([RECALL], timeout_ms=250)), 5)  # the next valid edit
+        await eventually(lambda: registry.current.scenarios["s"].timeout_ms == 250)
+        assert registry.last_error is None and not watcher.done()
+    finally:
+        watcher.cancel()
+    with pytest.raises(asyncio.CancelledError):  # cancelled cleanly, not died of an error
+        await watcher
+
+
+async def test_the_gateway_counts_reload_errors_keeps_watching_and_stops_cleanly(tmp_path: Path):
+    path = tmp_path / "scenarios.yaml"
+    edit(path, DEFAULT_SCENARIOS.read_text(), 1)
+    recall = FakeServer(FakeRecall(), recall_pb2_grpc.add_RecallServiceServicer_to_server)
+    rank = FakeServer(FakeRank(), rank_pb2_grpc.add_RankServiceServicer_to_server)
+    await recall.start()
+    await rank.start()
+    registry = new_registry(False)
+    config = gateway_config(
+        tmp_path, recall.address, rank.address, scenarios_path=path, reload_interval_s=0.02
+    )
+    gateway = await serve(config, registry)
+    try:
+        first = gateway.scenarios.current.digest
+        edit(path, EMPTY_SEEDS, 2)
+        await eventually(lambda: registry.get_sample_value("recsys_scenario_reload_errors_total") == 1)
+        assert gateway.scenarios.current.digest == first
+
+        edit(path, DEFAULT_SCENARIOS.read_text() + "\n# edited\n", 3)
+        await eventually(lambda: gateway.scenarios.current.digest != first)
+        assert gateway.scenarios.last_error is None
+    finally:
+        await gateway.stop(0)  # raises if the watcher task died
+        await recall.stop()
+        await rank.stop()

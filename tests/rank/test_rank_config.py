@@ -16,7 +16,7 @@ def test_rank_defaults_then_env_then_flags(rank_bundle: Path, monkeypatch: pytes
     monkeypatch.setenv("RECSYS_BUNDLE", str(rank_bundle))
     config = RankConfig.from_args([])
     assert (config.serving.port, config.serving.metrics_port) == (50052, 9092)
-    assert (config.max_batch, config.max_wait_ms, config.threads, config.device) == (16, 1.0, 2, "auto")
+    assert (config.max_batch, config.max_wait_ms, config.threads, config.device) == (16, 0.0, 1, "auto")
     monkeypatch.setenv("RECSYS_MAX_BATCH", "4")
     assert RankConfig.from_args([]).max_batch == 4
     assert RankConfig.from_args(["--max-batch", "9"]).max_batch == 9

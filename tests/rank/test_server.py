@@ -13,12 +13,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from rank_service.config import RankConfig
 from rank_service.export import checkpoint_path, load_checkpoint
-from rank_service.features import SOURCES, UNKNOWN_CANDIDATE_SCORE
+from rank_service.features import SOURCES
 from rank_service.server import serve
 from rank_service.servicer import MAX_CANDIDATES
 from rank_service.train import TorchScorer
 from recsys.serving.config import ServingConfig
 from recsys.serving.metrics import new_registry
+from recsys.serving.wire import FLAGS, INDEX, SCORE, catalog_fingerprint, mask_to_flags, pack
 from recsys.v1 import common_pb2, rank_pb2, rank_pb2_grpc
 
 pytestmark = pytest.mark.integration
@@ -42,25 +43,35 @@ async def server(rank_bundle: Path):
 
 
 def request_for(
-    items: list[str], history: list[str], scenario: str = "home", **fields
+    items: list[str],
+    history: list[str],
+    scenario: str = "home",
+    catalog_ids: list[str] | None = None,
+    **fields,
 ) -> rank_pb2.RankRequest:
-    candidates = []
-    for position, item in enumerate(items):
-        scores = (
-            {"u2i": 1.0 - 0.01 * position}
-            if position % 2
-            else {"covisit": 3.0 / (1 + position), "popular": 5.0}
-        )
-        source = max(scores, key=scores.get)
-        candidates.append(
-            rank_pb2.RankCandidate(
-                item_id=item, recall_score=scores[source], source=source, source_scores=scores
-            )
-        )
+    """A packed request: odd positions from u2i, even ones from covisit + popular."""
+    assert catalog_ids is not None
+    index = {item_id: position for position, item_id in enumerate(catalog_ids)}
+    count = len(items)
+    source_scores = np.zeros((count, len(SOURCES)), np.float32)
+    recall_scores = np.zeros(count, np.float32)
+    for position in range(count):
+        if position % 2:
+            source_scores[position, SOURCES.index("u2i")] = 1.0 - 0.01 * position
+        else:
+            source_scores[position, SOURCES.index("covisit")] = 3.0 / (1 + position)
+            source_scores[position, SOURCES.index("popular")] = 5.0
+        recall_scores[position] = source_scores[position].max()
     return rank_pb2.RankRequest(
         scenario=scenario,
-        history=[common_pb2.HistoryItem(item_id=i, type=common_pb2.CLICK) for i in history],
-        candidates=candidates,
+        catalog=catalog_fingerprint(catalog_ids),
+        history_items=pack([index[i] for i in history], INDEX),
+        history_types=pack([common_pb2.CLICK] * len(history), FLAGS),
+        candidate_items=pack([index[i] for i in items], INDEX),
+        recall_scores=pack(recall_scores, SCORE),
+        source_names=SOURCES,
+        source_scores=pack(source_scores, SCORE),
+        source_flags=pack(mask_to_flags(source_scores != 0), FLAGS),
         **fields,
     )
 
@@ -69,24 +80,25 @@ def catalog(rank_bundle: Path) -> list[str]:
     return (rank_bundle / "items.txt").read_text().splitlines()
 
 
+def scores_of(reply: rank_pb2.RankResponse) -> np.ndarray:
+    return np.frombuffer(reply.scores, "<f4")
+
+
 def offline_scores(rank_bundle: Path, request: rank_pb2.RankRequest) -> np.ndarray:
     """The torch model (training checkpoint) on the same request, through the training features."""
     from rank_service.candidates import Candidates
 
-    model, items, scenarios, _ = load_checkpoint(checkpoint_path(rank_bundle))
-    count = len(request.candidates)
-    source_scores = np.zeros((count, len(SOURCES)), np.float32)
-    for row, candidate in enumerate(request.candidates):
-        for source, score in candidate.source_scores.items():
-            source_scores[row, SOURCES.index(source)] = score
+    model, _, scenarios, _ = load_checkpoint(checkpoint_path(rank_bundle))
+    candidate_items = np.frombuffer(request.candidate_items, "<i4").astype(np.int64)
+    source_scores = np.frombuffer(request.source_scores, "<f4").reshape(len(candidate_items), len(SOURCES))
     candidates = Candidates(
-        items.dense_many([c.item_id for c in request.candidates]),
-        np.array([c.recall_score for c in request.candidates], np.float32),
-        source_scores,
+        candidate_items,
+        np.frombuffer(request.recall_scores, "<f4").copy(),
+        source_scores.copy(),
         source_scores != 0,
     )
-    history = items.dense_many([h.item_id for h in request.history])
-    events = np.array([h.type for h in request.history], np.int64)
+    history = np.frombuffer(request.history_items, "<i4").astype(np.int64)
+    events = np.frombuffer(request.history_types, "u1").astype(np.int64)
     (scores,) = TorchScorer(model).score(
         [history], [events], [scenarios.index(request.scenario)], [candidates]
     )
@@ -104,22 +116,24 @@ async def test_health_is_serving_after_warmup(server):
 async def test_scores_equal_offline_model(server, rank_bundle):
     _, stub, _ = server
     items = catalog(rank_bundle)
-    request = request_for(items[10:40], items[:6], scenario="cart")
+    request = request_for(items[10:40], items[:6], scenario="cart", catalog_ids=items)
     reply = await stub.Rank(request)
-    assert [r.item_id for r in reply.results] == items[10:40]
-    served = np.array([r.score for r in reply.results])
+    served = scores_of(reply)
+    assert len(served) == 30
     assert np.abs(served - offline_scores(rank_bundle, request)).max() <= 1e-4
-    assert reply.unknown_candidates == 0 and reply.model_version
+    assert reply.model_version and reply.catalog == request.catalog
 
 
 async def test_concurrent_calls_are_batched_and_equal_single_calls(server, rank_bundle):
     running, stub, _ = server
     items = catalog(rank_bundle)
-    requests = [request_for(items[20 + i : 30 + 3 * i], items[i : i + i % 5]) for i in range(8)]
+    requests = [
+        request_for(items[20 + i : 30 + 3 * i], items[i : i + i % 5], catalog_ids=items) for i in range(8)
+    ]
     singles = [await stub.Rank(request) for request in requests]
     together = await asyncio.gather(*(stub.Rank(request) for request in requests))
     for single, batched in zip(singles, together, strict=True):
-        assert np.allclose([r.score for r in single.results], [r.score for r in batched.results], atol=1e-5)
+        assert np.allclose(scores_of(single), scores_of(batched), atol=1e-5)
     batch_sizes = running.registry.get_sample_value("recsys_rank_batch_size_sum")
     batches = running.registry.get_sample_value("recsys_rank_batch_size_count")
     assert batch_sizes > batches  # at least one run served several requests
@@ -127,58 +141,64 @@ async def test_concurrent_calls_are_batched_and_equal_single_calls(server, rank_
 
 async def test_empty_history_gives_finite_scores(server, rank_bundle):
     _, stub, _ = server
-    reply = await stub.Rank(request_for(catalog(rank_bundle)[:50], []))
-    assert len(reply.results) == 50
-    assert np.isfinite([r.score for r in reply.results]).all()
-
-
-async def test_unknown_candidates_get_the_low_score_and_are_counted(server, rank_bundle):
-    running, stub, _ = server
     items = catalog(rank_bundle)
-    reply = await stub.Rank(request_for([items[3], "no-such-item", items[4]], items[:3]))
-    assert reply.unknown_candidates == 1
-    scores = [r.score for r in reply.results]
-    assert scores[1] == pytest.approx(float(UNKNOWN_CANDIDATE_SCORE))
-    assert min(scores[0], scores[2]) > scores[1]
-    assert running.registry.get_sample_value("recsys_rank_unknown_candidates_total") >= 1
+    reply = await stub.Rank(request_for(items[:50], [], catalog_ids=items))
+    assert len(scores_of(reply)) == 50
+    assert np.isfinite(scores_of(reply)).all()
 
 
-async def test_debug_returns_attended_history_items(server, rank_bundle):
+async def test_a_request_for_another_catalog_is_failed_precondition(server, rank_bundle):
     _, stub, _ = server
     items = catalog(rank_bundle)
-    reply = await stub.Rank(request_for(items[10:15], items[:4], debug=True))
-    for result in reply.results:
-        assert 1 <= len(result.attended_item_ids) <= 3
-        assert set(result.attended_item_ids) <= set(items[:4])
+    request = request_for(items[3:6], items[:3], catalog_ids=items)
+    request.catalog = "0" * 64
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await stub.Rank(request)
+    assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert error.value.details().startswith("catalog:")
+
+
+async def test_debug_returns_attended_history_positions(server, rank_bundle):
+    _, stub, _ = server
+    items = catalog(rank_bundle)
+    reply = await stub.Rank(request_for(items[10:15], items[:4], debug=True, catalog_ids=items))
+    attended = np.frombuffer(reply.attended, "<i4").reshape(5, 3)
+    for row in attended:
+        positions = [p for p in row.tolist() if p >= 0]
+        assert 1 <= len(positions) <= 3 and all(0 <= p < 4 for p in positions)
+
+
+def _set(field: str, value):
+    return lambda request: setattr(request, field, value)
 
 
 @pytest.mark.parametrize(
     ("mutate", "field"),
     [
-        (lambda r, items: r.ClearField("candidates"), "candidates"),
-        (lambda r, items: r.candidates.extend([r.candidates[0]] * MAX_CANDIDATES), "candidates"),
-        (lambda r, items: setattr(r, "scenario", "checkout"), "scenario"),
-        (lambda r, items: setattr(r, "scenario", ""), "scenario"),
-        (lambda r, items: setattr(r.candidates[1], "item_id", ""), "candidates[1].item_id"),
-        (lambda r, items: setattr(r.candidates[0], "item_id", "bad id"), "candidates[0].item_id"),
-        (lambda r, items: setattr(r.history[1], "item_id", "x\ty"), "history[1].item_id"),
-        (
-            lambda r, items: r.candidates[0].source_scores.__setitem__("ads", 1.0),
-            "candidates[0].source_scores",
-        ),
-        (lambda r, items: setattr(r.candidates[2], "source", "magic"), "candidates[2].source"),
-        (
-            lambda r, items: setattr(r.candidates[0], "recall_score", float("nan")),
-            "candidates[0].recall_score",
-        ),
-        (lambda r, items: setattr(r.history[0], "type", 9), "history[0].type"),
+        (_set("candidate_items", b""), "candidate_items"),
+        (_set("candidate_items", pack([0] * (MAX_CANDIDATES + 1), INDEX)), "candidate_items"),
+        (_set("candidate_items", b"\x00\x01"), "candidate_items"),
+        (_set("candidate_items", pack([0, 1, 10**7, 2], INDEX)), "candidate_items"),
+        (_set("scenario", "checkout"), "scenario"),
+        (_set("scenario", ""), "scenario"),
+        (_set("catalog", ""), "catalog"),
+        (_set("user_id", "bad id"), "user_id"),
+        (_set("history_items", pack([-5], INDEX)), "history_items"),
+        (_set("history_types", b"\x09\x01"), "history_types"),
+        (_set("history_types", b"\x01"), "history_types"),
+        (_set("recall_scores", pack([1.0, float("nan"), 0.0, 0.0], SCORE)), "recall_scores"),
+        (_set("recall_scores", pack([1.0], SCORE)), "recall_scores"),
+        (_set("source_scores", pack([0.0] * 15 + [float("inf")], SCORE)), "source_scores"),
+        (_set("source_flags", b"\x01"), "source_flags"),
+        (lambda request: request.source_names.__setitem__(0, "ads"), "source_names[0]"),
+        (lambda request: request.source_names.__setitem__(1, "u2i"), "source_names[1]"),
     ],
 )
 async def test_bad_fields_are_invalid_argument_naming_the_field(server, rank_bundle, mutate, field):
     _, stub, _ = server
     items = catalog(rank_bundle)
-    request = request_for(items[5:9], items[:2])
-    mutate(request, items)
+    request = request_for(items[5:9], items[:2], catalog_ids=items)
+    mutate(request)
     with pytest.raises(grpc.aio.AioRpcError) as error:
         await stub.Rank(request)
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT

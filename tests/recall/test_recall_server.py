@@ -5,17 +5,23 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from gateway.catalog import Catalog, fetch_catalog
+from gateway.pipeline import decode_recall
 from recall_service.config import RecallConfig
 from recall_service.server import serve
 from recsys.serving.config import ServingConfig
 from recsys.serving.metrics import new_registry
-from recsys.v1 import common_pb2, recall_pb2, recall_pb2_grpc
+from recsys.serving.wire import INDEX, catalog_fingerprint, flags_to_mask, pack
+from recsys.sources import RECALL_SOURCES
+from recsys.v1 import recall_pb2, recall_pb2_grpc
 
 pytestmark = pytest.mark.integration
 
@@ -32,19 +38,69 @@ async def server(recall_bundle: Path):
     )
     running = await serve(config, registry=new_registry(process_metrics=False))
     async with grpc.aio.insecure_channel(running.address) as channel:
-        yield running, recall_pb2_grpc.RecallServiceStub(channel), channel
+        stub = recall_pb2_grpc.RecallServiceStub(channel)
+        yield running, stub, channel, await fetch_catalog(stub, None, 10)
     await running.stop(grace=0)
 
 
-def history(dataset, user: int, length: int = 6) -> list[common_pb2.HistoryItem]:
-    items = dataset.items.external_many(dataset.sequences[user][:length])
-    return [common_pb2.HistoryItem(item_id=item, type=common_pb2.VIEW) for item in items]
+def history(dataset, user: int, length: int = 6) -> list[str]:
+    return dataset.items.external_many(dataset.sequences[user][:length])
 
 
-def request(**fields) -> recall_pb2.RecallRequest:
+def request(
+    catalog: Catalog, history=(), seeds=(), exclude=(), filters=None, **fields
+) -> recall_pb2.RecallRequest:
+    """A packed request from external ids (via the catalog recall served)."""
     fields.setdefault("scenario", "home")
     fields.setdefault("k", 20)
-    return recall_pb2.RecallRequest(**fields)
+    fields.setdefault("catalog", catalog.fingerprint)
+    filters = filters or recall_pb2.RecallFilters()
+    if exclude:
+        filters.exclude_items = pack(catalog.indices(exclude), INDEX)
+    return recall_pb2.RecallRequest(
+        history_items=pack(catalog.indices(history), INDEX),
+        seed_items=pack(catalog.indices(seeds), INDEX),
+        filters=filters,
+        **fields,
+    )
+
+
+@dataclass
+class Answer:
+    """A decoded reply: external ids with their sources, scores and attributes."""
+
+    ids: list[str]
+    sources: list[str]
+    scores: list[float]
+    source_scores: list[dict[str, float]]
+    categories: list[str]
+    bids: list[float]
+    model_version: str
+
+
+async def ask(stub, catalog: Catalog, message: recall_pb2.RecallRequest) -> Answer:
+    reply = await stub.Recall(message)
+    candidates = decode_recall(reply, catalog)
+    masks = flags_to_mask(candidates.source_flags, len(RECALL_SOURCES))
+    items = candidates.items.tolist()
+    return Answer(
+        ids=[catalog.item_ids[i] for i in items],
+        sources=[RECALL_SOURCES[s] for s in candidates.sources.tolist()],
+        scores=candidates.recall_scores.tolist(),
+        source_scores=[
+            {
+                name: float(candidates.source_scores[row, c])
+                for c, name in enumerate(RECALL_SOURCES)
+                if masks[row, c]
+            }
+            for row in range(len(items))
+        ],
+        categories=[
+            catalog.category_names[c] if c >= 0 else "" for c in catalog.item_category[items].tolist()
+        ],
+        bids=catalog.item_bid[items].tolist(),
+        model_version=reply.model_version,
+    )
 
 
 def metric(running, name: str, labels: dict | None = None) -> float:
@@ -52,93 +108,124 @@ def metric(running, name: str, labels: dict | None = None) -> float:
 
 
 async def test_health_is_serving_after_warmup(server) -> None:
-    running, _, channel = server
+    running, _, channel, _ = server
     health = health_pb2_grpc.HealthStub(channel)
     reply = await health.Check(health_pb2.HealthCheckRequest(service="recsys.v1.RecallService"))
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
     assert metric(running, "recsys_recall_batch_size_count") >= 1  # the warm-up query ran
 
 
+async def test_the_catalog_is_served_whole_and_matches_the_bundle(server, synthetic_dataset) -> None:
+    _, stub, _, catalog = server
+    assert catalog.item_ids == synthetic_dataset.items.ids
+    assert catalog.fingerprint == catalog_fingerprint(synthetic_dataset.items.ids)
+    assert sorted(catalog.popular.tolist()) == list(range(len(catalog)))
+    assert await fetch_catalog(stub, catalog, 10) is catalog  # unchanged: nothing re-sent
+
+
 async def test_u2i_candidates(server, synthetic_dataset) -> None:
-    _, stub, _ = server
+    _, stub, _, catalog = server
     seen = history(synthetic_dataset, 0)
-    reply = await stub.Recall(
+    reply = await ask(
+        stub,
+        catalog,
         request(
+            catalog,
             history=seen,
             sources=[recall_pb2.SourceQuota(source="u2i", k=20)],
             filters=recall_pb2.RecallFilters(exclude_history=True),
-        )
+        ),
     )
-    ids = [c.item_id for c in reply.candidates]
-    assert len(ids) == 20 and len(set(ids)) == 20
-    assert not set(ids) & {h.item_id for h in seen}
-    assert {c.source for c in reply.candidates} == {"u2i"}
-    assert all(c.source_scores["u2i"] == pytest.approx(c.score) for c in reply.candidates)
+    assert len(reply.ids) == 20 and len(set(reply.ids)) == 20
+    assert not set(reply.ids) & set(seen)
+    assert set(reply.sources) == {"u2i"}
+    assert all(
+        s["u2i"] == pytest.approx(score) for s, score in zip(reply.source_scores, reply.scores, strict=True)
+    )
     assert reply.model_version.startswith("recall-")
-    assert all(c.category for c in reply.candidates)  # catalog attributes for the re-rank rules
+    assert all(reply.categories)  # catalog attributes for the re-rank rules
 
 
 async def test_i2i_and_covisit_for_an_item_page(server, synthetic_dataset) -> None:
-    _, stub, _ = server
+    _, stub, _, catalog = server
     viewed = synthetic_dataset.items.external(int(synthetic_dataset.sequences[5][0]))
-    reply = await stub.Recall(
+    reply = await ask(
+        stub,
+        catalog,
         request(
+            catalog,
             scenario="item_detail",
-            seed_item_ids=[viewed],
+            seeds=[viewed],
+            exclude=[viewed],
             sources=[
                 recall_pb2.SourceQuota(source="i2i", k=10),
                 recall_pb2.SourceQuota(source="covisit", k=10),
             ],
-            filters=recall_pb2.RecallFilters(exclude_item_ids=[viewed]),
-        )
+        ),
     )
-    ids = [c.item_id for c in reply.candidates]
-    assert viewed not in ids and len(ids) == 20
-    assert {"i2i", "covisit"} <= {c.source for c in reply.candidates}
+    assert viewed not in reply.ids and len(reply.ids) == 20
+    assert {"i2i", "covisit"} <= set(reply.sources)
 
 
 async def test_popular_and_filters(server, synthetic_dataset) -> None:
-    _, stub, _ = server
-    popular = await stub.Recall(request(sources=[recall_pb2.SourceQuota(source="popular", k=10)], k=10))
-    assert [c.source for c in popular.candidates] == ["popular"] * 10
-    scores = [c.score for c in popular.candidates]
-    assert scores == sorted(scores, reverse=True)
+    _, stub, _, catalog = server
+    popular = await ask(
+        stub, catalog, request(catalog, sources=[recall_pb2.SourceQuota(source="popular", k=10)], k=10)
+    )
+    assert popular.sources == ["popular"] * 10
+    assert popular.scores == sorted(popular.scores, reverse=True)
     category = synthetic_dataset.catalog.category_names[0]
-    filtered = await stub.Recall(
+    filtered = await ask(
+        stub,
+        catalog,
         request(
+            catalog,
             history=history(synthetic_dataset, 7),
             k=5,
             filters=recall_pb2.RecallFilters(category=category, exclude_history=True),
-        )
+        ),
     )
-    assert len(filtered.candidates) == 5
-    assert {c.category for c in filtered.candidates} == {category}
-    sponsored = await stub.Recall(
+    assert len(filtered.ids) == 5
+    assert set(filtered.categories) == {category}
+    sponsored = await ask(
+        stub,
+        catalog,
         request(
-            history=history(synthetic_dataset, 7), k=5, filters=recall_pb2.RecallFilters(sponsored_only=True)
-        )
+            catalog,
+            history=history(synthetic_dataset, 7),
+            k=5,
+            filters=recall_pb2.RecallFilters(sponsored_only=True),
+        ),
     )
-    assert sponsored.candidates and all(c.bid > 0 for c in sponsored.candidates)
-    excluded = [c.item_id for c in popular.candidates[:3]]
-    rest = await stub.Recall(
+    assert sponsored.ids and all(bid > 0 for bid in sponsored.bids)
+    rest = await ask(
+        stub,
+        catalog,
         request(
-            sources=[recall_pb2.SourceQuota(source="popular", k=10)],
-            k=10,
-            filters=recall_pb2.RecallFilters(exclude_item_ids=excluded),
-        )
+            catalog, sources=[recall_pb2.SourceQuota(source="popular", k=10)], k=10, exclude=popular.ids[:3]
+        ),
     )
-    assert [c.item_id for c in rest.candidates][:7] == [c.item_id for c in popular.candidates[3:]]
+    assert rest.ids[:7] == popular.ids[3:]
 
 
-async def test_cold_start_and_unknown_history_items(server) -> None:
-    running, stub, _ = server
-    cold = await stub.Recall(request(user_id="", sources=[recall_pb2.SourceQuota(source="u2i", k=10)], k=10))
-    assert [c.source for c in cold.candidates] == ["popular"] * 10
-    before = metric(running, "recsys_recall_unknown_history_items_total")
-    unknown = [common_pb2.HistoryItem(item_id="no-such-item"), common_pb2.HistoryItem(item_id="nor-this")]
-    reply = await stub.Recall(request(history=unknown, k=10))
-    assert reply.unknown_history_items == 2 and len(reply.candidates) == 10
-    assert metric(running, "recsys_recall_unknown_history_items_total") == before + 2
+async def test_cold_start_serves_popular(server) -> None:
+    _, stub, _, catalog = server
+    cold = await ask(
+        stub,
+        catalog,
+        request(catalog, user_id="", sources=[recall_pb2.SourceQuota(source="u2i", k=10)], k=10),
+    )
+    assert cold.sources == ["popular"] * 10
+
+
+async def test_a_request_for_another_catalog_is_failed_precondition(server) -> None:
+    _, stub, _, catalog = server
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        message = request(catalog)
+        message.catalog = "0" * 64
+        await stub.Recall(message)
+    assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert error.value.details().startswith("catalog:")
 
 
 @pytest.mark.parametrize(
@@ -149,17 +236,26 @@ async def test_cold_start_and_unknown_history_items(server) -> None:
         ({"k": 10_001}, "k"),
         ({"scenario": "checkout"}, "scenario"),
         ({"scenario": ""}, "scenario"),
+        ({"catalog": ""}, "catalog"),
         ({"sources": [recall_pb2.SourceQuota(source="graph", k=3)]}, "sources[0].source"),
         ({"sources": [recall_pb2.SourceQuota(source="u2i", k=-1)]}, "sources[0].k"),
-        ({"history": [common_pb2.HistoryItem(item_id="x")] * 1001}, "history"),
+        ({"history_items": pack([0] * 1001, INDEX)}, "history_items"),
+        ({"history_items": b"\x01\x02\x03"}, "history_items"),
+        ({"history_items": pack([10**6], INDEX)}, "history_items"),
+        ({"history_items": pack([-1], INDEX)}, "history_items"),
+        ({"history_items": pack([1, 2], INDEX), "history_types": b"\x01"}, "history_types"),
+        ({"history_items": pack([1], INDEX), "history_types": b"\x09"}, "history_types"),
+        ({"seed_items": pack([10**6], INDEX)}, "seed_items"),
         ({"filters": recall_pb2.RecallFilters(category="no-such-category")}, "filters.category"),
+        ({"filters": recall_pb2.RecallFilters(exclude_items=b"\x00")}, "filters.exclude_items"),
         ({"user_id": "has space"}, "user_id"),
     ],
 )
 async def test_bad_fields_are_invalid_argument_naming_the_field(server, fields: dict, field: str) -> None:
-    _, stub, _ = server
+    _, stub, _, catalog = server
+    fields.setdefault("catalog", catalog.fingerprint)
     with pytest.raises(grpc.aio.AioRpcError) as error:
-        await stub.Recall(request(**fields))
+        await stub.Recall(recall_pb2.RecallRequest(**{"scenario": "home", "k": 5, **fields}))
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert error.value.details().startswith(f"{field}:")
 
@@ -167,27 +263,27 @@ async def test_bad_fields_are_invalid_argument_naming_the_field(server, fields: 
 async def test_concurrent_calls_are_micro_batched_and_answer_like_single_calls(
     server, synthetic_dataset
 ) -> None:
-    running, stub, _ = server
+    running, stub, _, catalog = server
     requests = [
         request(
+            catalog,
             history=history(synthetic_dataset, user, 2 + user % 7),
             k=15,
             scenario=("home", "item_detail", "cart")[user % 3],
-            seed_item_ids=[synthetic_dataset.items.external(user)] if user % 3 else [],
+            seeds=[synthetic_dataset.items.external(user)] if user % 3 else [],
             filters=recall_pb2.RecallFilters(exclude_history=True),
         )
         for user in range(40)
     ]
-    singles = [await stub.Recall(r) for r in requests]
+    singles = [await ask(stub, catalog, r) for r in requests]
     batches_before = metric(running, "recsys_recall_batch_size_count")
-    together = await asyncio.gather(*(stub.Recall(r) for r in requests))
+    together = await asyncio.gather(*(ask(stub, catalog, r) for r in requests))
     batches = metric(running, "recsys_recall_batch_size_count") - batches_before
     assert batches < len(requests), "concurrent calls were not batched"
     for alone, batched in zip(singles, together, strict=True):
-        assert [c.item_id for c in alone.candidates] == [c.item_id for c in batched.candidates]
-        assert [c.source for c in alone.candidates] == [c.source for c in batched.candidates]
-        for a, b in zip(alone.candidates, batched.candidates, strict=True):
-            assert a.score == pytest.approx(b.score, abs=1e-5)
+        assert alone.ids == batched.ids
+        assert alone.sources == batched.sources
+        np.testing.assert_allclose(alone.scores, batched.scores, atol=1e-5)
 
 
 def test_serving_modules_never_import_torch() -> None:

@@ -18,6 +18,7 @@ import pytest
 from recsys.serving.bootstrap import RunningServer, start_server
 from recsys.serving.config import ServingConfig
 from recsys.serving.validation import grpc_method, require_id, require_in_range
+from recsys.serving.wire import INDEX, SCORE, pack
 from recsys.v1 import recall_pb2, recall_pb2_grpc
 
 RECALL_SERVICE = "recsys.v1.RecallService"
@@ -32,17 +33,21 @@ class RecallForTest(recall_pb2_grpc.RecallServiceServicer):
     ) -> recall_pb2.RecallResponse:
         require_in_range(request.k, "k", 1, 10000)
         require_id(request.user_id, "user_id", allow_empty=True)
-        for position, item in enumerate(request.history):
-            require_id(item.item_id, f"history[{position}].item_id")
+        for position, quota in enumerate(request.sources):
+            require_id(quota.source, f"sources[{position}].source")
         if request.scenario == "explode":
             raise RuntimeError("index corrupted")
+        count = min(request.k, 5)
         return recall_pb2.RecallResponse(
-            candidates=[
-                recall_pb2.Candidate(item_id=f"item-{rank}", score=1.0 / (rank + 1), source="popular")
-                for rank in range(min(request.k, 5))
-            ],
+            items=pack(range(count), INDEX),
+            scores=pack([1.0 / (rank + 1) for rank in range(count)], SCORE),
             model_version="test",
         )
+
+
+def candidate_count(response: recall_pb2.RecallResponse) -> int:
+    """Candidates in a packed RecallResponse."""
+    return len(response.items) // INDEX.itemsize
 
 
 def register_recall(server: grpc.aio.Server) -> list[str]:

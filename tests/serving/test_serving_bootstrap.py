@@ -18,7 +18,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from recsys.serving.bootstrap import RunningServer, open_channel, run_until_signal
 from recsys.serving.config import ServingConfig
 from recsys.serving.metrics import LATENCY_BUCKETS, bundle_info
-from recsys.v1 import common_pb2, recall_pb2, recall_pb2_grpc
+from recsys.serving.wire import INDEX, pack
+from recsys.v1 import recall_pb2, recall_pb2_grpc
+from tests.serving.conftest import candidate_count
 
 pytestmark = pytest.mark.integration
 
@@ -130,7 +132,7 @@ async def test_metrics_record_codes_and_latency(serve: ServeFactory) -> None:
     async with open_channel(running.address) as channel:
         stub = recall_pb2_grpc.RecallServiceStub(channel)
         response = await stub.Recall(recall_pb2.RecallRequest(k=3), timeout=5)
-        assert [candidate.item_id for candidate in response.candidates] == ["item-0", "item-1", "item-2"]
+        assert candidate_count(response) == 3
         await recall_error(channel, recall_pb2.RecallRequest(k=0))
         await recall_error(channel, recall_pb2.RecallRequest(k=1, scenario="explode"))
 
@@ -172,10 +174,10 @@ async def test_bad_fields_give_invalid_argument_naming_the_field(serve: ServeFac
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert error.details() == "k: must be in 1..10000, got 0"
 
-        history = [common_pb2.HistoryItem(item_id="sku-1"), common_pb2.HistoryItem(item_id="bad id")]
-        error = await recall_error(channel, recall_pb2.RecallRequest(k=5, history=history))
+        sources = [recall_pb2.SourceQuota(source="u2i"), recall_pb2.SourceQuota(source="bad id")]
+        error = await recall_error(channel, recall_pb2.RecallRequest(k=5, sources=sources))
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert error.details().startswith("history[1].item_id: ")
+        assert error.details().startswith("sources[1].source: ")
 
 
 async def test_unexpected_error_gives_internal_and_logs_the_traceback(
@@ -198,14 +200,10 @@ async def test_oversized_request_is_rejected_with_resource_exhausted(serve: Serv
     config = ServingConfig(host="127.0.0.1", max_message_bytes=1024, grace_seconds=0)
     running = await serve(config)
     async with open_channel(running.address) as channel:
-        small = recall_pb2.RecallRequest(k=5, history=[common_pb2.HistoryItem(item_id="sku-1")])
-        assert (
-            len((await recall_pb2_grpc.RecallServiceStub(channel).Recall(small, timeout=5)).candidates) == 5
-        )
+        small = recall_pb2.RecallRequest(k=5, history_items=pack([1], INDEX))
+        assert candidate_count(await recall_pb2_grpc.RecallServiceStub(channel).Recall(small, timeout=5)) == 5
 
-        large = recall_pb2.RecallRequest(
-            k=5, history=[common_pb2.HistoryItem(item_id=f"sku-{index:08d}") for index in range(200)]
-        )
+        large = recall_pb2.RecallRequest(k=5, history_items=pack(range(300), INDEX))
         assert large.ByteSize() > 1024
         error = await recall_error(channel, large)
         assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED

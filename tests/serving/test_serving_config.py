@@ -21,6 +21,9 @@ SERVING_ENV_VARS = (
     "RECSYS_METRICS_PORT",
     "RECSYS_GRACE_SECONDS",
     "RECSYS_MAX_MESSAGE_BYTES",
+    "RECSYS_MAX_CONCURRENT_RPCS",
+    "RECSYS_MAX_CONNECTION_AGE_S",
+    "RECSYS_MAX_CONNECTION_AGE_GRACE_S",
     "RECSYS_TLS_CERT",
     "RECSYS_TLS_KEY",
     "RECSYS_TLS_CLIENT_CA",
@@ -103,6 +106,9 @@ def test_tls_paths_from_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> 
         (["--grace-seconds", "nan"], "grace_seconds: must be >= 0"),
         (["--max-message-bytes", "10"], "max_message_bytes: must be in 1024.."),
         (["--host", ""], "host: must not be empty"),
+        (["--max-concurrent-rpcs", "0"], "max_concurrent_rpcs: must be in 1..1000000"),
+        (["--max-connection-age-s", "-1"], "max_connection_age_s: must be in 0..86400"),
+        (["--max-connection-age-grace-s", "nan"], "max_connection_age_grace_s: must be in 0..86400"),
     ],
 )
 def test_invalid_values_are_rejected_naming_the_setting(argv: list[str], message: str) -> None:
@@ -128,3 +134,20 @@ def test_env_default_casts_or_falls_back(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setenv("RECSYS_THREADS", "four")
     with pytest.raises(ConfigError, match="RECSYS_THREADS: invalid value 'four'"):
         env_default("RECSYS_THREADS", 2, int)
+
+
+def test_concurrency_and_connection_age_from_env_and_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    def limits(config: ServingConfig) -> tuple[int, float, float]:
+        return config.max_concurrent_rpcs, config.max_connection_age_s, config.max_connection_age_grace_s
+
+    assert limits(parse([])) == (1000, 60.0, 10.0)
+    monkeypatch.setenv("RECSYS_MAX_CONCURRENT_RPCS", "32")
+    monkeypatch.setenv("RECSYS_MAX_CONNECTION_AGE_S", "0")
+    assert limits(parse(["--max-connection-age-grace-s", "2.5"])) == (32, 0.0, 2.5)
+
+
+def test_a_service_can_set_its_own_size_and_concurrency_defaults() -> None:
+    parser = argparse.ArgumentParser(prog="gateway")
+    add_serving_arguments(parser, 50050, 9090, max_message_bytes=4 << 20, max_concurrent_rpcs=64)
+    config = serving_config_from_args(parser.parse_args([]))
+    assert (config.max_message_bytes, config.max_concurrent_rpcs) == (4 << 20, 64)

@@ -10,6 +10,7 @@ import pytest
 from recsys.serving.bootstrap import RunningServer, client_channel_credentials, open_channel
 from recsys.serving.config import ServingConfig
 from recsys.v1 import recall_pb2, recall_pb2_grpc
+from tests.serving.conftest import candidate_count
 
 pytestmark = pytest.mark.integration
 
@@ -22,7 +23,7 @@ async def call_recall(running: RunningServer, credentials: grpc.ChannelCredentia
         response = await recall_pb2_grpc.RecallServiceStub(channel).Recall(
             recall_pb2.RecallRequest(k=2), timeout=5
         )
-    return len(response.candidates)
+    return candidate_count(response)
 
 
 async def test_tls_round_trip_and_plaintext_is_refused(serve: ServeFactory, certificates) -> None:

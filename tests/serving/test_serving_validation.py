@@ -12,7 +12,20 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from recsys.serving.logging import configure_logging
 from recsys.serving.metrics import GrpcServerMetrics, bundle_info
-from recsys.serving.validation import InvalidArgument, grpc_method, require, require_id, require_in_range
+from recsys.serving.validation import (
+    MAX_ECHO_CHARS,
+    InvalidArgument,
+    MalformedRequest,
+    grpc_method,
+    invalid_utf8_field,
+    require,
+    require_id,
+    require_in_range,
+    require_text,
+    shorten,
+    tolerant_deserializer,
+)
+from recsys.v1 import common_pb2, gateway_pb2
 
 
 def test_invalid_argument_message_starts_with_the_field() -> None:
@@ -170,3 +183,102 @@ def test_server_metrics_can_share_a_registry() -> None:
     assert first.handled is second.handled
     first.started.labels("unary", "recsys.v1.RankService", "Rank").inc()
     assert b'grpc_server_started_total{grpc_method="Rank"' in generate_latest(registry)
+
+
+def test_messages_echo_at_most_about_64_characters_of_a_value() -> None:
+    assert shorten("home") == "'home'"
+    long = shorten("x" * 20_000)
+    assert len(long) < MAX_ECHO_CHARS + 30 and long.endswith("... (20000 characters)")
+    with pytest.raises(InvalidArgument) as caught:
+        require_id("\x00" * 200, "user_id")
+    assert len(str(caught.value)) < 160
+
+
+@pytest.mark.parametrize("value", ["", "Home & Kitchen", "Beauty", "café au lait"])
+def test_require_text_accepts_names_with_spaces(value: str) -> None:
+    require_text(value, "context.category")
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        ("a\nb", "must not contain control characters, got 'a\\nb'"),
+        ("\x07bell", "must not contain control characters"),
+        ("c" * 257, "must be at most 256 characters, got 257"),
+    ],
+)
+def test_require_text_rejects_control_characters_and_long_values(value: str, reason: str) -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        require_text(value, "context.category")
+    assert str(caught.value).startswith(f"context.category: {reason}")
+
+
+def _with_bad_utf8(message, good: bytes) -> bytes:
+    """``message`` serialized with the UTF-8 bytes ``good`` replaced by invalid ones."""
+    data = message.SerializeToString()
+    assert data.count(good) == 1
+    return data.replace(good, b"\xff" * len(good))
+
+
+@pytest.mark.parametrize(
+    ("message", "marker", "field"),
+    [
+        (gateway_pb2.RecommendRequest(scenario="SCEN"), b"SCEN", "scenario"),
+        (
+            gateway_pb2.RecommendRequest(context=gateway_pb2.RecommendContext(item_ids=["a", "b", "CTXI"])),
+            b"CTXI",
+            "context.item_ids[2]",
+        ),
+        (
+            gateway_pb2.RecommendRequest(context=gateway_pb2.RecommendContext(category="CATG")),
+            b"CATG",
+            "context.category",
+        ),
+        (
+            gateway_pb2.RecommendRequest(
+                num_items=5,
+                history=[
+                    common_pb2.HistoryItem(item_id="ok", timestamp_ms=7),
+                    common_pb2.HistoryItem(item_id="HIST"),
+                ],
+            ),
+            b"HIST",
+            "history[1].item_id",
+        ),
+        (
+            gateway_pb2.LogEventsRequest(
+                events=[gateway_pb2.Event(event_id="e1", user_id="u1"), gateway_pb2.Event(user_id="USER")]
+            ),
+            b"USER",
+            "events[1].user_id",
+        ),
+    ],
+)
+def test_invalid_utf8_is_located_and_named(message, marker: bytes, field: str) -> None:
+    data = _with_bad_utf8(message, marker)
+    assert invalid_utf8_field(message.DESCRIPTOR, data) == field
+    parsed = tolerant_deserializer(type(message).FromString)(data)
+    assert parsed == MalformedRequest(field, "must be valid UTF-8")
+    assert str(parsed) == f"{field}: must be valid UTF-8"
+
+
+def test_bytes_that_are_not_protobuf_become_a_malformed_request() -> None:
+    deserialize = tolerant_deserializer(gateway_pb2.RecommendRequest.FromString)
+    request = gateway_pb2.RecommendRequest(scenario="home", num_items=3)
+    assert deserialize(request.SerializeToString()) == request
+    truncated = deserialize(request.SerializeToString()[:-1])  # the last varint cut off
+    assert truncated == MalformedRequest(
+        "request", "cannot be parsed as recsys.v1.RecommendRequest (7 bytes)"
+    )
+    garbage = deserialize(b"\xff\xff\xff")
+    assert isinstance(garbage, MalformedRequest) and garbage.field == "request"
+    assert invalid_utf8_field(gateway_pb2.RecommendRequest.DESCRIPTOR, b"\xff\xff\xff") is None
+
+
+def test_a_deserializer_that_validates_names_its_field() -> None:
+    def strict(_data: bytes) -> None:
+        raise InvalidArgument("candidates", "not a whole number of int32 values")
+
+    assert tolerant_deserializer(strict)(b"") == MalformedRequest(
+        "candidates", "not a whole number of int32 values"
+    )

@@ -196,11 +196,7 @@ spec:
 {{- end }}
 {{- end }}
 
-{{/* Redis URL of the history store ("" = SQLite). */}}
-{{- define "recsys.redisUrl" -}}
-{{- if .Values.redis.enabled }}
-{{- printf "redis://%s-redis.%s.svc.%s:6379/0" (include "recsys.fullname" .) .Release.Namespace .Values.clusterDomain }}
-{{- else }}
-{{- .Values.redis.externalUrl }}
-{{- end }}
+{{/* The Secret with the in-cluster Redis's password and the gateway's URL (keys password, url). */}}
+{{- define "recsys.redisAuthSecret" -}}
+{{- .Values.redis.auth.existingSecret | default (printf "%s-redis" (include "recsys.fullname" .)) }}
 {{- end }}

@@ -1,0 +1,335 @@
+"""`recsys bench e2e`: the cascade under open-loop load, as users feel it, printed as JSON with plots.
+
+Starts the three services the way `make run` does (recall, rank, gateway as separate processes on
+loopback) AND the same cascade in one process (``recsys.inprocess``: the gateway with in-process
+recall and rank, no gRPC hops), then sweeps arrival rates from low to saturation. At each rate
+the two stacks are measured one after the other in alternating order (ABBA...), each by an
+open-loop Poisson load generator in its own process (``recsys.loadgen``: latency from the
+scheduled send time). Per stack, scenario and rate: p50/p95/p99, errors, degraded share, and the
+CPU seconds each service process used per request (from /proc, the source of
+``process_cpu_seconds_total``). A stack's sweep stops at its first rate that misses the
+saturation criteria (no errors, <= 1% degraded, p99 <= --saturation-p99-ms).
+
+    recsys bench e2e --artifacts artifacts --out artifacts/bench/e2e.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from recsys.bench import machine_info
+from recsys.run import (
+    HISTORY_LENGTH,
+    SERVING_TIMEOUT_S,
+    Service,
+    build_bundles,
+    dev_credentials,
+    pick_port,
+    seed_history_store,
+)
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+DEFAULT_RATES = "50,100,200,300,400,500,600,800"
+BARS = {
+    "home_at_200": {"p99_ms_at_most": 25.0, "errors": 0, "degraded_share_at_most": 0.01},
+    "cpu_ms_per_request_at_200_at_most": 4.0,
+    "saturation_rps_at_least": 400,
+    "grpc_over_inprocess_at_most": 1.5,
+}
+
+
+@dataclass
+class Stack:
+    """One way of running the cascade: its processes and the gateway they answer on."""
+
+    name: str
+    services: list[Service]
+    gateway: Service
+
+    def start(self) -> None:
+        for service in self.services:
+            service.start()
+        for service in self.services:
+            service.wait_serving(SERVING_TIMEOUT_S)
+
+    def stop(self) -> None:
+        for service in reversed(self.services):
+            service.stop()
+
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU time (user + system, all threads) each process used so far."""
+        return {service.name: process_cpu_seconds(service) for service in self.services}
+
+
+def process_cpu_seconds(service: Service) -> float:
+    assert service.process is not None
+    fields = Path(f"/proc/{service.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="recsys bench e2e", description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default="synthetic", help="'synthetic' or a dataset folder")
+    parser.add_argument("--artifacts", type=Path, default=Path("artifacts"))
+    parser.add_argument("--rates", default=DEFAULT_RATES, help="arrival rates to sweep, req/s")
+    parser.add_argument("--scenarios", default="home,item_detail")
+    parser.add_argument("--stacks", default="grpc,inprocess", help="grpc (3 processes), inprocess (1)")
+    parser.add_argument("--duration", type=float, default=10.0, help="measured seconds per rate")
+    parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds per rate")
+    parser.add_argument("--users", type=int, default=1000, help="known users the requests are for")
+    parser.add_argument("--deadline-ms", type=float, default=500.0, help="client deadline")
+    parser.add_argument("--saturation-p99-ms", type=float, default=100.0)
+    parser.add_argument("--out", type=Path, help="JSON file (plots beside it)")
+    return parser
+
+
+def start_stacks(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, Stack], Path, Path, Path]:
+    """Bundles, seeded history, token and both stacks (started); returns stacks, token, users, items."""
+    recall_dir, rank_dir, dataset = build_bundles(args.data, args.artifacts, quick=True)
+    root = recall_dir.parent
+    sqlite_path = root / "bench-history.sqlite3"
+    seed_history_store(dataset, sqlite_path, HISTORY_LENGTH)
+    token_path, tokens_path = dev_credentials(args.artifacts)
+    users = workdir / "users.txt"
+    users.write_text("\n".join(dataset.users.ids[: args.users]) + "\n")
+    items = workdir / "items.txt"
+    items.write_text("\n".join(dataset.items.ids) + "\n")
+    gateway_args = [
+        "--auth-tokens-file",
+        str(tokens_path),
+        "--max-history-length",
+        str(HISTORY_LENGTH),
+        "--sqlite-path",
+        str(sqlite_path),
+    ]
+    logs = root / "logs" / "bench"
+    taken: set[int] = set()
+    stacks: dict[str, Stack] = {}
+    wanted = args.stacks.split(",")
+    if "grpc" in wanted:
+        recall = Service(
+            "recall", "recall_service", pick_port(0, taken), pick_port(0, taken),
+            ["--bundle", str(recall_dir)], logs / "recall.log",
+        )  # fmt: skip
+        rank = Service(
+            "rank", "rank_service", pick_port(0, taken), pick_port(0, taken),
+            ["--bundle", str(rank_dir)], logs / "rank.log",
+        )  # fmt: skip
+        gateway = Service(
+            "gateway", "gateway", pick_port(0, taken), pick_port(0, taken),
+            [*gateway_args, "--recall-address", recall.address, "--rank-address", rank.address],
+            logs / "gateway.log",
+        )  # fmt: skip
+        stacks["grpc"] = Stack("grpc", [recall, rank, gateway], gateway)
+    if "inprocess" in wanted:
+        single = Service(
+            "inprocess", "recsys.inprocess", pick_port(0, taken), pick_port(0, taken),
+            ["--recall-bundle", str(recall_dir), "--rank-bundle", str(rank_dir), *gateway_args],
+            logs / "inprocess.log",
+        )  # fmt: skip
+        stacks["inprocess"] = Stack("inprocess", [single], single)
+    for stack in stacks.values():
+        stack.start()
+    return stacks, token_path, users, items
+
+
+def measure(
+    stack: Stack, scenario: str, rate: float, args: argparse.Namespace, token: Path, users: Path, items: Path
+) -> dict:
+    """One open-loop run against ``stack``: the load generator's JSON plus CPU per request."""
+    command = [
+        sys.executable, "-m", "recsys.loadgen", "--gateway", stack.gateway.address,
+        "--token-file", str(token), "--rate", str(rate), "--duration", str(args.duration),
+        "--warmup", str(args.warmup), "--scenario", scenario, "--users", str(users),
+        "--items", str(items), "--deadline-ms", str(args.deadline_ms),
+    ]  # fmt: skip
+    before = stack.cpu_seconds()
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    after = stack.cpu_seconds()
+    if done.returncode != 0:
+        raise RuntimeError(f"load generator failed: {done.stderr.strip()[-2000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    sent = max(result["sent"], 1)
+    per_service = {name: round((after[name] - before[name]) * 1000 / sent, 3) for name in after}
+    result["cpu_ms_per_request"] = {**per_service, "total": round(sum(per_service.values()), 3)}
+    return result
+
+
+def passes(result: dict, p99_ms: float) -> bool:
+    return (
+        result["errors"] == 0 and result["degraded_share"] <= 0.01 and result["latency_ms"]["p99"] <= p99_ms
+    )
+
+
+def summarise(runs: dict, stacks: list[str], scenarios: list[str], p99_ms: float) -> dict:
+    """Saturation per stack and scenario, the issue's bars, and the gRPC/in-process ratios."""
+    saturation = {
+        stack: {
+            scenario: max(
+                (r["rate"] for r in runs[stack][scenario] if passes(r, p99_ms)),
+                default=0,
+            )
+            for scenario in scenarios
+        }
+        for stack in stacks
+    }
+    summary: dict = {"saturation_rps": saturation}
+
+    def at(stack: str, scenario: str, rate: float) -> dict | None:
+        return next((r for r in runs.get(stack, {}).get(scenario, []) if r["rate"] == rate), None)
+
+    ratios = {}
+    for scenario in scenarios:
+        ratios[scenario] = {}
+        for grpc_run in runs.get("grpc", {}).get(scenario, []):
+            local = at("inprocess", scenario, grpc_run["rate"])
+            if local is None:
+                continue
+            ratios[scenario][str(grpc_run["rate"])] = {
+                "p50": round(grpc_run["latency_ms"]["p50"] / max(local["latency_ms"]["p50"], 1e-9), 2),
+                "p99": round(grpc_run["latency_ms"]["p99"] / max(local["latency_ms"]["p99"], 1e-9), 2),
+                "cpu_per_request": round(
+                    grpc_run["cpu_ms_per_request"]["total"] / max(local["cpu_ms_per_request"]["total"], 1e-9),
+                    2,
+                ),
+            }
+    summary["grpc_over_inprocess"] = ratios
+    home = at("grpc", "home", 200)
+    if home is not None:
+        ratio = ratios.get("home", {}).get("200", {})
+        summary["bars"] = {
+            "home_at_200": {
+                "p99_ms": home["latency_ms"]["p99"],
+                "errors": home["errors"],
+                "degraded_share": home["degraded_share"],
+                "met": home["errors"] == 0
+                and home["degraded_share"] <= 0.01
+                and home["latency_ms"]["p99"] <= BARS["home_at_200"]["p99_ms_at_most"],
+            },
+            "cpu_ms_per_request_at_200": {
+                "value": home["cpu_ms_per_request"]["total"],
+                "met": home["cpu_ms_per_request"]["total"] <= BARS["cpu_ms_per_request_at_200_at_most"],
+            },
+            "saturation_rps": {
+                "value": saturation["grpc"]["home"],
+                "met": saturation["grpc"]["home"] >= BARS["saturation_rps_at_least"],
+            },
+            "grpc_over_inprocess_at_200": {
+                **ratio,
+                "met": bool(ratio) and ratio["p50"] <= BARS["grpc_over_inprocess_at_most"],
+            },
+        }
+    return summary
+
+
+def plot(report: dict, path: Path) -> list[str]:
+    """Latency and CPU per request against the arrival rate, one line per stack and scenario."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (latency, cpu) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for stack, by_scenario in report["runs"].items():
+        for scenario, runs in by_scenario.items():
+            rates = [r["rate"] for r in runs]
+            label = f"{stack} {scenario}"
+            latency.plot(rates, [r["latency_ms"]["p50"] for r in runs], "o-", label=f"{label} p50")
+            latency.plot(rates, [r["latency_ms"]["p99"] for r in runs], "x--", label=f"{label} p99")
+            cpu.plot(rates, [r["cpu_ms_per_request"]["total"] for r in runs], "o-", label=label)
+    latency.set(
+        xlabel="arrival rate (req/s, Poisson)", ylabel="latency from scheduled send (ms)", yscale="log"
+    )
+    latency.axhline(25, color="grey", linewidth=0.8, linestyle=":")
+    cpu.set(xlabel="arrival rate (req/s)", ylabel="CPU ms per request (all service processes)")
+    cpu.axhline(4, color="grey", linewidth=0.8, linestyle=":")
+    for axes in (latency, cpu):
+        axes.grid(True, alpha=0.3)
+        axes.legend(fontsize=7)
+    machine = report["machine"]
+    figure.suptitle(
+        f"recsys cascade, open-loop load — {machine['cpu']}, {machine['cores']} cores", fontsize=9
+    )
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return [str(path)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    rates = [float(r) for r in args.rates.split(",") if r]
+    scenarios = [s for s in args.scenarios.split(",") if s]
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory() as workdir:
+        stacks, token, users, items = start_stacks(args, Path(workdir))
+        names = list(stacks)
+        runs: dict[str, dict[str, list[dict]]] = {name: {s: [] for s in scenarios} for name in names}
+        try:
+            for scenario in scenarios:
+                saturated: set[str] = set()
+                for step, rate in enumerate(rates):
+                    order = names if step % 2 == 0 else names[::-1]  # ABBA: neither always goes first
+                    for name in order:
+                        if name in saturated:
+                            continue
+                        result = measure(stacks[name], scenario, rate, args, token, users, items)
+                        runs[name][scenario].append(result)
+                        latency = result["latency_ms"]
+                        print(
+                            f"{name:<9} {scenario:<11} {rate:>5.0f} req/s: "
+                            f"p50 {latency['p50']:.1f} p99 {latency['p99']:.1f} ms, "
+                            f"errors {result['errors']}, "
+                            f"degraded {result['degraded_share']:.1%}, "
+                            f"CPU {result['cpu_ms_per_request']['total']:.2f} ms/req",
+                            file=sys.stderr,
+                            flush=True,
+                        )
+                        if not passes(result, args.saturation_p99_ms):
+                            saturated.add(name)
+                    if len(saturated) == len(names):
+                        break
+        finally:
+            for stack in stacks.values():
+                stack.stop()
+    report = {
+        "benchmark": "e2e: gateway -> recall -> rank under open-loop Poisson load",
+        "command": "recsys bench e2e " + " ".join(sys.argv[1:] if argv is None else argv),
+        "machine": machine_info(),
+        "settings": {
+            "rates": rates,
+            "scenarios": scenarios,
+            "duration_s": args.duration,
+            "warmup_s": args.warmup,
+            "users": args.users,
+            "deadline_ms": args.deadline_ms,
+            "saturation": f"no errors, <= 1% degraded, p99 <= {args.saturation_p99_ms:g} ms",
+            "stacks": {
+                "grpc": "recall, rank, gateway: three processes on loopback, as `make run` starts them",
+                "inprocess": "one process: the gateway with in-process recall and rank (recsys.inprocess)",
+            },
+            "load_generator": "recsys.loadgen in its own process on the same machine",
+        },
+        "bars": BARS,
+        "runs": runs,
+        "summary": summarise(runs, names, scenarios, args.saturation_p99_ms),
+        "wall_s": round(time.monotonic() - started, 1),
+    }
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        report["plots"] = plot(report, args.out.with_suffix(".png"))
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
