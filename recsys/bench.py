@@ -208,15 +208,19 @@ def run_all(artifacts: Path, data: str) -> dict[str, object]:
     return merged
 
 
+# Commands beside the benchmarks (not run by ``all``).
+TOOLS: dict[str, str] = {"report": "recsys.bench_report:main"}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    choices = [*BENCHMARKS, "all"]
+    choices = [*BENCHMARKS, *TOOLS, "all"]
     if not argv or argv[0] not in choices:
         print(f"usage: recsys bench {{{','.join(choices)}}} [ARGS...]", file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     component, rest = argv[0], argv[1:]
     if component != "all":
-        return int(_load(BENCHMARKS[component])(rest) or 0)
+        return int(_load({**BENCHMARKS, **TOOLS}[component])(rest) or 0)
     parser = argparse.ArgumentParser(prog="recsys bench all", description="run every benchmark, merge JSON")
     parser.add_argument("--artifacts", type=Path, default=Path("artifacts"))
     parser.add_argument("--data", default="synthetic", help="dataset name under --artifacts")

@@ -150,6 +150,9 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, metrics: GrpcServerMetrics) -> None:
         self._metrics = metrics
+        # Per method: the handler last seen and its instrumented version. Handlers are static per
+        # method unless an inner interceptor builds one per call, so this usually skips re-wrapping.
+        self._instrumented: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     async def intercept_service(
         self,
@@ -159,7 +162,15 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:  # unknown method: gRPC answers UNIMPLEMENTED itself
             return handler
-        service, method = _split_method(handler_call_details.method)
+        cached = self._instrumented.get(handler_call_details.method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        instrumented = self._instrument(handler, handler_call_details.method)
+        self._instrumented[handler_call_details.method] = (handler, instrumented)
+        return instrumented
+
+    def _instrument(self, handler: grpc.RpcMethodHandler, full_method: str) -> grpc.RpcMethodHandler:
+        service, method = _split_method(full_method)
         grpc_type = _grpc_type(handler)
         labels = (grpc_type, service, method)
         if grpc_type == "unary":
@@ -170,16 +181,28 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
             return handler._replace(unary_stream=self._wrap_stream(handler.unary_stream, labels))
         return handler._replace(stream_stream=self._wrap_stream(handler.stream_stream, labels))
 
-    def _record(self, labels: tuple[str, str, str], code: str, started_at: float) -> None:
-        self._metrics.handled.labels(*labels, code).inc()
-        self._metrics.handling_seconds.labels(*labels).observe(time.perf_counter() - started_at)
+    def _recorder(self, labels: tuple[str, str, str]) -> Callable[[str, float], None]:
+        """Records one finished call of the method ``labels`` names; label children resolved once."""
+        handled: dict[str, Any] = {}
+        seconds = self._metrics.handling_seconds.labels(*labels)
+
+        def record(code: str, started_at: float) -> None:
+            counter = handled.get(code)
+            if counter is None:
+                counter = handled[code] = self._metrics.handled.labels(*labels, code)
+            counter.inc()
+            seconds.observe(time.perf_counter() - started_at)
+
+        return record
 
     def _wrap_call(self, behavior: Callable[..., Any], labels: tuple[str, str, str]) -> Callable[..., Any]:
         if not inspect.iscoroutinefunction(behavior):
             return behavior  # a synchronous handler runs in gRPC's thread pool; left uninstrumented
+        started = self._metrics.started.labels(*labels)
+        record = self._recorder(labels)
 
         async def instrumented(request_or_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
-            self._metrics.started.labels(*labels).inc()
+            started.inc()
             started_at = time.perf_counter()
             error: BaseException | None = None
             try:
@@ -188,7 +211,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
                 error = exc
                 raise
             finally:
-                self._record(labels, _status_code_name(context, error), started_at)
+                record(_status_code_name(context, error), started_at)
 
         return instrumented
 
@@ -197,10 +220,13 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
             # a coroutine that writes with context.write() has the same shape as a unary handler
             return self._wrap_call(behavior, labels)
 
+        started = self._metrics.started.labels(*labels)
+        record = self._recorder(labels)
+
         async def instrumented(
             request_or_iterator: Any, context: grpc.aio.ServicerContext
         ) -> AsyncIterator[Any]:
-            self._metrics.started.labels(*labels).inc()
+            started.inc()
             started_at = time.perf_counter()
             error: BaseException | None = None
             try:
@@ -210,7 +236,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
                 error = exc
                 raise
             finally:
-                self._record(labels, _status_code_name(context, error), started_at)
+                record(_status_code_name(context, error), started_at)
 
         return instrumented
 

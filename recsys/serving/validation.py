@@ -244,13 +244,29 @@ class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
     is answered ``INVALID_ARGUMENT`` (``history[2].item_id: must be valid UTF-8``) instead of
     ``UNKNOWN``, and, placed inside the metrics interceptor, is counted like any other status."""
 
+    def __init__(self) -> None:
+        # Per method: the handler last seen and its tolerant version (handlers are static per
+        # method, so each is wrapped once, and the outer interceptors see a stable object).
+        self._tolerant: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
-        if handler is None or handler.request_streaming or handler.request_deserializer is None:
+        if handler is None:
+            return handler
+        cached = self._tolerant.get(handler_call_details.method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        tolerant = self._tolerate(handler)
+        self._tolerant[handler_call_details.method] = (handler, tolerant)
+        return tolerant
+
+    @staticmethod
+    def _tolerate(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        if handler.request_streaming or handler.request_deserializer is None:
             return handler
         name = "unary_stream" if handler.response_streaming else "unary_unary"
         behavior = getattr(handler, name)

@@ -94,6 +94,10 @@ def test_recsys_run_serves_all_three_and_stops_them_on_sigterm(
         for name in ("recall", "rank", "gateway"):
             assert '"message": "stopped"' in (root / "logs" / f"{name}.log").read_text(), name
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        if process.poll() is None:  # a failed assertion: SIGTERM, so that run stops its children
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()

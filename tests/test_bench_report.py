@@ -1,0 +1,70 @@
+"""`recsys bench report`: the README's Performance section comes from the benchmark JSON."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from recsys import bench_report
+from recsys.e2e_bench import passes, summarise
+
+MACHINE = {"cpu": "Test CPU", "cores": 2, "python": "3.11"}
+
+
+def run(rate: float, p99: float, errors: int = 0, degraded: float = 0.0, cpu: float = 5.0) -> dict:
+    return {
+        "rate": rate,
+        "errors": errors,
+        "degraded_share": degraded,
+        "latency_ms": {"p50": p99 / 3, "p95": p99 / 1.5, "p99": p99},
+        "cpu_ms_per_request": {"total": cpu},
+    }
+
+
+def e2e_report() -> dict:
+    runs = {
+        "grpc": {"home": [run(50, 20), run(200, 30, cpu=6.0), run(400, 300, errors=3)]},
+        "inprocess": {"home": [run(50, 10), run(200, 15, cpu=4.0), run(400, 60)]},
+    }
+    return {
+        "command": "recsys bench e2e",
+        "machine": MACHINE,
+        "settings": {"users": 1000, "deadline_ms": 500, "duration_s": 10, "saturation": "x"},
+        "runs": runs,
+        "summary": summarise(runs, ["grpc", "inprocess"], ["home"], 100.0),
+    }
+
+
+def test_saturation_is_the_highest_rate_meeting_every_criterion():
+    summary = e2e_report()["summary"]
+    assert summary["saturation_rps"] == {"grpc": {"home": 200}, "inprocess": {"home": 400}}
+    assert not passes(run(100, 50, degraded=0.02), 100.0)
+    bars = summary["bars"]
+    assert not bars["home_at_200"]["met"] and bars["home_at_200"]["p99_ms"] == 30
+    assert bars["cpu_ms_per_request_at_200"] == {"value": 6.0, "met": False}
+    assert summary["grpc_over_inprocess"]["home"]["200"]["cpu_per_request"] == 1.5
+
+
+def test_the_readme_section_is_replaced_between_its_markers(tmp_path: Path):
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    (bench / "e2e.json").write_text(json.dumps(e2e_report()))
+    readme = tmp_path / "README.md"
+    readme.write_text(
+        f"# x\n\n## Performance\n{bench_report.BEGIN}\nold numbers\n{bench_report.END}\n\n## Next\n"
+    )
+    assert bench_report.main(["--bench", str(bench), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert "old numbers" not in text and text.endswith("## Next\n")
+    assert "| grpc | home | 200 | 10.0 | 20.0 | 30.0 | 0 | 0.0% | 6.00 |" in text
+    assert "| CPU per request at 200 req/s | <= 4 ms | 6.00 ms | **not met** |" in text
+    assert "Test CPU, 2 cores" in text
+
+
+def test_a_readme_without_markers_is_refused(tmp_path: Path):
+    readme = tmp_path / "README.md"
+    readme.write_text("# no markers\n")
+    with pytest.raises(ValueError, match="performance markers"):
+        bench_report.update_readme(readme, "body")
