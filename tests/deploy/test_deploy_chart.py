@@ -37,6 +37,24 @@ SQLITE_SINGLE_NODE = {
     "redis": {"enabled": False},
     "gateway": {"replicas": 1, "autoscaling": {"enabled": False}, "history": {"existingClaim": "history"}},
 }
+# Peers outside the release must be allowed explicitly once the gateway's egress is restricted.
+MANAGED_REDIS_EGRESS = [
+    {"to": [{"ipBlock": {"cidr": "10.20.0.0/16"}}], "ports": [{"port": 6379, "protocol": "TCP"}]}
+]
+EXTERNAL_MODELS_EGRESS = [
+    {
+        "to": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ml"}}}],
+        "ports": [{"port": 50051, "protocol": "TCP"}, {"port": 50052, "protocol": "TCP"}],
+    }
+]
+INTERNAL_TLS = {"internalTLS": {"enabled": True, "rank": {"secretName": "rank-cert"}}}
+# One extra rule per hook, told apart by its port.
+EXTRA_INGRESS = {
+    component: [{"from": [{"podSelector": {"matchLabels": {"app": "debug"}}}], "ports": [{"port": port}]}]
+    for component, port in (("recall", 7001), ("rank", 7002), ("gateway", 7003), ("redis", 7004))
+}
+EXTRA_EGRESS = [{"to": [{"ipBlock": {"cidr": "10.99.0.0/16"}}], "ports": [{"port": 4317, "protocol": "TCP"}]}]
+NETWORK_POLICY_HOOKS = {"networkPolicy": {"extraIngress": EXTRA_INGRESS, "extraEgress": EXTRA_EGRESS}}
 
 # name -> (values, API versions the "cluster" announces)
 COMBINATIONS: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
@@ -46,10 +64,19 @@ COMBINATIONS: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
     "monitoring-without-api": (MONITORING_ON, ()),
     "redis": ({"redis": {"enabled": True}}, ()),
     "redis-external-secret": (
-        {"redis": {"enabled": False, "existingSecret": {"name": "history-redis", "key": "url"}}},
+        {
+            "redis": {"enabled": False, "existingSecret": {"name": "history-redis", "key": "url"}},
+            "networkPolicy": {"extraEgress": MANAGED_REDIS_EGRESS},
+        },
         (),
     ),
-    "redis-external-url": ({"redis": {"enabled": False, "externalUrl": "redis://r.example:6379/0"}}, ()),
+    "redis-external-url-no-egress-policy": (
+        {
+            "redis": {"enabled": False, "externalUrl": "redis://r.example:6379/0"},
+            "networkPolicy": {"egress": {"enabled": False}},
+        },
+        (),
+    ),
     "redis-own-password-everysec": (
         {"redis": {"auth": {"existingSecret": "my-redis"}, "appendfsync": "everysec"}},
         (),
@@ -71,9 +98,24 @@ COMBINATIONS: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
             "recall": {"enabled": False},
             "rank": {"enabled": False},
             "gateway": {"recallAddress": "recall.ml:50051", "rankAddress": "rank.ml:50052"},
+            "networkPolicy": {"extraEgress": EXTERNAL_MODELS_EGRESS},
         },
         (),
     ),
+    "auth-existing-secret": ({"gateway": {"auth": {"existingSecret": "shop-tokens"}}}, ()),
+    "auth-off-development": ({"gateway": {"auth": {"allowUnauthenticated": True}}}, ()),
+    "internal-tls": (INTERNAL_TLS, ()),
+    "internal-tls-gateway-only": (
+        {
+            **INTERNAL_TLS,
+            "recall": {"enabled": False},
+            "rank": {"enabled": False},
+            "gateway": {"recallAddress": "recall.ml:50051", "rankAddress": "rank.ml:50052"},
+            "networkPolicy": {"extraEgress": EXTERNAL_MODELS_EGRESS},
+        },
+        (),
+    ),
+    "network-policy-hooks": (NETWORK_POLICY_HOOKS, ()),
     "fixed-replicas-latency-hpa": (
         {
             "recall": {"autoscaling": {"enabled": False}, "podDisruptionBudget": {"enabled": False}},
@@ -84,7 +126,7 @@ COMBINATIONS: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
         (),
     ),
     "everything-on": (
-        {**GPU_ON, **MONITORING_ON, "redis": {"enabled": True}},
+        {**GPU_ON, **MONITORING_ON, **INTERNAL_TLS, **NETWORK_POLICY_HOOKS, "redis": {"enabled": True}},
         (MONITORING_API,),
     ),
 }
@@ -370,7 +412,7 @@ def test_the_default_history_store_is_a_shared_persistent_password_protected_red
 
 def test_redis_alternatives_own_password_or_managed(rendered: dict[str, list[Manifest]]) -> None:
     own = rendered["redis-own-password-everysec"]
-    assert not [m for m in own if m.kind == "Secret"]  # the chart generates none
+    assert not [m for m in own if m.kind == "Secret" and "redis" in m.name]  # the chart generates none
     assert gateway_env(own)["RECSYS_REDIS_URL"] == {"secretKeyRef": {"name": "my-redis", "key": "url"}}
     (container,) = deployment(own, "redis")["spec"]["template"]["spec"]["containers"]
     assert container["args"][container["args"].index("--appendfsync") + 1] == "everysec"
@@ -378,7 +420,7 @@ def test_redis_alternatives_own_password_or_managed(rendered: dict[str, list[Man
 
     for combination, url in (
         ("redis-external-secret", {"secretKeyRef": {"name": "history-redis", "key": "url"}}),
-        ("redis-external-url", "redis://r.example:6379/0"),
+        ("redis-external-url-no-egress-policy", "redis://r.example:6379/0"),
     ):
         objects = rendered[combination]
         env = gateway_env(objects)
@@ -429,7 +471,8 @@ def test_gateway_dials_the_headless_services_of_this_release(rendered: dict[str,
 
 
 def test_every_env_var_is_a_documented_setting(rendered: dict[str, list[Manifest]]) -> None:
-    documented = set(re.findall(r"`(RECSYS_[A-Z_]+)`", (REPO_ROOT / "docs" / "CONVENTIONS.md").read_text()))
+    conventions = (REPO_ROOT / "docs" / "CONVENTIONS.md").read_text()
+    documented = set(re.findall(r"`(RECSYS_[A-Z_]+)(?:`|=)", conventions))  # `X` or `X=1`
     for combination, objects in rendered.items():
         for owner in (m for m in objects if m.kind == "Deployment" and "redis" not in m.name):
             for container in containers(owner.body):
@@ -519,3 +562,276 @@ def test_dashboard_configmap_ships_the_dashboard_file(rendered: dict[str, list[M
     (payload,) = config_map["data"].values()
     assert json.loads(payload) == json.loads((DEPLOY_DIR / "grafana" / "recsys-dashboard.json").read_text())
     assert not [m for m in rendered["fixed-replicas-latency-hpa"] if m.name == f"{FULLNAME}-dashboard"]
+
+
+# -- gateway authentication ----------------------------------------------------------------------
+
+AUTH_SECRET = f"{FULLNAME}-gateway-auth"
+
+
+def gateway_pod(objects: list[Manifest]) -> dict[str, Any]:
+    return deployment(objects, "gateway")["spec"]["template"]["spec"]
+
+
+def volume(pod: dict[str, Any], name: str) -> dict[str, Any] | None:
+    return next((v for v in pod["volumes"] if v["name"] == name), None)
+
+
+def mount(container: dict[str, Any], name: str) -> dict[str, Any] | None:
+    return next((m for m in container.get("volumeMounts", []) if m["name"] == name), None)
+
+
+def mounted_tokens_file(objects: list[Manifest]) -> tuple[str, str]:
+    """(Secret name, key) of the tokens file RECSYS_AUTH_TOKENS_FILE points at, checked to be a
+    read-only directory mount (so a changed Secret reaches the pod) of that key alone."""
+    pod = gateway_pod(objects)
+    (container,) = pod["containers"]
+    path = env_of(container)["RECSYS_AUTH_TOKENS_FILE"]
+    tokens_mount = mount(container, "auth-tokens")
+    assert tokens_mount and tokens_mount["readOnly"] is True and "subPath" not in tokens_mount
+    directory, _, filename = path.rpartition("/")
+    assert directory == tokens_mount["mountPath"]
+    secret = volume(pod, "auth-tokens")["secret"]
+    (item,) = secret["items"]  # only the digests: never the raw tokens
+    assert item["path"] == filename
+    return secret["secretName"], item["key"]
+
+
+def test_default_install_requires_the_generated_bearer_tokens(
+    rendered: dict[str, list[Manifest]], tmp_path: Any
+) -> None:
+    from gateway.server import GATEWAY_ACCESS
+    from recsys.serving.auth import BearerAuthInterceptor, TokenFile, Unauthorized, bearer_metadata
+
+    objects = rendered["default"]
+    assert mounted_tokens_file(objects) == (AUTH_SECRET, "tokens.yaml")
+    env = gateway_env(objects)
+    assert "RECSYS_ALLOW_UNAUTHENTICATED" not in env
+
+    data = find(objects, "Secret", AUTH_SECRET)["data"]
+    assert set(data) == {"token", "admin-token", "tokens.yaml"}
+    token, admin = (base64.b64decode(data[key]).decode() for key in ("token", "admin-token"))
+    assert len(token) >= 43 and len(admin) >= 43 and token != admin  # >= 256 bits each
+    tokens_file = tmp_path / "tokens.yaml"
+    tokens_file.write_bytes(base64.b64decode(data["tokens.yaml"]))
+    assert token not in tokens_file.read_text() and admin not in tokens_file.read_text()
+
+    # The gateway's own loader and policy accept the file and give each token its scopes.
+    auth = BearerAuthInterceptor(TokenFile(tokens_file), GATEWAY_ACCESS)
+    method = "/recsys.v1.Gateway/{}".format
+    assert auth.check(method("Recommend"), bearer_metadata(token)).scopes == {"recommend", "events"}
+    auth.check(method("LogEvents"), bearer_metadata(token))
+    with pytest.raises(Unauthorized, match="needs scope 'admin'"):
+        auth.check(method("ForgetUser"), bearer_metadata(token))
+    assert auth.check(method("ForgetUser"), bearer_metadata(admin)).scopes == {"recommend", "debug", "admin"}
+    with pytest.raises(Unauthorized, match="missing"):
+        auth.check(method("Recommend"), ())
+    # The probes send no token: the health service must stay open.
+    assert GATEWAY_ACCESS.is_open("/grpc.health.v1.Health/Check")
+
+    notes = render({})["recsys/templates/NOTES.txt"]
+    assert f"get secret {AUTH_SECRET} -o jsonpath='{{.data.token}}' | base64 -d" in notes
+    assert '-H "authorization: Bearer $TOKEN"' in notes
+
+
+def test_a_users_tokens_secret_replaces_the_generated_one(rendered: dict[str, list[Manifest]]) -> None:
+    objects = rendered["auth-existing-secret"]
+    assert mounted_tokens_file(objects) == ("shop-tokens", "tokens.yaml")
+    assert not [m for m in objects if m.kind == "Secret" and m.name == AUTH_SECRET]
+    assert "RECSYS_ALLOW_UNAUTHENTICATED" not in gateway_env(objects)
+
+
+def test_allow_unauthenticated_drops_the_tokens_and_says_so(rendered: dict[str, list[Manifest]]) -> None:
+    helm = helm_sdk()
+    objects = rendered["auth-off-development"]
+    env = gateway_env(objects)
+    assert env["RECSYS_ALLOW_UNAUTHENTICATED"] == "1"
+    assert "RECSYS_AUTH_TOKENS_FILE" not in env  # a tokens file would win over the switch
+    assert volume(gateway_pod(objects), "auth-tokens") is None
+    assert not [m for m in objects if m.name == AUTH_SECRET]
+    assert (
+        "WARNING: gateway.auth.allowUnauthenticated"
+        in render(COMBINATIONS["auth-off-development"][0])["recsys/templates/NOTES.txt"]
+    )
+    with pytest.raises(helm.HelmError, match="not both"):
+        render({"gateway": {"auth": {"existingSecret": "t", "allowUnauthenticated": True}}})
+
+
+# -- limits ----------------------------------------------------------------------------------------
+
+
+def test_gateway_limits_are_the_code_defaults_and_shed_before_the_rpc_cap(
+    rendered: dict[str, list[Manifest]],
+) -> None:
+    from gateway.config import GATEWAY_MAX_CONCURRENT_RPCS, GATEWAY_MAX_MESSAGE_BYTES, GatewayConfig
+
+    env = gateway_env(rendered["default"])
+    assert int(env["RECSYS_MAX_IN_FLIGHT"]) == GatewayConfig.max_in_flight
+    assert int(env["RECSYS_MAX_CONCURRENT_RPCS"]) == GATEWAY_MAX_CONCURRENT_RPCS
+    assert int(env["RECSYS_MAX_MESSAGE_BYTES"]) == GATEWAY_MAX_MESSAGE_BYTES
+    assert int(env["RECSYS_MAX_IN_FLIGHT"]) < int(env["RECSYS_MAX_CONCURRENT_RPCS"])
+    for component in COMPONENTS:
+        env = env_of(deployment(rendered["default"], component)["spec"]["template"]["spec"]["containers"][0])
+        assert (env["RECSYS_MAX_CONNECTION_AGE_S"], env["RECSYS_MAX_CONNECTION_AGE_GRACE_S"]) == ("60", "10")
+    helm = helm_sdk()
+    with pytest.raises(helm.HelmError, match=r"must be below gateway\.config\.maxConcurrentRpcs"):
+        render({"gateway": {"config": {"maxInFlight": 256}}})
+
+
+@pytest.mark.parametrize(
+    ("cpu_request", "threads", "expected"),
+    [("1", "auto", "1"), ("2500m", "auto", "2"), ("500m", "auto", "1"), (4, "auto", "4"), ("1", 3, "3")],
+)
+def test_model_threads_follow_the_cpu_request(cpu_request: Any, threads: Any, expected: str) -> None:
+    component = {"resources": {"requests": {"cpu": cpu_request}}, "config": {"threads": threads}}
+    objects = manifests(render({"recall": component, "rank": component}))
+    for name in ("recall", "rank"):
+        env = env_of(deployment(objects, name)["spec"]["template"]["spec"]["containers"][0])
+        assert env["RECSYS_THREADS"] == expected, (name, cpu_request, threads)
+        assert (env["RECSYS_MAX_WAIT_MS"], env["RECSYS_MAX_QUEUE"]) == ("0", "256")
+
+
+# -- internal mutual TLS ---------------------------------------------------------------------------
+
+
+def test_internal_tls_mounts_each_components_secret_and_points_the_settings_at_it(
+    rendered: dict[str, list[Manifest]],
+) -> None:
+    objects = rendered["internal-tls"]
+    secrets = {"recall": f"{FULLNAME}-recall-tls", "rank": "rank-cert", "gateway": f"{FULLNAME}-gateway-tls"}
+    script = find(objects, "ConfigMap", f"{FULLNAME}-probe")["data"]["grpc_health_probe.py"]
+    assert script.strip() == (CHART_DIR / "files" / "grpc_health_probe.py").read_text().strip()
+    for component, secret_name in secrets.items():
+        pod = deployment(objects, component)["spec"]["template"]["spec"]
+        (container,) = pod["containers"]
+        env = env_of(container)
+        tls_mount = mount(container, "tls")
+        assert tls_mount["readOnly"] is True and "subPath" not in tls_mount
+        assert volume(pod, "tls")["secret"]["secretName"] == secret_name
+        files = {key: f"{tls_mount['mountPath']}/{key}" for key in ("tls.crt", "tls.key", "ca.crt")}
+        assert env["RECSYS_TLS_CERT"] == files["tls.crt"] and env["RECSYS_TLS_KEY"] == files["tls.key"]
+        if component == "gateway":
+            # Verifies recall/rank with the CA and presents its certificate as the client's.
+            assert env["RECSYS_DOWNSTREAM_TLS_CA"] == files["ca.crt"]
+            assert "RECSYS_TLS_CLIENT_CA" not in env
+        else:
+            # Mutual TLS: only clients with a certificate the CA signed (the gateway).
+            assert env["RECSYS_TLS_CLIENT_CA"] == files["ca.crt"]
+        # kubelet's gRPC probes cannot speak TLS: the shipped script checks health with the pod's
+        # own certificate, against the same port and health service.
+        probe_dir = mount(container, "probe")["mountPath"]
+        assert volume(pod, "probe")["configMap"]["name"] == f"{FULLNAME}-probe"
+        port = next(p["containerPort"] for p in container["ports"] if p["name"] == "grpc")
+        for probe_name in ("startupProbe", "readinessProbe", "livenessProbe"):
+            command = container[probe_name]["exec"]["command"]
+            assert command[:2] == ["python", f"{probe_dir}/grpc_health_probe.py"]
+            args = dict(zip(command[2::2], command[3::2], strict=True))
+            assert args["--port"] == str(port) and args["--service"] == ""
+            assert (args["--cert"], args["--key"], args["--ca"]) == (
+                files["tls.crt"],
+                files["tls.key"],
+                files["ca.crt"],
+            )
+            assert not {"grpc", "httpGet", "tcpSocket"} & set(container[probe_name])
+    # Off by default: plaintext, native probes, nothing mounted.
+    for component in COMPONENTS:
+        pod = deployment(rendered["default"], component)["spec"]["template"]["spec"]
+        assert volume(pod, "tls") is None
+        assert not {k for k in env_of(pod["containers"][0]) if "TLS" in k}
+    assert not [m for m in rendered["default"] if m.name == f"{FULLNAME}-probe"]
+    only = rendered["internal-tls-gateway-only"]
+    assert env_of(gateway_pod(only)["containers"][0])["RECSYS_DOWNSTREAM_TLS_CA"].endswith("/ca.crt")
+
+
+# -- NetworkPolicy: ingress hooks, the gateway's egress --------------------------------------------
+
+
+def pod_labels(objects: list[Manifest], component: str) -> dict[str, str]:
+    return deployment(objects, component)["spec"]["template"]["metadata"]["labels"]
+
+
+def container_port(objects: list[Manifest], component: str, name: str) -> int:
+    (container,) = deployment(objects, component)["spec"]["template"]["spec"]["containers"]
+    return next(p["containerPort"] for p in container["ports"] if p["name"] == name)
+
+
+def test_gateway_egress_reaches_only_recall_rank_redis_and_dns(rendered: dict[str, list[Manifest]]) -> None:
+    objects = rendered["default"]
+    policy = find(objects, "NetworkPolicy", f"{FULLNAME}-gateway")["spec"]
+    assert policy["policyTypes"] == ["Ingress", "Egress"]
+    dns, *peers = policy["egress"]
+    assert dns["to"][0]["podSelector"]["matchLabels"] == {"k8s-app": "kube-dns"}
+    assert sorted((p["port"], p["protocol"]) for p in dns["ports"]) == [(53, "TCP"), (53, "UDP")]
+    reached = {}
+    for rule in peers:
+        (peer,) = rule["to"]
+        assert set(peer) == {"podSelector"}, "this namespace's pods only"
+        (port,) = rule["ports"]
+        selector = peer["podSelector"]["matchLabels"]
+        (component,) = [c for c in (*COMPONENTS, "redis") if selects(selector, pod_labels(objects, c))]
+        reached[component] = port["port"]
+    assert reached == {
+        "recall": container_port(objects, "recall", "grpc"),
+        "rank": container_port(objects, "rank", "grpc"),
+        "redis": container_port(objects, "redis", "redis"),
+    }
+    # Recall, rank and Redis keep ingress-only policies.
+    for component in ("recall", "rank", "redis"):
+        assert find(objects, "NetworkPolicy", f"{FULLNAME}-{component}")["spec"]["policyTypes"] == ["Ingress"]
+    objects = rendered["redis-external-url-no-egress-policy"]
+    unrestricted = find(objects, "NetworkPolicy", f"{FULLNAME}-gateway")["spec"]
+    assert unrestricted["policyTypes"] == ["Ingress"] and "egress" not in unrestricted
+
+
+def test_network_policy_hooks_add_rules(rendered: dict[str, list[Manifest]]) -> None:
+    for combination in ("network-policy-hooks", "everything-on"):
+        objects = rendered[combination]
+        for component, rules in EXTRA_INGRESS.items():
+            policy = find(objects, "NetworkPolicy", f"{FULLNAME}-{component}")["spec"]
+            assert policy["ingress"][-1] == rules[0], (combination, component)
+            assert len(policy["ingress"]) == (3 if component != "redis" else 2)
+        gateway = find(objects, "NetworkPolicy", f"{FULLNAME}-gateway")["spec"]
+        assert gateway["egress"][-1] == EXTRA_EGRESS[0]
+    external = find(rendered["gateway-only"], "NetworkPolicy", f"{FULLNAME}-gateway")["spec"]["egress"]
+    assert len(external) == 3  # DNS, Redis, and the recall/rank namespace: no in-release model pods
+    assert external[-1] == EXTERNAL_MODELS_EGRESS[0]
+    managed = find(rendered["redis-external-secret"], "NetworkPolicy", f"{FULLNAME}-gateway")["spec"]
+    assert managed["egress"][-1] == MANAGED_REDIS_EGRESS[0]
+
+
+@pytest.mark.parametrize(
+    ("values", "named"),
+    [
+        ({"gateway": {"recallAddress": "recall.ml:50051"}}, "gateway.recallAddress"),
+        ({"redis": {"enabled": False, "externalUrl": "redis://r.example:6379/0"}}, "managed Redis"),
+    ],
+)
+def test_egress_to_peers_outside_the_release_must_be_allowed_explicitly(
+    values: dict[str, Any], named: str
+) -> None:
+    helm = helm_sdk()
+    with pytest.raises(helm.HelmError, match=f"{named}.*networkPolicy.extraEgress"):
+        render(values)
+
+
+def test_large_whole_numbers_render_as_digits() -> None:
+    """Values arrive as float64: 1000000 must not reach a service as "1e+06", which it cannot parse."""
+    objects = manifests(
+        render(
+            {
+                "recall": {
+                    "config": {"maxQueue": 1000000},
+                    "env": {"RECSYS_MAX_BATCH": 4096, "X_RATIO": 0.25},
+                },
+                "gateway": {"config": {"maxConcurrentRpcs": 1000000, "maxInFlight": 999999}},
+            }
+        )
+    )
+    recall = env_of(deployment(objects, "recall")["spec"]["template"]["spec"]["containers"][0])
+    assert (recall["RECSYS_MAX_QUEUE"], recall["RECSYS_MAX_BATCH"], recall["X_RATIO"]) == (
+        "1000000",
+        "4096",
+        "0.25",
+    )
+    gateway = gateway_env(objects)
+    assert (gateway["RECSYS_MAX_CONCURRENT_RPCS"], gateway["RECSYS_MAX_IN_FLIGHT"]) == ("1000000", "999999")

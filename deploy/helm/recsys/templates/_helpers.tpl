@@ -62,30 +62,107 @@ switch is on, else the shared image. (dict "root" $ "values" .Values.recall "gpu
 {{- printf "%s:%s" $repository $tag }}
 {{- end }}
 
-{{/* Native gRPC probes against grpc.health.v1 (startup sized for bundle loading). */}}
+{{/* Probes against grpc.health.v1 (startup sized for bundle loading): kubelet's native gRPC
+probe, or with internalTLS (which kubelet's probe cannot speak) files/grpc_health_probe.py run in
+the container with the pod's certificate. The health service needs no bearer token. */}}
 {{- define "recsys.probes" -}}
 {{- $probes := .values.probes -}}
-startupProbe:
+{{- range $name, $probe := dict "startupProbe" $probes.startup "readinessProbe" $probes.readiness "livenessProbe" $probes.liveness }}
+{{ $name }}:
+  {{- if $.root.Values.internalTLS.enabled }}
+  exec:
+    command:
+      - python
+      - {{ printf "%s/grpc_health_probe.py" (include "recsys.probeScriptDir" .) }}
+      - --port
+      - {{ $.values.port | quote }}
+      - --service
+      - {{ $probes.grpcService | quote }}
+      - --cert
+      - {{ include "recsys.tlsDir" . }}/tls.crt
+      - --key
+      - {{ include "recsys.tlsDir" . }}/tls.key
+      - --ca
+      - {{ include "recsys.tlsDir" . }}/ca.crt
+      - --timeout
+      - {{ $probe.timeoutSeconds | quote }}
+  {{- else }}
   grpc:
-    port: {{ .values.port }}
+    port: {{ $.values.port }}
     service: {{ $probes.grpcService | quote }}
-  periodSeconds: {{ $probes.startup.periodSeconds }}
-  failureThreshold: {{ $probes.startup.failureThreshold }}
-  timeoutSeconds: {{ $probes.startup.timeoutSeconds }}
-readinessProbe:
-  grpc:
-    port: {{ .values.port }}
-    service: {{ $probes.grpcService | quote }}
-  periodSeconds: {{ $probes.readiness.periodSeconds }}
-  failureThreshold: {{ $probes.readiness.failureThreshold }}
-  timeoutSeconds: {{ $probes.readiness.timeoutSeconds }}
-livenessProbe:
-  grpc:
-    port: {{ .values.port }}
-    service: {{ $probes.grpcService | quote }}
-  periodSeconds: {{ $probes.liveness.periodSeconds }}
-  failureThreshold: {{ $probes.liveness.failureThreshold }}
-  timeoutSeconds: {{ $probes.liveness.timeoutSeconds }}
+  {{- end }}
+  periodSeconds: {{ $probe.periodSeconds }}
+  failureThreshold: {{ $probe.failureThreshold }}
+  timeoutSeconds: {{ $probe.timeoutSeconds }}
+{{- end }}
+{{- end }}
+
+{{- define "recsys.tlsDir" -}}
+/etc/recsys/tls
+{{- end }}
+
+{{- define "recsys.probeScriptDir" -}}
+/opt/recsys/probe
+{{- end }}
+
+{{/* The internalTLS Secret of a component: (dict "root" $ "component" "recall"). */}}
+{{- define "recsys.tlsSecret" -}}
+{{- (index .root.Values.internalTLS .component).secretName | default (printf "%s-%s-tls" (include "recsys.fullname" .root) .component) }}
+{{- end }}
+
+{{/* internalTLS: the volume mount, volumes and env of a component ((dict "root" $ "component" c)). */}}
+{{- define "recsys.tlsVolumeMounts" -}}
+{{- if .root.Values.internalTLS.enabled }}
+- name: tls
+  mountPath: {{ include "recsys.tlsDir" . }}
+  readOnly: true
+- name: probe
+  mountPath: {{ include "recsys.probeScriptDir" . }}
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{- define "recsys.tlsVolumes" -}}
+{{- if .root.Values.internalTLS.enabled }}
+- name: tls
+  secret:
+    secretName: {{ include "recsys.tlsSecret" . }}
+    defaultMode: 0440
+- name: probe
+  configMap:
+    name: {{ include "recsys.fullname" .root }}-probe
+{{- end }}
+{{- end }}
+
+{{/* recall/rank serve TLS and require a client certificate signed by ca.crt; the gateway dials
+them with TLS verified against ca.crt and presents its certificate (RECSYS_TLS_CERT/KEY, which
+gateway/server.py also uses as the client certificate, and which make its own port TLS too). */}}
+{{- define "recsys.tlsEnv" -}}
+{{- if .root.Values.internalTLS.enabled }}
+{{- $dir := include "recsys.tlsDir" . }}
+RECSYS_TLS_CERT: {{ printf "%s/tls.crt" $dir | quote }}
+RECSYS_TLS_KEY: {{ printf "%s/tls.key" $dir | quote }}
+{{- if eq .component "gateway" }}
+RECSYS_DOWNSTREAM_TLS_CA: {{ printf "%s/ca.crt" $dir | quote }}
+{{- else }}
+RECSYS_TLS_CLIENT_CA: {{ printf "%s/ca.crt" $dir | quote }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* Compute threads of recall/rank: config.threads, or "auto" = the CPU request rounded down
+("1500m" -> 1, "2" -> 2), at least 1. */}}
+{{- define "recsys.threads" -}}
+{{- $threads := .values.config.threads }}
+{{- if eq (toString $threads) "auto" }}
+{{- $request := toString (dig "requests" "cpu" "1" (.values.resources | default dict)) }}
+{{- if hasSuffix "m" $request }}
+{{- $threads = div (int (trimSuffix "m" $request)) 1000 }}
+{{- else }}
+{{- $threads = int (floor (float64 $request)) }}
+{{- end }}
+{{- end }}
+{{- max 1 (int $threads) }}
 {{- end }}
 
 {{/* Settings every service reads (recsys.serving.config.ServingConfig), as a name -> value dict. */}}
@@ -95,11 +172,18 @@ RECSYS_PORT: {{ .values.port | quote }}
 RECSYS_METRICS_PORT: {{ .values.metricsPort | quote }}
 RECSYS_LOG_LEVEL: {{ .values.config.logLevel | quote }}
 RECSYS_GRACE_SECONDS: {{ sub .values.terminationGracePeriodSeconds 5 | quote }}
+RECSYS_MAX_CONNECTION_AGE_S: {{ .values.config.maxConnectionAgeS | toString | quote }}
+RECSYS_MAX_CONNECTION_AGE_GRACE_S: {{ .values.config.maxConnectionAgeGraceS | toString | quote }}
+{{- include "recsys.tlsEnv" . | nindent 0 }}
 {{- end }}
 
-{{/* Renders a name -> value dict as an env list, sorted by name. */}}
+{{/* Renders a name -> value dict as an env list, sorted by name. Whole numbers are written as
+digits (values arrive as float64, which toString would write as 1e+06). */}}
 {{- define "recsys.envList" -}}
 {{- range $name, $value := . }}
+{{- if and (kindIs "float64" $value) (eq (float64 (int64 $value)) $value) }}
+{{- $value = int64 $value }}
+{{- end }}
 - name: {{ $name }}
   value: {{ $value | toString | quote }}
 {{- end }}
@@ -199,4 +283,9 @@ spec:
 {{/* The Secret with the in-cluster Redis's password and the gateway's URL (keys password, url). */}}
 {{- define "recsys.redisAuthSecret" -}}
 {{- .Values.redis.auth.existingSecret | default (printf "%s-redis" (include "recsys.fullname" .)) }}
+{{- end }}
+
+{{/* The gateway's tokens Secret (key tokens.yaml): the user's, or the one the chart generates. */}}
+{{- define "recsys.gatewayAuthSecret" -}}
+{{- .Values.gateway.auth.existingSecret | default (printf "%s-gateway-auth" (include "recsys.fullname" .)) }}
 {{- end }}

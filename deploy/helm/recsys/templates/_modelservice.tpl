@@ -21,9 +21,10 @@ Called as (dict "root" $ "component" "recall" "module" "recall_service"). */}}
 {{- $env := include "recsys.commonEnv" $ctx | fromYaml }}
 {{- $_ := set $env "RECSYS_BUNDLE" $bundlePath }}
 {{- $_ = set $env "RECSYS_DEVICE" (ternary "gpu" $values.config.device $gpu) }}
-{{- $_ = set $env "RECSYS_THREADS" ($values.config.threads | toString) }}
-{{- $_ = set $env "RECSYS_MAX_BATCH" ($values.config.maxBatch | toString) }}
+{{- $_ = set $env "RECSYS_THREADS" (include "recsys.threads" $ctx) }}
+{{- $_ = set $env "RECSYS_MAX_BATCH" ($values.config.maxBatch | int64 | toString) }}
 {{- $_ = set $env "RECSYS_MAX_WAIT_MS" ($values.config.maxWaitMs | toString) }}
+{{- $_ = set $env "RECSYS_MAX_QUEUE" ($values.config.maxQueue | int64 | toString) }}
 {{- $env = merge (deepCopy $values.env) $env }}
 apiVersion: apps/v1
 kind: Deployment
@@ -98,7 +99,7 @@ spec:
               protocol: TCP
           env:
             {{- include "recsys.envList" $env | trim | nindent 12 }}
-          {{- include "recsys.probes" $ctx | nindent 10 }}
+          {{- include "recsys.probes" $ctx | trim | nindent 10 }}
           securityContext:
             {{- toYaml $root.Values.securityContext | nindent 12 }}
           resources:
@@ -118,6 +119,7 @@ spec:
               {{- end }}
             - name: tmp
               mountPath: /tmp
+            {{- include "recsys.tlsVolumeMounts" $ctx | nindent 12 }}
       volumes:
         - name: bundle
           {{- if $bundle.existingClaim }}
@@ -134,6 +136,7 @@ spec:
         - name: tmp
           emptyDir:
             sizeLimit: 256Mi
+        {{- include "recsys.tlsVolumes" $ctx | nindent 8 }}
       {{- $nodeSelector := $values.nodeSelector }}
       {{- $tolerations := $values.tolerations }}
       {{- if $gpu }}
