@@ -19,6 +19,7 @@ from recsys.serving.config import (
 
 DEFAULT_PORT = 50050
 DEFAULT_METRICS_PORT = 9090
+DEFAULT_HTTP_PORT = 8080  # the CLI's default; a GatewayConfig built in code takes any free port
 DEFAULT_SCENARIOS = Path(__file__).resolve().parents[1] / "config" / "scenarios.yaml"
 HISTORY_BACKENDS = ("sqlite", "redis")
 # Limits of the public port, sized for the chart's 512 MiB gateway pods. The largest valid request
@@ -65,6 +66,9 @@ class GatewayConfig:
     # allow_unauthenticated is ignored.
     auth_tokens_file: Path | None = None
     allow_unauthenticated: bool = False
+    # The HTTP/JSON API and web console (gateway/http_api.py) on serving.host, beside gRPC.
+    http_enabled: bool = True
+    http_port: int = 0  # 0 = any free port (read back from GatewayServer.http_port)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -95,6 +99,18 @@ class GatewayConfig:
             raise ConfigError(f"scenarios_path: file not found: {self.scenarios_path}")
         if self.downstream_tls_ca is not None and not Path(self.downstream_tls_ca).is_file():
             raise ConfigError(f"downstream_tls_ca: file not found: {self.downstream_tls_ca}")
+        if (
+            isinstance(self.http_port, bool)
+            or not isinstance(self.http_port, int)
+            or not 0 <= self.http_port <= 65535
+        ):
+            raise ConfigError(f"http_port: must be an integer in 0..65535, got {self.http_port!r}")
+        if (
+            self.http_enabled
+            and self.http_port != 0
+            and self.http_port in (self.serving.port, self.serving.metrics_port)
+        ):
+            raise ConfigError(f"http_port: must differ from port and metrics_port, got {self.http_port}")
         if self.auth_tokens_file is not None:
             load_tokens(self.auth_tokens_file)  # fail at start, naming the bad entry
         elif not self.allow_unauthenticated:
@@ -126,6 +142,8 @@ class GatewayConfig:
                 downstream_tls_ca=Path(args.downstream_tls_ca) if args.downstream_tls_ca else None,
                 auth_tokens_file=Path(args.auth_tokens_file) if args.auth_tokens_file else None,
                 allow_unauthenticated=args.allow_unauthenticated,
+                http_enabled=args.http,
+                http_port=args.http_port,
             )
         except ConfigError as error:
             parser.error(str(error))
@@ -189,8 +207,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     try:
         allow = env_default("RECSYS_ALLOW_UNAUTHENTICATED", False, _flag)
+        http_enabled = env_default("RECSYS_HTTP", True, _flag)
+        http_port = env_default("RECSYS_HTTP_PORT", DEFAULT_HTTP_PORT, int)
     except ConfigError as error:
         parser.error(str(error))
+    group.add_argument(
+        "--http",
+        action=argparse.BooleanOptionalAction,
+        default=http_enabled,
+        help="serve the HTTP/JSON API and the web console (/console) beside gRPC; --no-http turns "
+        f"them off (env RECSYS_HTTP=0; now {http_enabled})",
+    )
+    group.add_argument(
+        "--http-port",
+        type=int,
+        default=http_port,
+        help=f"HTTP/JSON API and console port, 0 = any free port (env RECSYS_HTTP_PORT; now {http_port})",
+    )
     group.add_argument(
         "--allow-unauthenticated",
         action="store_true",

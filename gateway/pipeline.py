@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 CANDIDATE_BUCKETS = (0, 1, 5, 10, 20, 50, 100, 200, 300, 500, 1000, 2000, 5000)
 MAX_SEEDS = 10
 RESERVE_S = 0.002  # kept back from the last downstream call for re-rank and the response
-HISTORY_TIMEOUT_S = 0.05  # the history store's share of a request; slower -> cold start, degraded
+HISTORY_TIMEOUT_S = 0.1  # the history store's share of a request; slower -> cold start, degraded
 CATALOG_TIMEOUT_S = 10.0
 ATTENDED_TOP = 3
 
@@ -462,7 +462,10 @@ class Pipeline:
 
         history_budget = min(self.history_timeout_s, max(0.0, deadline - time.monotonic()))
         try:
-            history = await asyncio.wait_for(self.load_history(inputs, catalog), history_budget)
+            if inputs.history is not None or not inputs.user_id:  # no store to wait for
+                history = await self.load_history(inputs, catalog)
+            else:
+                history = await asyncio.wait_for(self.load_history(inputs, catalog), history_budget)
         except TimeoutError:
             log.warning("history store slower than %.0f ms: serving without history", history_budget * 1000)
             result.degraded_reasons.append("history_timeout")

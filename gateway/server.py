@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 from typing import Any
 
 import grpc
@@ -12,6 +13,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 from gateway.config import GatewayConfig
 from gateway.history import HistoryStore, open_history_store
+from gateway.http_api import HttpApi, HttpServer, bind_socket
 from gateway.pipeline import CATALOG_TIMEOUT_S, GatewayMetrics, Pipeline
 from gateway.scenarios import ScenarioRegistry
 from gateway.servicer import GatewayServicer
@@ -46,16 +48,16 @@ GATEWAY_ACCESS = AccessPolicy(
 )
 
 
-def auth_interceptors(config: GatewayConfig) -> list[grpc.aio.ServerInterceptor]:
-    """The bearer-token interceptor for ``config.auth_tokens_file``; none (and a warning) when
-    the gateway runs without authentication (``allow_unauthenticated``)."""
+def auth_interceptor(config: GatewayConfig) -> BearerAuthInterceptor | None:
+    """The bearer-token interceptor for ``config.auth_tokens_file`` (gRPC and HTTP share it); None
+    (and a warning) when the gateway runs without authentication (``allow_unauthenticated``)."""
     if config.auth_tokens_file is not None:
-        return [BearerAuthInterceptor(TokenFile(config.auth_tokens_file), GATEWAY_ACCESS)]
+        return BearerAuthInterceptor(TokenFile(config.auth_tokens_file), GATEWAY_ACCESS)
     log.warning(
         "serving WITHOUT authentication (allow_unauthenticated): anyone who reaches this port can "
         "read recommendations and write events for any user"
     )
-    return []
+    return None
 
 
 class GatewayServer:
@@ -70,8 +72,10 @@ class GatewayServer:
         channels: list[grpc.aio.Channel],
         history_store: HistoryStore,
         tasks: list[asyncio.Task[None]],
+        http: HttpServer | None = None,
     ):
         self.running = running
+        self.http = http
         self.servicer = servicer
         self.scenarios = scenarios
         self._channels = channels
@@ -82,13 +86,22 @@ class GatewayServer:
     def __getattr__(self, name: str) -> Any:  # port, metrics_port, registry, address, server, ...
         return getattr(self.running, name)
 
+    @property
+    def http_port(self) -> int | None:
+        """The HTTP/JSON API's port; None when it is off (``http_enabled=False``)."""
+        return self.http.port if self.http is not None else None
+
     def reload_scenarios(self) -> bool:
         """Reload the scenario file now (SIGHUP); False when the new file was rejected."""
         return self.scenarios.reload()
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop serving (in-flight calls get ``grace``), then close channels and the store."""
+        if self.http is not None:
+            self.http.begin_stop(grace)  # no new HTTP connections; in-flight requests finish
         await self.running.stop(grace)
+        if self.http is not None:
+            await self.http.stop(grace)
         if self._closed:
             return
         self._closed = True
@@ -179,22 +192,65 @@ async def serve(
             config.serving.max_concurrent_rpcs,
         )
     bundle_info(registry, "gateway", "scenarios", scenarios.current.digest)
+    auth = auth_interceptor(config)
+    http_socket = None
     try:
+        if config.http_enabled:  # bound first: a taken port fails the start before gRPC binds
+            http_socket = bind_socket(config.serving.host, config.http_port)
         running = await start_server(
             config.serving,
             service="gateway",
             register=register,
             warmup=warmup,
             registry=registry,
-            interceptors=auth_interceptors(config),
+            interceptors=[auth] if auth is not None else [],
         )
     except BaseException:
+        if http_socket is not None:
+            http_socket.close()
         for channel in channels:
             await channel.close()
         await history_store.close()
         raise
     tasks = [asyncio.ensure_future(scenarios.watch()), asyncio.ensure_future(refresh_catalog_forever())]
-    return GatewayServer(running, servicer, scenarios, channels, history_store, tasks)
+    gateway = GatewayServer(running, servicer, scenarios, channels, history_store, tasks)
+    if http_socket is not None:
+        try:
+            gateway.http = start_http(config, gateway, auth, http_socket)
+            await gateway.http.wait_started()
+        except BaseException:
+            http_socket.close()
+            await gateway.stop(0)
+            raise
+        log.info("HTTP/JSON API and console serving", extra={"http_port": gateway.http.port})
+    return gateway
+
+
+def start_http(
+    config: GatewayConfig,
+    gateway: GatewayServer,
+    auth: BearerAuthInterceptor | None,
+    sock: socket.socket,
+) -> HttpServer:
+    """Start the HTTP/JSON API and console on ``sock``, over the gateway's own servicer."""
+    serving = config.serving
+    api = HttpApi(
+        servicer=gateway.servicer,
+        auth=auth,
+        health=gateway.running.health,
+        max_body_bytes=serving.max_message_bytes,
+        metrics_port=gateway.running.metrics_port,
+    )
+    tls = (serving.tls_cert, serving.tls_key, serving.tls_client_ca) if serving.tls_enabled else None
+    http = HttpServer(
+        api.app(gateway.running.registry),
+        sock,
+        max_connections=serving.max_concurrent_rpcs,
+        grace_seconds=serving.grace_seconds,
+        tls=tls,  # type: ignore[arg-type]  # tls_enabled: cert and key are set
+    )
+    http.start()
+    return http
 
 
 def open_backends(

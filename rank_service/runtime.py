@@ -28,7 +28,7 @@ from rank_service.features import (
     history_inputs,
     pack_batch,
 )
-from recsys.bundle import BundleError, read_manifest
+from recsys.bundle import BundleError, read_manifest, resolve_bundle
 from recsys.data.dataset import IdMap
 
 log = logging.getLogger(__name__)
@@ -208,13 +208,16 @@ class RankRuntime:
 
     @classmethod
     def load(cls, bundle_dir: str | Path, device: str = "auto", threads: int | None = None) -> RankRuntime:
-        """Load a rank bundle, pick graph + provider for ``device``, and warm the session up."""
-        bundle_dir = Path(bundle_dir)
-        manifest = read_manifest(bundle_dir, "rank")
+        """Load and verify a rank bundle (a folder of versions: its ``current`` one), pick graph +
+        provider for ``device``, and warm the session up."""
+        bundle_dir = resolve_bundle(bundle_dir)
+        manifest = read_manifest(bundle_dir, "rank", verify=True)
         resolved = resolve_device(device)
         items = IdMap.load(bundle_dir / "items.txt")
         if len(items) != int(manifest["num_items"]):
-            raise BundleError(f"{bundle_dir}: {len(items)} item ids, manifest says {manifest['num_items']}")
+            raise BundleError(
+                f"{bundle_dir}: items.txt: {len(items)} item ids, manifest says {manifest['num_items']}"
+            )
         graph = manifest["graphs"]["gpu" if resolved == "gpu" else "cpu"]
         options = session_options(threads)
         if resolved == "gpu":

@@ -8,7 +8,7 @@ protos/recsys/v1/rank.proto); decoding is a few ``np.frombuffer`` calls and the 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 import numpy as np
@@ -25,6 +25,7 @@ from recsys.serving.batching import (
     call_deadline,
 )
 from recsys.serving.metrics import get_or_create
+from recsys.serving.reload import BundleWatcher
 from recsys.serving.validation import InvalidArgument, grpc_method, require, require_id
 from recsys.serving.wire import (
     FLAGS,
@@ -48,12 +49,29 @@ EVENT_TYPE_MAX = max(int(event) for event in EventType)
 SOURCE_COLUMN = {name: column for column, name in enumerate(SOURCES)}
 
 
+@dataclass(frozen=True)
+class RankModel:
+    """One loaded bundle and its catalog fingerprint: swapped as a whole, so a request is
+    validated, scored and answered (version, catalog) by the same bundle."""
+
+    runtime: RankRuntime
+    catalog: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "catalog", catalog_fingerprint(self.runtime.items.ids))
+
+    @property
+    def version(self) -> str:
+        return self.runtime.version
+
+
 @dataclass
 class ScoreJob:
-    """One validated request inside a micro-batch."""
+    """One validated request inside a micro-batch, bound to the model it was validated against."""
 
     query: RankQuery
     debug: bool
+    model: RankModel
 
 
 class RankMetrics:
@@ -139,14 +157,14 @@ class RankServicer(rank_pb2_grpc.RankServiceServicer):
 
     def __init__(
         self,
-        runtime: RankRuntime,
+        runtime: RankRuntime | RankModel,
         registry: CollectorRegistry,
         max_batch: int,
         max_wait_ms: float = 0.0,
         max_queue: int = DEFAULT_MAX_QUEUE,
     ):
-        self.runtime = runtime
-        self.catalog = catalog_fingerprint(runtime.items.ids)
+        self.model = runtime if isinstance(runtime, RankModel) else RankModel(runtime)
+        self.bundle_watcher: BundleWatcher[RankModel] | None = None  # set by serve() when it watches
         self.metrics = RankMetrics(registry)
         batcher_metrics = BatcherMetrics(registry, "rank")
         self.batcher: MicroBatcher[ScoreJob, tuple[np.ndarray, np.ndarray | None]] = MicroBatcher(
@@ -159,18 +177,37 @@ class RankServicer(rank_pb2_grpc.RankServiceServicer):
             on_reject=batcher_metrics.count_rejection,
         )
 
+    @property
+    def runtime(self) -> RankRuntime:
+        """The served runtime (the newest swapped in)."""
+        return self.model.runtime
+
+    @property
+    def catalog(self) -> str:
+        """The served catalog's fingerprint."""
+        return self.model.catalog
+
+    def swap(self, model: RankModel) -> None:
+        """Serve ``model`` from now on (one reference assignment on the event loop); requests
+        already validated finish on the old one."""
+        self.model = model
+
     def _score_batch(self, jobs: Sequence[ScoreJob]) -> list[tuple[np.ndarray, np.ndarray | None]]:
-        """One runtime call for the plain requests, one for the debug ones (they need weights)."""
+        """Per model in the batch (after a swap, jobs validated against the old model still run on
+        it): one runtime call for the plain requests, one for the debug ones (they need weights)."""
         results: list[tuple[np.ndarray, np.ndarray | None] | None] = [None] * len(jobs)
-        plain = [i for i, job in enumerate(jobs) if not job.debug]
-        debug = [i for i, job in enumerate(jobs) if job.debug]
-        if plain:
-            for i, scores in zip(plain, self.runtime.score([jobs[i].query for i in plain]), strict=True):
-                results[i] = (scores, None)
-        if debug:
-            explained = self.runtime.score([jobs[i].query for i in debug], attention=True)
-            for i, (scores, attended) in zip(debug, explained, strict=True):
-                results[i] = (scores, attended)
+        models = {id(job.model): job.model for job in jobs}
+        for model_id, model in models.items():
+            plain = [i for i, job in enumerate(jobs) if id(job.model) == model_id and not job.debug]
+            debug = [i for i, job in enumerate(jobs) if id(job.model) == model_id and job.debug]
+            if plain:
+                scored = model.runtime.score([jobs[i].query for i in plain])
+                for i, scores in zip(plain, scored, strict=True):
+                    results[i] = (scores, None)
+            if debug:
+                explained = model.runtime.score([jobs[i].query for i in debug], attention=True)
+                for i, (scores, attended) in zip(debug, explained, strict=True):
+                    results[i] = (scores, attended)
         return results  # type: ignore[return-value]
 
     async def rank(
@@ -178,10 +215,11 @@ class RankServicer(rank_pb2_grpc.RankServiceServicer):
     ) -> rank_pb2.RankResponse:
         """Validate, score through the batcher and encode: the whole method without the transport
         (the in-process backend calls it directly). ``deadline`` is a ``loop.time()`` instant."""
-        query = parse_request(request, self.runtime, self.catalog)
-        scores, attended = await self.batcher.submit(ScoreJob(query, request.debug), deadline)
+        model = self.model  # read once: a swap during the call does not change its answer's bundle
+        query = parse_request(request, model.runtime, model.catalog)
+        scores, attended = await self.batcher.submit(ScoreJob(query, request.debug, model), deadline)
         response = rank_pb2.RankResponse(
-            model_version=self.runtime.version, catalog=self.catalog, scores=pack(scores, SCORE)
+            model_version=model.version, catalog=model.catalog, scores=pack(scores, SCORE)
         )
         if attended is not None:
             response.attended = pack(attended, INDEX)

@@ -236,12 +236,10 @@ class DefaultIndex(AnnIndex):
     ):
         super().__init__(*args)
         self.factory = factory
-        self.tune_min_items, self.tune_k, self.target_recall, self.seed = (
-            tune_min_items,
-            tune_k,
-            target_recall,
-            seed,
-        )
+        self.tune_min_items = tune_min_items
+        self.tune_k = tune_k
+        self.target_recall = target_recall
+        self.seed = seed
         self.tuned_value: int | None = None
 
     def build(self, vectors: np.ndarray) -> None:
@@ -260,7 +258,7 @@ class DefaultIndex(AnnIndex):
             seed=self.seed,
         )
         self.info["tuning"] = tuning.to_manifest()
-        self.info["tuning_s"] = round(time.perf_counter() - started, 2)
+        self.info["tuning_s"] = round(time.perf_counter() - started, 2)  # part of build_s, as in export
         if tuning.parameter is not None:
             self.tuned_value = int(tuning.value)
             settings = tuning.searcher_settings(self.searcher.nprobe, self.searcher.ef_search)
@@ -634,7 +632,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch", default="1,64", help="comma-separated batch sizes")
     parser.add_argument("--threads", type=int, default=2, help="build and batched-search threads")
     parser.add_argument("--libraries", default=",".join(LIBRARIES), help=f"subset of {','.join(LIBRARIES)}")
-    parser.add_argument("--hnsw-m", type=int, default=32, help="HNSW links per node (all HNSW peers)")
+    parser.add_argument("--hnsw-m", type=int, default=16, help="HNSW links per node (all HNSW peers)")
     parser.add_argument("--ef-construction", type=int, default=100, help="HNSW build beam (all peers)")
     parser.add_argument("--target-recall", type=float, default=TARGET_RECALL)
     parser.add_argument("--stop-recall", type=float, default=0.985, help="end a sweep once recall reaches it")

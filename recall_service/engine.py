@@ -20,7 +20,7 @@ import onnxruntime as ort
 
 from recall_service.index import VectorSearcher, load_searcher
 from recall_service.sources import CovisitTable, PopularityTable, covisit_candidates
-from recsys.bundle import read_manifest
+from recsys.bundle import BundleError, read_manifest, resolve_bundle
 from recsys.data.dataset import EventType, IdMap
 from recsys.sources import RECALL_SOURCES as SOURCES
 from recsys.sources import SOURCE_INDEX
@@ -155,10 +155,12 @@ class RecallEngine:
 
     @classmethod
     def load(cls, bundle_dir: Path, device: str = "auto", threads: int | None = None) -> RecallEngine:
-        """Load a bundle written by ``recall_service.export`` (device: auto|cpu|gpu)."""
-        bundle_dir = Path(bundle_dir)
-        manifest = read_manifest(bundle_dir, "recall")
+        """Load and verify a bundle written by ``recall_service.export`` (device: auto|cpu|gpu);
+        ``bundle_dir`` may be a folder of versions, then its ``current`` one is loaded."""
+        bundle_dir = resolve_bundle(bundle_dir)
+        manifest = read_manifest(bundle_dir, "recall", verify=True)
         item_vectors = np.load(bundle_dir / "item_vectors.npy")
+        items = IdMap.load(bundle_dir / "items.txt")
         searcher = load_searcher(
             bundle_dir,
             item_vectors,
@@ -173,7 +175,7 @@ class RecallEngine:
             user_tower=UserTower(bundle_dir / manifest["onnx"]["file"], device, threads),
             searcher=searcher,
             item_vectors=item_vectors,
-            items=IdMap.load(bundle_dir / "items.txt"),
+            items=items,
             covisit=CovisitTable.load(bundle_dir),
             popularity=PopularityTable.load(bundle_dir),
             item_category=np.load(bundle_dir / "item_category.npy"),
@@ -182,6 +184,7 @@ class RecallEngine:
             brand_names=_read_names(bundle_dir / "brands.txt"),
             item_bid=np.load(bundle_dir / "item_bid.npy"),
         )
+        engine.check_sizes(bundle_dir)
         log.info(
             "recall bundle %s loaded: %d items, %s, user tower on %s",
             engine.version,
@@ -194,6 +197,27 @@ class RecallEngine:
     @property
     def num_items(self) -> int:
         return len(self.items)
+
+    def check_sizes(self, bundle_dir: Path) -> None:
+        """Raise BundleError naming the file whose row count disagrees with ``items.txt``."""
+        num_items = self.num_items
+        if "num_items" in self.manifest and int(self.manifest["num_items"]) != num_items:
+            raise BundleError(
+                f"{bundle_dir}: items.txt: {num_items} item ids, manifest says {self.manifest['num_items']}"
+            )
+        counts = {
+            "item_vectors.npy": len(self.item_vectors),
+            "item_category.npy": len(self.item_category),
+            "item_brand.npy": len(self.item_brand),
+            "item_bid.npy": len(self.item_bid),
+            "popularity_counts.npy": len(self.popularity.counts),
+        }
+        index = getattr(self.searcher, "cpu_index", None)
+        if index is not None:
+            counts["index.faiss"] = int(index.ntotal)
+        for name, count in counts.items():
+            if count != num_items:
+                raise BundleError(f"{bundle_dir}: {name}: {count} rows, items.txt has {num_items} items")
 
     def pin_threads(self) -> None:
         """Give the CALLING thread the configured number of Faiss (OpenMP) threads.

@@ -8,7 +8,8 @@ refer to, so the gateway can translate to and from external item ids.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
 
 import grpc
 import numpy as np
@@ -18,6 +19,7 @@ from recall_service.engine import SOURCES, CandidateList, RecallEngine, RecallQu
 from recsys.data.dataset import EventType
 from recsys.serving.batching import BatcherRejected, MicroBatcher, call_deadline
 from recsys.serving.metrics import get_or_create
+from recsys.serving.reload import BundleWatcher
 from recsys.serving.validation import InvalidArgument, grpc_method, require, require_id, require_in_range
 from recsys.serving.wire import (
     FLAGS,
@@ -58,31 +60,98 @@ class RecallMetrics:
         )
 
 
+@dataclass(frozen=True)
+class RecallModel:
+    """One loaded bundle and what validation derives from it: swapped as a whole, so a request is
+    validated, computed and answered (version, catalog) by the same bundle."""
+
+    engine: RecallEngine
+    catalog: str = field(init=False)
+    scenarios: dict[str, int] = field(init=False)
+    categories: dict[str, int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        engine = self.engine
+        object.__setattr__(self, "catalog", catalog_fingerprint(engine.items.ids))
+        object.__setattr__(self, "scenarios", {name: i for i, name in enumerate(engine.scenarios)})
+        object.__setattr__(self, "categories", {name: i for i, name in enumerate(engine.category_names)})
+
+    @property
+    def version(self) -> str:
+        return self.engine.version
+
+
+@dataclass
+class RecallJob:
+    """A validated query bound to the model it was validated against (it runs on that one)."""
+
+    model: RecallModel
+    query: RecallQuery
+
+
+def run_recall_jobs(jobs: Sequence[RecallJob]) -> list[CandidateList]:
+    """The batcher's run function: one engine call per model in the batch (after a swap, jobs
+    validated against the old model still run on it)."""
+    results: list[CandidateList | None] = [None] * len(jobs)
+    by_model: dict[int, list[int]] = {}
+    for position, job in enumerate(jobs):
+        by_model.setdefault(id(job.model), []).append(position)
+    for positions in by_model.values():
+        engine = jobs[positions[0]].model.engine
+        for position, candidates in zip(
+            positions, engine.recall([jobs[p].query for p in positions]), strict=True
+        ):
+            results[position] = candidates
+    return results  # type: ignore[return-value]
+
+
 class RecallServicer(recall_pb2_grpc.RecallServiceServicer):
-    """Thin gRPC layer over a :class:`RecallEngine` shared through a :class:`MicroBatcher`."""
+    """Thin gRPC layer over a :class:`RecallEngine` shared through a :class:`MicroBatcher`.
+
+    ``model`` is the served bundle; :meth:`swap` replaces it (hot reload). Each request reads it
+    once, so its validation, computation and answer all come from one bundle.
+    """
 
     def __init__(
-        self, engine: RecallEngine, batcher: MicroBatcher[RecallQuery, CandidateList], metrics: RecallMetrics
+        self,
+        engine: RecallEngine | RecallModel,
+        batcher: MicroBatcher[RecallJob, CandidateList],
+        metrics: RecallMetrics,
     ):
-        self.engine = engine
+        self.model = engine if isinstance(engine, RecallModel) else RecallModel(engine)
         self.batcher = batcher
         self.metrics = metrics
-        self.catalog = catalog_fingerprint(engine.items.ids)
-        self._scenarios = {name: index for index, name in enumerate(engine.scenarios)}
-        self._categories = {name: index for index, name in enumerate(engine.category_names)}
+        self.bundle_watcher: BundleWatcher[RecallModel] | None = None  # set by serve() when it watches
         self._source_names = list(SOURCES)
 
-    def to_query(self, request: recall_pb2.RecallRequest) -> RecallQuery:
-        """Validate ``request`` and decode its arrays; raises InvalidArgument naming the first bad
-        field, CatalogMismatch when it was built for another catalog."""
+    @property
+    def engine(self) -> RecallEngine:
+        """The served engine (the newest swapped in)."""
+        return self.model.engine
+
+    @property
+    def catalog(self) -> str:
+        """The served catalog's fingerprint."""
+        return self.model.catalog
+
+    def swap(self, model: RecallModel) -> None:
+        """Serve ``model`` from now on (one reference assignment on the event loop); requests
+        already validated finish on the old one."""
+        self.model = model
+
+    def to_query(self, request: recall_pb2.RecallRequest, model: RecallModel | None = None) -> RecallQuery:
+        """Validate ``request`` against ``model`` (default: the served one) and decode its arrays;
+        raises InvalidArgument naming the first bad field, CatalogMismatch when it was built for
+        another catalog."""
+        model = self.model if model is None else model
         require(bool(request.catalog), "catalog", "must name the catalog the indices refer to")
-        check_catalog(self.catalog, request.catalog)
+        check_catalog(model.catalog, request.catalog)
         require_id(request.user_id, "user_id", allow_empty=True)
         require_in_range(request.k, "k", 1, MAX_K)
         require(
-            request.scenario in self._scenarios,
+            request.scenario in model.scenarios,
             "scenario",
-            f"unknown scenario; known: {', '.join(self.engine.scenarios)}",
+            f"unknown scenario; known: {', '.join(model.engine.scenarios)}",
         )
         quotas: dict[str, int] = {}
         for position, quota in enumerate(request.sources):
@@ -95,9 +164,9 @@ class RecallServicer(recall_pb2_grpc.RecallServiceServicer):
             quotas[quota.source] = quota.k  # 0 = up to k
         category = -1
         if request.filters.category:
-            category = self._categories.get(request.filters.category, -2)
+            category = model.categories.get(request.filters.category, -2)
             require(category >= 0, "filters.category", "unknown category")
-        num_items = self.engine.num_items
+        num_items = model.engine.num_items
         history = unpack_indices(request.history_items, "history_items", num_items)
         require(
             len(history) <= MAX_HISTORY, "history_items", f"at most {MAX_HISTORY} items, got {len(history)}"
@@ -121,7 +190,7 @@ class RecallServicer(recall_pb2_grpc.RecallServiceServicer):
         return RecallQuery(
             history=history.astype(np.int64),
             event_types=None if event_types is None else event_types.astype(np.int64),
-            scenario=self._scenarios[request.scenario],
+            scenario=model.scenarios[request.scenario],
             seed_items=seeds.astype(np.int64),
             quotas=quotas,
             k=request.k,
@@ -131,11 +200,15 @@ class RecallServicer(recall_pb2_grpc.RecallServiceServicer):
             sponsored_only=request.filters.sponsored_only,
         )
 
-    def to_response(self, candidates: CandidateList) -> recall_pb2.RecallResponse:
-        """The packed wire response: one array per column, whatever the number of candidates."""
+    def to_response(
+        self, candidates: CandidateList, model: RecallModel | None = None
+    ) -> recall_pb2.RecallResponse:
+        """The packed wire response of ``model`` (default: the served one): one array per column,
+        whatever the number of candidates."""
+        model = self.model if model is None else model
         return recall_pb2.RecallResponse(
-            model_version=self.engine.version,
-            catalog=self.catalog,
+            model_version=model.version,
+            catalog=model.catalog,
             items=pack(candidates.items, INDEX),
             scores=pack(candidates.scores, SCORE),
             sources=pack(candidates.source_ids, FLAGS),
@@ -149,8 +222,9 @@ class RecallServicer(recall_pb2_grpc.RecallServiceServicer):
     ) -> recall_pb2.RecallResponse:
         """Validate, run through the batcher and encode: the whole method without the transport
         (the in-process backend calls it directly). ``deadline`` is a ``loop.time()`` instant."""
-        query = self.to_query(request)
-        return self.to_response(await self.batcher.submit(query, deadline))
+        model = self.model  # read once: a swap during the call does not change its answer's bundle
+        query = self.to_query(request, model)
+        return self.to_response(await self.batcher.submit(RecallJob(model, query), deadline), model)
 
     @grpc_method
     async def Recall(
@@ -165,11 +239,13 @@ class RecallServicer(recall_pb2_grpc.RecallServiceServicer):
         raise AssertionError("unreachable: abort raises")
 
     def catalog_chunks(self, known_catalog: str = "") -> list[recall_pb2.CatalogChunk]:
-        """The catalog as ordered chunks (one ``unchanged`` chunk when the caller has it)."""
-        engine = self.engine
-        if known_catalog == self.catalog:
+        """The served catalog as ordered chunks (one ``unchanged`` chunk when the caller has it);
+        all chunks come from one bundle even if a swap happens meanwhile."""
+        model = self.model
+        engine = model.engine
+        if known_catalog == model.catalog:
             return [
-                recall_pb2.CatalogChunk(catalog=self.catalog, model_version=engine.version, unchanged=True)
+                recall_pb2.CatalogChunk(catalog=model.catalog, model_version=engine.version, unchanged=True)
             ]
         num_items = engine.num_items
         popular = engine.popularity.global_order
@@ -177,7 +253,7 @@ class RecallServicer(recall_pb2_grpc.RecallServiceServicer):
         for offset in range(0, max(num_items, 1), CATALOG_CHUNK):
             end = min(num_items, offset + CATALOG_CHUNK)
             chunk = recall_pb2.CatalogChunk(
-                catalog=self.catalog,
+                catalog=model.catalog,
                 model_version=engine.version,
                 num_items=num_items,
                 offset=offset,
@@ -200,4 +276,11 @@ class RecallServicer(recall_pb2_grpc.RecallServiceServicer):
             yield chunk
 
 
-__all__ = ["InvalidArgument", "RecallMetrics", "RecallServicer"]
+__all__ = [
+    "InvalidArgument",
+    "RecallJob",
+    "RecallMetrics",
+    "RecallModel",
+    "RecallServicer",
+    "run_recall_jobs",
+]

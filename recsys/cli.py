@@ -24,6 +24,7 @@ COMMANDS: dict[str, dict[str, str]] = {
     "query": {"": "gateway.query:main"},
     "bench": {"": "recsys.bench:main"},
     "run": {"": "recsys.run:main"},
+    "bundle": {"": "recsys.bundle:main"},
 }
 
 HELP = {
@@ -35,6 +36,7 @@ HELP = {
     "query": "call the gateway: recommendations for a user, or send events",
     "bench": "latency/throughput benchmarks; prints JSON",
     "run": "prepare data, train, export and serve all three services (make run)",
+    "bundle": "list, verify, publish, activate or roll back versioned bundles",
 }
 
 

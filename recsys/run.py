@@ -308,12 +308,21 @@ def main(argv: list[str] | None = None) -> int:
         ["--bundle", str(rank_dir)],
         logs / "rank.log",
     )
+    http_port = pick_port(8080, taken)  # the gateway's HTTP/JSON API and web console
     gateway = Service(
         "gateway",
         "gateway",
         pick_port(50050, taken),
         pick_port(9090, taken),
-        [*gateway_args, "--recall-address", recall.address, "--rank-address", rank.address],
+        [
+            *gateway_args,
+            "--recall-address",
+            recall.address,
+            "--rank-address",
+            rank.address,
+            "--http-port",
+            str(http_port),
+        ],
         logs / "gateway.log",
     )
     services = [recall, rank, gateway]
@@ -340,6 +349,12 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"{service.name:<8} {service.address}  metrics http://{HOST}:{service.metrics_port}/metrics"
             )
+        http_base = f"http://{HOST}:{http_port}"
+        print(
+            f"\ngateway HTTP/JSON API (POST /v1/recommend, /v1/events; /openapi.json) and console "
+            f"({http_base}/console#token=<dev token>&scenario=home&user=<user>):\n{http_base}",
+            flush=True,
+        )
         target = "" if gateway.port == 50050 else f" --gateway {gateway.address}"
         if token_path.resolve() != DEFAULT_TOKEN_FILE.resolve():
             target += f" --token-file {token_path}"  # where `recsys query` does not look by itself
@@ -353,6 +368,9 @@ def main(argv: list[str] | None = None) -> int:
             f"\ntry:  recsys query{target} --scenario home --user {user} --debug\n"
             f"      recsys query{target} --scenario item_detail --user {user} --item {item}\n"
             f"      recsys query events{target} --user {user} --item {item} --type add_to_cart\n"
+            f'      curl -H "Authorization: Bearer $(cat {token_path})" '
+            f'-d \'{{"userId": "{user}", "scenario": "home", "numItems": 5}}\' '
+            f"{http_base}/v1/recommend\n"
             "Ctrl-C stops all three.",
             flush=True,
         )

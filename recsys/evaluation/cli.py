@@ -38,6 +38,8 @@ PLUGINS: dict[str, str] = {
     "pipeline": "rank_service.evaluate:evaluate_stages",
 }
 STAGES = (POPULARITY, *PLUGINS)
+# ``--scenario``: what a scenario of the gateway's config serves, through the gateway's pipeline.
+SCENARIO_PLUGIN = "recsys.scenario_eval:evaluate"
 
 
 class PluginUnavailableError(RuntimeError):
@@ -88,6 +90,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="artifacts root (default: artifacts)",
     )
     parser.add_argument("--out", type=Path, help="JSON output (default: ARTIFACTS/eval-<stage>.json)")
+    parser.add_argument(
+        "--scenario",
+        action="append",
+        dest="scenarios",
+        default=[],
+        help="evaluate what this scenario of the scenario file SERVES (the gateway's pipeline, re-rank "
+        "included, in process); repeatable; JSON key `scenarios`",
+    )
+    parser.add_argument(
+        "--scenarios-file",
+        type=Path,
+        help="scenario YAML (default: the gateway's shipped config/scenarios.yaml)",
+    )
     parser.add_argument("--phase", choices=("test", "valid"), default="test")
     parser.add_argument("--quick", action="store_true", help="quick synthetic data / short training")
     return parser.parse_args(argv)
@@ -122,7 +137,7 @@ def run_evaluation(args: argparse.Namespace) -> dict:
     missing = [stage for stage in stages if stage not in results]
     if missing:
         raise RuntimeError(f"plug-ins did not report stage(s) {', '.join(missing)}")
-    return {
+    report = {
         "dataset": dataset.summary(),
         "protocol": PROTOCOL,
         "phase": args.phase,
@@ -130,6 +145,18 @@ def run_evaluation(args: argparse.Namespace) -> dict:
         "stages": results,
         "seconds": seconds,
     }
+    if args.scenarios:
+        evaluate_scenarios = resolve_plugin(SCENARIO_PLUGIN, "scenario")
+        report["scenarios"] = evaluate_scenarios(
+            dataset,
+            split,
+            dataset_artifacts(dataset, args.artifacts),
+            list(dict.fromkeys(args.scenarios)),
+            args.scenarios_file,
+            args.phase,
+            args.quick,
+        )
+    return report
 
 
 def main(argv: list[str] | None = None) -> int:

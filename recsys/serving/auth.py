@@ -19,6 +19,7 @@ Client side: :func:`read_token`, :func:`bearer_metadata` and :class:`BearerToken
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import json
@@ -259,6 +260,19 @@ class BearerAuthInterceptor(grpc.aio.ServerInterceptor):
             )
         return entry
 
+    def check_request(self, method: str, request: Any, entry: TokenEntry) -> None:
+        """Raise PERMISSION_DENIED :class:`Unauthorized` when ``request`` needs a scope (such as
+        ``debug``) that ``entry`` lacks; the HTTP API calls this too."""
+        request_scopes = self.policy.request_scopes.get(method)
+        if request_scopes is None:
+            return
+        missing = sorted(set(request_scopes(request)) - entry.scopes)
+        if missing:
+            raise Unauthorized(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"this request needs scope '{missing[0]}'; token '{entry.name}' lacks it",
+            )
+
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
@@ -273,11 +287,11 @@ class BearerAuthInterceptor(grpc.aio.ServerInterceptor):
         except Unauthorized as refusal:
             logger.debug("call refused", extra={"method": _method_name(method), "code": refusal.code.name})
             return _refusing(handler, refusal)
-        request_scopes = self.policy.request_scopes.get(method)
-        if request_scopes is None or handler.request_streaming:
+        if method not in self.policy.request_scopes or handler.request_streaming:
             return handler
         name = "unary_stream" if handler.response_streaming else "unary_unary"
-        return handler._replace(**{name: _checking_request(getattr(handler, name), entry, request_scopes)})
+        check = functools.partial(self.check_request, method, entry=entry)
+        return handler._replace(**{name: _checking_request(getattr(handler, name), check)})
 
 
 def _refusing(handler: grpc.RpcMethodHandler, refusal: Unauthorized) -> grpc.RpcMethodHandler:
@@ -293,18 +307,14 @@ def _refusing(handler: grpc.RpcMethodHandler, refusal: Unauthorized) -> grpc.Rpc
     return handler._replace(request_deserializer=None, **{kind: refuse})
 
 
-def _checking_request(
-    behavior: Callable[..., Any], entry: TokenEntry, request_scopes: Callable[[Any], Collection[str]]
-) -> Callable[..., Any]:
+def _checking_request(behavior: Callable[..., Any], check: Callable[[Any], None]) -> Callable[..., Any]:
     async def checked(request: Any, context: grpc.aio.ServicerContext) -> Any:
         if isinstance(request, MalformedRequest):  # answered INVALID_ARGUMENT further in
             return await behavior(request, context)
-        missing = sorted(set(request_scopes(request)) - entry.scopes)
-        if missing:
-            await context.abort(
-                grpc.StatusCode.PERMISSION_DENIED,
-                f"this request needs scope '{missing[0]}'; token '{entry.name}' lacks it",
-            )
+        try:
+            check(request)
+        except Unauthorized as refusal:
+            await context.abort(refusal.code, refusal.details)
         return await behavior(request, context)
 
     return checked

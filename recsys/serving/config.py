@@ -13,7 +13,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
-from recsys.bundle import MANIFEST
+from recsys.bundle import MANIFEST, resolve_bundle
 
 T = TypeVar("T")
 
@@ -230,6 +230,10 @@ class ModelServingConfig:
     max_wait_ms: float = 0.0  # how long an idle batcher waits for companions (0 = dispatch at once)
     threads: int = 1  # Faiss / ONNX Runtime compute threads
     max_queue: int = 256  # requests waiting for a batch beyond this are shed (RESOURCE_EXHAUSTED)
+    # How often the bundle location is checked for a new version (the `current` link's target or
+    # a rewritten manifest), which is then loaded, verified and warmed in the background and
+    # swapped in; 0 = load once, never watch.
+    bundle_poll_s: float = 5.0
 
     component: ClassVar[str] = "model"
     default_port: ClassVar[int] = 0
@@ -246,7 +250,9 @@ class ModelServingConfig:
             raise ConfigError(f"threads: must be in 1..256, got {self.threads}")
         if not 1 <= self.max_queue <= 1_000_000:
             raise ConfigError(f"max_queue: must be in 1..1000000, got {self.max_queue}")
-        if not (Path(self.bundle) / MANIFEST).is_file():
+        if not 0.0 <= self.bundle_poll_s <= 86400.0:  # also rejects NaN
+            raise ConfigError(f"bundle_poll_s: must be in 0..86400 seconds, got {self.bundle_poll_s}")
+        if not (resolve_bundle(self.bundle) / MANIFEST).is_file():
             raise ConfigError(
                 f"bundle: no {self.component} bundle at {self.bundle} "
                 f"(build it with `recsys train {self.component}`)"
@@ -268,7 +274,7 @@ class ModelServingConfig:
                     "bundle",
                     Path,
                     Path(f"artifacts/synthetic/{cls.component}"),
-                    f"{cls.component} bundle folder",
+                    f"{cls.component} bundle folder (or a folder of versions with a `current` link)",
                 ),
                 ("device", str, defaults["device"], "where the model (and index) run"),
                 ("max_batch", int, defaults["max_batch"], "most requests per model run"),
@@ -280,6 +286,12 @@ class ModelServingConfig:
                 ),
                 ("threads", int, defaults["threads"], "Faiss/ONNX Runtime compute threads"),
                 ("max_queue", int, defaults["max_queue"], "requests waiting beyond this are shed"),
+                (
+                    "bundle_poll_s",
+                    float,
+                    defaults["bundle_poll_s"],
+                    "seconds between checks for a new bundle version to hot-swap (0 = never)",
+                ),
             ]
             for name, cast, default, text in settings:
                 variable = f"RECSYS_{name.upper()}"
@@ -307,4 +319,5 @@ class ModelServingConfig:
             max_wait_ms=args.max_wait_ms,
             threads=args.threads,
             max_queue=args.max_queue,
+            bundle_poll_s=args.bundle_poll_s,
         )

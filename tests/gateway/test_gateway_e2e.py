@@ -179,6 +179,48 @@ async def test_served_result_equals_the_offline_recall_and_rank(
     np.testing.assert_allclose([item.score for item in served.items], scores[order], rtol=1e-5, atol=1e-5)
 
 
+async def test_the_offline_scenario_evaluator_serves_exactly_what_the_gateway_serves(
+    stack, stub, synthetic_dataset, recall_bundle, rank_bundle
+):
+    """Same bundles, same scenario file: `recsys eval --scenario` (the pipeline in process) and
+    the real gateway over gRPC return identical item lists for every shipped scenario."""
+    from recsys.data.split import LeaveOneOutSplit
+    from recsys.scenario_eval import NUM_ITEMS, OfflinePipeline, scenario_request
+
+    dataset = synthetic_dataset
+    split = LeaveOneOutSplit(dataset)
+    offline = await OfflinePipeline.load(recall_bundle, rank_bundle, stack.gateway.scenarios.path)
+    try:
+        compared = 0
+        for name in ("home", "item_detail", "cart", "category", "ads"):
+            scenario = offline.scenario(name)
+            for user in split.eval_users[:4].tolist():
+                history = split.history(user, "test")
+                inputs = scenario_request(
+                    dataset, scenario, user, history, split.target(user, "test"), NUM_ITEMS
+                )
+                if inputs is None:
+                    continue
+                expected = (await offline.serve(inputs)).item_ids
+                served = await stub.Recommend(
+                    recommend(
+                        name,
+                        user=inputs.user_id,
+                        n=NUM_ITEMS,
+                        items=inputs.context_item_ids,
+                        category=inputs.context_category,
+                        history=list(inputs.history or ()),
+                    ),
+                    timeout=10,
+                )
+                assert not served.degraded, served.degraded_reasons
+                assert ids(served) == expected, (name, user)
+                compared += 1
+        assert compared >= 16
+    finally:
+        await offline.close()
+
+
 async def test_a_cart_event_changes_the_next_cart_recommendation_sqlite(stub, synthetic_dataset):
     await check_event_then_recommend(stub, synthetic_dataset, "loop-sqlite")
 

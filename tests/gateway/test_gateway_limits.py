@@ -98,7 +98,7 @@ async def test_concurrent_15mib_requests_are_refused_and_the_gateway_survives(
     command = [
         sys.executable, "-m", "gateway", "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0",
         "--auth-tokens-file", str(tokens), "--sqlite-path", str(tmp_path / "history.sqlite3"),
-        "--recall-address", recall.address, "--rank-address", rank.address, *flags,
+        "--recall-address", recall.address, "--rank-address", rank.address, "--http-port", "0", *flags,
     ]  # fmt: skip
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     options = [("grpc.max_send_message_length", 64 * 1024 * 1024)]

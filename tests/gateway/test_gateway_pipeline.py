@@ -404,3 +404,18 @@ async def test_a_downstream_on_another_catalog_is_reported_degraded_never_wrong_
             break
         await asyncio.sleep(0.02)
     assert fake_stack.fake_recall.catalog_calls > calls_before
+
+
+async def test_a_slow_history_store_is_cut_at_its_deadline_and_served_as_a_cold_start(fake_stack: FakeStack):
+    store = fake_stack.gateway.servicer.pipeline.history_store
+
+    async def slow_history(user_id: str, limit: int | None = None):
+        await asyncio.sleep(2.0)
+        return []
+
+    store.history = slow_history
+    started = time.monotonic()
+    response = await fake_stack.stub.Recommend(recommend("home", n=5), timeout=5)
+    assert time.monotonic() - started < 1.0  # not the store's 2 s
+    assert response.degraded and list(response.degraded_reasons) == ["history_timeout"]
+    assert len(response.items) == 5

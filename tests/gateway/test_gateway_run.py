@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from gateway import query
@@ -70,6 +71,8 @@ def test_recsys_run_serves_all_three_and_stops_them_on_sigterm(
             re.findall(r"^(recall|rank|gateway)\s+(127\.0\.0\.1:\d+)\s+metrics http://", text, re.M)
         )
         assert set(addresses) == {"recall", "rank", "gateway"}, text
+        http_base = re.search(r"^(http://127\.0\.0\.1:\d+)$", text, re.M)  # the HTTP API, own line
+        assert http_base is not None, text
 
         token_file = artifacts / "dev-token"  # the dev token: mode 0600, the token alone on one line
         assert f"dev token (all scopes: recommend, events, debug, admin) in {token_file}" in text
@@ -81,6 +84,13 @@ def test_recsys_run_serves_all_three_and_stops_them_on_sigterm(
         out = io.StringIO()
         code = query.main([*argv, "--token-file", str(token_file)], out)
         assert code == 0 and "5 items" in out.getvalue() and "ok" in out.getvalue().splitlines()[-2]
+        body = {"userId": user, "scenario": "home", "numItems": 5}
+        token = token_file.read_text().strip()
+        answer = httpx.post(
+            f"{http_base[1]}/v1/recommend", json=body, headers={"Authorization": f"Bearer {token}"}
+        )
+        assert answer.status_code == 200 and len(answer.json()["items"]) == 5, answer.text
+        assert httpx.post(f"{http_base[1]}/v1/recommend", json=body).status_code == 401
         monkeypatch.delenv("RECSYS_TOKEN", raising=False)
         monkeypatch.chdir(artifacts)  # no artifacts/dev-token below the working directory
         assert query.main(argv, io.StringIO()) == 1  # no token: UNAUTHENTICATED

@@ -1,0 +1,63 @@
+"""`recsys eval --scenario`: what a scenario serves, scored under the protocol, through the
+gateway's pipeline in process (the parity with the real gateway is in tests/gateway/test_gateway_e2e.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import yaml
+
+from gateway.config import DEFAULT_SCENARIOS
+from gateway.scenarios import load_scenarios
+from recsys.data.split import LeaveOneOutSplit
+from recsys.scenario_eval import NUM_ITEMS, evaluate_scenarios, scenario_request, without_budgets
+
+pytestmark = pytest.mark.integration
+
+
+async def test_each_scenario_is_scored_with_its_context_and_no_fallbacks(
+    synthetic_dataset, recall_bundle, rank_bundle, tmp_path
+):
+    document = yaml.safe_load(DEFAULT_SCENARIOS.read_text())
+    document["scenarios"]["home_recall_only"] = {
+        "model_scenario": "home",
+        "stages": [{"recall": {"k": 60, "filters": {"exclude_history": True}}}],
+    }
+    scenarios = tmp_path / "scenarios.yaml"
+    scenarios.write_text(yaml.safe_dump(document))
+    split = LeaveOneOutSplit(synthetic_dataset)
+    users = split.eval_users[:40]
+    results = await evaluate_scenarios(
+        synthetic_dataset,
+        split,
+        recall_bundle,
+        rank_bundle,
+        ["home", "item_detail", "category", "home_recall_only"],
+        scenarios,
+        "test",
+        users=users,
+    )
+    for name, metrics in results.items():
+        assert metrics["users"] + metrics["skipped_users"] == len(users), name
+        assert metrics["degraded_answers"] == 0, name
+        assert 0.0 <= metrics["HR@10"] <= metrics["HR@20"] <= metrics["HR@50"] <= 1.0, name
+        assert metrics["num_items"] == NUM_ITEMS and metrics["recall_version"] and metrics["rank_version"]
+
+
+def test_scenario_requests_carry_the_context_each_scenario_needs(synthetic_dataset):
+    dataset = synthetic_dataset
+    split = LeaveOneOutSplit(dataset)
+    scenarios = load_scenarios(DEFAULT_SCENARIOS)
+    user = int(split.eval_users[0])
+    history, target = split.history(user, "test"), split.target(user, "test")
+    home = scenario_request(dataset, scenarios.get("home"), user, history, target, 50)
+    assert home is not None and not home.context_item_ids and not home.context_category
+    assert [h.item_id for h in home.history] == dataset.items.external_many(history)
+    detail = scenario_request(dataset, scenarios.get("item_detail"), user, history, target, 50)
+    assert detail.context_item_ids == (dataset.items.external(int(history[-1])),)
+    category = scenario_request(dataset, scenarios.get("category"), user, history, target, 50)
+    category_id = int(dataset.catalog.category[target])
+    assert category.context_category == dataset.catalog.category_names[category_id]
+    lifted = without_budgets(scenarios.get("home"))
+    assert lifted.timeout_ms >= 60_000 and all(getattr(s, "timeout_ms", 1e9) >= 60_000 for s in lifted.stages)
+    assert np.isfinite(lifted.recall.k)
