@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
-import logging
 import math
 import re
 import socket
@@ -53,8 +53,6 @@ from recsys.serving.auth import BearerAuthInterceptor, Unauthorized
 from recsys.serving.metrics import LATENCY_BUCKETS, get_or_create
 from recsys.serving.validation import MAX_DETAILS_CHARS, MAX_ECHO_CHARS, InvalidArgument, shorten
 from recsys.v1 import gateway_pb2
-
-log = logging.getLogger(__name__)
 
 CONSOLE_DIR = Path(__file__).resolve().parent / "console"  # package data (pyproject.toml)
 TIMEOUT_HEADER = "X-Timeout-Ms"
@@ -333,17 +331,19 @@ class HttpApi:
             try:
                 entry = self.authorize(request, route.grpc_method)  # before the body, as on gRPC
                 timeout_s = request_deadline(request)
+                deadline = None if timeout_s is None else time.monotonic() + timeout_s
                 message = parse_message(await read_body(request, self.max_body_bytes), route.request)
                 if self.auth is not None:
                     try:
                         self.auth.check_request(route.grpc_method, message, entry)
                     except Unauthorized as refusal:
                         raise CallAborted(refusal.code, refusal.details) from None
-                deadline = None if timeout_s is None else time.monotonic() + timeout_s
                 metadata = tuple(request.headers.items())  # names already lower-case
-                call = handler(message, HttpCallContext(deadline, metadata))
+                context = HttpCallContext(deadline, metadata)
+                remaining = context.time_remaining()
+                call = handler(message, context)
                 try:
-                    response = await (call if timeout_s is None else asyncio.wait_for(call, timeout_s))
+                    response = await (call if remaining is None else asyncio.wait_for(call, remaining))
                 except TimeoutError:
                     raise CallAborted(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded") from None
             except InvalidArgument as error:
@@ -553,8 +553,9 @@ def _errors(*statuses: int) -> dict[str, Any]:
     return {str(s): {"description": described[s], "content": error} for s in statuses}
 
 
+@functools.cache
 def openapi_document() -> dict[str, Any]:
-    """The OpenAPI 3.1 description of the HTTP API."""
+    """The OpenAPI 3.1 description of the HTTP API (built once; the protos do not change)."""
     schemas: dict[str, Any] = {"Error": _error_schema()}
     paths: dict[str, Any] = {}
     timeout = {

@@ -103,6 +103,7 @@ def start_stacks(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, Sta
     items = workdir / "items.txt"
     items.write_text("\n".join(dataset.items.ids) + "\n")
     gateway_args = [
+        "--no-http",  # the load goes over gRPC; two gateways must not race for one HTTP port
         "--auth-tokens-file",
         str(tokens_path),
         "--max-history-length",

@@ -1,6 +1,7 @@
 """The web console in a real headless Chromium (Debian's package, driven by Playwright) against the
 real gateway over fake downstreams: the URL fragment prefills and runs a request, items render with
-``data-item-id``, an add-to-cart changes the next list, and a screenshot lands in artifacts/."""
+``data-item-id``, an add-to-cart changes the next list, and a screenshot lands in artifacts/; a
+token without the debug scope gets the list without explanations."""
 
 from __future__ import annotations
 
@@ -12,7 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.gateway.conftest import TEST_TOKEN, FakeStack
+from gateway.server import serve
+from recsys.serving.metrics import new_registry
+from recsys.v1 import rank_pb2_grpc, recall_pb2_grpc
+from tests.gateway.conftest import TEST_TOKEN, FakeStack, gateway_config, tokens_file
+from tests.gateway.fakes import FakeRank, FakeRecall, FakeServer
 
 pytestmark = pytest.mark.integration
 
@@ -93,3 +98,37 @@ async def test_console_renders_items_and_an_event_changes_the_list(fake_stack: F
     assert [event.item_id for event in stored][-1:] == [before[0]]
     assert requested and not any(TEST_TOKEN in url for url in requested)  # the fragment stays local
     assert SCREENSHOT.stat().st_size > 10_000
+
+
+async def test_console_without_the_debug_scope_asks_again_without_explanations(
+    tmp_path: Path, browser_path: str
+):
+    from playwright.async_api import async_playwright
+
+    recall = FakeServer(FakeRecall(), recall_pb2_grpc.add_RecallServiceServicer_to_server)
+    rank = FakeServer(FakeRank(), rank_pb2_grpc.add_RankServiceServicer_to_server)
+    await recall.start()
+    await rank.start()
+    folder = tmp_path / "scoped"
+    folder.mkdir()
+    tokens = tokens_file(folder, ("shop", "shop-token", ("recommend", "events")))
+    gateway = await serve(
+        gateway_config(tmp_path, recall.address, rank.address, auth_tokens_file=tokens), new_registry(False)
+    )
+    try:
+        async with async_playwright() as playwright:
+            browser = await playwright.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
+            try:
+                page = await browser.new_page()
+                url = f"http://127.0.0.1:{gateway.http_port}/console#token=shop-token&scenario=home&user=u2"
+                await page.goto(url)
+                await page.wait_for_selector(ITEMS, timeout=10_000)
+                assert await page.locator(f"{ITEMS} .explanation").count() == 0
+                assert not await page.locator("#debug").is_checked()
+                assert (await page.locator("#status").inner_text()).endswith("items")
+            finally:
+                await browser.close()
+    finally:
+        await gateway.stop(0)
+        await recall.stop()
+        await rank.stop()

@@ -17,6 +17,7 @@ import httpx
 import pytest
 from prometheus_client import generate_latest
 
+from gateway.config import DEFAULT_HTTP_PORT, GatewayConfig
 from gateway.server import GatewayServer, serve
 from recsys.serving.metrics import new_registry
 from recsys.v1 import gateway_pb2, rank_pb2_grpc, recall_pb2_grpc
@@ -379,3 +380,27 @@ async def test_https_with_the_grpc_ports_certificate(tmp_path: Path, fake_stack:
                 await plain.get(f"http://127.0.0.1:{gateway.http_port}/healthz")
     finally:
         await gateway.stop(0)
+
+
+def test_http_settings_from_flags_and_environment(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+):
+    monkeypatch.setenv("RECSYS_ALLOW_UNAUTHENTICATED", "1")
+    for name in ("RECSYS_HTTP", "RECSYS_HTTP_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    config = GatewayConfig.from_args([])
+    assert (config.http_enabled, config.http_port) == (True, DEFAULT_HTTP_PORT)
+    assert GatewayConfig.from_args(["--http-port", "0"]).http_port == 0
+    assert not GatewayConfig.from_args(["--no-http"]).http_enabled
+    monkeypatch.setenv("RECSYS_HTTP_PORT", "8181")
+    monkeypatch.setenv("RECSYS_HTTP", "0")
+    config = GatewayConfig.from_args([])
+    assert (config.http_enabled, config.http_port) == (False, 8181)
+    assert GatewayConfig.from_args(["--http"]).http_enabled  # the flag wins
+    for argv, message in (
+        (["--http-port", "70000"], "http_port: must be an integer in 0..65535"),
+        (["--http-port", "9090", "--http"], "http_port: must differ from port and metrics_port"),
+    ):
+        with pytest.raises(SystemExit):
+            GatewayConfig.from_args(argv)
+        assert message in capsys.readouterr().err
