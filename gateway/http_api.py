@@ -6,7 +6,7 @@ lowerCamelCase names, int64 as strings, enums by name). Every call goes through 
 :class:`HttpCallContext` standing in for the gRPC context: validation, load shedding, deadlines and
 metrics are one code path; authentication uses the gRPC interceptor's own checks. A gRPC status
 becomes an HTTP status (:data:`HTTP_STATUS`) and a body ``{"error": {"code": "INVALID_ARGUMENT",
-"message": "num_items: must be in 1..500, got 0"}}``.
+"message": "num_items: must be in 0..500, got -1"}}``.
 
 Deadlines: an ``X-Timeout-Ms`` header plays the role of the gRPC deadline (the call is answered
 504 DEADLINE_EXCEEDED when it runs out); without it the servicer's default deadline applies, as for

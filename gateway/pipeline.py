@@ -32,7 +32,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from gateway.catalog import Catalog, CatalogError, fetch_catalog
 from gateway.history import HistoryStore
 from gateway.rerank import Candidates, History, RerankInputs, apply_rules
-from gateway.scenarios import RecallStage, Scenario
+from gateway.scenarios import RankStage, RecallStage, Scenario
 from recsys.serving.metrics import LATENCY_BUCKETS, get_or_create
 from recsys.serving.validation import InvalidArgument
 from recsys.serving.wire import FLAGS, INDEX, SCORE, flags_to_mask, pack, unpack
@@ -480,25 +480,28 @@ class Pipeline:
             self.metrics.unknown_items.inc(unknown)
         mark = timed("history", started)
 
-        candidates = await self._recall(inputs, catalog, history, context_items, category, deadline, result)
-        self.metrics.candidates.labels(name, "recall").observe(len(candidates))
-        mark = timed("recall", mark)
-
-        if scenario.rank is not None and len(candidates):
-            candidates = await self._rank(inputs, catalog, history, candidates, deadline, result)
-            self.metrics.candidates.labels(name, "rank").observe(len(candidates))
-            mark = timed("rank", mark)
-
-        if scenario.rerank is not None:
-            rerank_inputs = RerankInputs(
-                catalog=catalog,
-                history=history,
-                context_items=context_items[context_items >= 0],
-                now_ms=int(time.time() * 1000),
-            )
-            candidates = apply_rules(scenario.rerank.rules, candidates, rerank_inputs)
-            self.metrics.candidates.labels(name, "rerank").observe(len(candidates))
-            mark = timed("rerank", mark)
+        # The stages run in the order the scenario declares them (validated at load: each
+        # stage's needs are met by the request or an earlier stage).
+        candidates = Candidates.empty()
+        for stage in scenario.stages:
+            if isinstance(stage, RecallStage):
+                candidates = await self._recall(
+                    inputs, catalog, history, context_items, category, deadline, result
+                )
+            elif isinstance(stage, RankStage):
+                if not len(candidates):
+                    continue
+                candidates = await self._rank(inputs, stage, catalog, history, candidates, deadline, result)
+            else:
+                rerank_inputs = RerankInputs(
+                    catalog=catalog,
+                    history=history,
+                    context_items=context_items[context_items >= 0],
+                    now_ms=int(time.time() * 1000),
+                )
+                candidates = apply_rules(stage.rules, candidates, rerank_inputs)
+            self.metrics.candidates.labels(name, stage.kind).observe(len(candidates))
+            mark = timed(stage.kind, mark)
 
         result.candidates = candidates.head(inputs.num_items)
         timed("total", started)
@@ -523,7 +526,8 @@ class Pipeline:
     ) -> Candidates:
         scenario = inputs.scenario
         stage = scenario.recall
-        rank_ms = scenario.rank.timeout_ms if scenario.rank is not None else 0.0
+        rank = scenario.rank
+        rank_ms = rank.timeout_ms if rank is not None else 0.0
         remaining = deadline - time.monotonic()
         # The recall stage gets its configured budget, or its proportional share of what is left.
         timeout = min(stage.timeout_ms / 1000, remaining * stage.timeout_ms / (stage.timeout_ms + rank_ms))
@@ -570,14 +574,13 @@ class Pipeline:
     async def _rank(
         self,
         inputs: RecommendInputs,
+        stage: RankStage,
         catalog: Catalog,
         history: History,
         candidates: Candidates,
         deadline: float,
         result: RecommendResult,
     ) -> Candidates:
-        stage = inputs.scenario.rank
-        assert stage is not None
         to_rank = candidates.head(stage.max_candidates)
         count = len(to_rank)
         timeout = min(stage.timeout_ms / 1000, deadline - time.monotonic() - RESERVE_S)

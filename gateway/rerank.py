@@ -14,13 +14,6 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from gateway.catalog import Catalog
-from gateway.scenarios import (
-    DiversityRule,
-    DropPurchasedRule,
-    ExcludeContextRule,
-    RerankRule,
-    RevenueRule,
-)
 from recsys.sources import RECALL_SOURCES
 from recsys.v1 import common_pb2
 
@@ -187,21 +180,66 @@ def order_by_revenue(candidates: Candidates, catalog: Catalog, floor: float) -> 
     return ranked.with_scores((choice[order] * bids[order]).astype(np.float32))
 
 
-def apply_rule(rule: RerankRule, candidates: Candidates, inputs: RerankInputs) -> Candidates:
-    """Apply one configured rule."""
-    if isinstance(rule, ExcludeContextRule):
+# The configured rules: each declares what it needs and applies itself.
+
+
+@dataclass(frozen=True)
+class DiversityRule:
+    """At most ``max_per_category``/``max_per_brand`` items of one category/brand in the top ``top_n``."""
+
+    top_n: int
+    max_per_category: int | None = None
+    max_per_brand: int | None = None
+
+    name = "diversity"
+    needs = frozenset({"candidates", "attributes"})
+
+    def apply(self, candidates: Candidates, inputs: RerankInputs) -> Candidates:
+        return diversify(candidates, inputs.catalog, self.top_n, self.max_per_category, self.max_per_brand)
+
+
+@dataclass(frozen=True)
+class DropPurchasedRule:
+    """Drop items the user purchased within the last ``days`` days."""
+
+    days: float
+
+    name = "drop_purchased"
+    needs = frozenset({"candidates", "history"})
+
+    def apply(self, candidates: Candidates, inputs: RerankInputs) -> Candidates:
+        return exclude_items(candidates, purchased_within(inputs.history, inputs.now_ms, self.days))
+
+
+@dataclass(frozen=True)
+class ExcludeContextRule:
+    """Drop the context items (the viewed item, the cart items)."""
+
+    name = "exclude_context"
+    needs = frozenset({"candidates"})
+
+    def apply(self, candidates: Candidates, inputs: RerankInputs) -> Candidates:
         return exclude_items(candidates, inputs.context_items)
-    if isinstance(rule, DropPurchasedRule):
-        return exclude_items(candidates, purchased_within(inputs.history, inputs.now_ms, rule.days))
-    if isinstance(rule, DiversityRule):
-        return diversify(candidates, inputs.catalog, rule.top_n, rule.max_per_category, rule.max_per_brand)
-    if isinstance(rule, RevenueRule):
-        return order_by_revenue(candidates, inputs.catalog, rule.floor)
-    raise TypeError(f"unknown re-rank rule {rule!r}")
+
+
+@dataclass(frozen=True)
+class RevenueRule:
+    """Order by expected revenue: P(choice) from the rank scores x bid; bids below ``floor`` dropped."""
+
+    floor: float = 0.0
+
+    name = "revenue"
+    needs = frozenset({"candidates", "rank_scores", "bids"})
+
+    def apply(self, candidates: Candidates, inputs: RerankInputs) -> Candidates:
+        return order_by_revenue(candidates, inputs.catalog, self.floor)
+
+
+RerankRule = DiversityRule | DropPurchasedRule | ExcludeContextRule | RevenueRule
 
 
 def apply_rules(rules: Sequence[RerankRule], candidates: Candidates, inputs: RerankInputs) -> Candidates:
     """Apply the rules in order."""
     for rule in rules:
-        candidates = apply_rule(rule, candidates, inputs)
+        candidates = rule.apply(candidates, inputs)
     return candidates

@@ -22,6 +22,13 @@ from typing import Any
 
 import yaml
 
+from gateway.rerank import (
+    DiversityRule,
+    DropPurchasedRule,
+    ExcludeContextRule,
+    RerankRule,
+    RevenueRule,
+)
 from recsys.sources import RECALL_SOURCES
 
 log = logging.getLogger(__name__)
@@ -89,49 +96,6 @@ class RankStage:
 
     def produces(self) -> set[str]:
         return {"rank_scores"}
-
-
-@dataclass(frozen=True)
-class DiversityRule:
-    """At most ``max_per_category``/``max_per_brand`` items of one category/brand in the top ``top_n``."""
-
-    top_n: int
-    max_per_category: int | None = None
-    max_per_brand: int | None = None
-
-    name = "diversity"
-    needs = frozenset({"candidates", "attributes"})
-
-
-@dataclass(frozen=True)
-class DropPurchasedRule:
-    """Drop items the user purchased within the last ``days`` days."""
-
-    days: float
-
-    name = "drop_purchased"
-    needs = frozenset({"candidates", "history"})
-
-
-@dataclass(frozen=True)
-class ExcludeContextRule:
-    """Drop the context items (the viewed item, the cart items)."""
-
-    name = "exclude_context"
-    needs = frozenset({"candidates"})
-
-
-@dataclass(frozen=True)
-class RevenueRule:
-    """Order by expected revenue: P(choice) from the rank scores x bid; bids below ``floor`` dropped."""
-
-    floor: float = 0.0
-
-    name = "revenue"
-    needs = frozenset({"candidates", "rank_scores", "bids"})
-
-
-RerankRule = DiversityRule | DropPurchasedRule | ExcludeContextRule | RevenueRule
 
 
 @dataclass(frozen=True)

@@ -94,7 +94,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 "scenario",
                 f"unknown scenario {shorten(request.scenario)}; known: {sorted(scenario_set.scenarios)}",
             )
-        require_in_range(request.num_items, "num_items", 1, MAX_NUM_ITEMS)
+        require_in_range(request.num_items, "num_items", 0, MAX_NUM_ITEMS)  # 0: the scenario's default
         require_id(request.request_id, "request_id", allow_empty=True)
         required = scenario.required_fields
         require_id(request.user_id, "user_id", allow_empty="user_id" not in required)
@@ -137,7 +137,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         return RecommendInputs(
             scenario=scenario,
             user_id=request.user_id,
-            num_items=request.num_items,
+            num_items=request.num_items or scenario.default_num_items,
             context_item_ids=tuple(context_ids),
             context_category=request.context.category,
             history=tuple(request.history) if request.history else None,

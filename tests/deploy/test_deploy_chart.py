@@ -55,6 +55,8 @@ EXTRA_INGRESS = {
 }
 EXTRA_EGRESS = [{"to": [{"ipBlock": {"cidr": "10.99.0.0/16"}}], "ports": [{"port": 4317, "protocol": "TCP"}]}]
 NETWORK_POLICY_HOOKS = {"networkPolicy": {"extraIngress": EXTRA_INGRESS, "extraEgress": EXTRA_EGRESS}}
+# Clients of the gateway restricted to one namespace (gRPC and HTTP alike).
+GATEWAY_CLIENTS = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "shop-backend"}}}]
 
 # name -> (values, API versions the "cluster" announces)
 COMBINATIONS: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
@@ -116,6 +118,11 @@ COMBINATIONS: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
         (),
     ),
     "network-policy-hooks": (NETWORK_POLICY_HOOKS, ()),
+    "gateway-http-off": ({"gateway": {"http": {"enabled": False}}}, ()),
+    "gateway-http-port-restricted-clients": (
+        {"gateway": {"http": {"port": 8081}}, "networkPolicy": {"gatewayFrom": GATEWAY_CLIENTS}},
+        (),
+    ),
     "fixed-replicas-latency-hpa": (
         {
             "recall": {"autoscaling": {"enabled": False}, "podDisruptionBudget": {"enabled": False}},
@@ -245,7 +252,8 @@ def test_probes_are_native_grpc_on_the_grpc_port_with_a_startup_budget(
     for component in COMPONENTS:
         (container,) = deployment(rendered["default"], component)["spec"]["template"]["spec"]["containers"]
         ports = {port["name"]: port["containerPort"] for port in container["ports"]}
-        assert set(ports) == {"grpc", "metrics"}
+        # The gateway also serves its HTTP/JSON API; the probes stay on gRPC all the same.
+        assert set(ports) == ({"grpc", "metrics", "http"} if component == "gateway" else {"grpc", "metrics"})
         for probe_name in ("startupProbe", "readinessProbe", "livenessProbe"):
             probe = container[probe_name]
             assert probe["grpc"]["port"] == ports["grpc"], (component, probe_name)
@@ -835,3 +843,79 @@ def test_large_whole_numbers_render_as_digits() -> None:
     )
     gateway = gateway_env(objects)
     assert (gateway["RECSYS_MAX_CONCURRENT_RPCS"], gateway["RECSYS_MAX_IN_FLIGHT"]) == ("1000000", "999999")
+
+
+# -- the gateway's HTTP/JSON API and console --------------------------------------------------------
+
+
+def service_ports(objects: list[Manifest], component: str) -> dict[str, dict[str, Any]]:
+    return {p["name"]: p for p in find(objects, "Service", f"{FULLNAME}-{component}")["spec"]["ports"]}
+
+
+def gateway_client_rule(objects: list[Manifest]) -> dict[str, Any]:
+    """The gateway's ingress rule for its clients (the one that opens the grpc port)."""
+    policy = find(objects, "NetworkPolicy", f"{FULLNAME}-gateway")["spec"]
+    (rule,) = [r for r in policy["ingress"] if "grpc" in [p["port"] for p in r["ports"]]]
+    return rule
+
+
+def test_gateway_http_port_is_on_the_container_the_service_and_the_network_policy(
+    rendered: dict[str, list[Manifest]],
+) -> None:
+    from gateway.config import DEFAULT_HTTP_PORT
+
+    for combination, port in (
+        ("default", DEFAULT_HTTP_PORT),
+        ("internal-tls", DEFAULT_HTTP_PORT),
+        ("everything-on", DEFAULT_HTTP_PORT),
+        ("gateway-http-port-restricted-clients", 8081),
+    ):
+        objects = rendered[combination]
+        assert container_port(objects, "gateway", "http") == port, combination
+        env = gateway_env(objects)
+        assert (env["RECSYS_HTTP"], env["RECSYS_HTTP_PORT"]) == ("1", str(port)), combination
+        http = service_ports(objects, "gateway")["http"]
+        tls = combination in ("internal-tls", "everything-on")  # the HTTP port then serves HTTPS
+        assert (http["port"], http["targetPort"], http["protocol"]) == (port, "http", "TCP"), combination
+        assert http["appProtocol"] == ("https" if tls else "http"), combination
+        # The same clients as gRPC, in the same rule.
+        rule = gateway_client_rule(objects)
+        assert sorted((p["port"], p["protocol"]) for p in rule["ports"]) == [("grpc", "TCP"), ("http", "TCP")]
+        # The probes stay native gRPC (or exec with TLS) on the gRPC port.
+        (container,) = gateway_pod(objects)["containers"]
+        for probe_name in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert "httpGet" not in container[probe_name], (combination, probe_name)
+        # recall and rank have no HTTP API.
+        for component in ("recall", "rank"):
+            assert "http" not in service_ports(objects, component), (combination, component)
+    assert "from" not in gateway_client_rule(rendered["default"])  # default: any client
+    restricted = gateway_client_rule(rendered["gateway-http-port-restricted-clients"])
+    assert restricted["from"] == GATEWAY_CLIENTS
+
+
+def test_gateway_http_off_removes_the_port_and_sets_the_switch(rendered: dict[str, list[Manifest]]) -> None:
+    objects = rendered["gateway-http-off"]
+    env = gateway_env(objects)
+    assert env["RECSYS_HTTP"] == "0" and "RECSYS_HTTP_PORT" not in env
+    (container,) = gateway_pod(objects)["containers"]
+    assert [p["name"] for p in container["ports"]] == ["grpc", "metrics"]
+    assert set(service_ports(objects, "gateway")) == {"grpc", "metrics"}
+    assert [p["port"] for p in gateway_client_rule(objects)["ports"]] == ["grpc"]
+    assert "http" not in json.dumps(find(objects, "NetworkPolicy", f"{FULLNAME}-gateway")["spec"]["ingress"])
+    notes = render(COMBINATIONS["gateway-http-off"][0])["recsys/templates/NOTES.txt"]
+    assert "/v1/recommend" not in notes and "8080" not in notes
+    default_notes = render({})["recsys/templates/NOTES.txt"]
+    assert f"port-forward svc/{FULLNAME}-gateway 8080:8080" in default_notes
+    assert '-H "Authorization: Bearer $TOKEN"' in default_notes
+    assert "http://localhost:8080/v1/recommend" in default_notes
+    helm = helm_sdk()
+    with pytest.raises(helm.HelmError, match="tls"):
+        render({"gateway": {"http": {"enabled": True, "port": 8080, "tls": True}}})  # the schema is strict
+
+
+@pytest.mark.parametrize("port", [50050, 9090])
+def test_gateway_http_port_must_not_collide(port: int) -> None:
+    helm = helm_sdk()
+    with pytest.raises(helm.HelmError, match=r"gateway\.http\.port .* must differ"):
+        render({"gateway": {"http": {"port": port}}})
+    render({"gateway": {"http": {"enabled": False, "port": port}}})  # off: the port is unused

@@ -257,8 +257,8 @@ async def check_event_then_recommend(stub, dataset, user_id: str) -> None:
     ("request_message", "message"),
     [
         (recommend("no_such_scenario"), "scenario: unknown scenario"),
-        (recommend("home", n=0), "num_items: must be in 1..500"),
-        (recommend("home", n=501), "num_items: must be in 1..500"),
+        (recommend("home", n=-1), "num_items: must be in 0..500"),
+        (recommend("home", n=501), "num_items: must be in 0..500"),
         (recommend("home", user=""), "user_id: must not be empty"),
         (recommend("item_detail"), "context.item_ids: required by scenario 'item_detail'"),
     ],

@@ -100,7 +100,7 @@ async def test_events_are_logged_and_change_the_next_recommendation(client: http
 @pytest.mark.parametrize(
     ("body", "field"),
     [
-        ({"userId": "u1", "scenario": "home", "numItems": 0}, "num_items: must be in 1..500, got 0"),
+        ({"userId": "u1", "scenario": "home", "numItems": -1}, "num_items: must be in 0..500, got -1"),
         ({"userId": "u1", "scenario": "nope"}, "scenario: unknown scenario 'nope'"),
         ({"scenario": "home", "numItems": 5}, "user_id: must not be empty"),
         (

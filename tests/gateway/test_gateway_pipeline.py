@@ -27,6 +27,7 @@ from tests.gateway.fakes import (
     FakeRecall,
     FakeServer,
     bid_of,
+    candidates_of,
     category_of,
     history_of,
     item_index,
@@ -231,9 +232,8 @@ async def test_load_beyond_the_in_flight_limit_is_shed_at_once(tmp_path: Path, f
 BAD_RECOMMENDS = [
     (recommend("nope"), "scenario: unknown scenario 'nope'"),
     (recommend(""), "scenario: must be one of"),
-    (recommend("home", n=0), "num_items: must be in 1..500, got 0"),
-    (recommend("home", n=-3), "num_items: must be in 1..500"),
-    (recommend("home", n=501), "num_items: must be in 1..500, got 501"),
+    (recommend("home", n=-3), "num_items: must be in 0..500"),
+    (recommend("home", n=501), "num_items: must be in 0..500, got 501"),
     (recommend("home", user=""), "user_id: must not be empty"),
     (recommend("item_detail"), "context.item_ids: required by scenario 'item_detail'"),
     (recommend("category"), "context.category: required by scenario 'category'"),
@@ -289,7 +289,7 @@ async def test_metrics_cover_stages_outcomes_candidates_fallbacks_events(fake_st
     await stub.LogEvents(gateway_pb2.LogEventsRequest(events=[event("m1", "i3", common_pb2.PURCHASE)]))
     await stub.Recommend(recommend("home"))
     with pytest.raises(grpc.aio.AioRpcError):
-        await stub.Recommend(recommend("home", n=0))
+        await stub.Recommend(recommend("home", n=-1))
     fake_stack.fake_rank.behaviour.fail_with = grpc.StatusCode.INTERNAL
     await stub.Recommend(recommend("home"))
     url = f"http://127.0.0.1:{fake_stack.gateway.metrics_port}/metrics"
@@ -419,3 +419,32 @@ async def test_a_slow_history_store_is_cut_at_its_deadline_and_served_as_a_cold_
     assert time.monotonic() - started < 1.0  # not the store's 2 s
     assert response.degraded and list(response.degraded_reasons) == ["history_timeout"]
     assert len(response.items) == 5
+
+
+async def test_num_items_zero_serves_the_scenarios_configured_default(fake_stack: FakeStack):
+    home = await fake_stack.stub.Recommend(recommend("home", n=0))
+    assert len(home.items) == 20  # home: num_items 20 (the file's default)
+    ads = await fake_stack.stub.Recommend(recommend("ads", n=0))
+    assert len(ads.items) == 10  # ads: num_items 10
+
+
+async def test_stages_run_in_the_declared_order(tmp_path: Path, fake_stack: FakeStack):
+    """A re-rank rule declared before rank runs before it: rank never sees what the rule dropped."""
+    document = yaml.safe_load(DEFAULT_SCENARIOS.read_text())
+    document["scenarios"]["context_first"] = {
+        "model_scenario": "item_detail",
+        "stages": [
+            {"recall": {"sources": {"i2i": 50}, "k": 50, "seeds": "context.item_ids"}},
+            {"rerank": [{"exclude_context": True}]},
+            {"rank": {"max_candidates": 50}},
+        ],
+    }
+    scenarios_path = tmp_path / "ordered.yaml"
+    scenarios_path.write_text(yaml.safe_dump(document))
+    registry = fake_stack.gateway.scenarios
+    registry.path = scenarios_path
+    assert registry.reload()
+    response = await fake_stack.stub.Recommend(recommend("context_first", items=["i42"], n=10))
+    ranked = candidates_of(fake_stack.fake_rank.behaviour.requests[-1])
+    assert response.items and 42 not in ranked  # excluded before rank was asked
+    assert "i42" not in ids(response)

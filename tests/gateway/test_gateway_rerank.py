@@ -11,13 +11,14 @@ from gateway.pipeline import to_history
 from gateway.rerank import (
     DAY_MS,
     Candidates,
+    DropPurchasedRule,
+    ExcludeContextRule,
     RerankInputs,
     apply_rules,
     diversify,
     order_by_revenue,
     purchased_within,
 )
-from gateway.scenarios import DropPurchasedRule, ExcludeContextRule
 from recsys.serving.wire import catalog_fingerprint
 from recsys.v1 import common_pb2
 

@@ -200,7 +200,8 @@ imagePullSecrets:
 {{- end }}
 {{- end }}
 
-{{/* A gRPC + metrics ClusterIP Service (the one Prometheus scrapes). */}}
+{{/* A gRPC + metrics ClusterIP Service (the one Prometheus scrapes), plus the port `http` when
+the context has a non-zero "httpPort" (the gateway's HTTP/JSON API; HTTPS with internalTLS). */}}
 {{- define "recsys.service" -}}
 apiVersion: v1
 kind: Service
@@ -227,6 +228,13 @@ spec:
       targetPort: metrics
       protocol: TCP
       appProtocol: http
+    {{- with .httpPort }}
+    - name: http
+      port: {{ . }}
+      targetPort: http
+      protocol: TCP
+      appProtocol: {{ ternary "https" "http" $.root.Values.internalTLS.enabled }}
+    {{- end }}
 {{- end }}
 
 {{- define "recsys.hpa" -}}
