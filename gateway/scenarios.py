@@ -220,6 +220,10 @@ def _parse_recall(spec: Any, where: str) -> RecallStage:
         raise ScenarioConfigError(f"{where}: k is required with the default sources")
     k = _int(spec.get("k", sum(q for _, q in sources)), where, "k", 1, 10_000)
     seeds_spec = spec.get("seeds", [])
+    if not isinstance(seeds_spec, str | list):
+        raise ScenarioConfigError(
+            f"{where}: seeds must be one of {list(SEED_SOURCES)} or a list of them, got {seeds_spec!r}"
+        )
     seeds = (seeds_spec,) if isinstance(seeds_spec, str) else tuple(seeds_spec)
     for seed in seeds:
         if seed not in SEED_SOURCES:

@@ -93,6 +93,7 @@ def test_a_scenario_is_config_not_code():
         ([RECALL, {"rerank": [{"shuffle": {}}]}], "unknown rule 'shuffle'"),
         ([{"retrieve": {}}], "unknown stage 'retrieve'"),
         ([RECALL, {"rank": {"max_candidates": 6000}}], "max_candidates must be an integer in 1..5000"),
+        ([{"recall": {"sources": {"u2i": 10}, "seeds": None}}], "seeds must be one of"),
     ],
 )
 def test_incompatible_or_invalid_pipelines_are_rejected_naming_scenario_and_stage(stages, message):
