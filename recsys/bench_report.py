@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -123,12 +124,50 @@ def rank_section(report: dict) -> list[str]:
     ]
 
 
-def ann_section(report: dict) -> list[str]:
-    lines = ["### ANN index", "", f"`{report.get('command', 'recsys bench ann')}` — {_machine(report)}."]
-    summary = report.get("summary") or report.get("bars") or {}
-    if summary:
-        lines += ["", "```json", json.dumps(summary, indent=1)[:4000], "```"]
-    return lines
+def ann_section(report: dict, plots_dir: str | None = None) -> list[str]:
+    settings = report.get("settings", {})
+    lines = [
+        "### ANN index",
+        "",
+        f"`{report.get('command', 'recsys bench ann')}` — {_machine(report)}. Recall@k against exact "
+        f"search; QPS at the smallest search setting reaching recall {settings.get('target_recall', 0.95)}"
+        f" (peers built with M={settings.get('hnsw_m', '?')}, efConstruction="
+        f"{settings.get('ef_construction', '?')}). {report.get('note', '')}",
+        "",
+        "| data | default index | build s | k | batch | default: setting, recall, QPS "
+        "| best peer at that recall | bar |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    plots = []
+    for name, dataset in report.get("datasets", {}).items():
+        default = dataset.get("indexes", {}).get("default", {})
+        label = f"{name} ({dataset.get('num_vectors', '?'):,} x {dataset.get('dim', '?')})"
+        for row in dataset.get("summary", []):
+            mine, peer = row.get("default") or {}, row.get("best_peer") or {}
+            lines.append(
+                f"| {label} | {default.get('factory', '?')} | {default.get('build_s', 0):.0f} | {row['k']} "
+                f"| {row['batch']} | {mine.get('value') or 'exact'}, {mine.get('recall', 0):.3f}, "
+                f"{mine.get('qps', 0):,.0f} | {peer.get('library', '—')} {peer.get('value', '')}, "
+                f"{peer.get('recall', 0):.3f}, {peer.get('qps', 0):,.0f} "
+                f"| {'met' if row.get('bar_met') else '**not met**'} |"
+            )
+        if plots_dir:
+            plots += [
+                f"![{name}: recall@k vs QPS]({plots_dir}/{plot})" for plot in dataset.get("plots", [])[:1]
+            ]
+    return [*lines, "", *plots] if plots else lines
+
+
+PLOTS_DIR = Path("docs/performance")  # beside the README: the plots it shows travel with it
+
+
+def publish_plots(bench_dir: Path, readme_dir: Path) -> Path:
+    """Copy the benchmark plots next to the README (the bench folder is not committed)."""
+    target = readme_dir / PLOTS_DIR
+    target.mkdir(parents=True, exist_ok=True)
+    for plot in sorted(bench_dir.glob("*.png")):
+        shutil.copyfile(plot, target / plot.name)
+    return target
 
 
 def render(bench_dir: Path, readme_dir: Path) -> str:
@@ -136,20 +175,14 @@ def render(bench_dir: Path, readme_dir: Path) -> str:
     lines: list[str] = []
     e2e = _load(bench_dir / "e2e.json")
     if e2e is not None:
-        plot = bench_dir / "e2e.png"
-        shown = None
-        if plot.is_file():
-            try:
-                shown = str(plot.resolve().relative_to(readme_dir.resolve()))
-            except ValueError:
-                shown = str(plot)
+        shown = str(PLOTS_DIR / "e2e.png") if (bench_dir / "e2e.png").is_file() else None
         lines += [*e2e_section(e2e, shown), ""]
     rank = _load(bench_dir / "rank.json")
     if rank is not None:
         lines += [*rank_section(rank), ""]
     ann = _load(bench_dir / "ann.json")
     if ann is not None:
-        lines += [*ann_section(ann), ""]
+        lines += [*ann_section(ann, str(PLOTS_DIR)), ""]
     if not lines:
         lines = [f"No benchmark JSON in {bench_dir}: run `make bench`.", ""]
     return "\n".join(lines)
@@ -174,8 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.readme is None:
         print(body)
         return 0
+    publish_plots(args.bench, args.readme.parent)
     update_readme(args.readme, body)
-    print(f"updated {args.readme}")
+    print(f"updated {args.readme} (plots in {args.readme.parent / PLOTS_DIR})")
     return 0
 
 
