@@ -68,6 +68,10 @@ class RankTrainConfig:
     batch_size: int = 128
     learning_rate: float = 1e-3
     weight_decay: float = 1e-5
+    # Share of training lists whose scenario is replaced by the first (generic, "home") one: the
+    # home feed is asked without knowing which page the user's next event will come from, so the
+    # ranker must also rank well without the target event's scenario (which the log reveals).
+    scenario_dropout: float = 0.5
     patience: int = 3
     eval_users: int = 4000  # validation users for early stopping (0 = all)
     time_limit_s: float = 13 * 60.0
@@ -366,8 +370,10 @@ def train_model(dataset: Dataset, source: CandidateSource, config: RankTrainConf
             rows = order[start : start + config.batch_size]
             histories = [dataset.sequences[examples.users[r]][: examples.cuts[r]] for r in rows]
             events = [dataset.events_of(examples.users[r])[: examples.cuts[r]] for r in rows]
+            scenarios = examples.scenarios[rows].copy()
+            scenarios[rng.random(len(rows)) < config.scenario_dropout] = 0
             tensors, counts = scorer.batch_inputs(
-                histories, events, examples.scenarios[rows].tolist(), [examples.lists[r] for r in rows]
+                histories, events, scenarios.tolist(), [examples.lists[r] for r in rows]
             )
             logits = model(*tensors)[0]
             width = logits.shape[1]
