@@ -11,8 +11,14 @@ EXTRAS ?= train,dev,deploy,bench
 PROTOS := $(wildcard protos/recsys/v1/*.proto)
 STUBS := recsys/v1/__init__.py
 INSTALLED := $(VENV)/.installed
+# buf (proto lint and breaking-change checks, tests/test_contract.py) from the npm registry, pinned,
+# into the ignored .tools/. BUF_AGAINST: the git ref whose protos `buf breaking` compares with
+# (origin/<ref> when there is no local branch of that name).
+BUF_VERSION := 1.75.0
+BUF := .tools/node_modules/.bin/buf
+BUF_AGAINST ?= main
 
-.PHONY: install protos run test test-slow lint eval bench data train export serve clean system-deps format gpu-check
+.PHONY: install protos buf run test test-slow lint eval bench data train export serve clean system-deps format gpu-check
 
 install: $(INSTALLED) $(STUBS)
 
@@ -29,12 +35,24 @@ $(STUBS): $(PROTOS) $(INSTALLED)
 	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. $(PROTOS)
 	touch $@
 
+# buf for the contract checks; without npm, or when the install fails (offline), the checks skip
+# with the reason rather than failing `make test`.
+buf:
+	@if [ -x $(BUF) ] && [ "$$($(BUF) --version 2>/dev/null)" = "$(BUF_VERSION)" ]; then \
+		exit 0; \
+	elif ! command -v npm >/dev/null 2>&1; then \
+		echo "buf: npm not found, the buf lint/breaking checks will be skipped (install Node.js and npm)"; \
+	elif ! npm install --prefix .tools --no-audit --no-fund --loglevel=error \
+			--fetch-retries=1 --fetch-timeout=30000 @bufbuild/buf@$(BUF_VERSION); then \
+		echo "buf: npm install @bufbuild/buf@$(BUF_VERSION) failed, the buf lint/breaking checks will be skipped"; \
+	fi
+
 # Servers the tests start themselves (redis-server, prometheus/promtool); installed when missing.
 system-deps:
 	@bash scripts/install-system-deps.sh
 
-test: install system-deps
-	$(PY) -m pytest -m "not slow and not gpu" -q
+test: install system-deps buf
+	RECSYS_BUF_AGAINST=$(BUF_AGAINST) $(PY) -m pytest -m "not slow and not gpu" -q
 
 test-slow: install
 	$(PY) -m pytest -m "slow" -q
@@ -69,4 +87,4 @@ gpu-check: install
 	PYTHON=$(PY) bash scripts/gpu-check.sh
 
 clean:
-	rm -rf $(ARTIFACTS) recsys/v1 .pytest_cache .ruff_cache build *.egg-info
+	rm -rf $(ARTIFACTS) recsys/v1 .tools .pytest_cache .ruff_cache build *.egg-info

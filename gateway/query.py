@@ -10,22 +10,26 @@ else the one `make run` wrote to artifacts/dev-token (when that file exists).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import sys
-import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
-import grpc
-
 from gateway.config import DEFAULT_PORT
-from recsys.data.dataset import EventType
-from recsys.serving.auth import DEV_TOKEN_FILE, TOKEN_ENV, bearer_metadata, read_token
+from recsys.client import (
+    TOKEN_ENV,
+    Event,
+    Recommendation,
+    RecsysClient,
+    RecsysError,
+    UnauthenticatedError,
+    event_type_value,
+    read_token,
+)
+from recsys.serving.auth import DEV_TOKEN_FILE
 from recsys.serving.config import env_default
-from recsys.v1 import gateway_pb2, gateway_pb2_grpc
 
 DEFAULT_GATEWAY = f"127.0.0.1:{DEFAULT_PORT}"
 DEFAULT_TOKEN_FILE = Path("artifacts") / DEV_TOKEN_FILE
@@ -102,7 +106,7 @@ def build_events_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def format_response(response: gateway_pb2.RecommendResponse, debug: bool) -> str:
+def format_response(response: Recommendation, debug: bool) -> str:
     """A readable table of the items plus the response's status line."""
     header = f"{'#':>3}  {'item':<24} {'score':>10}  {'source':<10}"
     if debug:
@@ -113,78 +117,61 @@ def format_response(response: gateway_pb2.RecommendResponse, debug: bool) -> str
         if debug:
             line += f"  {item.recall_score:>8.4f} {item.rank_score:>8.4f}  {item.explanation}"
         lines.append(line)
-    timings = "  ".join(f"{t.stage} {t.milliseconds:.1f}ms" for t in response.timings)
+    timings = "  ".join(f"{stage} {ms:.1f}ms" for stage, ms in response.timings_ms.items())
     status = "DEGRADED (" + ", ".join(response.degraded_reasons) + ")" if response.degraded else "ok"
     lines.append(f"{len(response.items)} items  model {response.model_version or '-'}  {status}")
     lines.append(f"timings: {timings}")
     return "\n".join(lines)
 
 
-def _call_metadata(args: argparse.Namespace) -> tuple[tuple[str, str], ...] | None:
-    token = token_from_args(args)
-    return bearer_metadata(token) if token is not None else None
+def _client(args: argparse.Namespace) -> RecsysClient:
+    return RecsysClient(args.gateway, token=token_from_args(args), timeout_s=args.timeout)
 
 
-async def _recommend(args: argparse.Namespace, out: TextIO) -> int:
-    request = gateway_pb2.RecommendRequest(
-        request_id=uuid.uuid4().hex,
-        user_id=args.user,
-        scenario=args.scenario,
-        num_items=args.num_items,
-        context=gateway_pb2.RecommendContext(item_ids=args.item, category=args.category),
-        debug=args.debug,
-    )
-    metadata = _call_metadata(args)
-    async with grpc.aio.insecure_channel(args.gateway) as channel:
-        response = await gateway_pb2_grpc.GatewayStub(channel).Recommend(
-            request, timeout=args.timeout, metadata=metadata
+def _recommend(args: argparse.Namespace, out: TextIO) -> int:
+    with _client(args) as client:
+        response = client.recommend(
+            args.user,
+            args.scenario,
+            num_items=args.num_items,
+            context_items=args.item,
+            category=args.category,
+            debug=args.debug,
+            request_id=uuid.uuid4().hex,
         )
     print(format_response(response, args.debug), file=out)
     return 0
 
 
-async def _events(args: argparse.Namespace, out: TextIO) -> int:
+def _events(args: argparse.Namespace, out: TextIO) -> int:
     try:
-        event_type = EventType.parse(args.type)
-    except (KeyError, ValueError):
+        event_type_value(args.type)
+    except ValueError:
         print(
             f"--type: unknown event type {args.type!r} (view, click, add_to_cart, purchase)", file=sys.stderr
         )
         return 2
-    event = gateway_pb2.Event(
-        event_id=args.event_id or uuid.uuid4().hex,
-        user_id=args.user,
-        item_id=args.item,
-        type=int(event_type),
-        timestamp_ms=int(time.time() * 1000),
-        scenario=args.scenario,
-    )
-    metadata = _call_metadata(args)
-    async with grpc.aio.insecure_channel(args.gateway) as channel:
-        response = await gateway_pb2_grpc.GatewayStub(channel).LogEvents(
-            gateway_pb2.LogEventsRequest(events=[event]), timeout=args.timeout, metadata=metadata
-        )
-    print(f"event {event.event_id}: accepted {response.accepted}, duplicates {response.duplicates}", file=out)
+    event_id = {"event_id": args.event_id} if args.event_id else {}  # else a new UUID
+    event = Event(user_id=args.user, item_id=args.item, type=args.type, scenario=args.scenario, **event_id)
+    with _client(args) as client:
+        result = client.log_events([event])
+    print(f"event {event.event_id}: accepted {result.accepted}, duplicates {result.duplicates}", file=out)
     return 0
 
 
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     out = sys.stdout if out is None else out
-    if argv[:1] == ["events"]:
-        args = build_events_parser().parse_args(argv[1:])
-        call = _events(args, out)
-    else:
-        args = build_recommend_parser().parse_args(argv)
-        call = _recommend(args, out)
     try:
-        return asyncio.run(call)
+        if argv[:1] == ["events"]:
+            return _events(build_events_parser().parse_args(argv[1:]), out)
+        return _recommend(build_recommend_parser().parse_args(argv), out)
     except TokenError as error:
         print(error, file=sys.stderr)
         return 2
-    except grpc.aio.AioRpcError as error:
-        print(f"{error.code().name}: {error.details()}", file=sys.stderr)
-        if error.code() == grpc.StatusCode.UNAUTHENTICATED:
+    except RecsysError as error:
+        print(error, file=sys.stderr)  # CODE: details (INVALID_ARGUMENT names the field)
+        if isinstance(error, UnauthenticatedError):
             print(
                 f"pass --token-file FILE or set {TOKEN_ENV} (`make run` writes {DEFAULT_TOKEN_FILE})",
                 file=sys.stderr,

@@ -14,7 +14,8 @@ compared with every known digest in constant time. The file is re-read when it c
 at most every ``reload_interval_s``), so a rotated Secret takes effect without a restart; a file
 that no longer parses is logged and the previous tokens stay in force.
 
-Client side: :func:`read_token`, :func:`bearer_metadata` and :class:`BearerTokenInterceptor`.
+Client side: :class:`BearerTokenInterceptor` here; the token helpers (:func:`read_token`,
+:func:`bearer_metadata`, ``TOKEN_ENV``) live in :mod:`recsys.client` and are re-exported here.
 """
 
 from __future__ import annotations
@@ -36,14 +37,15 @@ from typing import Any
 import grpc
 import yaml
 
+from recsys.client import AUTHORIZATION, bearer_metadata
+from recsys.client import TOKEN_ENV as TOKEN_ENV  # re-exported: defined once, in the client
+from recsys.client import read_token as read_token
 from recsys.serving.config import ConfigError
 from recsys.serving.validation import MalformedRequest
 
 logger = logging.getLogger(__name__)
 
 SCOPES = ("recommend", "events", "debug", "admin")
-AUTHORIZATION = "authorization"
-TOKEN_ENV = "RECSYS_TOKEN"  # a client's token, for `recsys query` and the bench
 DEV_TOKEN_FILE = "dev-token"  # in the artifacts folder: the token `make run` made (mode 0600)
 TOKENS_FILE = "auth-tokens.json"  # in the artifacts folder: its digest, for the gateway
 
@@ -321,20 +323,6 @@ def _checking_request(behavior: Callable[..., Any], check: Callable[[Any], None]
 
 
 # -- client side ----------------------------------------------------------------------------
-
-
-def read_token(path: Path) -> str:
-    """The token in ``path`` (its first line, stripped); ValueError if the file holds none."""
-    text = Path(path).read_text(encoding="utf-8").strip()
-    token = text.splitlines()[0].strip() if text else ""
-    if not token:
-        raise ValueError(f"{path}: no token in the file")
-    return token
-
-
-def bearer_metadata(token: str) -> tuple[tuple[str, str], ...]:
-    """Call metadata carrying ``token``: pass as ``metadata=`` to a stub call."""
-    return ((AUTHORIZATION, f"Bearer {token}"),)
 
 
 class BearerTokenInterceptor(grpc.aio.UnaryUnaryClientInterceptor):
