@@ -137,8 +137,13 @@ def start_stacks(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, Sta
             logs / "inprocess.log",
         )  # fmt: skip
         stacks["inprocess"] = Stack("inprocess", [single], single)
-    for stack in stacks.values():
-        stack.start()
+    try:
+        for stack in stacks.values():
+            stack.start()
+    except BaseException:  # never leave a half-started stack's processes behind
+        for stack in stacks.values():
+            stack.stop()
+        raise
     return stacks, token_path, users, items
 
 
@@ -194,7 +199,7 @@ def summarise(runs: dict, stacks: list[str], scenarios: list[str], p99_ms: float
             local = at("inprocess", scenario, grpc_run["rate"])
             if local is None:
                 continue
-            ratios[scenario][str(grpc_run["rate"])] = {
+            ratios[scenario][f"{grpc_run['rate']:g}"] = {
                 "p50": round(grpc_run["latency_ms"]["p50"] / max(local["latency_ms"]["p50"], 1e-9), 2),
                 "p99": round(grpc_run["latency_ms"]["p99"] / max(local["latency_ms"]["p99"], 1e-9), 2),
                 "cpu_per_request": round(

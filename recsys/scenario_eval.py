@@ -194,7 +194,11 @@ async def evaluate_scenarios(
                 ranked.append(answer[0])
                 targets.append(split.target(user, phase))
                 degraded += answer[1]
-        metrics = metrics_from_ranks(ranks_from_lists(ranked, np.asarray(targets)), EVAL_KS)
+        if not targets:  # e.g. category pages on a dataset without categories
+            results[name] = {"users": 0, "skipped_users": skipped, "note": "no user could be asked"}
+            log.info("scenario %s: no user could be asked (%d skipped)", name, skipped)
+            continue
+        metrics: dict = metrics_from_ranks(ranks_from_lists(ranked, np.asarray(targets)), EVAL_KS)
         metrics.update(
             {
                 "users": len(targets),
