@@ -109,6 +109,13 @@ JSON_ROUTES = (
         gateway_pb2.LogEventsResponse,
         "Log user events, idempotent by eventId (scope events)",
     ),
+    JsonRoute(
+        "/v1/forget-user",
+        "ForgetUser",
+        gateway_pb2.ForgetUserRequest,
+        gateway_pb2.ForgetUserResponse,
+        "Delete a user's history and dedupe records; exclude them from the next training export (scope admin)",
+    ),
 )
 
 

@@ -96,6 +96,11 @@ async def test_events_are_logged_and_change_the_next_recommendation(client: http
     assert again.json() == {"accepted": 0, "duplicates": 1}  # idempotent by eventId, as on gRPC
     assert await home() != before
 
+    forgotten = await client.post("/v1/forget-user", json={"userId": "u9"}, headers=AUTH)
+    assert forgotten.status_code == 200, forgotten.text
+    assert forgotten.json() == {"deletedEvents": 1}
+    assert (await client.post("/v1/forget-user", json={"userId": "u9"})).status_code == 401
+
 
 @pytest.mark.parametrize(
     ("body", "field"),
