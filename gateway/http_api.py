@@ -114,7 +114,7 @@ JSON_ROUTES = (
         "ForgetUser",
         gateway_pb2.ForgetUserRequest,
         gateway_pb2.ForgetUserResponse,
-        "Delete a user's history and dedupe records; exclude them from the next training export (scope admin)",
+        "Delete a user's history and dedupe records; excluded from the next training export (scope admin)",
     ),
 )
 
