@@ -20,8 +20,8 @@ from pathlib import Path
 import grpc
 
 from gateway.query import DEFAULT_GATEWAY, TokenError, add_token_argument, token_from_args
-from recsys.bench import latency_summary, machine_info
 from recsys.serving.auth import BearerTokenInterceptor
+from recsys.timing import latency_summary, machine_info
 from recsys.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
 CONTEXT_SCENARIOS = {"item_detail", "cart"}

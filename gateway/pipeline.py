@@ -15,6 +15,9 @@ downstream call carries its share. Faults degrade, they do not fail:
 - history store failing or slow -> an empty history (cold start), ``degraded``
   (``history_unavailable`` / ``history_timeout``);
 - nothing sensible to return (no catalog was ever fetched) -> :class:`PipelineUnavailable`.
+
+In a traced call (``recsys.serving.tracing``) each stage is a span with the scenario and the
+candidate counts, and recall and rank get the trace context in their call's metadata.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from gateway.history import HistoryStore
 from gateway.rerank import Candidates, History, RerankInputs, apply_rules
 from gateway.scenarios import RankStage, RecallStage, Scenario
 from recsys.serving.metrics import LATENCY_BUCKETS, get_or_create
+from recsys.serving.tracing import child_span, outgoing_metadata
 from recsys.serving.validation import InvalidArgument
 from recsys.serving.wire import FLAGS, INDEX, SCORE, flags_to_mask, pack, unpack
 from recsys.sources import RECALL_SOURCES, SOURCE_INDEX
@@ -461,19 +465,23 @@ class Pipeline:
         context_items = catalog.indices(inputs.context_item_ids)
 
         history_budget = min(self.history_timeout_s, max(0.0, deadline - time.monotonic()))
-        try:
-            if inputs.history is not None or not inputs.user_id:  # no store to wait for
-                history = await self.load_history(inputs, catalog)
-            else:
-                history = await asyncio.wait_for(self.load_history(inputs, catalog), history_budget)
-        except TimeoutError:
-            log.warning("history store slower than %.0f ms: serving without history", history_budget * 1000)
-            result.degraded_reasons.append("history_timeout")
-            history = History()
-        except Exception as error:  # the store is down: serve the user as a cold start
-            log.warning("history store failed, serving without history: %r", error)
-            result.degraded_reasons.append("history_unavailable")
-            history = History()
+        with child_span("stage history", {"recsys.scenario": name, "recsys.stage": "history"}) as span:
+            try:
+                if inputs.history is not None or not inputs.user_id:  # no store to wait for
+                    history = await self.load_history(inputs, catalog)
+                else:
+                    history = await asyncio.wait_for(self.load_history(inputs, catalog), history_budget)
+            except TimeoutError:
+                log.warning(
+                    "history store slower than %.0f ms: serving without history", history_budget * 1000
+                )
+                result.degraded_reasons.append("history_timeout")
+                history = History()
+            except Exception as error:  # the store is down: serve the user as a cold start
+                log.warning("history store failed, serving without history: %r", error)
+                result.degraded_reasons.append("history_unavailable")
+                history = History()
+            span.set_attribute("recsys.history_length", len(history.item_ids))
         result.history = history
         unknown = int((history.indices < 0).sum() + (context_items < 0).sum())
         if unknown:
@@ -484,22 +492,31 @@ class Pipeline:
         # stage's needs are met by the request or an earlier stage).
         candidates = Candidates.empty()
         for stage in scenario.stages:
-            if isinstance(stage, RecallStage):
-                candidates = await self._recall(
-                    inputs, catalog, history, context_items, category, deadline, result
-                )
-            elif isinstance(stage, RankStage):
-                if not len(candidates):
-                    continue
-                candidates = await self._rank(inputs, stage, catalog, history, candidates, deadline, result)
-            else:
-                rerank_inputs = RerankInputs(
-                    catalog=catalog,
-                    history=history,
-                    context_items=context_items[context_items >= 0],
-                    now_ms=int(time.time() * 1000),
-                )
-                candidates = apply_rules(stage.rules, candidates, rerank_inputs)
+            if isinstance(stage, RankStage) and not len(candidates):
+                continue
+            attributes = {
+                "recsys.scenario": name,
+                "recsys.stage": stage.kind,
+                "recsys.candidates_in": len(candidates),
+            }
+            with child_span(f"stage {stage.kind}", attributes) as span:
+                if isinstance(stage, RecallStage):
+                    candidates = await self._recall(
+                        inputs, catalog, history, context_items, category, deadline, result
+                    )
+                elif isinstance(stage, RankStage):
+                    candidates = await self._rank(
+                        inputs, stage, catalog, history, candidates, deadline, result
+                    )
+                else:
+                    rerank_inputs = RerankInputs(
+                        catalog=catalog,
+                        history=history,
+                        context_items=context_items[context_items >= 0],
+                        now_ms=int(time.time() * 1000),
+                    )
+                    candidates = apply_rules(stage.rules, candidates, rerank_inputs)
+                span.set_attribute("recsys.candidates_out", len(candidates))
             self.metrics.candidates.labels(name, stage.kind).observe(len(candidates))
             mark = timed(stage.kind, mark)
 
@@ -556,7 +573,7 @@ class Pipeline:
         try:
             if timeout <= 0:
                 raise TimeoutError("no time left for recall")
-            response = await self.recall.Recall(request, timeout=timeout)
+            response = await self.recall.Recall(request, timeout=timeout, metadata=outgoing_metadata())
             candidates = decode_recall(response, catalog)
         except (grpc.aio.AioRpcError, TimeoutError, ValueError, CatalogMismatchError) as error:
             reason = _failure_reason("recall", error)
@@ -602,7 +619,7 @@ class Pipeline:
         try:
             if timeout <= 0:
                 raise TimeoutError("no time left for rank")
-            response = await self.rank.Rank(request, timeout=timeout)
+            response = await self.rank.Rank(request, timeout=timeout, metadata=outgoing_metadata())
             if response.catalog != catalog.fingerprint:
                 raise CatalogMismatchError("rank answered for another catalog")
             scores = unpack(response.scores, SCORE, "scores", count)

@@ -124,7 +124,7 @@ async def serve(
     """Start the gateway; returns once it is SERVING (with recall's catalog when recall is up).
 
     ``backends`` replaces the gRPC stubs of recall and rank by objects with the same methods
-    (the in-process backends of ``recsys.inprocess``); by default they are channels to
+    (the in-process backends of ``recsys.app.inprocess``); by default they are channels to
     ``config.recall_address`` / ``config.rank_address``."""
     registry = new_registry() if registry is None else registry
     reload_errors = Counter(

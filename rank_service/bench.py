@@ -10,7 +10,7 @@ against); the FP16 fused-attention GPU graph on the CPU provider; and ``RankRunt
 end (features, packing, session). With a CUDA provider available it also times the GPU graph on
 it. Thread count: 1 by default, as served (``RankConfig.threads``).
 
-Variants are timed interleaved (:func:`recsys.bench.time_interleaved`): in each round every variant
+Variants are timed interleaved (:func:`recsys.timing.time_interleaved`): in each round every variant
 runs a block of calls, in a seeded shuffled order, so that a noisy shared machine slows all of them
 alike. Reports median and p99 over all calls per variant, and each speed ratio per round (the
 slower variant's block median over the faster's) as median, min and max over the rounds:
@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from recsys.bench import machine_info, time_interleaved
+from recsys.timing import machine_info, time_interleaved
 
 
 def serving_queries(num_items: int, history: int, candidates: int, count: int, seed: int = 0) -> list:

@@ -43,7 +43,7 @@ from recall_service.index import (
     search_parameter,
     tune_index,
 )
-from recsys.bench import latency_summary, machine_info
+from recsys.timing import latency_summary, machine_info
 
 log = logging.getLogger(__name__)
 

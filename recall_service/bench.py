@@ -19,9 +19,9 @@ import numpy as np
 
 from recall_service.config import RecallConfig
 from recall_service.engine import RecallEngine, RecallQuery
-from recsys.bench import latency_summary, machine_info
 from recsys.serving.config import ServingConfig
 from recsys.serving.wire import FLAGS, INDEX, catalog_fingerprint, pack
+from recsys.timing import latency_summary, machine_info
 from recsys.v1 import common_pb2, recall_pb2, recall_pb2_grpc
 
 

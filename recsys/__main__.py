@@ -1,3 +1,3 @@
-from recsys.cli import main
+from recsys.app.cli import main
 
 raise SystemExit(main())

@@ -58,6 +58,6 @@ timeout 240 $PYTHON -m pytest -p no:cacheprovider -m gpu -v -rs tests/rank tests
   >"$OUT/pytest-gpu.log" 2>&1 || status=1
 timeout 300 $PYTHON -m pytest -p no:cacheprovider -m "not slow and not gpu" -q -rs -x tests/rank tests/recall \
   >"$OUT/pytest-suites.log" 2>&1 || status=1
-timeout 300 $PYTHON -m recsys.cli bench gpu --out "$OUT/bench-gpu.json" >"$OUT/bench-gpu.log" 2>&1 || status=1
+timeout 300 $PYTHON -m recsys.app.cli bench gpu --out "$OUT/bench-gpu.json" >"$OUT/bench-gpu.log" 2>&1 || status=1
 echo "gpu-check finished with status $status; results in $OUT"
 exit $status

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from recsys import bench_report
-from recsys.e2e_bench import passes, summarise
+from recsys.app import bench_report
+from recsys.app.e2e_bench import passes, summarise
 
 MACHINE = {"cpu": "Test CPU", "cores": 2, "python": "3.11"}
 

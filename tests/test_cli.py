@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from recsys import cli
+from recsys.app import cli
 
 
 def test_help_lists_every_verb(capsys: pytest.CaptureFixture[str]) -> None:

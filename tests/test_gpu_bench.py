@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from recsys import gpu_bench
+from recsys.app import gpu_bench
 
 
 def test_gpu_bench_reports_skipped_parts_without_a_gpu(tmp_path, capsys) -> None:

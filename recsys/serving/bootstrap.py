@@ -2,7 +2,8 @@
 
 ``start_server`` builds a ``grpc.aio`` server with the standard health service (NOT_SERVING until
 the service's warmup succeeds), server reflection, the RED metrics interceptor and an HTTP
-``/metrics`` port, optional TLS / mutual TLS, message size and concurrency limits, a maximum
+``/metrics`` port, OpenTelemetry server spans when ``OTEL_EXPORTER_OTLP_ENDPOINT`` is set
+(``recsys.serving.tracing``), optional TLS / mutual TLS, message size and concurrency limits, a maximum
 connection age, and INVALID_ARGUMENT (not UNKNOWN) for requests that do not parse. ``run_until_signal`` turns
 SIGTERM/SIGINT into NOT_SERVING followed by a graceful stop.
 """
@@ -26,6 +27,7 @@ from prometheus_client import CollectorRegistry
 from recsys.serving.config import ServingConfig
 from recsys.serving.logging import configure_logging
 from recsys.serving.metrics import GrpcServerMetrics, MetricsHttpServer, MetricsInterceptor, new_registry
+from recsys.serving.tracing import tracing_interceptor
 from recsys.serving.validation import MalformedRequestInterceptor
 
 logger = logging.getLogger(__name__)
@@ -252,12 +254,19 @@ async def start_server(
     outside the one that answers unparseable requests INVALID_ARGUMENT (so an authentication
     interceptor answers first). Calls beyond ``config.max_concurrent_rpcs`` are refused by gRPC
     with RESOURCE_EXHAUSTED before any interceptor runs, so they are not in the metrics.
+
+    Tracing is set up here (``recsys.serving.tracing.setup_tracing``): on when
+    ``OTEL_EXPORTER_OTLP_ENDPOINT`` is set, each call then gets a server span continuing the
+    caller's W3C trace context.
     """
     if not logging.getLogger().handlers:  # like logging.basicConfig: only if nobody configured logging
         configure_logging(service, config.log_level)
     registry = new_registry() if registry is None else registry
+    # Outermost, so the span covers every other interceptor; None (no interceptor) when tracing is off.
+    tracing = tracing_interceptor(service, untraced_services=(HEALTH_SERVICE_NAME, REFLECTION_SERVICE_NAME))
     server = grpc.aio.server(
         interceptors=[
+            *([tracing] if tracing is not None else []),
             MetricsInterceptor(GrpcServerMetrics(registry)),
             *interceptors,
             MalformedRequestInterceptor(),

@@ -1,5 +1,6 @@
 """JSON structured logs: one JSON object per line with ts, level, service, logger, message, and
-every ``extra={...}`` field the caller passed (plus ``exception`` with the traceback, if any).
+every ``extra={...}`` field the caller passed (plus ``exception`` with the traceback, if any),
+and ``trace_id``/``span_id`` while an OpenTelemetry span is current (``recsys.serving.tracing``).
 
 Imported as ``recsys.serving.logging``; absolute imports mean it never shadows the standard
 ``logging`` module (which this file itself uses).
@@ -12,6 +13,8 @@ import logging
 import sys
 from datetime import UTC, datetime
 from typing import IO, Any
+
+from opentelemetry import trace
 
 # Attributes every LogRecord has; anything else on a record came from ``extra=``.
 _STANDARD_RECORD_ATTRIBUTES = frozenset(
@@ -37,6 +40,10 @@ class JsonFormatter(logging.Formatter):
         for key, value in vars(record).items():
             if key not in _STANDARD_RECORD_ATTRIBUTES and not key.startswith("_"):
                 entry[key] = value
+        span_context = trace.get_current_span().get_span_context()
+        if span_context.is_valid:  # logged while serving a traced call: join the log to the trace
+            entry["trace_id"] = trace.format_trace_id(span_context.trace_id)
+            entry["span_id"] = trace.format_span_id(span_context.span_id)
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         if record.stack_info:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from recsys.evaluation import cli
+from recsys.app import eval as cli
 from recsys.evaluation.protocol import PROTOCOL
 
 METRIC_NAMES = {"HR@10", "NDCG@10", "HR@20", "NDCG@20", "HR@50", "NDCG@50", "MRR", "users"}

@@ -9,8 +9,8 @@ import yaml
 
 from gateway.config import DEFAULT_SCENARIOS
 from gateway.scenarios import load_scenarios
+from recsys.app.scenario_eval import NUM_ITEMS, evaluate_scenarios, scenario_request, without_budgets
 from recsys.data.split import LeaveOneOutSplit
-from recsys.scenario_eval import NUM_ITEMS, evaluate_scenarios, scenario_request, without_budgets
 
 pytestmark = pytest.mark.integration
 

@@ -184,8 +184,8 @@ async def test_the_offline_scenario_evaluator_serves_exactly_what_the_gateway_se
 ):
     """Same bundles, same scenario file: `recsys eval --scenario` (the pipeline in process) and
     the real gateway over gRPC return identical item lists for every shipped scenario."""
+    from recsys.app.scenario_eval import NUM_ITEMS, OfflinePipeline, scenario_request
     from recsys.data.split import LeaveOneOutSplit
-    from recsys.scenario_eval import NUM_ITEMS, OfflinePipeline, scenario_request
 
     dataset = synthetic_dataset
     split = LeaveOneOutSplit(dataset)

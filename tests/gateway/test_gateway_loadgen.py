@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from recsys import loadgen
+from recsys.app import loadgen
 from tests.gateway.conftest import TEST_TOKEN, FakeStack
 from tests.gateway.fakes import ITEM_IDS
 

@@ -18,8 +18,8 @@ import httpx
 import pytest
 
 from gateway import query
+from recsys.app.run import pick_port
 from recsys.data.prepare import dataset_artifacts, prepare_dataset
-from recsys.run import pick_port
 
 pytestmark = pytest.mark.integration
 

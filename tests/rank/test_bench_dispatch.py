@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from recsys import bench
+from recsys.app import bench
 
 
 @pytest.fixture

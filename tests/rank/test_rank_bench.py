@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from recsys.bench import time_interleaved
+from recsys.timing import time_interleaved
 
 DURATIONS_MS = {"eager": 8.0, "folded": 4.0, "served": 1.0}
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
+from recsys.app.cli import main as cli_main
 from recsys.bundle import (
     CURRENT,
     BundleError,
@@ -24,7 +25,6 @@ from recsys.bundle import (
     verify_bundle,
     write_manifest,
 )
-from recsys.cli import main as cli_main
 from recsys.serving.config import ConfigError, ModelServingConfig, ServingConfig
 from recsys.serving.reload import BundleWatcher, bundle_key
 from recsys.serving.wire import catalog_fingerprint

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from recsys.bench import machine_info, time_calls
+from recsys.timing import machine_info, time_calls
 
 
 def bench_rank(args: argparse.Namespace) -> dict[str, Any]:

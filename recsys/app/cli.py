@@ -15,15 +15,15 @@ COMMANDS: dict[str, dict[str, str]] = {
     "data": {"": "recsys.data.cli:main"},
     "train": {"recall": "recall_service.train:main", "rank": "rank_service.train:main"},
     "export": {"recall": "recall_service.export:main", "rank": "rank_service.export:main"},
-    "eval": {"": "recsys.evaluation.cli:main"},
+    "eval": {"": "recsys.app.eval:main"},
     "serve": {
         "recall": "recall_service.__main__:main",
         "rank": "rank_service.__main__:main",
         "gateway": "gateway.__main__:main",
     },
     "query": {"": "gateway.query:main"},
-    "bench": {"": "recsys.bench:main"},
-    "run": {"": "recsys.run:main"},
+    "bench": {"": "recsys.app.bench:main"},
+    "run": {"": "recsys.app.run:main"},
     "bundle": {"": "recsys.bundle:main"},
 }
 

@@ -3,7 +3,7 @@
 Each evaluated user becomes a stateless ``Recommend`` request (the user's history before the
 target) for the named scenario of the scenario file, answered by the very
 :class:`gateway.pipeline.Pipeline` the gateway runs, over in-process recall and rank backends
-(``recsys.inprocess``: the services' own servicers, batchers, engines and packed wire) — so the
+(``recsys.app.inprocess``: the services' own servicers, batchers, engines and packed wire) — so the
 number is the quality of what the gateway returns, re-rank rules included. Scenario contexts:
 ``item_detail`` views the user's last history item, ``cart`` holds it, ``category`` is the
 target's category page (users whose target has no category are skipped and counted). Budgets are
@@ -27,10 +27,10 @@ from gateway.pipeline import GatewayMetrics, Pipeline, RecommendInputs, Recommen
 from gateway.scenarios import RankStage, RecallStage, Scenario, load_scenarios
 from rank_service.config import RankConfig
 from recall_service.config import RecallConfig
+from recsys.app.inprocess import load_backends
 from recsys.data.dataset import Dataset
 from recsys.data.split import LeaveOneOutSplit, Phase
 from recsys.evaluation.protocol import metrics_from_ranks, ranks_from_lists
-from recsys.inprocess import load_backends
 from recsys.serving.config import ServingConfig
 from recsys.serving.metrics import new_registry
 from recsys.v1 import common_pb2

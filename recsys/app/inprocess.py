@@ -6,7 +6,7 @@ engine / runtime, packed answers) in this process. The gateway therefore runs th
 pipeline either way, which is what ``recsys bench e2e`` compares to measure what the gRPC hops
 cost; it is also a one-process deployment for small shops:
 
-    python -m recsys.inprocess --recall-bundle DIR --rank-bundle DIR [gateway flags ...]
+    python -m recsys.app.inprocess --recall-bundle DIR --rank-bundle DIR [gateway flags ...]
 """
 
 from __future__ import annotations
@@ -140,7 +140,9 @@ async def serve_inprocess(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m recsys.inprocess", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m recsys.app.inprocess", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--recall-bundle", type=Path, required=True)
     parser.add_argument("--rank-bundle", type=Path, required=True)
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "gpu"))
@@ -161,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         asyncio.run(run())
     except ScenarioConfigError as error:
-        print(f"recsys.inprocess: {error}", file=sys.stderr)
+        print(f"recsys.app.inprocess: {error}", file=sys.stderr)
         return 2
     return 0
 

@@ -1,10 +1,10 @@
 """An open-loop load generator for the gateway: Poisson arrivals at a fixed rate, latency counted
 from each request's SCHEDULED send time (so queueing in the client or the server is never hidden).
 
-Runs in its own process (``python -m recsys.loadgen ...``) so its CPU is not the server's; prints
+Runs in its own process (``python -m recsys.app.loadgen ...``) so its CPU is not the server's; prints
 one JSON object: outcomes, degraded share, latency percentiles, achieved rate and its own CPU.
 
-    python -m recsys.loadgen --gateway 127.0.0.1:50050 --token-file artifacts/dev-token \\
+    python -m recsys.app.loadgen --gateway 127.0.0.1:50050 --token-file artifacts/dev-token \\
         --rate 200 --duration 15 --scenario home --users users.txt --items items.txt
 """
 
@@ -30,7 +30,7 @@ CONTEXT_SCENARIOS = {"item_detail": "item", "cart": "item"}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m recsys.loadgen", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m recsys.app.loadgen", description=__doc__.splitlines()[0])
     parser.add_argument("--gateway", required=True, help="gateway HOST:PORT")
     parser.add_argument("--token-file", type=Path, help="bearer token file (default: $RECSYS_TOKEN)")
     parser.add_argument("--rate", type=float, required=True, help="arrivals per second (Poisson)")
@@ -150,7 +150,7 @@ async def run(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     if args.rate <= 0 or args.duration <= 0:
-        print("recsys.loadgen: --rate and --duration must be > 0", file=sys.stderr)
+        print("recsys.app.loadgen: --rate and --duration must be > 0", file=sys.stderr)
         return 2
     print(json.dumps(asyncio.run(run(args))))
     return 0

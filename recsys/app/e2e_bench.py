@@ -1,10 +1,10 @@
 """`recsys bench e2e`: the cascade under open-loop load, as users feel it, printed as JSON with plots.
 
 Starts the three services the way `make run` does (recall, rank, gateway as separate processes on
-loopback) AND the same cascade in one process (``recsys.inprocess``: the gateway with in-process
+loopback) AND the same cascade in one process (``recsys.app.inprocess``: the gateway with in-process
 recall and rank, no gRPC hops), then sweeps arrival rates from low to saturation. At each rate
 the two stacks are measured one after the other in alternating order (ABBA...), each by an
-open-loop Poisson load generator in its own process (``recsys.loadgen``: latency from the
+open-loop Poisson load generator in its own process (``recsys.app.loadgen``: latency from the
 scheduled send time). Per stack, scenario and rate: p50/p95/p99, errors, degraded share, and the
 CPU seconds each service process used per request (from /proc, the source of
 ``process_cpu_seconds_total``). A stack's sweep stops at its first rate that misses the
@@ -25,8 +25,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from recsys.bench import machine_info
-from recsys.run import (
+from recsys.app.run import (
     HISTORY_LENGTH,
     SERVING_TIMEOUT_S,
     Service,
@@ -35,6 +34,7 @@ from recsys.run import (
     pick_port,
     seed_history_store,
 )
+from recsys.timing import machine_info
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 DEFAULT_RATES = "50,100,200,300,400,500,600,800"
@@ -132,7 +132,7 @@ def start_stacks(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, Sta
         stacks["grpc"] = Stack("grpc", [recall, rank, gateway], gateway)
     if "inprocess" in wanted:
         single = Service(
-            "inprocess", "recsys.inprocess", pick_port(0, taken), pick_port(0, taken),
+            "inprocess", "recsys.app.inprocess", pick_port(0, taken), pick_port(0, taken),
             ["--recall-bundle", str(recall_dir), "--rank-bundle", str(rank_dir), *gateway_args],
             logs / "inprocess.log",
         )  # fmt: skip
@@ -152,7 +152,7 @@ def measure(
 ) -> dict:
     """One open-loop run against ``stack``: the load generator's JSON plus CPU per request."""
     command = [
-        sys.executable, "-m", "recsys.loadgen", "--gateway", stack.gateway.address,
+        sys.executable, "-m", "recsys.app.loadgen", "--gateway", stack.gateway.address,
         "--token-file", str(token), "--rate", str(rate), "--duration", str(args.duration),
         "--warmup", str(args.warmup), "--scenario", scenario, "--users", str(users),
         "--items", str(items), "--deadline-ms", str(args.deadline_ms),
@@ -320,9 +320,10 @@ def main(argv: list[str] | None = None) -> int:
             "saturation": f"no errors, <= 1% degraded, p99 <= {args.saturation_p99_ms:g} ms",
             "stacks": {
                 "grpc": "recall, rank, gateway: three processes on loopback, as `make run` starts them",
-                "inprocess": "one process: the gateway with in-process recall and rank (recsys.inprocess)",
+                "inprocess": "one process: the gateway with in-process recall and rank "
+                "(recsys.app.inprocess)",
             },
-            "load_generator": "recsys.loadgen in its own process on the same machine",
+            "load_generator": "recsys.app.loadgen in its own process on the same machine",
         },
         "bars": BARS,
         "runs": runs,

@@ -39,7 +39,7 @@ PLUGINS: dict[str, str] = {
 }
 STAGES = (POPULARITY, *PLUGINS)
 # ``--scenario``: what a scenario of the gateway's config serves, through the gateway's pipeline.
-SCENARIO_PLUGIN = "recsys.scenario_eval:evaluate"
+SCENARIO_PLUGIN = "recsys.app.scenario_eval:evaluate"
 
 
 class PluginUnavailableError(RuntimeError):

@@ -41,7 +41,7 @@ from recsys.serving.auth import (
     write_tokens_file,
 )
 
-log = logging.getLogger("recsys.run")
+log = logging.getLogger("recsys.app.run")
 
 HOST = "127.0.0.1"
 SERVING_TIMEOUT_S = 180.0

@@ -1,0 +1,123 @@
+"""Timing helpers every benchmark uses: latency summaries, timed and interleaved calls, and the
+machine record a benchmark JSON carries. Core: imported by the services' own benchmarks and by
+the application layer's `recsys bench` dispatcher."""
+
+from __future__ import annotations
+
+import os
+import platform
+import random
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+
+def latency_summary(latencies_ms: Sequence[float]) -> dict[str, float]:
+    """p50/p90/p99/mean/max of latencies in milliseconds (3 decimals) and the sample count."""
+    if not len(latencies_ms):
+        return {}
+    values = np.asarray(latencies_ms, dtype=np.float64)
+    return {
+        "p50_ms": round(float(np.percentile(values, 50)), 3),
+        "p90_ms": round(float(np.percentile(values, 90)), 3),
+        "p99_ms": round(float(np.percentile(values, 99)), 3),
+        "mean_ms": round(float(values.mean()), 3),
+        "max_ms": round(float(values.max()), 3),
+        "samples": len(values),
+    }
+
+
+def time_calls(
+    function: Callable[[], object], iterations: int, sync: Callable[[], None] | None = None, warmup: int = 20
+) -> dict[str, float]:
+    """Latency summary of ``function`` after ``warmup`` calls (``sync`` waits for a device after each)."""
+    for _ in range(warmup):
+        function()
+    if sync:
+        sync()
+    samples = []
+    for _ in range(iterations):
+        started = time.perf_counter()
+        function()
+        if sync:
+            sync()
+        samples.append((time.perf_counter() - started) * 1000.0)
+    return latency_summary(samples)
+
+
+def time_interleaved(
+    functions: Mapping[str, Callable[[], object]],
+    rounds: int,
+    calls_per_round: int,
+    warmup: int = 20,
+    seed: int = 0,
+    before_block: Mapping[str, Callable[[], None]] | None = None,
+    sync: Callable[[], None] | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict[str, object]:
+    """Time several variants fairly on a noisy machine: ``rounds`` rounds, in each of which every
+    variant runs a block of ``calls_per_round`` timed calls, in an order shuffled per round
+    (``random.Random(seed)``), so that load changes hit all variants alike.
+
+    Every variant is first called ``warmup`` times. ``before_block[name]`` (untimed) runs before
+    each of that variant's blocks and warmups, e.g. to set a thread count; ``sync`` waits for a
+    device after each call. Returns ``results`` (:func:`latency_summary` of all
+    ``rounds * calls_per_round`` calls per variant) and ``round_p50_ms`` (per variant, the median of
+    each round's block, in round order: per-round ratios come from these).
+    """
+    names = list(functions)
+    setups = before_block or {}
+    for name in names:
+        if name in setups:
+            setups[name]()
+        for _ in range(warmup):
+            functions[name]()
+        if sync:
+            sync()
+    shuffler = random.Random(seed)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    round_p50_ms: dict[str, list[float]] = {name: [] for name in names}
+    for _ in range(rounds):
+        order = names.copy()
+        shuffler.shuffle(order)
+        for name in order:
+            if name in setups:
+                setups[name]()
+            function, block = functions[name], []
+            for _ in range(calls_per_round):
+                started = clock()
+                function()
+                if sync:
+                    sync()
+                block.append((clock() - started) * 1000.0)
+            samples[name].extend(block)
+            round_p50_ms[name].append(float(np.median(block)))
+    return {
+        "rounds": rounds,
+        "calls_per_round": calls_per_round,
+        "order_seed": seed,
+        "warmup": warmup,
+        "results": {name: latency_summary(samples[name]) for name in names},
+        "round_p50_ms": round_p50_ms,
+    }
+
+
+def machine_info() -> dict[str, object]:
+    """What every benchmark JSON records about the machine it ran on."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": sys.version.split()[0],
+    }
