@@ -3,3 +3,20 @@ run`, benchmarks, load generation, evaluation wiring, the in-process cascade).
 
 It imports the services and the core; nothing imports it (tests/test_layers.py checks the graph).
 """
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+
+def load_entry(target: str) -> Callable[..., Any]:
+    """The callable a ``"module:function"`` target names, imported only now (so a command that
+    does not train never imports torch). ImportError when the module cannot be imported,
+    AttributeError when it has no such callable."""
+    module_name, _, function_name = target.partition(":")
+    function = getattr(importlib.import_module(module_name), function_name)
+    if not callable(function):
+        raise AttributeError(f"{target} is not callable")
+    return function

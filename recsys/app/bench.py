@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
 import io
 import json
 import logging
@@ -19,6 +18,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from recsys.app import load_entry
 
 log = logging.getLogger(__name__)
 
@@ -30,11 +31,6 @@ BENCHMARKS: dict[str, str] = {
     "ann": "recall_service.ann_bench:main",
     "e2e": "recsys.app.e2e_bench:main",
 }
-
-
-def _load(target: str):
-    module_name, function_name = target.split(":")
-    return getattr(importlib.import_module(module_name), function_name)
 
 
 DEFAULT_GATEWAY = "127.0.0.1:50050"
@@ -73,7 +69,7 @@ def run_all(artifacts: Path, data: str) -> dict[str, object]:
                 }
                 continue
             try:
-                main = _load(target)
+                main = load_entry(target)
             except ImportError as error:
                 merged[component] = {"skipped": f"cannot import {target}: {error}"}
                 continue
@@ -106,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     component, rest = argv[0], argv[1:]
     if component != "all":
-        return int(_load({**BENCHMARKS, **TOOLS}[component])(rest) or 0)
+        return int(load_entry({**BENCHMARKS, **TOOLS}[component])(rest) or 0)
     parser = argparse.ArgumentParser(prog="recsys bench all", description="run every benchmark, merge JSON")
     parser.add_argument("--artifacts", type=Path, default=Path("artifacts"))
     parser.add_argument("--data", default="synthetic", help="dataset name under --artifacts")

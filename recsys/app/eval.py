@@ -13,7 +13,6 @@ only when asked for, each ``evaluate_stages(dataset, split, artifacts_dir, phase
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import logging
 import sys
@@ -21,6 +20,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from recsys.app import load_entry
 from recsys.data.loaders import DatasetFormatError
 from recsys.data.prepare import dataset_artifacts, prepare_dataset
 from recsys.data.split import LeaveOneOutSplit
@@ -48,17 +48,17 @@ class PluginUnavailableError(RuntimeError):
 
 def resolve_plugin(target: str, stage: str) -> Callable[..., dict[str, dict]]:
     """Import ``module:function``; a clear error names the stage when it is not available."""
-    module_name, function_name = target.split(":")
     try:
-        module = importlib.import_module(module_name)
+        return load_entry(target)
     except ImportError as error:
         raise PluginUnavailableError(
             f"stage {stage!r} is evaluated by {target}, which cannot be imported: {error}"
         ) from error
-    function = getattr(module, function_name, None)
-    if not callable(function):
-        raise PluginUnavailableError(f"stage {stage!r}: {module_name} has no function {function_name}()")
-    return function
+    except AttributeError:
+        module_name, _, function_name = target.partition(":")
+        raise PluginUnavailableError(
+            f"stage {stage!r}: {module_name} has no function {function_name}()"
+        ) from None
 
 
 def plugins_for(stages: list[str]) -> list[tuple[str, str]]:

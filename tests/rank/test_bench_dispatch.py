@@ -27,7 +27,7 @@ def fake_benchmarks(monkeypatch):
 
     # One fake per registered benchmark, so that adding one to BENCHMARKS needs no change here.
     functions = {target: fake(name, fail=name == "gateway") for name, target in bench.BENCHMARKS.items()}
-    monkeypatch.setattr(bench, "_load", lambda target: functions[target])
+    monkeypatch.setattr(bench, "load_entry", lambda target: functions[target])
     return calls
 
 
