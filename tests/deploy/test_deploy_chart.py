@@ -59,6 +59,7 @@ NETWORK_POLICY_HOOKS = {"networkPolicy": {"extraIngress": EXTRA_INGRESS, "extraE
 GATEWAY_CLIENTS = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "shop-backend"}}}]
 
 # name -> (values, API versions the "cluster" announces)
+OTLP_ENDPOINT = "http://otel-collector.observability:4317"
 COMBINATIONS: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
     "default": ({}, ()),
     "gpu": (GPU_ON, ()),
@@ -119,6 +120,7 @@ COMBINATIONS: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
     ),
     "network-policy-hooks": (NETWORK_POLICY_HOOKS, ()),
     "gateway-http-off": ({"gateway": {"http": {"enabled": False}}}, ()),
+    "tracing": ({"tracing": {"otlpEndpoint": OTLP_ENDPOINT}}, ()),
     "gateway-http-port-restricted-clients": (
         {"gateway": {"http": {"port": 8081}}, "networkPolicy": {"gatewayFrom": GATEWAY_CLIENTS}},
         (),
@@ -244,6 +246,16 @@ def test_each_component_is_switchable(rendered: dict[str, list[Manifest]]) -> No
     env = env_of(deployment(gateway_only, "gateway")["spec"]["template"]["spec"]["containers"][0])
     assert env["RECSYS_RECALL_ADDRESS"] == "recall.ml:50051"
     assert env["RECSYS_RANK_ADDRESS"] == "rank.ml:50052"
+
+
+def test_tracing_is_off_by_default_and_one_value_points_every_component_at_a_collector(
+    rendered: dict[str, list[Manifest]],
+) -> None:
+    for component in COMPONENTS:
+        default = deployment(rendered["default"], component)["spec"]["template"]["spec"]["containers"][0]
+        assert "OTEL_EXPORTER_OTLP_ENDPOINT" not in env_of(default)
+        traced = deployment(rendered["tracing"], component)["spec"]["template"]["spec"]["containers"][0]
+        assert env_of(traced)["OTEL_EXPORTER_OTLP_ENDPOINT"] == OTLP_ENDPOINT
 
 
 def test_probes_are_native_grpc_on_the_grpc_port_with_a_startup_budget(
@@ -480,7 +492,7 @@ def test_gateway_dials_the_headless_services_of_this_release(rendered: dict[str,
 
 def test_every_env_var_is_a_documented_setting(rendered: dict[str, list[Manifest]]) -> None:
     conventions = (REPO_ROOT / "docs" / "CONVENTIONS.md").read_text()
-    documented = set(re.findall(r"`(RECSYS_[A-Z_]+)(?:`|=)", conventions))  # `X` or `X=1`
+    documented = set(re.findall(r"`((?:RECSYS|OTEL)_[A-Z_]+)(?:`|=)", conventions))  # `X` or `X=1`
     for combination, objects in rendered.items():
         for owner in (m for m in objects if m.kind == "Deployment" and "redis" not in m.name):
             for container in containers(owner.body):

@@ -63,15 +63,15 @@ async def test_one_recommend_is_one_trace_across_gateway_recall_and_rank(
     span_exporter: InMemorySpanExporter, recall_bundle: Path, rank_bundle: Path, tmp_path: Path
 ):
     scenarios = scenarios_with_offline_check(tmp_path / "scenarios.yaml")  # budgets stretched for CI
-    async with running_stack(recall_bundle, rank_bundle, tmp_path, scenarios_path=scenarios) as stack:
-        async with stack.gateway_channel() as channel:
-            stub = gateway_pb2_grpc.GatewayStub(channel)
-            span_exporter.clear()  # the start-up calls (catalog fetch) are traces of their own
-            response = await stub.Recommend(
-                gateway_pb2.RecommendRequest(
-                    request_id="traced-1", user_id=USER_ID, scenario="home", num_items=5
-                )
-            )
+    async with (
+        running_stack(recall_bundle, rank_bundle, tmp_path, scenarios_path=scenarios) as stack,
+        stack.gateway_channel() as channel,
+    ):
+        stub = gateway_pb2_grpc.GatewayStub(channel)
+        span_exporter.clear()  # the start-up calls (catalog fetch) are traces of their own
+        response = await stub.Recommend(
+            gateway_pb2.RecommendRequest(request_id="traced-1", user_id=USER_ID, scenario="home", num_items=5)
+        )
     assert len(response.items) == 5 and not response.degraded, response.degraded_reasons
     spans = list(span_exporter.get_finished_spans())
 

@@ -175,6 +175,9 @@ RECSYS_GRACE_SECONDS: {{ sub .values.terminationGracePeriodSeconds 5 | quote }}
 RECSYS_MAX_CONNECTION_AGE_S: {{ .values.config.maxConnectionAgeS | toString | quote }}
 RECSYS_MAX_CONNECTION_AGE_GRACE_S: {{ .values.config.maxConnectionAgeGraceS | toString | quote }}
 {{- include "recsys.tlsEnv" . | nindent 0 }}
+{{- with .root.Values.tracing.otlpEndpoint }}
+OTEL_EXPORTER_OTLP_ENDPOINT: {{ . | quote }}
+{{- end }}
 {{- end }}
 
 {{/* Renders a name -> value dict as an env list, sorted by name. Whole numbers are written as
