@@ -22,7 +22,8 @@ from tests.gateway.fakes import FakeRank, FakeRecall, FakeServer
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
-SCREENSHOT = ROOT / "artifacts" / "console.png"
+SCREENSHOT = ROOT / "artifacts" / "console.png"  # the real stack's (the closing note's screenshot)
+FAKE_SCREENSHOT = ROOT / "artifacts" / "console-fake-downstreams.png"
 CHROMIUM = "/usr/bin/chromium"  # Debian's package; Playwright's own download cannot work offline
 ITEMS = "#items [data-item-id]"
 
@@ -89,14 +90,57 @@ async def test_console_renders_items_and_an_event_changes_the_list(fake_stack: F
             assert "ADD_TO_CART " + before[0] in await page.locator("#events").inner_text()
             assert (await page.locator("#change").inner_text()).startswith("list changed")
 
-            SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-            await page.screenshot(path=str(SCREENSHOT), full_page=True)
+            FAKE_SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+            await page.screenshot(path=str(FAKE_SCREENSHOT), full_page=True)
             assert errors == []
         finally:
             await browser.close()
     stored = await fake_stack.gateway.servicer.history_store.history("u1")
     assert [event.item_id for event in stored][-1:] == [before[0]]
     assert requested and not any(TEST_TOKEN in url for url in requested)  # the fragment stays local
+    assert FAKE_SCREENSHOT.stat().st_size > 10_000
+
+
+async def test_console_against_the_real_stack_shows_items_and_an_event_changes_them(
+    recall_bundle: Path, rank_bundle: Path, synthetic_dataset, tmp_path: Path, browser_path: str
+):
+    """Real recall and rank servers over the tiny bundles behind the real gateway: the console asks
+    for `home`, sees items, logs an add-to-cart and sees the list change; saves artifacts/console.png."""
+    from playwright.async_api import async_playwright
+
+    from tests.gateway.test_gateway_e2e import scenarios_with_offline_check
+    from tests.stack import STACK_TOKEN, running_stack
+
+    scenarios = scenarios_with_offline_check(tmp_path / "scenarios.yaml")  # budgets stretched for CI
+    user = synthetic_dataset.users.ids[0]
+    async with running_stack(recall_bundle, rank_bundle, tmp_path, scenarios_path=scenarios) as stack:
+        base = f"http://127.0.0.1:{stack.gateway.http_port}"
+        async with async_playwright() as playwright:
+            browser = await playwright.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
+            try:
+                page = await browser.new_page(viewport={"width": 1280, "height": 1000})
+                await page.goto(f"{base}/console#token={STACK_TOKEN}&scenario=home&user={user}&n=10")
+                await page.wait_for_selector(ITEMS, timeout=20_000)
+                items = page.locator(ITEMS)
+                count = await items.count()
+                before = [await items.nth(i).get_attribute("data-item-id") for i in range(count)]
+                assert len(before) == 10 and set(before) <= set(synthetic_dataset.items.ids)
+                assert (await page.locator("#model-version").inner_text()).startswith("rank=rank-")
+                await items.first.locator('button[data-event-type="ADD_TO_CART"]').click()
+                await page.wait_for_function(
+                    """([selector, before]) => {
+                        const ids = Array.from(document.querySelectorAll(selector), (e) => e.dataset.itemId);
+                        return ids.length > 0 && ids.join(",") !== before;
+                    }""",
+                    arg=[ITEMS, ",".join(before)],
+                    timeout=20_000,
+                )
+                after = [await items.nth(i).get_attribute("data-item-id") for i in range(await items.count())]
+                assert before[0] not in after  # home leaves out what the user already has
+                SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+                await page.screenshot(path=str(SCREENSHOT), full_page=True)
+            finally:
+                await browser.close()
     assert SCREENSHOT.stat().st_size > 10_000
 
 
