@@ -127,7 +127,7 @@ class RankTrainConfig:
         # prefixes per user (19.8k lists, staler recall) 0.0620-0.0626: not better.
         # mlp_width 64 (not 128): the candidate side's largest matmul halves; served graph p50
         # 0.56-0.60 ms vs 0.76 ms, median 3.3x torch eager over eight runs (2.95-3.73x); pipeline
-        # HR@10 / NDCG@10 0.1012 / 0.0629 vs 0.1011 / 0.0630 at 128 (session 3).
+        # HR@10 / NDCG@10 0.1012 / 0.0629 vs 0.1011 / 0.0630 at 128 (Beauty, test phase).
         return cls(
             prefixes_per_user=1,
             epochs=20,
