@@ -526,11 +526,6 @@ class Pipeline:
             self.metrics.fallbacks.labels(name, reason).inc()
         return result
 
-    def _history_arrays(self, history: History) -> tuple[bytes, bytes]:
-        """The known history items and their event types, packed for the wire."""
-        known = history.known
-        return pack(history.indices[known], INDEX), pack(history.types[known], FLAGS)
-
     async def _recall(
         self,
         inputs: RecommendInputs,
@@ -550,7 +545,7 @@ class Pipeline:
         timeout = min(stage.timeout_ms / 1000, remaining * stage.timeout_ms / (stage.timeout_ms + rank_ms))
         seeds = seed_items(stage, inputs.context_item_ids, history)
         seed_indices = catalog.indices(seeds)
-        history_items, history_types = self._history_arrays(history)
+        history_items, history_types = history.packed
         request = recall_pb2.RecallRequest(
             request_id=inputs.request_id,
             user_id=inputs.user_id,
@@ -601,7 +596,7 @@ class Pipeline:
         to_rank = candidates.head(stage.max_candidates)
         count = len(to_rank)
         timeout = min(stage.timeout_ms / 1000, deadline - time.monotonic() - RESERVE_S)
-        history_items, history_types = self._history_arrays(history)
+        history_items, history_types = history.packed
         request = rank_pb2.RankRequest(
             request_id=inputs.request_id,
             user_id=inputs.user_id,

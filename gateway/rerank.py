@@ -10,10 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 
 import numpy as np
 
 from gateway.catalog import Catalog
+from recsys.serving.wire import FLAGS, INDEX, pack
 from recsys.sources import RECALL_SOURCES
 from recsys.v1 import common_pb2
 
@@ -94,6 +96,13 @@ class History:
     def known(self) -> np.ndarray:
         """Positions of the items the catalog knows (what the models see)."""
         return np.flatnonzero(self.indices >= 0)
+
+    @cached_property
+    def packed(self) -> tuple[bytes, bytes]:
+        """The known items and their event types as the internal wire carries them (computed once
+        per request, sent to recall and to rank)."""
+        known = self.known
+        return pack(self.indices[known], INDEX), pack(self.types[known], FLAGS)
 
 
 @dataclass(frozen=True)

@@ -31,17 +31,12 @@ def bundle_watcher(
     servicer: RankServicer, config: RankConfig, registry: CollectorRegistry, served: BundleKey | None
 ) -> BundleWatcher[RankModel]:
     """Watches ``config.bundle``: a new version is loaded, verified and warmed, then swapped in."""
-
-    def swap(model: RankModel) -> None:
-        servicer.swap(model)
-        bundle_info(registry, "rank", "rank", model.version)
-
     return BundleWatcher(
         config.bundle,
         "rank",
         load=lambda directory: load_model(directory, config),
         warm=lambda model: warm_up(servicer, model),
-        swap=swap,
+        swap=servicer.swap,
         registry=registry,
         poll_s=config.bundle_poll_s,
         served=served,

@@ -20,7 +20,6 @@ from recsys.data.dataset import EventType
 from recsys.serving.batching import (
     DEFAULT_MAX_QUEUE,
     BatcherMetrics,
-    BatcherRejected,
     MicroBatcher,
     call_deadline,
 )
@@ -31,7 +30,6 @@ from recsys.serving.wire import (
     FLAGS,
     INDEX,
     SCORE,
-    CatalogMismatch,
     catalog_fingerprint,
     check_catalog,
     flags_to_mask,
@@ -229,13 +227,8 @@ class RankServicer(rank_pb2_grpc.RankServiceServicer):
     async def Rank(
         self, request: rank_pb2.RankRequest, context: grpc.aio.ServicerContext
     ) -> rank_pb2.RankResponse:
-        try:
-            return await self.rank(request, call_deadline(context))
-        except CatalogMismatch as error:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
-        except BatcherRejected as error:
-            await context.abort(grpc.StatusCode[error.status], f"rank: {error}")
-        raise AssertionError("unreachable: abort raises")
+        # CatalogMismatch and the batcher's refusals are StatusErrors: grpc_method answers their code.
+        return await self.rank(request, call_deadline(context))
 
 
 def service_name() -> str:

@@ -60,17 +60,12 @@ def bundle_watcher(
     servicer: RecallServicer, config: RecallConfig, registry: CollectorRegistry, served: BundleKey | None
 ) -> BundleWatcher[RecallModel]:
     """Watches ``config.bundle``: a new version is loaded, verified and warmed, then swapped in."""
-
-    def swap(model: RecallModel) -> None:
-        servicer.swap(model)
-        bundle_info(registry, "recall", "recall", model.version)
-
     return BundleWatcher(
         config.bundle,
         "recall",
         load=lambda directory: load_model(directory, config),
         warm=lambda model: warm_up(servicer, model),
-        swap=swap,
+        swap=servicer.swap,
         registry=registry,
         poll_s=config.bundle_poll_s,
         served=served,

@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry, Histogram
 
 from recall_service.engine import SOURCES, CandidateList, RecallEngine, RecallQuery
 from recsys.data.dataset import EventType
-from recsys.serving.batching import BatcherRejected, MicroBatcher, call_deadline
+from recsys.serving.batching import MicroBatcher, call_deadline
 from recsys.serving.metrics import get_or_create
 from recsys.serving.reload import BundleWatcher
 from recsys.serving.validation import InvalidArgument, grpc_method, require, require_id, require_in_range
@@ -25,7 +25,6 @@ from recsys.serving.wire import (
     FLAGS,
     INDEX,
     SCORE,
-    CatalogMismatch,
     catalog_fingerprint,
     check_catalog,
     mask_to_flags,
@@ -230,13 +229,8 @@ class RecallServicer(recall_pb2_grpc.RecallServiceServicer):
     async def Recall(
         self, request: recall_pb2.RecallRequest, context: grpc.aio.ServicerContext
     ) -> recall_pb2.RecallResponse:
-        try:
-            return await self.recall(request, call_deadline(context))
-        except CatalogMismatch as error:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
-        except BatcherRejected as error:
-            await context.abort(grpc.StatusCode[error.status], f"recall: {error}")
-        raise AssertionError("unreachable: abort raises")
+        # CatalogMismatch and the batcher's refusals are StatusErrors: grpc_method answers their code.
+        return await self.recall(request, call_deadline(context))
 
     def catalog_chunks(self, known_catalog: str = "") -> list[recall_pb2.CatalogChunk]:
         """The served catalog as ordered chunks (one ``unchanged`` chunk when the caller has it);

@@ -35,13 +35,11 @@ from recall_service.engine import RecallEngine
 from recall_service.server import build_servicer as build_recall_servicer
 from recall_service.server import warm_up as warm_up_recall
 from recall_service.servicer import RecallServicer
-from recsys.serving.batching import BatcherRejected
 from recsys.serving.bootstrap import run_until_signal
 from recsys.serving.config import ServingConfig
 from recsys.serving.logging import configure_logging
 from recsys.serving.metrics import new_registry
-from recsys.serving.validation import InvalidArgument
-from recsys.serving.wire import CatalogMismatch
+from recsys.serving.validation import InvalidArgument, StatusError
 from recsys.v1 import rank_pb2, recall_pb2
 
 log = logging.getLogger(__name__)
@@ -63,10 +61,8 @@ async def _call(work: Callable[[float | None], Awaitable[Response]], timeout: fl
         raise _rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded") from None
     except InvalidArgument as error:
         raise _rpc_error(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
-    except CatalogMismatch as error:
-        raise _rpc_error(grpc.StatusCode.FAILED_PRECONDITION, str(error)) from None
-    except BatcherRejected as error:
-        raise _rpc_error(grpc.StatusCode[error.status], str(error)) from None
+    except StatusError as error:  # a catalog mismatch, a shed or expired batch request
+        raise _rpc_error(error.status, str(error)) from None
 
 
 class LocalRecall:

@@ -21,6 +21,7 @@ import grpc
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from recsys.serving.metrics import LATENCY_BUCKETS, get_or_create
+from recsys.serving.validation import StatusError
 
 Request = TypeVar("Request")
 Result = TypeVar("Result")
@@ -28,22 +29,20 @@ Result = TypeVar("Result")
 DEFAULT_MAX_QUEUE = 256
 
 
-class BatcherRejected(Exception):
-    """The batcher refused a request; ``status`` names the gRPC status code to answer with."""
-
-    status = "UNAVAILABLE"
+class BatcherRejected(StatusError):
+    """The batcher refused a request; ``status`` is the gRPC status code to answer with."""
 
 
 class QueueFull(BatcherRejected):
     """Too many requests are already waiting: shed this one."""
 
-    status = "RESOURCE_EXHAUSTED"
+    status = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 class DeadlineExpired(BatcherRejected):
     """The request's deadline passed while it waited: not worth computing."""
 
-    status = "DEADLINE_EXCEEDED"
+    status = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
 def call_deadline(context: grpc.aio.ServicerContext) -> float | None:

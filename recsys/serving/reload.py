@@ -22,7 +22,7 @@ from typing import Generic, Protocol, TypeVar
 from prometheus_client import CollectorRegistry, Counter
 
 from recsys.bundle import MANIFEST, resolve_bundle
-from recsys.serving.metrics import get_or_create
+from recsys.serving.metrics import bundle_info, get_or_create
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,8 @@ class BundleWatcher(Generic[Model]):
 
     ``served`` is the key of the bundle served now (from :func:`load_bundle`);
     ``load(directory)`` (blocking, run in a thread) returns a verified model; ``warm(model)``
-    runs one real request on it; ``swap(model)`` makes it the served one (called on the loop).
+    runs one real request on it; ``swap(model)`` makes it the served one (called on the loop),
+    after which ``recsys_bundle_info`` reports the model's ``version`` (when it has one).
     """
 
     def __init__(
@@ -105,6 +106,7 @@ class BundleWatcher(Generic[Model]):
         self._load = load
         self._warm = warm
         self._swap = swap
+        self._registry = registry
         self.metrics = ReloadMetrics(registry, service)
         self.key: BundleKey | None = served  # the served bundle
         self.refused_key: BundleKey | None = None  # the last refused one (not retried)
@@ -136,6 +138,9 @@ class BundleWatcher(Generic[Model]):
             )
             return "refused"
         self._swap(model)
+        version = getattr(model, "version", None)
+        if version:
+            bundle_info(self._registry, self.service, self.service, version)
         self.key, self.last_error = key, None
         self.metrics.count("swapped")
         log.info(

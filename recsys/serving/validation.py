@@ -30,6 +30,14 @@ MAX_ECHO_CHARS = 64  # most characters of a client's value an error message repe
 MAX_DETAILS_CHARS = 1024  # INVALID_ARGUMENT details are cut here whatever the message
 
 
+class StatusError(Exception):
+    """A request the service refuses for a reason that is not a bad field; ``status`` is the gRPC
+    code every transport answers with (``grpc_method`` aborts with it, the in-process backends
+    raise it as the status error a stub would)."""
+
+    status: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE
+
+
 class InvalidArgument(Exception):
     """A request field is invalid. ``str(error)`` is ``"<field>: <reason>"``."""
 
@@ -115,6 +123,8 @@ def grpc_method(handler: Handler) -> Handler:
                 extra={"method": handler.__qualname__, "field": error.field, "request_id": _request_id(args)},
             )
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error)[:MAX_DETAILS_CHARS])
+        except StatusError as error:
+            await context.abort(error.status, str(error)[:MAX_DETAILS_CHARS])
         except grpc.aio.AbortError:
             raise
         except Exception:

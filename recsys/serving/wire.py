@@ -11,17 +11,21 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Sequence
 
+import grpc
 import numpy as np
 
-from recsys.serving.validation import InvalidArgument
+from recsys.serving.validation import InvalidArgument, StatusError
 
 INDEX = np.dtype("<i4")
 SCORE = np.dtype("<f4")
 FLAGS = np.dtype("u1")
 
 
-class CatalogMismatch(Exception):
-    """A message names another catalog than the one this process serves."""
+class CatalogMismatch(StatusError):
+    """A message names another catalog than the one this process serves (FAILED_PRECONDITION:
+    the caller must fetch the catalog again before its indices mean anything here)."""
+
+    status = grpc.StatusCode.FAILED_PRECONDITION
 
     def __init__(self, expected: str, got: str) -> None:
         super().__init__(
