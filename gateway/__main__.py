@@ -7,8 +7,8 @@ import signal
 import sys
 
 from gateway.config import GatewayConfig
-from gateway.scenarios import ScenarioConfigError
 from gateway.server import serve
+from recsys.scenario.spec import ScenarioConfigError
 from recsys.serving.bootstrap import run_until_signal
 from recsys.serving.logging import configure_logging
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gateway.history import SQLITE_SYNCHRONOUS
+from recsys.scenario.config import DEFAULT_SCENARIOS
 from recsys.serving.auth import load_tokens
 from recsys.serving.config import (
     ConfigError,
@@ -20,7 +21,6 @@ from recsys.serving.config import (
 DEFAULT_PORT = 50050
 DEFAULT_METRICS_PORT = 9090
 DEFAULT_HTTP_PORT = 8080  # the CLI's default; a GatewayConfig built in code takes any free port
-DEFAULT_SCENARIOS = Path(__file__).resolve().parents[1] / "config" / "scenarios.yaml"
 HISTORY_BACKENDS = ("sqlite", "redis")
 # Limits of the public port, sized for the chart's 512 MiB gateway pods. The largest valid request
 # (1000 events with 256-character ids) is about 1 MB, so 4 MiB messages refuse nothing legitimate;

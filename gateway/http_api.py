@@ -47,8 +47,8 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from gateway.scenarios import MAX_NUM_ITEMS
 from gateway.servicer import GatewayServicer
+from recsys.scenario.spec import MAX_NUM_ITEMS
 from recsys.serving.auth import BearerAuthInterceptor, Unauthorized
 from recsys.serving.metrics import LATENCY_BUCKETS, get_or_create
 from recsys.serving.validation import MAX_DETAILS_CHARS, MAX_ECHO_CHARS, InvalidArgument, shorten

@@ -14,9 +14,10 @@ from prometheus_client import CollectorRegistry, Counter
 from gateway.config import GatewayConfig
 from gateway.history import HistoryStore, open_history_store
 from gateway.http_api import HttpApi, HttpServer, bind_socket
-from gateway.pipeline import CATALOG_TIMEOUT_S, GatewayMetrics, Pipeline
+from gateway.metrics import GatewayMetrics
 from gateway.scenarios import ScenarioRegistry
 from gateway.servicer import GatewayServicer
+from recsys.scenario.pipeline import CATALOG_TIMEOUT_S, Pipeline
 from recsys.serving.auth import AccessPolicy, BearerAuthInterceptor, TokenFile
 from recsys.serving.bootstrap import (
     HEALTH_SERVICE_NAME,

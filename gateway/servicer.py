@@ -11,8 +11,12 @@ import grpc
 from prometheus_client import CollectorRegistry
 
 from gateway.history import HistoryStore, StoredEvent
-from gateway.pipeline import GatewayMetrics, Pipeline, PipelineUnavailable, RecommendInputs
-from gateway.scenarios import MAX_NUM_ITEMS, Scenario, ScenarioSet
+from gateway.metrics import GatewayMetrics
+from gateway.response import scored_items
+from recsys.scenario.config import Scenario, ScenarioSet
+from recsys.scenario.context import PipelineUnavailable, RecommendInputs
+from recsys.scenario.pipeline import Pipeline
+from recsys.scenario.spec import MAX_NUM_ITEMS
 from recsys.serving.metrics import bundle_info
 from recsys.serving.validation import (
     InvalidArgument,
@@ -179,7 +183,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             self._report_versions(result.model_versions)
             return gateway_pb2.RecommendResponse(
                 request_id=request.request_id,
-                items=result.scored_items(request.debug),
+                items=scored_items(result, request.debug),
                 model_version=result.model_version,
                 degraded=result.degraded,
                 degraded_reasons=result.degraded_reasons,

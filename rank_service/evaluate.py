@@ -1,4 +1,4 @@
-"""`recsys eval --stage pipeline`: recall top-K re-ranked by the ranker, through the code the
+"""`recsys eval --stage pipeline_offline`: recall top-K re-ranked by the ranker, through the code the
 services run (``RecallEngine`` + ``RankRuntime``), under the shared full-ranking protocol (items
 outside the recall list are ranked after it). Reports the recall stages it was built on too."""
 
@@ -81,10 +81,16 @@ def evaluate_pipeline(
 def evaluate_stages(
     dataset: Dataset, split: LeaveOneOutSplit, artifacts_dir: Path, phase: Phase, quick: bool
 ) -> dict[str, dict]:
-    """``{"recall", "covisit", "candidates", "pipeline"}`` metrics; builds missing bundles."""
+    """``{"recall", "covisit", "candidates", "pipeline_offline"}`` metrics; builds missing bundles.
+
+    ``pipeline_offline`` is the bundle's own source mix, top-K re-ranked, no re-rank rules: what
+    the ranker alone adds. What the gateway serves is ``recsys eval --stage pipeline`` (the
+    ``home`` scenario, through ``recsys.app.scenario_eval``)."""
     from recall_service.evaluate import evaluate_stages as evaluate_recall_stages
 
     rank_dir = ensure_rank_bundle(dataset, artifacts_dir, quick)
     stages = dict(evaluate_recall_stages(dataset, split, artifacts_dir, phase, quick))
-    stages["pipeline"] = evaluate_pipeline(dataset, split, Path(artifacts_dir) / "recall", rank_dir, phase)
+    stages["pipeline_offline"] = evaluate_pipeline(
+        dataset, split, Path(artifacts_dir) / "recall", rank_dir, phase
+    )
     return stages

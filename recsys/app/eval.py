@@ -6,8 +6,14 @@ Writes ``{"dataset": {...}, "protocol": "...", "phase": ..., "stages": {name: me
 ``popularity`` is computed here and always included. The other stages are plug-ins imported
 only when asked for, each ``evaluate_stages(dataset, split, artifacts_dir, phase, quick)`` returning
 ``{stage: metrics}`` and training with default settings whatever is missing:
-``recall``/``covisit``/``candidates`` from ``recall_service.evaluate``, ``pipeline`` from
-``rank_service.evaluate`` (which reports the recall stages too).
+``recall``/``covisit``/``candidates`` from ``recall_service.evaluate``, ``pipeline_offline``
+(the recall bundle's own mix top-K re-ranked, no rules) from ``rank_service.evaluate`` (which
+reports the recall stages too).
+
+``pipeline`` is what the gateway serves for ``home``: the scenario of the scenario file, re-rank
+rules included, run by the same compiled scenario (``recsys.app.scenario_eval``); asking for it
+reports the recall stages and ``pipeline_offline`` beside it. ``--scenario NAME`` (repeatable)
+adds ``"scenarios": {name: metrics}`` for any scenario.
 """
 
 from __future__ import annotations
@@ -35,11 +41,16 @@ PLUGINS: dict[str, str] = {
     "recall": "recall_service.evaluate:evaluate_stages",
     "covisit": "recall_service.evaluate:evaluate_stages",
     "candidates": "recall_service.evaluate:evaluate_stages",
+    "pipeline_offline": "rank_service.evaluate:evaluate_stages",
+    # the served home scenario; its plug-in is SCENARIO_PLUGIN, this one reports the stages it
+    # is built on beside it
     "pipeline": "rank_service.evaluate:evaluate_stages",
 }
 STAGES = (POPULARITY, *PLUGINS)
-# ``--scenario``: what a scenario of the gateway's config serves, through the gateway's pipeline.
+# ``--scenario`` and ``pipeline``: what a scenario of the scenario file serves, through the
+# compiled scenario the gateway runs.
 SCENARIO_PLUGIN = "recsys.app.scenario_eval:evaluate"
+SERVED_PIPELINE_SCENARIO = "home"
 
 
 class PluginUnavailableError(RuntimeError):
@@ -62,13 +73,13 @@ def resolve_plugin(target: str, stage: str) -> Callable[..., dict[str, dict]]:
 
 
 def plugins_for(stages: list[str]) -> list[tuple[str, str]]:
-    """``(target, first stage)`` of each plug-in to call, once each. ``pipeline``'s plug-in also
+    """``(target, first stage)`` of each plug-in to call, once each. The rank plug-in also
     reports the recall stages, so the recall plug-in is skipped when it runs."""
     targets: dict[str, str] = {}
     for stage in stages:
         if stage != POPULARITY:
             targets.setdefault(PLUGINS[stage], stage)
-    if PLUGINS["pipeline"] in targets:
+    if PLUGINS["pipeline_offline"] in targets or PLUGINS["pipeline"] in targets:
         targets.pop(PLUGINS["recall"], None)
     return [(target, stage) for target, stage in targets.items()]
 
@@ -134,6 +145,25 @@ def run_evaluation(args: argparse.Namespace) -> dict:
             results[stage] = dict(metrics)
             seconds[stage] = elapsed
             log.info("%s (%s) %s", stage, target, json.dumps(metrics))
+    scenario_names = list(dict.fromkeys(args.scenarios))
+    if "pipeline" in stages:
+        scenario_names = list(dict.fromkeys([SERVED_PIPELINE_SCENARIO, *scenario_names]))
+    served: dict[str, dict] = {}
+    if scenario_names:
+        evaluate_scenarios = resolve_plugin(SCENARIO_PLUGIN, "scenario")
+        started = time.perf_counter()
+        served = evaluate_scenarios(
+            dataset,
+            split,
+            dataset_artifacts(dataset, args.artifacts),
+            scenario_names,
+            args.scenarios_file,
+            args.phase,
+            args.quick,
+        )
+        if "pipeline" in stages:
+            results["pipeline"] = {"scenario": SERVED_PIPELINE_SCENARIO, **served[SERVED_PIPELINE_SCENARIO]}
+            seconds["pipeline"] = round(time.perf_counter() - started, 3)
     missing = [stage for stage in stages if stage not in results]
     if missing:
         raise RuntimeError(f"plug-ins did not report stage(s) {', '.join(missing)}")
@@ -146,16 +176,7 @@ def run_evaluation(args: argparse.Namespace) -> dict:
         "seconds": seconds,
     }
     if args.scenarios:
-        evaluate_scenarios = resolve_plugin(SCENARIO_PLUGIN, "scenario")
-        report["scenarios"] = evaluate_scenarios(
-            dataset,
-            split,
-            dataset_artifacts(dataset, args.artifacts),
-            list(dict.fromkeys(args.scenarios)),
-            args.scenarios_file,
-            args.phase,
-            args.quick,
-        )
+        report["scenarios"] = {name: served[name] for name in dict.fromkeys(args.scenarios)}
     return report
 
 

@@ -24,7 +24,6 @@ import grpc
 from prometheus_client import CollectorRegistry
 
 from gateway.config import GatewayConfig
-from gateway.scenarios import ScenarioConfigError
 from gateway.server import GatewayServer, serve
 from rank_service.config import RankConfig
 from rank_service.runtime import RankRuntime
@@ -35,6 +34,7 @@ from recall_service.engine import RecallEngine
 from recall_service.server import build_servicer as build_recall_servicer
 from recall_service.server import warm_up as warm_up_recall
 from recall_service.servicer import RecallServicer
+from recsys.scenario.spec import ScenarioConfigError
 from recsys.serving.bootstrap import run_until_signal
 from recsys.serving.config import ServingConfig
 from recsys.serving.logging import configure_logging

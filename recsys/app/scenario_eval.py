@@ -2,7 +2,7 @@
 
 Each evaluated user becomes a stateless ``Recommend`` request (the user's history before the
 target) for the named scenario of the scenario file, answered by the very
-:class:`gateway.pipeline.Pipeline` the gateway runs, over in-process recall and rank backends
+:class:`recsys.scenario.pipeline.Pipeline` the gateway runs, over in-process recall and rank backends
 (``recsys.app.inprocess``: the services' own servicers, batchers, engines and packed wire) — so the
 number is the quality of what the gateway returns, re-rank rules included. Scenario contexts:
 ``item_detail`` views the user's last history item, ``cart`` holds it, ``category`` is the
@@ -22,15 +22,16 @@ from pathlib import Path
 
 import numpy as np
 
-from gateway.history import HistoryStore, StoredEvent
-from gateway.pipeline import GatewayMetrics, Pipeline, RecommendInputs, RecommendResult
-from gateway.scenarios import RankStage, RecallStage, Scenario, load_scenarios
 from rank_service.config import RankConfig
 from recall_service.config import RecallConfig
 from recsys.app.inprocess import load_backends
 from recsys.data.dataset import Dataset
 from recsys.data.split import LeaveOneOutSplit, Phase
 from recsys.evaluation.protocol import metrics_from_ranks, ranks_from_lists
+from recsys.scenario.config import Scenario, load_scenarios
+from recsys.scenario.context import RecommendInputs, RecommendResult
+from recsys.scenario.pipeline import Pipeline, ScenarioMetrics
+from recsys.scenario.stages import RankStage, RecallStage
 from recsys.serving.config import ServingConfig
 from recsys.serving.metrics import new_registry
 from recsys.v1 import common_pb2
@@ -41,25 +42,6 @@ EVAL_KS = (10, 20, 50)
 NUM_ITEMS = max(EVAL_KS)  # items asked of each scenario (its re-rank rules still apply to them)
 NO_BUDGET_MS = 600_000.0
 CONCURRENCY = 32  # requests in flight, so the recall and rank batchers batch as in serving
-
-
-class NoHistoryStore(HistoryStore):
-    """Evaluation requests carry their own history; the store is never read."""
-
-    async def append(self, events: Sequence[StoredEvent]):  # pragma: no cover - never called
-        raise RuntimeError("offline evaluation stores no events")
-
-    async def history(self, user_id: str, limit: int | None = None) -> list[StoredEvent]:
-        return []
-
-    async def ping(self) -> None:
-        return None
-
-    async def forget(self, user_id: str) -> int:  # pragma: no cover - never called
-        return 0
-
-    async def forgotten_users(self) -> dict[str, int]:  # pragma: no cover - never called
-        return {}
 
 
 def without_budgets(scenario: Scenario) -> Scenario:
@@ -123,9 +105,7 @@ class OfflinePipeline:
             RankConfig(serving=serving, bundle=rank_dir, device="cpu"),
             registry,
         )
-        pipeline = Pipeline(
-            recall, rank, NoHistoryStore(1), GatewayMetrics(registry), max_history_length=1000
-        )
+        pipeline = Pipeline(recall, rank, None, ScenarioMetrics(registry), max_history_length=1000)
         if not await pipeline.refresh_catalog():
             raise RuntimeError("the in-process recall backend did not serve its catalog")
         return cls(pipeline, scenarios_path)

@@ -15,25 +15,28 @@ from pathlib import Path
 
 import numpy as np
 
+from recsys.v1 import common_pb2
 
-class EventType(IntEnum):
-    """Same values as ``recsys.v1.EventType``; UNSPECIFIED is read as VIEW."""
 
-    UNSPECIFIED = 0
-    VIEW = 1
-    CLICK = 2
-    ADD_TO_CART = 3
-    PURCHASE = 4
+def _parse_event_type(cls, name: str | int) -> EventType:
+    """Parse ``"purchase"``, ``"ADD_TO_CART"``, ``"add-to-cart"`` or an int value."""
+    if isinstance(name, int | np.integer):
+        return cls(int(name))
+    key = str(name).strip().upper().replace("-", "_").replace(" ", "_")
+    if key.isdigit():
+        return cls(int(key))
+    return cls[key]
 
-    @classmethod
-    def parse(cls, name: str | int) -> EventType:
-        """Parse ``"purchase"``, ``"ADD_TO_CART"``, ``"add-to-cart"`` or an int value."""
-        if isinstance(name, int | np.integer):
-            return cls(int(name))
-        key = str(name).strip().upper().replace("-", "_").replace(" ", "_")
-        if key.isdigit():
-            return cls(int(key))
-        return cls[key]
+
+# The event types of the wire contract (``recsys.v1.EventType`` in protos/recsys/v1/common.proto),
+# read from the generated enum so there is one list; ``EVENT_TYPE_UNSPECIFIED`` is ``UNSPECIFIED``
+# here and read as VIEW.
+EventType = IntEnum(
+    "EventType",
+    {name.removeprefix("EVENT_TYPE_"): value for name, value in common_pb2.EventType.items()},
+    module=__name__,
+)
+EventType.parse = classmethod(_parse_event_type)  # type: ignore[attr-defined]
 
 
 # Scenarios every bundle knows, in a fixed order (their dense ids). Datasets may add more.

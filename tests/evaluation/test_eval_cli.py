@@ -57,15 +57,24 @@ def fake_plugins(monkeypatch: pytest.MonkeyPatch) -> list[tuple]:
 
     def rank_stages(dataset, split, artifacts_dir, phase, quick):
         calls.append(("rank", dataset.name, artifacts_dir, phase, quick))
-        return {name: {"HR@10": 0.6} for name in ("recall", "covisit", "candidates", "pipeline")}
+        return {name: {"HR@10": 0.6} for name in ("recall", "covisit", "candidates", "pipeline_offline")}
+
+    def served_scenarios(dataset, split, artifacts_dir, names, scenarios_file, phase, quick):
+        calls.append(("scenarios", tuple(names)))
+        return {name: {"HR@10": 0.7} for name in names}
 
     for module_name, function in (("fake_recall_eval", recall_stages), ("fake_rank_eval", rank_stages)):
         module = types.ModuleType(module_name)
         module.evaluate_stages = function
         monkeypatch.setitem(sys.modules, module_name, module)
+    scenario_module = types.ModuleType("fake_scenario_eval")
+    scenario_module.evaluate = served_scenarios
+    monkeypatch.setitem(sys.modules, "fake_scenario_eval", scenario_module)
     for stage in ("recall", "covisit", "candidates"):
         monkeypatch.setitem(cli.PLUGINS, stage, "fake_recall_eval:evaluate_stages")
     monkeypatch.setitem(cli.PLUGINS, "pipeline", "fake_rank_eval:evaluate_stages")
+    monkeypatch.setitem(cli.PLUGINS, "pipeline_offline", "fake_rank_eval:evaluate_stages")
+    monkeypatch.setattr(cli, "SCENARIO_PLUGIN", "fake_scenario_eval:evaluate")
     return calls
 
 
@@ -82,16 +91,19 @@ def test_plugin_stages_are_merged(
     assert fake_plugins == [("recall", name, tmp_path / "artifacts" / name, "test", True)]  # called once
 
 
-def test_pipeline_plugin_reports_the_recall_stages_too(
+def test_pipeline_is_the_served_home_scenario_with_the_offline_stages_beside_it(
     synthetic_dir: Path, tmp_path: Path, fake_plugins
 ) -> None:
     out = tmp_path / "eval.json"
     argv = ["--data", str(synthetic_dir), "--stage", "recall", "--stage", "pipeline", "--out", str(out),
-            "--artifacts", str(tmp_path)]  # fmt: skip
+            "--artifacts", str(tmp_path), "--scenario", "cart"]  # fmt: skip
     assert cli.main(argv) == 0
-    assert [call[0] for call in fake_plugins] == ["rank"]
-    stages = json.loads(out.read_text())["stages"]
-    assert stages["pipeline"] == {"HR@10": 0.6} and stages["recall"] == {"HR@10": 0.6}
+    assert fake_plugins[0][0] == "rank" and fake_plugins[1] == ("scenarios", ("home", "cart"))
+    report = json.loads(out.read_text())
+    stages = report["stages"]
+    assert stages["pipeline"] == {"scenario": "home", "HR@10": 0.7}
+    assert stages["pipeline_offline"] == {"HR@10": 0.6} and stages["recall"] == {"HR@10": 0.6}
+    assert report["scenarios"] == {"cart": {"HR@10": 0.7}}  # what was asked with --scenario
 
 
 def test_missing_plugin_fails_clearly(

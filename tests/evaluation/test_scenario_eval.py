@@ -7,10 +7,16 @@ import numpy as np
 import pytest
 import yaml
 
-from gateway.config import DEFAULT_SCENARIOS
-from gateway.scenarios import load_scenarios
-from recsys.app.scenario_eval import NUM_ITEMS, evaluate_scenarios, scenario_request, without_budgets
+from rank_service.candidates import RecallCandidates
+from recsys.app.scenario_eval import (
+    NUM_ITEMS,
+    OfflinePipeline,
+    evaluate_scenarios,
+    scenario_request,
+    without_budgets,
+)
 from recsys.data.split import LeaveOneOutSplit
+from recsys.scenario.config import DEFAULT_SCENARIOS, load_scenarios
 
 pytestmark = pytest.mark.integration
 
@@ -61,3 +67,34 @@ def test_scenario_requests_carry_the_context_each_scenario_needs(synthetic_datas
     lifted = without_budgets(scenarios.get("home"))
     assert lifted.timeout_ms >= 60_000 and all(getattr(s, "timeout_ms", 1e9) >= 60_000 for s in lifted.stages)
     assert np.isfinite(lifted.recall.k)
+
+
+async def test_training_lists_are_what_the_served_recall_stage_sends_to_rank(
+    synthetic_dataset, recall_bundle, rank_bundle
+):
+    """The ranker trains on the lists the compiled scenario's recall stage produces when it serves
+    (same sources, quotas, seeds, exclusions, cut to the rank stage's max_candidates)."""
+    dataset = synthetic_dataset
+    split = LeaveOneOutSplit(dataset)
+    scenarios = load_scenarios(DEFAULT_SCENARIOS)
+    source = RecallCandidates.load(recall_bundle, threads=1, scenarios=scenarios)
+    offline = await OfflinePipeline.load(recall_bundle, rank_bundle, DEFAULT_SCENARIOS)
+    users = [int(u) for u in split.eval_users[:8]]
+    compared = 0
+    for name in ("home", "item_detail", "cart"):
+        served = offline.scenario(name)
+        recall_only = served.replace_stage("rerank", None).replace_stage("rank", None)
+        histories = [split.history(user, "test") for user in users]
+        events = [dataset.events_of(user)[: len(h)] for user, h in zip(users, histories, strict=True)]
+        lists = source.generate(histories, events, [name] * len(users), None)
+        for user, history, candidates in zip(users, histories, lists, strict=True):
+            inputs = scenario_request(
+                dataset, recall_only, user, history, split.target(user, "test"), served.rank.max_candidates
+            )
+            result = await offline.serve(inputs)
+            assert not result.degraded
+            assert candidates.items.tolist() == result.candidates.items.tolist(), (name, user)
+            assert len(candidates.items) <= served.rank.max_candidates
+            compared += 1
+    await offline.close()
+    assert compared == 3 * len(users)

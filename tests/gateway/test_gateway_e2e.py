@@ -18,8 +18,8 @@ import pytest_asyncio
 import yaml
 
 from gateway.config import DEFAULT_SCENARIOS, GatewayConfig
-from gateway.scenarios import ScenarioConfigError
 from gateway.server import serve
+from recsys.scenario.spec import ScenarioConfigError
 from recsys.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from tests.stack import RunningStack, loopback_serving, running_stack
 

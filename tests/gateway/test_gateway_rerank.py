@@ -6,11 +6,11 @@ import math
 
 import numpy as np
 
-from gateway.catalog import Catalog
-from gateway.pipeline import to_history
-from gateway.rerank import (
+from recsys.scenario.candidates import Candidates
+from recsys.scenario.catalog import Catalog
+from recsys.scenario.pipeline import to_history
+from recsys.scenario.rules import (
     DAY_MS,
-    Candidates,
     DropPurchasedRule,
     ExcludeContextRule,
     RerankInputs,

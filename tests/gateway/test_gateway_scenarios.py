@@ -12,16 +12,11 @@ import pytest
 import yaml
 
 from gateway.config import DEFAULT_SCENARIOS
-from gateway.scenarios import (
-    DiversityRule,
-    DropPurchasedRule,
-    RevenueRule,
-    ScenarioConfigError,
-    ScenarioRegistry,
-    load_scenarios,
-    parse_scenarios,
-)
+from gateway.scenarios import ScenarioRegistry
 from gateway.server import serve
+from recsys.scenario.config import load_scenarios, parse_scenarios
+from recsys.scenario.rules import DiversityRule, DropPurchasedRule, RevenueRule
+from recsys.scenario.spec import ScenarioConfigError
 from recsys.serving.metrics import new_registry
 from recsys.v1 import rank_pb2_grpc, recall_pb2_grpc
 from tests.gateway.conftest import gateway_config

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from gateway.catalog import Catalog, fetch_catalog
-from gateway.pipeline import decode_recall
 from recall_service.config import RecallConfig
 from recall_service.server import serve
+from recsys.scenario.catalog import Catalog, fetch_catalog
+from recsys.scenario.stages import decode_recall
 from recsys.serving.config import ServingConfig
 from recsys.serving.metrics import new_registry
 from recsys.serving.wire import INDEX, catalog_fingerprint, flags_to_mask, pack

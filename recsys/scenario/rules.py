@@ -1,108 +1,27 @@
-"""Re-rank rules applied in the gateway after ranking: business filters, diversity, ads revenue.
+"""Re-rank rules: business filters, diversity, ads revenue, applied in order after ranking.
 
-Candidates stay columnar (:class:`Candidates`: numpy arrays of catalog indices and scores) from
-recall's answer to the response; each rule takes them best first and returns a new selection or
-order, never reordering what it does not have to. Item attributes (category, brand, bid) come
-from the gateway's :class:`~gateway.catalog.Catalog`, not from the wire.
+Each rule is one class: it parses its own settings from the scenario file (``parse``), declares
+what it ``needs`` (checked when the file loads) and ``apply``-s itself to columnar
+:class:`~recsys.scenario.candidates.Candidates` best first, returning a new selection or order and
+never reordering what it does not have to. Item attributes (category, brand, bid) come from the
+:class:`~recsys.scenario.catalog.Catalog`, not from the wire. :data:`RULES` maps the names the
+file uses to the classes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
-from functools import cached_property
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import numpy as np
 
-from gateway.catalog import Catalog
-from recsys.serving.wire import FLAGS, INDEX, pack
-from recsys.sources import RECALL_SOURCES
+from recsys.scenario.candidates import Candidates, History
+from recsys.scenario.catalog import Catalog
+from recsys.scenario.spec import MAX_NUM_ITEMS, ScenarioConfigError, fields, integer, number
 from recsys.v1 import common_pb2
 
 DAY_MS = 86_400_000
-ATTENDED_TOP = 3
-
-
-@dataclass(frozen=True)
-class Candidates:
-    """An ordered candidate list (best first) as parallel arrays."""
-
-    items: np.ndarray  # int32 catalog indices
-    recall_scores: np.ndarray  # float32: the primary recall source's score
-    sources: np.ndarray  # uint8 primary source, an index into RECALL_SOURCES
-    source_scores: np.ndarray  # float32 [n, len(RECALL_SOURCES)], 0 where absent
-    source_flags: np.ndarray  # uint8: bit s = RECALL_SOURCES[s] produced the item
-    scores: np.ndarray  # float32: the score the response carries (rank, recall or revenue)
-    rank_scores: np.ndarray | None = None  # float32 when ranked
-    attended: np.ndarray | None = None  # int32 [n, 3] history positions the ranker attended to
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def take(self, positions: np.ndarray) -> Candidates:
-        """The candidates at ``positions`` (a selection or a new order)."""
-        return Candidates(
-            items=self.items[positions],
-            recall_scores=self.recall_scores[positions],
-            sources=self.sources[positions],
-            source_scores=self.source_scores[positions],
-            source_flags=self.source_flags[positions],
-            scores=self.scores[positions],
-            rank_scores=None if self.rank_scores is None else self.rank_scores[positions],
-            attended=None if self.attended is None else self.attended[positions],
-        )
-
-    def head(self, count: int) -> Candidates:
-        return self.take(np.arange(min(count, len(self))))
-
-    def with_scores(self, scores: np.ndarray, **changes: np.ndarray | None) -> Candidates:
-        return replace(self, scores=np.asarray(scores, dtype=np.float32), **changes)
-
-    @classmethod
-    def empty(cls) -> Candidates:
-        return cls.from_source(np.zeros(0, np.int32), np.zeros(0, np.float32), "popular")
-
-    @classmethod
-    def from_source(cls, items: np.ndarray, scores: np.ndarray, source: str) -> Candidates:
-        """Candidates that all come from one source (the gateway's popular fallback)."""
-        column = RECALL_SOURCES.index(source)
-        count = len(items)
-        source_scores = np.zeros((count, len(RECALL_SOURCES)), dtype=np.float32)
-        source_scores[:, column] = scores
-        return cls(
-            items=np.asarray(items, dtype=np.int32),
-            recall_scores=np.asarray(scores, dtype=np.float32),
-            sources=np.full(count, column, dtype=np.uint8),
-            source_scores=source_scores,
-            source_flags=np.full(count, 1 << column, dtype=np.uint8),
-            scores=np.asarray(scores, dtype=np.float32),
-        )
-
-
-@dataclass(frozen=True)
-class History:
-    """A user's behaviour sequence, oldest first, with the catalog index of each item."""
-
-    item_ids: tuple[str, ...] = ()
-    types: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint8))  # EventType per item
-    timestamps_ms: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # 0 = unknown
-    # Catalog index per item, -1 = not in the catalog.
-    indices: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
-
-    def __len__(self) -> int:
-        return len(self.item_ids)
-
-    @property
-    def known(self) -> np.ndarray:
-        """Positions of the items the catalog knows (what the models see)."""
-        return np.flatnonzero(self.indices >= 0)
-
-    @cached_property
-    def packed(self) -> tuple[bytes, bytes]:
-        """The known items and their event types as the internal wire carries them (computed once
-        per request, sent to recall and to rank)."""
-        known = self.known
-        return pack(self.indices[known], INDEX), pack(self.types[known], FLAGS)
 
 
 @dataclass(frozen=True)
@@ -200,8 +119,26 @@ class DiversityRule:
     max_per_category: int | None = None
     max_per_brand: int | None = None
 
-    name = "diversity"
-    needs = frozenset({"candidates", "attributes"})
+    name: ClassVar[str] = "diversity"
+    needs: ClassVar[frozenset[str]] = frozenset({"candidates", "attributes"})
+    reads: ClassVar[frozenset[str]] = frozenset()  # optional request inputs
+
+    @classmethod
+    def parse(cls, body: Any, where: str) -> DiversityRule:
+        body = fields(body, where, {"top_n", "max_per_category", "max_per_brand"})
+        per_category = body.get("max_per_category")
+        per_brand = body.get("max_per_brand")
+        if per_category is None and per_brand is None:
+            raise ScenarioConfigError(f"{where}: set max_per_category and/or max_per_brand")
+        return cls(
+            top_n=integer(body.get("top_n", 20), where, "top_n", 1, MAX_NUM_ITEMS),
+            max_per_category=None
+            if per_category is None
+            else integer(per_category, where, "max_per_category", 1, MAX_NUM_ITEMS),
+            max_per_brand=None
+            if per_brand is None
+            else integer(per_brand, where, "max_per_brand", 1, MAX_NUM_ITEMS),
+        )
 
     def apply(self, candidates: Candidates, inputs: RerankInputs) -> Candidates:
         return diversify(candidates, inputs.catalog, self.top_n, self.max_per_category, self.max_per_brand)
@@ -213,8 +150,14 @@ class DropPurchasedRule:
 
     days: float
 
-    name = "drop_purchased"
-    needs = frozenset({"candidates", "history"})
+    name: ClassVar[str] = "drop_purchased"
+    needs: ClassVar[frozenset[str]] = frozenset({"candidates", "history"})
+    reads: ClassVar[frozenset[str]] = frozenset()  # optional request inputs
+
+    @classmethod
+    def parse(cls, body: Any, where: str) -> DropPurchasedRule:
+        body = fields(body, where, {"days"})
+        return cls(days=number(body.get("days"), where, "days", 0, 36_500))
 
     def apply(self, candidates: Candidates, inputs: RerankInputs) -> Candidates:
         return exclude_items(candidates, purchased_within(inputs.history, inputs.now_ms, self.days))
@@ -224,8 +167,15 @@ class DropPurchasedRule:
 class ExcludeContextRule:
     """Drop the context items (the viewed item, the cart items)."""
 
-    name = "exclude_context"
-    needs = frozenset({"candidates"})
+    name: ClassVar[str] = "exclude_context"
+    needs: ClassVar[frozenset[str]] = frozenset({"candidates"})
+    reads: ClassVar[frozenset[str]] = frozenset({"context.item_ids"})
+
+    @classmethod
+    def parse(cls, body: Any, where: str) -> ExcludeContextRule:
+        if body not in (None, True):
+            raise ScenarioConfigError(f"{where}: takes no settings (write `exclude_context: true`)")
+        return cls()
 
     def apply(self, candidates: Candidates, inputs: RerankInputs) -> Candidates:
         return exclude_items(candidates, inputs.context_items)
@@ -237,14 +187,34 @@ class RevenueRule:
 
     floor: float = 0.0
 
-    name = "revenue"
-    needs = frozenset({"candidates", "rank_scores", "bids"})
+    name: ClassVar[str] = "revenue"
+    needs: ClassVar[frozenset[str]] = frozenset({"candidates", "rank_scores", "bids"})
+    reads: ClassVar[frozenset[str]] = frozenset()  # optional request inputs
+
+    @classmethod
+    def parse(cls, body: Any, where: str) -> RevenueRule:
+        body = fields(body, where, {"floor"})
+        return cls(floor=number(body.get("floor", 0.0), where, "floor", 0, 1e9))
 
     def apply(self, candidates: Candidates, inputs: RerankInputs) -> Candidates:
         return order_by_revenue(candidates, inputs.catalog, self.floor)
 
 
 RerankRule = DiversityRule | DropPurchasedRule | ExcludeContextRule | RevenueRule
+RULES: Mapping[str, type[RerankRule]] = {
+    rule.name: rule for rule in (DiversityRule, DropPurchasedRule, ExcludeContextRule, RevenueRule)
+}
+
+
+def parse_rule(spec: Any, where: str) -> RerankRule:
+    """One ``{name: settings}`` entry of a rerank stage."""
+    if not isinstance(spec, Mapping) or len(spec) != 1:
+        raise ScenarioConfigError(f"{where}: each rule is a one-key mapping, e.g. {{diversity: {{...}}}}")
+    ((name, body),) = spec.items()
+    rule = RULES.get(name)
+    if rule is None:
+        raise ScenarioConfigError(f"{where}: unknown rule {name!r}; known: {', '.join(RULES)}")
+    return rule.parse(body, f"{where}, rule {name!r}")
 
 
 def apply_rules(rules: Sequence[RerankRule], candidates: Candidates, inputs: RerankInputs) -> Candidates:
