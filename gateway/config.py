@@ -50,6 +50,9 @@ class GatewayConfig:
     )
     scenarios_path: Path = DEFAULT_SCENARIOS
     recall_address: str = "127.0.0.1:50051"
+    # Sharded recall (one address per shard, in shard order): fanned out under one deadline and
+    # merged (gateway/recall_fanout.py); empty = the one recall_address.
+    recall_addresses: tuple[str, ...] = ()
     rank_address: str = "127.0.0.1:50052"
     history_backend: str = "sqlite"
     sqlite_path: Path = Path("artifacts/gateway-history.sqlite3")
@@ -80,6 +83,9 @@ class GatewayConfig:
         for name in ("recall_address", "rank_address"):
             if ":" not in getattr(self, name):
                 raise ConfigError(f"{name}: must be HOST:PORT, got {getattr(self, name)!r}")
+        for address in self.recall_addresses:
+            if ":" not in address:
+                raise ConfigError(f"recall_addresses: each must be HOST:PORT, got {address!r}")
         if not 1 <= self.max_history_length <= 1000:
             raise ConfigError(f"max_history_length: must be in 1..1000, got {self.max_history_length}")
         if self.sqlite_synchronous not in SQLITE_SYNCHRONOUS:
@@ -129,6 +135,7 @@ class GatewayConfig:
                 serving=serving_config_from_args(args),
                 scenarios_path=Path(args.scenarios),
                 recall_address=args.recall_address,
+                recall_addresses=tuple(a.strip() for a in args.recall_addresses.split(",") if a.strip()),
                 rank_address=args.rank_address,
                 history_backend=args.history_backend,
                 sqlite_path=Path(args.sqlite_path),
@@ -178,6 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     add("--scenarios", "RECSYS_SCENARIOS", str, "scenario pipelines YAML")
     add("--recall-address", "RECSYS_RECALL_ADDRESS", str, "recall service HOST:PORT")
+    add(
+        "--recall-addresses",
+        "RECSYS_RECALL_ADDRESSES",
+        str,
+        "sharded recall: comma-separated HOST:PORT per shard, in shard order (empty = --recall-address)",
+    )
     add("--rank-address", "RECSYS_RANK_ADDRESS", str, "rank service HOST:PORT")
     add("--history-backend", "RECSYS_HISTORY_BACKEND", str, "event history store: sqlite or redis")
     add("--sqlite-path", "RECSYS_SQLITE_PATH", str, "SQLite history file")

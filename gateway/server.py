@@ -15,6 +15,7 @@ from gateway.config import GatewayConfig
 from gateway.history import HistoryStore, open_history_store
 from gateway.http_api import HttpApi, HttpServer, bind_socket
 from gateway.metrics import GatewayMetrics
+from gateway.recall_fanout import ShardedRecall
 from gateway.scenarios import ScenarioRegistry
 from gateway.servicer import GatewayServicer
 from recsys.scenario.pipeline import CATALOG_TIMEOUT_S, Pipeline
@@ -149,7 +150,7 @@ async def serve(
     )
     channels: list[grpc.aio.Channel] = []
     if backends is None:
-        recall, rank, channels = open_backends(config)
+        recall, rank, channels = open_backends(config, registry)
     else:
         recall, rank = backends
     pipeline = Pipeline(
@@ -255,9 +256,12 @@ def start_http(
 
 
 def open_backends(
-    config: GatewayConfig,
-) -> tuple[recall_pb2_grpc.RecallServiceStub, rank_pb2_grpc.RankServiceStub, list[grpc.aio.Channel]]:
-    """gRPC stubs for recall and rank (TLS when configured) and the channels to close."""
+    config: GatewayConfig, registry: CollectorRegistry | None = None
+) -> tuple[
+    recall_pb2_grpc.RecallServiceStub | ShardedRecall, rank_pb2_grpc.RankServiceStub, list[grpc.aio.Channel]
+]:
+    """gRPC stubs for recall (a fan-out over its shards when sharded) and rank (TLS when
+    configured) and the channels to close."""
     credentials = None
     if config.downstream_tls_ca is not None:
         serving = config.serving
@@ -268,14 +272,17 @@ def open_backends(
     # round_robin spreads calls over every pod behind a headless Service (dns:/// addresses);
     # the default pick_first would pin each gateway to one recall and one rank pod.
     balanced = (("grpc.lb_policy_name", "round_robin"),)
-    recall_channel = open_channel(
-        config.recall_address, credentials=credentials, max_message_bytes=max_bytes, options=balanced
-    )
     rank_channel = open_channel(
         config.rank_address, credentials=credentials, max_message_bytes=max_bytes, options=balanced
     )
-    return (
-        recall_pb2_grpc.RecallServiceStub(recall_channel),
-        rank_pb2_grpc.RankServiceStub(rank_channel),
-        [recall_channel, rank_channel],
+    rank = rank_pb2_grpc.RankServiceStub(rank_channel)
+    if config.recall_addresses:  # one channel per shard (each a StatefulSet pod), fanned out
+        recall_channels = [
+            open_channel(address, credentials=credentials, max_message_bytes=max_bytes)
+            for address in config.recall_addresses
+        ]
+        return ShardedRecall.connect(recall_channels, registry), rank, [*recall_channels, rank_channel]
+    recall_channel = open_channel(
+        config.recall_address, credentials=credentials, max_message_bytes=max_bytes, options=balanced
     )
+    return recall_pb2_grpc.RecallServiceStub(recall_channel), rank, [recall_channel, rank_channel]

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
+import uuid
 from collections.abc import Callable
 from typing import NoReturn
 
@@ -11,6 +13,7 @@ import grpc
 from prometheus_client import CollectorRegistry
 
 from gateway.history import HistoryStore, StoredEvent
+from gateway.impressions import ImpressionLog, ImpressionMetrics
 from gateway.metrics import GatewayMetrics
 from gateway.response import scored_items
 from recsys.scenario.config import Scenario, ScenarioSet
@@ -57,6 +60,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         max_in_flight: int,
         default_deadline_s: float,
         clock_ms: Callable[[], int] = lambda: int(time.time() * 1000),
+        impressions: ImpressionLog | None = None,
     ):
         self.scenarios = scenarios
         self.pipeline = pipeline
@@ -66,6 +70,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self.max_in_flight = max_in_flight
         self.default_deadline_s = default_deadline_s
         self.clock_ms = clock_ms
+        self.impressions = impressions or ImpressionLog(ImpressionMetrics(registry))
         self.in_flight = 0
         self._reported_versions: dict[str, str] = {}
 
@@ -164,6 +169,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 self.metrics.requests.labels(label, "invalid").inc()
                 raise
             assert scenario is not None
+            # Every answer has a request id (events quote it back for attribution), and a user in
+            # an experiment gets the variant of their arm.
+            request_id = inputs.request_id or uuid.uuid4().hex
+            variant = scenario.variant_for(inputs.user_id or request_id)
+            inputs = dataclasses.replace(inputs, scenario=variant, request_id=request_id)
             remaining = context.time_remaining()
             budget_s = min(
                 self.default_deadline_s if remaining is None else remaining, scenario.timeout_ms / 1000
@@ -181,8 +191,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 raise
             self.metrics.requests.labels(label, "degraded" if result.degraded else "ok").inc()
             self._report_versions(result.model_versions)
+            self.impressions.record(request_id, inputs.user_id, variant, result)
             return gateway_pb2.RecommendResponse(
-                request_id=request.request_id,
+                request_id=request_id,
+                experiment=variant.experiment_name,
+                arm=variant.arm,
                 items=scored_items(result, request.debug),
                 model_version=result.model_version,
                 degraded=result.degraded,
@@ -233,6 +246,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 f"{(event.timestamp_ms - now_ms) / 1000:.0f} s ahead",
             )
             require_id(event.scenario, f"{where}.scenario", allow_empty=True)
+            require_id(event.request_id, f"{where}.request_id", allow_empty=True)
             events.append(
                 StoredEvent(
                     event_id=event.event_id,
@@ -256,9 +270,18 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 stored = await self.history_store.append(events)
             except Exception as error:
                 await _store_unavailable(context, "LogEvents", error)
-            for event, new in zip(events, stored.stored, strict=True):
-                if new:
+            scenario_set = self.scenarios()
+            for event, message, new in zip(events, request.events, stored.stored, strict=True):
+                if new:  # a retried event is not counted twice
                     self.metrics.events_ingested.labels(EVENT_TYPE_NAMES[event.event_type]).inc()
+                    self.impressions.attribute(
+                        message.request_id,
+                        event.user_id,
+                        event.item_id,
+                        event.event_type,
+                        event.scenario,
+                        scenario_set,
+                    )
             return gateway_pb2.LogEventsResponse(accepted=stored.accepted, duplicates=stored.duplicates)
         finally:
             self._leave()

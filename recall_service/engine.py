@@ -4,34 +4,52 @@ A batch of queries costs ONE user-tower run (ONNX Runtime) and one index search 
 filter group; co-visitation and popularity are table look-ups. Each query's source lists are then
 filtered (seen items, excluded ids, category, sponsored), merged under per-source quotas,
 de-duplicated and topped up from popularity so that ``k`` items come back whenever the catalog
-has them. No torch here.
+has them (:mod:`recsys.recall_merge`). No torch here.
+
+A sharded engine (``shard=(index, count)``) recalls only from the items it owns
+(:func:`~recsys.recall_merge.shard_range`): its index holds them alone and every source is
+restricted to them; :meth:`RecallEngine.source_lists` answers the lists unmerged, so that a fan-out
+merges its shards into exactly the unsharded answer.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import onnxruntime as ort
 
-from recall_service.index import VectorSearcher, load_searcher
+from recall_service.index import VectorSearcher, load_searcher, restrict_to_range
 from recall_service.sources import CovisitTable, PopularityTable, covisit_candidates
 from recsys.bundle import BundleError, read_manifest, resolve_bundle
 from recsys.data.dataset import EventType, IdMap
+from recsys.recall_merge import (
+    CandidateList,
+    SourceList,
+    SourceLists,
+    fetch_size,
+    merge_sources,
+    shard_range,
+)
 from recsys.sources import RECALL_SOURCES as SOURCES
 from recsys.sources import SOURCE_INDEX
 
 log = logging.getLogger(__name__)
 
-# Each source fetches its own quota plus this share of it (at least FETCH_SLACK_MIN items), so
-# that items another source already took do not leave it short; exclusions are fetched on top.
-FETCH_SLACK = 0.5
-FETCH_SLACK_MIN = 20
 _EMPTY_IDS = np.zeros(0, dtype=np.int64)
+
+
+class AnnSampler(Protocol):
+    """What the engine hands sampled u2i searches to (``recall_service.ann_quality``)."""
+
+    def offer(
+        self, engine: RecallEngine, vectors: np.ndarray, ids: np.ndarray, allowed: np.ndarray | None
+    ) -> None: ...
 
 
 @dataclass
@@ -52,28 +70,12 @@ class RecallQuery:
 
 
 @dataclass
-class CandidateList:
-    """Merged candidates of one query, best first."""
+class _Gathered:
+    """A query's source lists before the merge."""
 
-    items: np.ndarray  # int64 dense ids
-    scores: np.ndarray  # float32, the primary source's score
-    source_ids: np.ndarray  # uint8 primary source per item, an index into SOURCES
-    source_scores: np.ndarray  # float32 [n, len(SOURCES)], 0 where a source did not produce it
-    source_mask: np.ndarray  # bool [n, len(SOURCES)]
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    @property
-    def sources(self) -> list[str]:
-        """The primary source's name per item."""
-        return [SOURCES[s] for s in self.source_ids.tolist()]
-
-
-@dataclass
-class _SourceList:
-    items: np.ndarray
-    scores: np.ndarray
+    quotas: dict[str, int]
+    excluded: np.ndarray
+    lists: dict[str, SourceList]
 
 
 class UserTower:
@@ -149,14 +151,25 @@ class RecallEngine:
         self.covisit_recent_items = int(covisit_settings.get("recent_items", 5))
         self.covisit_recency_decay = float(covisit_settings.get("recency_decay", 0.6))
         self.default_sources: dict[str, dict[str, float]] = manifest.get("default_sources", {})
+        self.shard_index, self.shard_count = 0, 1
+        self.item_range: tuple[int, int] | None = None  # [start, end) when sharded
+        # Set while this engine is the served one and live ANN quality is sampled.
+        self.ann_sampler: AnnSampler | None = None
         self._filter_cache: dict[
             tuple[int, bool], tuple[np.ndarray | None, np.ndarray | None, np.ndarray]
         ] = {}
 
     @classmethod
-    def load(cls, bundle_dir: Path, device: str = "auto", threads: int | None = None) -> RecallEngine:
+    def load(
+        cls,
+        bundle_dir: Path,
+        device: str = "auto",
+        threads: int | None = None,
+        shard: tuple[int, int] | None = None,
+    ) -> RecallEngine:
         """Load and verify a bundle written by ``recall_service.export`` (device: auto|cpu|gpu);
-        ``bundle_dir`` may be a folder of versions, then its ``current`` one is loaded."""
+        ``bundle_dir`` may be a folder of versions, then its ``current`` one is loaded.
+        ``shard`` = (index, count) recalls from that shard's item range only."""
         bundle_dir = resolve_bundle(bundle_dir)
         manifest = read_manifest(bundle_dir, "recall", verify=True)
         item_vectors = np.load(bundle_dir / "item_vectors.npy")
@@ -185,18 +198,31 @@ class RecallEngine:
             item_bid=np.load(bundle_dir / "item_bid.npy"),
         )
         engine.check_sizes(bundle_dir)
+        if shard is not None and shard[1] > 1:
+            engine.restrict_to_shard(*shard)
         log.info(
-            "recall bundle %s loaded: %d items, %s, user tower on %s",
+            "recall bundle %s loaded: %d items, %s, user tower on %s%s",
             engine.version,
             len(engine.items),
-            searcher.description,
+            engine.searcher.description,
             engine.user_tower.device,
+            f"; shard {engine.shard_index} of {engine.shard_count}: items {engine.item_range}"
+            if engine.item_range
+            else "",
         )
         return engine
 
     @property
     def num_items(self) -> int:
         return len(self.items)
+
+    def restrict_to_shard(self, index: int, count: int) -> None:
+        """Recall from shard ``index`` of ``count``'s items only (the catalog stays whole): the
+        index keeps only them (an exact index is rebuilt over the slice; others filter by id)."""
+        start, end = shard_range(index, count, self.num_items)
+        self.searcher = restrict_to_range(self.searcher, self.item_vectors, start, end)
+        self.shard_index, self.shard_count, self.item_range = index, count, (start, end)
+        self._filter_cache.clear()
 
     def check_sizes(self, bundle_dir: Path) -> None:
         """Raise BundleError naming the file whose row count disagrees with ``items.txt``."""
@@ -248,7 +274,8 @@ class RecallEngine:
     def _filter(
         self, category: int, sponsored_only: bool
     ) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray]:
-        """(allowed ids or None, allowed mask or None, popularity order within them) for a filter."""
+        """(allowed ids or None, allowed mask or None, popularity order within them) for a filter;
+        a shard's mask and order hold its own items only (its index holds no others)."""
         key = (category, sponsored_only)
         if key not in self._filter_cache:
             mask = None
@@ -261,6 +288,14 @@ class RecallEngine:
             if sponsored_only:
                 ranked = ranked[self.item_bid[ranked] > 0]
             allowed = None if mask is None else np.flatnonzero(mask).astype(np.int64)
+            if self.item_range is not None:
+                start, end = self.item_range
+                owned = np.zeros(self.num_items, dtype=bool)
+                owned[start:end] = True
+                mask = owned if mask is None else mask & owned
+                ranked = ranked[(ranked >= start) & (ranked < end)]
+                if allowed is not None:
+                    allowed = allowed[(allowed >= start) & (allowed < end)]
             self._filter_cache[key] = (allowed, mask, ranked)
         return self._filter_cache[key]
 
@@ -303,9 +338,11 @@ class RecallEngine:
         fetch: list[int],
         excluded: list[np.ndarray],
         queries: Sequence[RecallQuery],
-    ) -> dict[int, _SourceList]:
-        """ANN results of ``vectors`` (one per row in ``rows``): one search per filter group."""
-        results: dict[int, _SourceList] = {}
+        sampler: AnnSampler | None = None,
+    ) -> dict[int, SourceList]:
+        """ANN results of ``vectors`` (one per row in ``rows``): one search per filter group.
+        ``sampler`` gets each group's raw search (it samples and checks it off the request path)."""
+        results: dict[int, SourceList] = {}
         groups: dict[tuple[int, bool], list[int]] = {}
         for position, row in enumerate(rows):
             groups.setdefault((queries[row].category, queries[row].sponsored_only), []).append(position)
@@ -313,18 +350,20 @@ class RecallEngine:
             allowed, _, _ = self._filter(category, sponsored_only)
             if allowed is not None and allowed.size == 0:
                 for position in positions:
-                    results[rows[position]] = _SourceList(_EMPTY_IDS, np.zeros(0, np.float32))
+                    results[rows[position]] = SourceList(_EMPTY_IDS, np.zeros(0, np.float32))
                 continue
             # Over-fetch by the number of excluded items so that k survive the exclusion.
             k = max(fetch[rows[p]] + len(excluded[rows[p]]) for p in positions)
             scores, ids = self.searcher.search(vectors[positions], min(k, self.num_items), allowed)
+            if sampler is not None:
+                sampler.offer(self, vectors[positions], ids, allowed)
             for position, score_row, id_row in zip(positions, scores, ids, strict=True):
                 row = rows[position]
                 keep = (id_row >= 0) & ~np.isin(id_row, excluded[row], assume_unique=False)
-                results[row] = _SourceList(id_row[keep][: fetch[row]], score_row[keep][: fetch[row]])
+                results[row] = SourceList(id_row[keep][: fetch[row]], score_row[keep][: fetch[row]])
         return results
 
-    def _covisit_source(self, query: RecallQuery, fetch: int, excluded: np.ndarray) -> _SourceList:
+    def _covisit_source(self, query: RecallQuery, fetch: int, excluded: np.ndarray) -> SourceList:
         anchors: list[int] = [int(s) for s in dict.fromkeys(np.asarray(query.seed_items).tolist())]
         weights: list[float] = [1.0] * len(anchors)
         age = 0
@@ -343,37 +382,70 @@ class RecallEngine:
         keep = ~np.isin(items, excluded)
         if mask is not None:
             keep &= mask[items]
-        return _SourceList(items[keep][:fetch], scores[keep][:fetch])
+        return SourceList(items[keep][:fetch], scores[keep][:fetch])
 
-    def _popular_source(self, query: RecallQuery, fetch: int, excluded: np.ndarray) -> _SourceList:
+    def _popular_source(self, query: RecallQuery, fetch: int, excluded: np.ndarray) -> SourceList:
+        """The ``fetch`` most popular items that pass the query's filters (also the merge's top-up)."""
         _, _, ranked = self._filter(query.category, query.sponsored_only)
         head = ranked[: fetch + len(excluded)]
         head = head[~np.isin(head, excluded)][:fetch]
-        return _SourceList(head, self.popularity.scores(head))
+        return SourceList(head, self.popularity.scores(head))
 
     # ------------------------------------------------------------------ recall
 
     def recall(self, queries: Sequence[RecallQuery]) -> list[CandidateList]:
         """Candidates for every query; one user-tower run and one search per source for the batch."""
+        return [
+            merge_sources(
+                found.lists,
+                found.quotas,
+                query.k,
+                fill=self._fill(query, found.excluded) if query.fill_popular else None,
+            )
+            for query, found in zip(queries, self._gather(queries), strict=True)
+        ]
+
+    def source_lists(self, queries: Sequence[RecallQuery]) -> list[SourceLists]:
+        """Every query's source lists unmerged, each item with its popularity rank (the tie-break
+        a fan-out merges shards by); :func:`recsys.recall_merge.merge_shards` of all shards' lists
+        is what an unsharded engine's :meth:`recall` answers."""
+        ranks = self.popularity.ranks
+
+        def ranked(found: SourceList) -> SourceList:
+            return SourceList(found.items, found.scores, ranks[found.items])
+
+        return [
+            SourceLists(
+                quotas=found.quotas,
+                k=query.k,
+                lists={source: ranked(found_list) for source, found_list in found.lists.items()},
+                fill=ranked(self._fill(query, found.excluded)()) if query.fill_popular else None,
+            )
+            for query, found in zip(queries, self._gather(queries), strict=True)
+        ]
+
+    def _fill(self, query: RecallQuery, excluded: np.ndarray) -> Callable[[], SourceList]:
+        """The merge's top-up (the query's k most popular allowed items), computed only if needed."""
+        return lambda: self._popular_source(query, query.k, excluded)
+
+    def _gather(self, queries: Sequence[RecallQuery]) -> list[_Gathered]:
+        """Each query's source lists: one user-tower run and one search per source for the batch."""
         if not queries:
             return []
         quotas = [self._resolve_quotas(q) for q in queries]
         excluded = [self._excluded(q) for q in queries]
-        lists: list[dict[str, _SourceList]] = [{} for _ in queries]
+        lists: list[dict[str, SourceList]] = [{} for _ in queries]
 
         def fetch(source: str) -> list[int]:
             """Per query: how many items ``source`` fetches (its quota plus slack, capped)."""
-            return [
-                min(self.num_items, q[source] + max(FETCH_SLACK_MIN, math.ceil(FETCH_SLACK * q[source])))
-                if source in q
-                else 0
-                for q in quotas
-            ]
+            return [fetch_size(q[source], self.num_items) if source in q else 0 for q in quotas]
 
         u2i_rows = [r for r, q in enumerate(queries) if "u2i" in quotas[r] and len(q.history)]
         if u2i_rows:
             vectors = self._user_vectors([queries[r] for r in u2i_rows])
-            found_lists = self._vector_source(vectors, u2i_rows, fetch("u2i"), excluded, queries)
+            found_lists = self._vector_source(
+                vectors, u2i_rows, fetch("u2i"), excluded, queries, sampler=self.ann_sampler
+            )
             for row, found in found_lists.items():
                 lists[row]["u2i"] = found
         i2i_rows = [
@@ -395,9 +467,7 @@ class RecallEngine:
                 lists[row]["covisit"] = self._covisit_source(query, covisit_fetch[row], excluded[row])
             if "popular" in quotas[row]:
                 lists[row]["popular"] = self._popular_source(query, popular_fetch[row], excluded[row])
-        return [
-            self._merge(query, quotas[row], lists[row], excluded[row]) for row, query in enumerate(queries)
-        ]
+        return [_Gathered(quotas[row], excluded[row], lists[row]) for row in range(len(queries))]
 
     def _excluded(self, query: RecallQuery) -> np.ndarray:
         parts = [np.asarray(query.exclude_items, dtype=np.int64)]
@@ -405,75 +475,15 @@ class RecallEngine:
             parts.append(np.asarray(query.history, dtype=np.int64))
         return np.unique(np.concatenate(parts))
 
-    def _merge(
-        self, query: RecallQuery, quotas: dict[str, int], lists: dict[str, _SourceList], excluded: np.ndarray
-    ) -> CandidateList:
-        """Interleave sources by rank relative to their quota, de-duplicate, cap each source at its
-        quota, cut at k, then top up from popularity (under the same filters) when short."""
-        names = [s for s in SOURCES if s in lists and len(lists[s].items)]
-        if names:
-            items = np.concatenate([lists[s].items for s in names])
-            source_ids = np.concatenate([np.full(len(lists[s].items), SOURCE_INDEX[s]) for s in names])
-            keys = np.concatenate([(np.arange(len(lists[s].items)) + 1.0) / quotas[s] for s in names])
-            order = np.lexsort((source_ids, keys))
-            items, source_ids = items[order], source_ids[order]
-            chosen = self._take_under_quotas(items, source_ids, quotas, query.k)
-            items, source_ids = items[chosen], source_ids[chosen]
-        else:
-            items, source_ids = _EMPTY_IDS, np.zeros(0, dtype=np.int64)
-        if query.fill_popular and len(items) < query.k:
-            _, _, ranked = self._filter(query.category, query.sponsored_only)
-            taken = np.concatenate([excluded, items])
-            head = ranked[: query.k - len(items) + len(taken)]
-            extra = head[~np.isin(head, taken)][: query.k - len(items)]
-            items = np.concatenate([items, extra])
-            source_ids = np.concatenate([source_ids, np.full(len(extra), SOURCE_INDEX["popular"])])
-        source_scores = np.zeros((len(items), len(SOURCES)), dtype=np.float32)
-        source_mask = np.zeros((len(items), len(SOURCES)), dtype=bool)
-        for name, found in lists.items():
-            column = SOURCE_INDEX[name]
-            order = np.argsort(found.items, kind="stable")
-            sorted_items = found.items[order]
-            positions = np.searchsorted(sorted_items, items)
-            positions = np.minimum(positions, max(len(sorted_items) - 1, 0))
-            hit = sorted_items[positions] == items if len(sorted_items) else np.zeros(len(items), bool)
-            source_scores[hit, column] = found.scores[order][positions[hit]]
-            source_mask[hit, column] = True
-        popular_column = SOURCE_INDEX["popular"]
-        filled = (source_ids == popular_column) & ~source_mask[:, popular_column]
-        source_scores[filled, popular_column] = self.popularity.scores(items[filled])
-        source_mask[filled, popular_column] = True
-        rows = np.arange(len(items))
-        return CandidateList(
-            items=items.astype(np.int64),
-            scores=source_scores[rows, source_ids].astype(np.float32),
-            source_ids=source_ids.astype(np.uint8),
-            source_scores=source_scores,
-            source_mask=source_mask,
-        )
 
-    @staticmethod
-    def _take_under_quotas(
-        items: np.ndarray, source_ids: np.ndarray, quotas: dict[str, int], k: int | None = None
-    ) -> np.ndarray:
-        """Positions (in merge order) of the first occurrence of each item, each source capped.
-
-        An entry past its source's quota is skipped without claiming its item, so a later entry
-        of another source may still claim it. One pass in merge order; stops at ``k`` taken.
-        """
-        limit = [0] * len(SOURCES)
-        for name, quota in quotas.items():
-            limit[SOURCE_INDEX[name]] = quota
-        taken = [0] * len(SOURCES)
-        seen: set[int] = set()
-        chosen: list[int] = []
-        wanted = len(items) if k is None else k
-        for position, (item, source) in enumerate(zip(items.tolist(), source_ids.tolist(), strict=True)):
-            if item in seen or taken[source] >= limit[source]:
-                continue
-            seen.add(item)
-            taken[source] += 1
-            chosen.append(position)
-            if len(chosen) >= wanted:
-                break
-        return np.asarray(chosen, dtype=np.int64)
+__all__ = [
+    "SOURCES",
+    "SOURCE_INDEX",
+    "AnnSampler",
+    "CandidateList",
+    "RecallEngine",
+    "RecallQuery",
+    "SourceList",
+    "SourceLists",
+    "UserTower",
+]

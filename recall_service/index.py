@@ -313,10 +313,19 @@ class VectorSearcher(Protocol):
 class FaissSearcher:
     """A Faiss index on CPU, or on a GPU when faiss-gpu is installed and sees one."""
 
-    def __init__(self, index: faiss.Index, nprobe: int = 32, ef_search: int = 128, use_gpu: bool = False):
+    def __init__(
+        self,
+        index: faiss.Index,
+        nprobe: int = 32,
+        ef_search: int = 128,
+        use_gpu: bool = False,
+        id_range: tuple[int, int] | None = None,
+    ):
         self.cpu_index = index
         self.nprobe = nprobe
         self.ef_search = ef_search
+        # Only ids in [start, end) are searched (a recall shard over an index of every item).
+        self.id_range = id_range
         self.ivf = _ivf_of(index)
         self.hnsw = None if self.ivf is not None else _hnsw_of(index)
         self.gpu_index = None
@@ -342,14 +351,18 @@ class FaissSearcher:
     ) -> tuple[np.ndarray, np.ndarray]:
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         k = max(1, min(k, self.cpu_index.ntotal))
-        if allowed is None and self.gpu_index is not None:
+        if allowed is None and self.id_range is None and self.gpu_index is not None:
             # faiss-gpu indexes take no ID selectors; filtered searches stay on the CPU copy.
             return self.gpu_index.search(queries, k)
         selector = None
-        if allowed is not None:
+        if allowed is not None:  # a shard's allowed ids are its own already
             allowed = np.ascontiguousarray(allowed, dtype=np.int64)
             selector = faiss.IDSelectorBatch(allowed)
             k = max(1, min(k, len(allowed)))
+        elif self.id_range is not None:
+            start, end = self.id_range
+            selector = faiss.IDSelectorRange(start, end)
+            k = max(1, min(k, end - start))
         scores, ids = self.cpu_index.search(queries, k, params=self._parameters(selector))
         return scores, ids
 
@@ -360,11 +373,12 @@ class ExactGpuSearcher:
     Needs no faiss-gpu, so it works on cards the faiss-gpu wheels were not built for.
     """
 
-    def __init__(self, vectors: np.ndarray):
+    def __init__(self, vectors: np.ndarray, first_id: int = 0):
         import cupy
 
         self.cupy = cupy
         self.vectors = cupy.asarray(np.ascontiguousarray(vectors, dtype=np.float32))
+        self.first_id = first_id  # row i holds item first_id + i (a recall shard's slice)
         self.device = "gpu"
         self.description = "exact inner product on GPU (cupy)"
 
@@ -377,7 +391,7 @@ class ExactGpuSearcher:
         scores = cp.asarray(np.ascontiguousarray(queries, dtype=np.float32)) @ self.vectors.T
         if allowed is not None:
             mask = cp.full(num_items, -cp.inf, dtype=cp.float32)
-            mask[cp.asarray(allowed)] = 0.0
+            mask[cp.asarray(np.asarray(allowed, dtype=np.int64) - self.first_id)] = 0.0
             scores += mask[None, :]
         top = (
             cp.argpartition(-scores, k - 1, axis=1)[:, :k]
@@ -388,8 +402,37 @@ class ExactGpuSearcher:
         order = cp.argsort(-top_scores, axis=1)
         ids = cp.take_along_axis(top, order, axis=1)
         top_scores = cp.take_along_axis(top_scores, order, axis=1)
-        ids = cp.where(cp.isfinite(top_scores), ids, -1)
+        ids = cp.where(cp.isfinite(top_scores), ids + self.first_id, -1)
         return cp.asnumpy(top_scores).astype(np.float32), cp.asnumpy(ids).astype(np.int64)
+
+
+def restrict_to_range(searcher: VectorSearcher, vectors: np.ndarray, start: int, end: int) -> VectorSearcher:
+    """``searcher`` limited to items ``[start, end)`` (a recall shard), answering the same ids and
+    scores as the full searcher restricted to them. An exact index is rebuilt over that slice of
+    ``vectors`` (the full one is dropped: a shard holds 1/count of it); an approximate index (IVF,
+    HNSW) is kept and searched with an id range selector, so its results are its own, filtered."""
+    if isinstance(searcher, ExactGpuSearcher):
+        return ExactGpuSearcher(vectors[start:end], first_id=start)
+    if not isinstance(searcher, FaissSearcher):
+        raise TypeError(f"cannot restrict {type(searcher).__name__} to an item range")
+    if searcher.ivf is not None or searcher.hnsw is not None or not _is_flat(searcher.cpu_index):
+        return FaissSearcher(
+            searcher.cpu_index,
+            searcher.nprobe,
+            searcher.ef_search,
+            use_gpu=searcher.gpu_index is not None,
+            id_range=(start, end),
+        )
+    index = faiss.IndexIDMap2(faiss.IndexFlatIP(vectors.shape[1]))
+    index.add_with_ids(
+        np.ascontiguousarray(vectors[start:end], dtype=np.float32), np.arange(start, end, dtype=np.int64)
+    )
+    return FaissSearcher(index, searcher.nprobe, searcher.ef_search, use_gpu=searcher.gpu_index is not None)
+
+
+def _is_flat(index: faiss.Index) -> bool:
+    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
+    return isinstance(inner, faiss.IndexFlat) and inner.metric_type == faiss.METRIC_INNER_PRODUCT
 
 
 def faiss_gpu_available() -> bool:

@@ -1,5 +1,7 @@
 """``serve(config)``: load the bundle, warm up one query, then serve RecallService; a new bundle
-version at the bundle location is loaded, verified and warmed in the background and swapped in."""
+version at the bundle location is loaded, verified and warmed in the background and swapped in.
+A sharded server (``config.recall_shards`` > 1) recalls from its own item range only; a share of
+live u2i queries is checked against exact search in the background (``config.ann_quality_sample``)."""
 
 from __future__ import annotations
 
@@ -9,9 +11,17 @@ import grpc
 import numpy as np
 from prometheus_client import CollectorRegistry
 
+from recall_service.ann_quality import AnnQualityMonitor
 from recall_service.config import RecallConfig
-from recall_service.engine import CandidateList, RecallEngine, RecallQuery
-from recall_service.servicer import RecallJob, RecallMetrics, RecallModel, RecallServicer, run_recall_jobs
+from recall_service.engine import RecallEngine, RecallQuery
+from recall_service.servicer import (
+    RecallJob,
+    RecallMetrics,
+    RecallModel,
+    RecallResult,
+    RecallServicer,
+    run_recall_jobs,
+)
 from recsys.serving.batching import BatcherMetrics, MicroBatcher
 from recsys.serving.bootstrap import RunningServer, start_server
 from recsys.serving.metrics import bundle_info, new_registry
@@ -24,11 +34,12 @@ SERVICE_NAME = recall_pb2.DESCRIPTOR.services_by_name["RecallService"].full_name
 def build_servicer(
     engine: RecallEngine | RecallModel, config: RecallConfig, registry: CollectorRegistry
 ) -> RecallServicer:
-    """The servicer over ``engine`` with its batcher and metrics (also used in-process, no gRPC)."""
+    """The servicer over ``engine`` with its batcher, metrics and (when sampled) live ANN quality
+    monitor (also used in-process, no gRPC)."""
     model = engine if isinstance(engine, RecallModel) else RecallModel(engine)
     metrics = RecallMetrics(registry)
     batcher_metrics = BatcherMetrics(registry, "recall")
-    batcher: MicroBatcher[RecallJob, CandidateList] = MicroBatcher(
+    batcher: MicroBatcher[RecallJob, RecallResult] = MicroBatcher(
         run_recall_jobs,
         config.max_batch,
         config.max_wait_ms,
@@ -39,7 +50,10 @@ def build_servicer(
         # every bundle is loaded with config.threads, so the first engine's pinning fits all
         thread_initializer=model.engine.pin_threads,
     )
-    return RecallServicer(model, batcher, metrics)
+    ann_quality = None
+    if config.ann_quality_sample > 0:
+        ann_quality = AnnQualityMonitor(registry, config.ann_quality_sample, config.ann_quality_window)
+    return RecallServicer(model, batcher, metrics, ann_quality)
 
 
 async def warm_up(servicer: RecallServicer, model: RecallModel | None = None) -> None:
@@ -74,7 +88,7 @@ def bundle_watcher(
 
 def load_model(directory: Path, config: RecallConfig) -> RecallModel:
     """Load and verify the bundle in ``directory`` (blocking: called in a thread)."""
-    return RecallModel(RecallEngine.load(directory, config.device, config.threads))
+    return RecallModel(RecallEngine.load(directory, config.device, config.threads, config.shard))
 
 
 async def serve(config: RecallConfig, registry: CollectorRegistry | None = None) -> RunningServer:
@@ -99,4 +113,6 @@ async def serve(config: RecallConfig, registry: CollectorRegistry | None = None)
     )
     servicer.bundle_watcher = watcher
     watcher.start(running)
+    if servicer.ann_quality is not None:
+        servicer.ann_quality.close_with(running)
     return running

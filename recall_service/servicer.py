@@ -2,8 +2,10 @@
 
 ``Recall`` speaks catalog indices (see protos/recsys/v1/recall.proto): decoding a request is a few
 ``np.frombuffer`` calls and encoding the answer a few ``tobytes``, whatever the number of
-candidates. ``GetCatalog`` streams the catalog (ids, attributes, popularity order) the indices
-refer to, so the gateway can translate to and from external item ids.
+candidates. A request with ``source_lists`` (a fan-out over recall shards) is answered each
+source's list unmerged instead (:mod:`recsys.recall_merge`). ``GetCatalog`` streams the catalog
+(ids, attributes, popularity order) the indices refer to, so the gateway can translate to and
+from external item ids; every shard serves the whole catalog.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ import grpc
 import numpy as np
 from prometheus_client import CollectorRegistry, Histogram
 
+from recall_service.ann_quality import AnnQualityMonitor
 from recall_service.engine import SOURCES, CandidateList, RecallEngine, RecallQuery
 from recsys.data.dataset import EventType
+from recsys.recall_merge import SourceLists, candidates_response, source_lists_response
 from recsys.serving.batching import MicroBatcher, call_deadline
 from recsys.serving.metrics import get_or_create
 from recsys.serving.reload import BundleWatcher
@@ -27,7 +31,6 @@ from recsys.serving.wire import (
     SCORE,
     catalog_fingerprint,
     check_catalog,
-    mask_to_flags,
     pack,
     unpack,
     unpack_indices,
@@ -82,25 +85,30 @@ class RecallModel:
 
 @dataclass
 class RecallJob:
-    """A validated query bound to the model it was validated against (it runs on that one)."""
+    """A validated query bound to the model it was validated against (it runs on that one);
+    ``source_lists``: answer the unmerged lists (a shard asked by a fan-out)."""
 
     model: RecallModel
     query: RecallQuery
+    source_lists: bool = False
 
 
-def run_recall_jobs(jobs: Sequence[RecallJob]) -> list[CandidateList]:
+RecallResult = CandidateList | SourceLists
+
+
+def run_recall_jobs(jobs: Sequence[RecallJob]) -> list[RecallResult]:
     """The batcher's run function: one engine call per model in the batch (after a swap, jobs
-    validated against the old model still run on it)."""
-    results: list[CandidateList | None] = [None] * len(jobs)
-    by_model: dict[int, list[int]] = {}
+    validated against the old model still run on it), and per answer form."""
+    results: list[RecallResult | None] = [None] * len(jobs)
+    groups: dict[tuple[int, bool], list[int]] = {}
     for position, job in enumerate(jobs):
-        by_model.setdefault(id(job.model), []).append(position)
-    for positions in by_model.values():
+        groups.setdefault((id(job.model), job.source_lists), []).append(position)
+    for (_, source_lists), positions in groups.items():
         engine = jobs[positions[0]].model.engine
-        for position, candidates in zip(
-            positions, engine.recall([jobs[p].query for p in positions]), strict=True
-        ):
-            results[position] = candidates
+        queries = [jobs[p].query for p in positions]
+        answers = engine.source_lists(queries) if source_lists else engine.recall(queries)
+        for position, answer in zip(positions, answers, strict=True):
+            results[position] = answer
     return results  # type: ignore[return-value]
 
 
@@ -108,20 +116,24 @@ class RecallServicer(recall_pb2_grpc.RecallServiceServicer):
     """Thin gRPC layer over a :class:`RecallEngine` shared through a :class:`MicroBatcher`.
 
     ``model`` is the served bundle; :meth:`swap` replaces it (hot reload). Each request reads it
-    once, so its validation, computation and answer all come from one bundle.
+    once, so its validation, computation and answer all come from one bundle. ``ann_quality``
+    (when live ANN quality is sampled) follows the served engine.
     """
 
     def __init__(
         self,
         engine: RecallEngine | RecallModel,
-        batcher: MicroBatcher[RecallJob, CandidateList],
+        batcher: MicroBatcher[RecallJob, RecallResult],
         metrics: RecallMetrics,
+        ann_quality: AnnQualityMonitor | None = None,
     ):
         self.model = engine if isinstance(engine, RecallModel) else RecallModel(engine)
         self.batcher = batcher
         self.metrics = metrics
+        self.ann_quality = ann_quality
+        if ann_quality is not None:
+            ann_quality.follow(self.model.engine)
         self.bundle_watcher: BundleWatcher[RecallModel] | None = None  # set by serve() when it watches
-        self._source_names = list(SOURCES)
 
     @property
     def engine(self) -> RecallEngine:
@@ -137,6 +149,8 @@ class RecallServicer(recall_pb2_grpc.RecallServiceServicer):
         """Serve ``model`` from now on (one reference assignment on the event loop); requests
         already validated finish on the old one."""
         self.model = model
+        if self.ann_quality is not None:
+            self.ann_quality.follow(model.engine)
 
     def to_query(self, request: recall_pb2.RecallRequest, model: RecallModel | None = None) -> RecallQuery:
         """Validate ``request`` against ``model`` (default: the served one) and decode its arrays;
@@ -200,21 +214,19 @@ class RecallServicer(recall_pb2_grpc.RecallServiceServicer):
         )
 
     def to_response(
-        self, candidates: CandidateList, model: RecallModel | None = None
+        self, answer: RecallResult, model: RecallModel | None = None
     ) -> recall_pb2.RecallResponse:
         """The packed wire response of ``model`` (default: the served one): one array per column,
-        whatever the number of candidates."""
+        whatever the number of candidates (or, for a fan-out, one per source list)."""
         model = self.model if model is None else model
-        return recall_pb2.RecallResponse(
-            model_version=model.version,
-            catalog=model.catalog,
-            items=pack(candidates.items, INDEX),
-            scores=pack(candidates.scores, SCORE),
-            sources=pack(candidates.source_ids, FLAGS),
-            source_names=self._source_names,
-            source_scores=pack(candidates.source_scores, SCORE),
-            source_flags=mask_to_flags(candidates.source_mask).tobytes(),
-        )
+        if isinstance(answer, SourceLists):
+            engine = model.engine
+            return source_lists_response(
+                answer, model.catalog, model.version, engine.shard_index, engine.shard_count
+            )
+        response = candidates_response(answer, model.catalog, model.version)
+        response.shard_index, response.shard_count = model.engine.shard_index, model.engine.shard_count
+        return response
 
     async def recall(
         self, request: recall_pb2.RecallRequest, deadline: float | None = None
@@ -222,8 +234,8 @@ class RecallServicer(recall_pb2_grpc.RecallServiceServicer):
         """Validate, run through the batcher and encode: the whole method without the transport
         (the in-process backend calls it directly). ``deadline`` is a ``loop.time()`` instant."""
         model = self.model  # read once: a swap during the call does not change its answer's bundle
-        query = self.to_query(request, model)
-        return self.to_response(await self.batcher.submit(RecallJob(model, query), deadline), model)
+        job = RecallJob(model, self.to_query(request, model), source_lists=request.source_lists)
+        return self.to_response(await self.batcher.submit(job, deadline), model)
 
     @grpc_method
     async def Recall(
@@ -275,6 +287,7 @@ __all__ = [
     "RecallJob",
     "RecallMetrics",
     "RecallModel",
+    "RecallResult",
     "RecallServicer",
     "run_recall_jobs",
 ]

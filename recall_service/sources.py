@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -117,9 +118,10 @@ def covisit_candidates(
         return np.zeros(0, np.int64), np.zeros(0, np.float32)
     scores = np.concatenate([r[1] * w for r, w in zip(rows, anchor_weights, strict=True)])
     unique_items, inverse = np.unique(items, return_inverse=True)
-    summed = np.bincount(inverse, weights=scores)
+    # Ordered by the float32 score it reports: recall shards' lists merge by that score exactly.
+    summed = np.bincount(inverse, weights=scores).astype(np.float32)
     order = np.lexsort((unique_items, -item_counts[unique_items], -summed))
-    return unique_items[order], summed[order].astype(np.float32)
+    return unique_items[order], summed[order]
 
 
 @dataclass
@@ -148,6 +150,13 @@ class PopularityTable:
         if category < 0:
             return self.global_order
         return self.category_items[self.category_indptr[category] : self.category_indptr[category + 1]]
+
+    @cached_property
+    def ranks(self) -> np.ndarray:
+        """int32 [num_items]: each item's position in the global order (count, then id)."""
+        ranks = np.empty(len(self.global_order), dtype=np.int32)
+        ranks[self.global_order] = np.arange(len(self.global_order), dtype=np.int32)
+        return ranks
 
     def scores(self, items: np.ndarray) -> np.ndarray:
         """Popularity score in [0, 1]: count relative to the most popular item."""

@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from recsys.scenario.experiments import Arm, Experiment
 from recsys.scenario.spec import (
     MAX_NUM_ITEMS,
     ScenarioConfigError,
@@ -57,6 +58,9 @@ class Scenario:
     timeout_ms: float = 300.0  # total budget when the caller's deadline is longer or absent
     default_num_items: int = 20
     required_fields: frozenset[str] = field(default_factory=frozenset)
+    experiment: Experiment | None = None  # on the scenario as configured; its arms are variants
+    experiment_name: str = ""  # on an arm's variant: the experiment and arm it serves
+    arm: str = ""
 
     @property
     def recall(self) -> RecallStage:
@@ -74,14 +78,31 @@ class Scenario:
     def model_scenario_name(self) -> str:
         return self.model_scenario or self.name
 
+    def variant_for(self, key: str) -> Scenario:
+        """The scenario ``key`` (a user id, else a request id) is served: its experiment arm's
+        variant, or this scenario when it runs no experiment."""
+        if self.experiment is None:
+            return self
+        return self.experiment.assign(key).scenario
+
     def replace_stage(self, kind: str, stage: Stage | None) -> Scenario:
         """This scenario with its ``kind`` stage replaced (or removed when ``stage`` is None),
         checked again: e.g. an ablation without one rule, or without the ranker."""
-        stages = tuple(
-            s if s.kind != kind else stage for s in self.stages if s.kind != kind or stage is not None
+        return self.with_stages(
+            tuple(s if s.kind != kind else stage for s in self.stages if s.kind != kind or stage is not None)
         )
+
+    def with_stages(self, stages: tuple[Stage, ...]) -> Scenario:
+        """This scenario with other stages (checked), outside any experiment."""
         required = set(check_pipeline(self.name, stages)) | ({"user_id"} if self.personalised else set())
-        return dataclasses.replace(self, stages=stages, required_fields=frozenset(required))
+        return dataclasses.replace(
+            self,
+            stages=stages,
+            required_fields=frozenset(required),
+            experiment=None,
+            experiment_name="",
+            arm="",
+        )
 
 
 @dataclass(frozen=True)
@@ -141,13 +162,51 @@ def check_pipeline(name: str, stages: tuple[Stage, ...]) -> frozenset[str]:
     return frozenset(required_fields)
 
 
+def _parse_stages(spec: Any, name: str, at: str) -> tuple[Stage, ...]:
+    if not isinstance(spec, list):
+        raise ScenarioConfigError(f"{at}: stages must be a list")
+    return tuple(_parse_stage(stage, name, i) for i, stage in enumerate(spec))
+
+
+def _parse_experiment(spec: Any, scenario: Scenario) -> Experiment:
+    """The scenario's experiment; each arm a variant of ``scenario`` (checked like a scenario)."""
+    at = f"{where(scenario.name)}, experiment"
+    spec = fields(spec, at, {"name", "salt", "arms"})
+    name = spec.get("name")
+    if not isinstance(name, str) or not name or not name.replace("_", "").replace("-", "").isalnum():
+        raise ScenarioConfigError(f"{at}: name is required (letters, digits, _ and -)")
+    salt = spec.get("salt", "")
+    if not isinstance(salt, str | int):
+        raise ScenarioConfigError(f"{at}: salt must be a string")
+    arms_spec = spec.get("arms")
+    if not isinstance(arms_spec, Mapping) or len(arms_spec) < 2:
+        raise ScenarioConfigError(f"{at}: arms must map at least two arm names to {{share, stages}}")
+    arms = []
+    for arm_name, arm_spec in arms_spec.items():
+        arm_at = f"{at}, arm {arm_name!r}"
+        if not isinstance(arm_name, str) or not arm_name.replace("_", "").replace("-", "").isalnum():
+            raise ScenarioConfigError(f"{arm_at}: bad arm name (letters, digits, _ and -)")
+        arm_spec = fields(arm_spec, arm_at, {"share", "stages"})
+        share = number(arm_spec.get("share"), arm_at, "share", 0, 100)
+        if share <= 0:
+            raise ScenarioConfigError(f"{arm_at}: share must be > 0")
+        stages = scenario.stages
+        if "stages" in arm_spec:
+            stages = _parse_stages(arm_spec["stages"], scenario.name, f"{arm_at}, stages")
+            try:
+                check_pipeline(scenario.name, stages)
+            except ScenarioConfigError as error:
+                raise ScenarioConfigError(f"{arm_at}: {error}") from None
+        arms.append(Arm(name=arm_name, share=share, scenario=scenario.with_stages(stages)))
+    return Experiment(name=name, salt=str(salt), arms=tuple(arms))
+
+
 def _parse_scenario(name: str, spec: Any, defaults: Mapping[str, Any]) -> Scenario:
     at = where(name)
-    spec = fields(spec, at, {"stages", "personalised", "model_scenario", "timeout_ms", "num_items"})
-    stages_spec = spec.get("stages")
-    if not isinstance(stages_spec, list):
-        raise ScenarioConfigError(f"{at}: stages must be a list")
-    stages = tuple(_parse_stage(stage, name, i) for i, stage in enumerate(stages_spec))
+    spec = fields(
+        spec, at, {"stages", "personalised", "model_scenario", "timeout_ms", "num_items", "experiment"}
+    )
+    stages = _parse_stages(spec.get("stages"), name, at)
     required = set(check_pipeline(name, stages))
     personalised = boolean(spec.get("personalised", defaults.get("personalised", True)), at, "personalised")
     if personalised:
@@ -155,7 +214,7 @@ def _parse_scenario(name: str, spec: Any, defaults: Mapping[str, Any]) -> Scenar
     model_scenario = spec.get("model_scenario", "")
     if not isinstance(model_scenario, str):
         raise ScenarioConfigError(f"{at}: model_scenario must be a string")
-    return Scenario(
+    scenario = Scenario(
         name=name,
         stages=stages,
         personalised=personalised,
@@ -167,6 +226,24 @@ def _parse_scenario(name: str, spec: Any, defaults: Mapping[str, Any]) -> Scenar
             spec.get("num_items", defaults.get("num_items", 20)), at, "num_items", 1, MAX_NUM_ITEMS
         ),
         required_fields=frozenset(required),
+    )
+    if "experiment" not in spec:
+        return scenario
+    experiment = _parse_experiment(spec["experiment"], scenario)
+    # The scenario requires what any of its arms requires (the request is validated before the
+    # arm is known); each arm's variant names its experiment and arm.
+    required = frozenset(set().union(*(arm.scenario.required_fields for arm in experiment.arms)))
+    arms = tuple(
+        dataclasses.replace(
+            arm,
+            scenario=dataclasses.replace(
+                arm.scenario, required_fields=required, experiment_name=experiment.name, arm=arm.name
+            ),
+        )
+        for arm in experiment.arms
+    )
+    return dataclasses.replace(
+        scenario, required_fields=required, experiment=dataclasses.replace(experiment, arms=arms)
     )
 
 

@@ -188,6 +188,8 @@ class RecallStage:
                 context.category,
                 context.fallback_depth,
             )
+        # A sharded recall answers with the shards that could (recall_shard_unavailable).
+        context.result.degraded_reasons.extend(response.degraded_reasons)
         context.result.model_versions["recall"] = response.model_version
         return recalled
 
