@@ -255,6 +255,7 @@ class RecallServicer(recall_pb2_grpc.RecallServiceServicer):
             ]
         num_items = engine.num_items
         popular = engine.popularity.global_order
+        interactions = np.minimum(engine.popularity.counts, np.iinfo(np.int32).max)
         chunks = []
         for offset in range(0, max(num_items, 1), CATALOG_CHUNK):
             end = min(num_items, offset + CATALOG_CHUNK)
@@ -268,6 +269,7 @@ class RecallServicer(recall_pb2_grpc.RecallServiceServicer):
                 item_brands=pack(engine.item_brand[offset:end], INDEX),
                 item_bids=pack(engine.item_bid[offset:end], SCORE),
                 popular_items=pack(popular[offset:end], INDEX),
+                item_interactions=pack(interactions[offset:end], INDEX),
             )
             if offset == 0:
                 chunk.category_names.extend(engine.category_names)

@@ -161,8 +161,9 @@ def run_evaluation(args: argparse.Namespace) -> dict:
             args.phase,
             args.quick,
         )
-        if "pipeline" in stages:
-            results["pipeline"] = {"scenario": SERVED_PIPELINE_SCENARIO, **served[SERVED_PIPELINE_SCENARIO]}
+        if "pipeline" in stages:  # home, or its first arm (the control) when it runs an experiment
+            key = next(k for k in served if k.split("/")[0] == SERVED_PIPELINE_SCENARIO)
+            results["pipeline"] = {"scenario": key, **served[key]}
             seconds["pipeline"] = round(time.perf_counter() - started, 3)
     missing = [stage for stage in stages if stage not in results]
     if missing:
@@ -176,7 +177,8 @@ def run_evaluation(args: argparse.Namespace) -> dict:
         "seconds": seconds,
     }
     if args.scenarios:
-        report["scenarios"] = {name: served[name] for name in dict.fromkeys(args.scenarios)}
+        asked = set(args.scenarios)  # each asked scenario, or each arm of one (``name/arm``)
+        report["scenarios"] = {key: metrics for key, metrics in served.items() if key.split("/")[0] in asked}
     return report
 
 

@@ -42,6 +42,7 @@ EVAL_KS = (10, 20, 50)
 NUM_ITEMS = max(EVAL_KS)  # items asked of each scenario (its re-rank rules still apply to them)
 NO_BUDGET_MS = 600_000.0
 CONCURRENCY = 32  # requests in flight, so the recall and rank batchers batch as in serving
+COLD_INTERACTIONS = 5  # cold_share@10: items with at most this many training interactions
 
 
 def without_budgets(scenario: Scenario) -> Scenario:
@@ -131,6 +132,25 @@ class OfflinePipeline:
         await self.pipeline.close()
 
 
+def variants(scenario: Scenario) -> dict[str, Scenario]:
+    """What to evaluate for a scenario of the file: itself, or each arm of its experiment
+    (``name/arm``), so an experiment is measured offline before it runs online."""
+    if scenario.experiment is None:
+        return {scenario.name: scenario}
+    return {f"{scenario.name}/{arm.name}": arm.scenario for arm in scenario.experiment.arms}
+
+
+def coverage_metrics(ranked: Sequence[np.ndarray], interactions: np.ndarray, num_items: int) -> dict:
+    """Catalog coverage of the served top 10s and the share of their slots held by items with at
+    most COLD_INTERACTIONS training interactions (what exploration trades quality for)."""
+    tops = [items[:10] for items in ranked]
+    served = np.concatenate(tops) if tops else np.zeros(0, np.int64)
+    metrics = {"coverage@10": round(len(np.unique(served)) / max(num_items, 1), 4)}
+    if len(interactions) and len(served):
+        metrics["cold_share@10"] = round(float((interactions[served] <= COLD_INTERACTIONS).mean()), 4)
+    return metrics
+
+
 async def evaluate_scenarios(
     dataset: Dataset,
     split: LeaveOneOutSplit,
@@ -141,58 +161,72 @@ async def evaluate_scenarios(
     phase: Phase,
     users: np.ndarray | None = None,
 ) -> dict[str, dict]:
-    """``{scenario: metrics}`` of what each scenario serves, through the gateway's pipeline."""
+    """``{scenario: metrics}`` of what each scenario serves (``{scenario/arm: metrics}`` for each
+    arm of a scenario that runs an experiment), through the compiled scenario the gateway runs."""
     offline = await OfflinePipeline.load(recall_dir, rank_dir, scenarios_path)
-    assert offline.pipeline.catalog is not None
-    check_catalog_is_dataset(dataset, offline.pipeline.catalog.item_ids)
+    catalog = offline.pipeline.catalog
+    assert catalog is not None
+    check_catalog_is_dataset(dataset, catalog.item_ids)
     users = split.eval_users if users is None else users
     results: dict[str, dict] = {}
     for name in scenario_names:
-        scenario = offline.scenario(name)
-        started = time.perf_counter()
-        ranked: list[np.ndarray] = []
-        targets: list[int] = []
-        degraded = skipped = 0
-
-        async def serve(user: int, scenario: Scenario = scenario) -> tuple[np.ndarray, bool] | None:
-            history = split.history(user, phase)
-            target = split.target(user, phase)
-            inputs = scenario_request(dataset, scenario, user, history, target, NUM_ITEMS)
-            if inputs is None:
-                return None
-            result = await offline.serve(inputs)
-            # Catalog indices are the dataset's dense ids (same catalog, same order).
-            return result.candidates.items.astype(np.int64), result.degraded
-
-        for start in range(0, len(users), CONCURRENCY):
-            batch = [int(u) for u in users[start : start + CONCURRENCY]]
-            answers = await asyncio.gather(*(serve(user) for user in batch))
-            for user, answer in zip(batch, answers, strict=True):
-                if answer is None:
-                    skipped += 1
-                    continue
-                ranked.append(answer[0])
-                targets.append(split.target(user, phase))
-                degraded += answer[1]
-        if not targets:  # e.g. category pages on a dataset without categories
-            results[name] = {"users": 0, "skipped_users": skipped, "note": "no user could be asked"}
-            log.info("scenario %s: no user could be asked (%d skipped)", name, skipped)
-            continue
-        metrics: dict = metrics_from_ranks(ranks_from_lists(ranked, np.asarray(targets)), EVAL_KS)
-        metrics.update(
-            {
-                "users": len(targets),
-                "skipped_users": skipped,
-                "degraded_answers": degraded,
-                "num_items": NUM_ITEMS,
-                "seconds": round(time.perf_counter() - started, 1),
-                **offline.versions,
-            }
-        )
-        log.info("scenario %s: %s", name, metrics)
-        results[name] = metrics
+        for key, scenario in variants(offline.scenario(name)).items():
+            results[key] = await _evaluate_variant(offline, dataset, split, scenario, phase, users)
+            log.info("scenario %s: %s", key, results[key])
     await offline.close()
     return results
+
+
+async def _evaluate_variant(
+    offline: OfflinePipeline,
+    dataset: Dataset,
+    split: LeaveOneOutSplit,
+    scenario: Scenario,
+    phase: Phase,
+    users: np.ndarray,
+) -> dict:
+    started = time.perf_counter()
+    ranked: list[np.ndarray] = []
+    targets: list[int] = []
+    degraded = skipped = 0
+
+    async def serve(user: int) -> tuple[np.ndarray, bool] | None:
+        history = split.history(user, phase)
+        target = split.target(user, phase)
+        inputs = scenario_request(dataset, scenario, user, history, target, NUM_ITEMS)
+        if inputs is None:
+            return None
+        result = await offline.serve(inputs)
+        # Catalog indices are the dataset's dense ids (same catalog, same order).
+        return result.candidates.items.astype(np.int64), result.degraded
+
+    for start in range(0, len(users), CONCURRENCY):
+        batch = [int(u) for u in users[start : start + CONCURRENCY]]
+        answers = await asyncio.gather(*(serve(user) for user in batch))
+        for user, answer in zip(batch, answers, strict=True):
+            if answer is None:
+                skipped += 1
+                continue
+            ranked.append(answer[0])
+            targets.append(split.target(user, phase))
+            degraded += answer[1]
+    if not targets:  # e.g. category pages on a dataset without categories
+        return {"users": 0, "skipped_users": skipped, "note": "no user could be asked"}
+    catalog = offline.pipeline.catalog
+    assert catalog is not None
+    metrics: dict = metrics_from_ranks(ranks_from_lists(ranked, np.asarray(targets)), EVAL_KS)
+    metrics.update(coverage_metrics(ranked, catalog.item_interactions, len(catalog)))
+    metrics.update(
+        {
+            "users": len(targets),
+            "skipped_users": skipped,
+            "degraded_answers": degraded,
+            "num_items": NUM_ITEMS,
+            "seconds": round(time.perf_counter() - started, 1),
+            **offline.versions,
+        }
+    )
+    return metrics
 
 
 def check_catalog_is_dataset(dataset: Dataset, item_ids: Sequence[str]) -> None:

@@ -9,7 +9,7 @@ no per-candidate attribute ever travels on the wire.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -34,6 +34,8 @@ class Catalog:
     category_names: list[str]
     brand_names: list[str]
     popular: np.ndarray  # int32 item indices, most popular first
+    # int32 training interactions per item; empty when recall does not send them (exploration off)
+    item_interactions: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
 
     def __post_init__(self) -> None:
         self.index: dict[str, int] = {item_id: position for position, item_id in enumerate(self.item_ids)}
@@ -60,7 +62,7 @@ class Catalog:
             raise CatalogError("recall sent no catalog")
         first = chunks[0]
         item_ids: list[str] = []
-        categories, brands, bids, popular = [], [], [], []
+        categories, brands, bids, popular, interactions = [], [], [], [], []
         for chunk in chunks:
             if chunk.catalog != first.catalog or chunk.offset != len(item_ids):
                 raise CatalogError("catalog chunks out of order or from two catalogs")
@@ -70,6 +72,8 @@ class Catalog:
             brands.append(unpack(chunk.item_brands, INDEX, "item_brands", count))
             bids.append(unpack(chunk.item_bids, SCORE, "item_bids", count))
             popular.append(unpack(chunk.popular_items, INDEX, "popular_items"))
+            if chunk.item_interactions:
+                interactions.append(unpack(chunk.item_interactions, INDEX, "item_interactions", count))
         if len(item_ids) != first.num_items:
             raise CatalogError(f"catalog has {len(item_ids)} items, recall announced {first.num_items}")
         if catalog_fingerprint(item_ids) != first.catalog:
@@ -84,6 +88,9 @@ class Catalog:
             category_names=list(first.category_names),
             brand_names=list(first.brand_names),
             popular=np.concatenate(popular).astype(np.int32),
+            item_interactions=np.concatenate(interactions).astype(np.int32)
+            if len(interactions) == len(chunks)
+            else np.zeros(0, np.int32),
         )
 
 

@@ -89,6 +89,33 @@ def diversify(
     return candidates.take(order)
 
 
+def explore(
+    candidates: Candidates, catalog: Catalog, top_n: int, slots: int, max_interactions: int
+) -> Candidates:
+    """Give ``slots`` of the top ``top_n`` positions to items with at most ``max_interactions``
+    training interactions: the best placed such candidates (the model's choice among them, the
+    list being in model order) move to positions spread evenly through the top ``top_n``; cold
+    items already there count. Everything else keeps its order. No-op without interaction counts."""
+    count = len(candidates)
+    if not slots or not count or not len(catalog.item_interactions):
+        return candidates
+    top_n = min(top_n, count)
+    cold = np.flatnonzero(catalog.item_interactions[candidates.items] <= max_interactions)
+    wanted = min(slots, top_n) - int((cold < top_n).sum())
+    promoted = cold[cold >= top_n][: max(wanted, 0)]
+    if not len(promoted):
+        return candidates
+    rest = np.setdiff1d(np.arange(count), promoted, assume_unique=True)  # sorted: model order kept
+    # Target positions spread through the top: e.g. 2 slots in 20 -> positions 6 and 13.
+    targets = (np.arange(1, len(promoted) + 1) * top_n) // (len(promoted) + 1)
+    order = np.empty(count, dtype=np.int64)
+    is_target = np.zeros(count, dtype=bool)
+    is_target[targets] = True
+    order[targets] = promoted
+    order[~is_target] = rest
+    return candidates.take(order)
+
+
 def order_by_revenue(candidates: Candidates, catalog: Catalog, floor: float) -> Candidates:
     """Expected revenue = P(choice) x bid, P from a softmax over the list's scores (the ranker is
     trained with a listwise softmax). Items bidding below ``floor`` (or not at all) are dropped;
@@ -200,9 +227,43 @@ class RevenueRule:
         return order_by_revenue(candidates, inputs.catalog, self.floor)
 
 
-RerankRule = DiversityRule | DropPurchasedRule | ExcludeContextRule | RevenueRule
+@dataclass(frozen=True)
+class ExploreRule:
+    """A ``share`` of the top ``top_n`` positions for items with at most ``max_interactions``
+    training interactions, so new items get impressions; the model picks which (its order)."""
+
+    top_n: int = 20
+    share: float = 0.1
+    max_interactions: int = 5
+
+    name: ClassVar[str] = "explore"
+    needs: ClassVar[frozenset[str]] = frozenset({"candidates", "attributes"})
+    reads: ClassVar[frozenset[str]] = frozenset()  # optional request inputs
+
+    @property
+    def slots(self) -> int:
+        return round(self.top_n * self.share)
+
+    @classmethod
+    def parse(cls, body: Any, where: str) -> ExploreRule:
+        body = fields(body, where, {"top_n", "share", "max_interactions"})
+        rule = cls(
+            top_n=integer(body.get("top_n", 20), where, "top_n", 1, MAX_NUM_ITEMS),
+            share=number(body.get("share", 0.1), where, "share", 0, 1),
+            max_interactions=integer(body.get("max_interactions", 5), where, "max_interactions", 0, 10**9),
+        )
+        if rule.share > 0 and rule.slots == 0:
+            raise ScenarioConfigError(f"{where}: share {rule.share} of top_n {rule.top_n} is no position")
+        return rule
+
+    def apply(self, candidates: Candidates, inputs: RerankInputs) -> Candidates:
+        return explore(candidates, inputs.catalog, self.top_n, self.slots, self.max_interactions)
+
+
+RerankRule = DiversityRule | DropPurchasedRule | ExcludeContextRule | RevenueRule | ExploreRule
 RULES: Mapping[str, type[RerankRule]] = {
-    rule.name: rule for rule in (DiversityRule, DropPurchasedRule, ExcludeContextRule, RevenueRule)
+    rule.name: rule
+    for rule in (DiversityRule, DropPurchasedRule, ExcludeContextRule, RevenueRule, ExploreRule)
 }
 
 

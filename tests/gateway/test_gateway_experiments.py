@@ -165,3 +165,12 @@ async def test_outcomes_are_attributed_only_to_what_the_user_was_shown(fake_stac
     )
     assert metrics.get_sample_value("recsys_clicks_total", labels) == 2
     assert registry.current.get("home").experiment is None
+
+
+def test_the_shipped_exploration_example_is_an_experiment_with_an_explore_arm():
+    home = load_scenarios(DEFAULT_SCENARIOS.parent / "examples" / "exploration.yaml").get("home")
+    assert home.experiment is not None
+    arms = {arm.name: arm.scenario for arm in home.experiment.arms}
+    assert set(arms) == {"control", "explore"}
+    assert [rule.name for rule in arms["explore"].rerank.rules][-1] == "explore"
+    assert "explore" not in [rule.name for rule in arms["control"].rerank.rules]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -13,9 +14,11 @@ from recsys.scenario.rules import (
     DAY_MS,
     DropPurchasedRule,
     ExcludeContextRule,
+    ExploreRule,
     RerankInputs,
     apply_rules,
     diversify,
+    explore,
     order_by_revenue,
     purchased_within,
 )
@@ -112,3 +115,23 @@ def test_revenue_orders_by_choice_probability_times_bid_and_applies_the_floor():
     assert ids(catalog, result) == ["less_relevant_rich", "relevant_cheap"]
     weights = [math.exp(s - 9.0) for s in (3.0, 2.0, 5.0, 9.0)]
     assert math.isclose(float(result.scores[0]), weights[1] / sum(weights) * 2.0, rel_tol=1e-6)
+
+
+def test_explore_moves_the_best_cold_candidates_to_spread_positions_and_keeps_the_rest_in_order():
+    catalog = catalog_of([(f"i{n}", "", "", 0.0) for n in range(12)])
+    # Items i8, i10 and i11 have few interactions; the list is in model order i0..i11.
+    interactions = np.full(12, 100, np.int32)
+    interactions[[8, 10, 11]] = [0, 3, 1]
+    catalog = dataclasses.replace(catalog, item_interactions=interactions)
+    result = explore(listed(catalog), catalog, top_n=6, slots=2, max_interactions=5)
+    # The two best-placed cold items (i8, i10: the model's choice) go to positions 2 and 4.
+    assert ids(catalog, result) == ["i0", "i1", "i8", "i2", "i10", "i3", "i4", "i5", "i6", "i7", "i9", "i11"]
+    # A cold item already in the top counts toward the slots; nothing else moves.
+    interactions[2] = 0
+    catalog = dataclasses.replace(catalog, item_interactions=interactions)
+    result = explore(listed(catalog), catalog, top_n=6, slots=2, max_interactions=5)
+    assert ids(catalog, result)[:6] == ["i0", "i1", "i2", "i8", "i3", "i4"]
+    # Without interaction counts (an older recall) the rule changes nothing.
+    plain = catalog_of([(f"i{n}", "", "", 0.0) for n in range(12)])
+    assert ids(plain, explore(listed(plain), plain, 6, 2, 5)) == plain.item_ids
+    assert ExploreRule(top_n=20, share=0.1).slots == 2
