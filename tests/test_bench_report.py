@@ -66,5 +66,5 @@ def test_the_readme_section_is_replaced_between_its_markers(tmp_path: Path):
 def test_a_readme_without_markers_is_refused(tmp_path: Path):
     readme = tmp_path / "README.md"
     readme.write_text("# no markers\n")
-    with pytest.raises(ValueError, match="performance markers"):
+    with pytest.raises(ValueError, match="generated-section markers"):
         bench_report.update_readme(readme, "body")
