@@ -7,7 +7,13 @@ RECSYS := $(VENV)/bin/recsys
 ARTIFACTS ?= artifacts
 DATA ?= synthetic
 STAGE ?= pipeline
-EXTRAS ?= train,dev,deploy,bench
+# What make installs: the lock (exact versions, made from pyproject.toml's ranges by
+# scripts/lock.sh): the core, the CPU model runtimes, object-store clients, torch (the tests train
+# tiny models), the test, deploy-check and bench tools; then the project itself, without deps.
+LOCK ?= requirements/dev.txt
+# The lock's torch==2.13.0+cpu is on PyTorch's CPU index, not on PyPI (whose Linux torch is the
+# CUDA build); the index is skipped when a local wheel folder (PIP_FIND_LINKS) already has it.
+TORCH_INDEX ?= $(if $(wildcard $(addsuffix /torch-*+cpu-*.whl,$(PIP_FIND_LINKS))),,https://download.pytorch.org/whl/cpu)
 PROTOS := $(wildcard protos/recsys/v1/*.proto)
 STUBS := recsys/v1/__init__.py
 INSTALLED := $(VENV)/.installed
@@ -22,10 +28,11 @@ BUF_AGAINST ?= main
 
 install: $(INSTALLED) $(STUBS)
 
-$(INSTALLED): pyproject.toml
+$(INSTALLED): pyproject.toml setup.py $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
+	$(PY) -m pip install --quiet -r $(LOCK) $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
+	$(PY) -m pip install --quiet --no-deps -e .
 	touch $@
 
 # Generated gRPC stubs: one package (recsys.v1) imported by every service; never edited by hand.

@@ -16,6 +16,14 @@ versioned directories with a ``current`` link naming the served one::
 Versions sort by name (``new_version`` names sort by time); ``publish_bundle`` adds one,
 ``activate_version`` and ``rollback`` repoint ``current`` atomically (a new link renamed over the
 old one), and serving watches the link (``recsys.serving.reload``).
+
+For a cluster, ``publish_to_store`` packs a bundle into one tar and uploads it, immutably, to an
+object store as ``<store>/<name>/<version>.tar`` (plus ``<version>.tar.sha256``); the Helm chart's
+init container (``deploy/helm/recsys/files/fetch_bundle.py``) fetches exactly that object, checks
+the sha256 the chart was given, and the version is a pod annotation, so a values change rolls the
+pods and ``helm rollback`` serves the previous model again. Stores: ``s3://`` and ``gs://`` (and
+any other fsspec protocol) through fsspec with the cloud's default credentials (the ``stores``
+extra), ``file://`` or a plain path, and ``http(s)://`` (HTTP PUT) with the standard library.
 """
 
 from __future__ import annotations
@@ -27,8 +35,12 @@ import logging
 import os
 import shutil
 import sys
+import tarfile
 import tempfile
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -276,17 +288,134 @@ def publish_bundle(
     return target
 
 
+# -- object stores (the cluster's source of bundles) ---------------------------------------------
+
+ARCHIVE_SUFFIX = ".tar"
+_STDLIB_SCHEMES = ("", "file", "http", "https")
+
+
+def store_object_url(store: str, name: str, version: str) -> str:
+    """Where a bundle version lives in a store: ``<store>/<name>/<version>.tar`` (the chart builds
+    the same URL from ``<model>.bundle.store``, ``.name`` and ``.version``)."""
+    for part, value in (("name", name), ("version", version)):
+        if not value or "/" in value or value in (".", ".."):
+            raise BundleError(f"bundle {part} {value!r}: must be a non-empty name without '/'")
+    return f"{store.rstrip('/')}/{name}/{version}{ARCHIVE_SUFFIX}"
+
+
+def pack_bundle(bundle_dir: str | Path, archive: str | Path) -> str:
+    """Write the bundle's files into an uncompressed tar at ``archive`` (names relative to the
+    bundle, sorted, owner and mtime fixed, so the same bundle always packs to the same bytes) with
+    the manifest last (an unpacker that stops early has no manifest); returns its sha256."""
+    bundle_dir = Path(bundle_dir)
+    names = sorted(str(p.relative_to(bundle_dir)) for p in bundle_dir.rglob("*") if p.is_file())
+    names.sort(key=lambda name: name == MANIFEST)
+
+    def normalise(info: tarfile.TarInfo) -> tarfile.TarInfo:
+        info.uid = info.gid = 0
+        info.uname = info.gname = ""
+        info.mtime = 0
+        info.mode = 0o644
+        return info
+
+    with tarfile.open(archive, "w", format=tarfile.PAX_FORMAT) as tar:
+        for name in names:
+            tar.add(bundle_dir / name, arcname=name, recursive=False, filter=normalise)
+    return file_sha256(Path(archive))
+
+
+def _upload(local: Path, url: str) -> None:
+    """Copy ``local`` to ``url``, refusing to replace an existing object (versions are immutable)."""
+    scheme = urllib.parse.urlsplit(url).scheme
+    if scheme in ("", "file"):
+        target = Path(urllib.request.url2pathname(urllib.parse.urlsplit(url).path)) if scheme else Path(url)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = target.with_name(f".{target.name}.{os.getpid()}.partial")
+        shutil.copyfile(local, staging)
+        try:
+            os.link(staging, target)  # fails if the target exists: no silent overwrite
+        except FileExistsError:
+            raise BundleError(f"{url} already exists: a published version is never replaced") from None
+        finally:
+            staging.unlink(missing_ok=True)
+    elif scheme in ("http", "https"):
+        request = urllib.request.Request(url, data=local.read_bytes(), method="PUT")
+        request.add_header("If-None-Match", "*")  # servers that support it refuse an overwrite
+        request.add_header("Content-Type", "application/octet-stream")
+        try:
+            with urllib.request.urlopen(request, timeout=300):
+                pass
+        except urllib.error.HTTPError as error:
+            if error.code == 412:
+                raise BundleError(f"{url} already exists: a published version is never replaced") from None
+            raise BundleError(f"PUT {url}: HTTP {error.code} {error.reason}") from None
+    else:
+        fs, path = _fsspec(url)
+        if fs.exists(path):
+            raise BundleError(f"{url} already exists: a published version is never replaced")
+        fs.put_file(str(local), path)
+
+
+def _fsspec(url: str) -> tuple[Any, str]:
+    try:
+        import fsspec
+    except ImportError:
+        raise BundleError(
+            f"{url}: object stores need fsspec and the store's driver (pip install 'recsys[stores]')"
+        ) from None
+    try:
+        return fsspec.core.url_to_fs(url)
+    except (ImportError, ValueError) as error:
+        raise BundleError(f"{url}: {error} (pip install 'recsys[stores]')") from None
+
+
+def publish_to_store(
+    source: str | Path, store: str, name: str | None = None, version: str | None = None
+) -> tuple[str, str]:
+    """Verify the bundle ``source``, pack it and upload it to ``<store>/<name>/<version>.tar``
+    (default name: the manifest's kind; version: the manifest's version) with a ``.sha256``
+    sidecar; an existing version is never replaced. Returns (object URL, sha256 of the tar)."""
+    source = Path(source)
+    manifest = json.loads((source / MANIFEST).read_text())
+    read_manifest(source, str(manifest.get("kind")), verify=True)
+    name = name or str(manifest["kind"])
+    version = version or str(manifest["version"])
+    if version != str(manifest["version"]):
+        raise BundleError(
+            f"{source}: version {version!r} differs from the manifest's {manifest['version']!r}: the "
+            "pods' bundle-version annotation and the served recsys_bundle_info would disagree"
+        )
+    url = store_object_url(store, name, version)
+    with tempfile.TemporaryDirectory(prefix="recsys-publish-") as scratch:
+        archive = Path(scratch) / f"{version}{ARCHIVE_SUFFIX}"
+        digest = pack_bundle(source, archive)
+        sidecar = Path(scratch) / f"{archive.name}.sha256"
+        sidecar.write_text(f"{digest}  {archive.name}\n")
+        _upload(archive, url)
+        _upload(sidecar, f"{url}.sha256")
+    log.info("published %s (sha256 %s)", url, digest)
+    return url, digest
+
+
 def main(argv: list[str] | None = None) -> int:
-    """`recsys bundle list|verify|publish|activate|rollback --bundle DIR`."""
+    """`recsys bundle list|verify|publish|activate|rollback --bundle DIR`, `publish SRC --store URL`."""
     parser = argparse.ArgumentParser(
         prog="recsys bundle", description="List, verify, publish, activate or roll back bundle versions."
     )
     parser.add_argument("action", choices=("list", "verify", "publish", "activate", "rollback"))
     parser.add_argument("version", nargs="?", help="activate: the version; publish: the source bundle dir")
-    parser.add_argument("--bundle", type=Path, required=True, help="bundle folder (versioned: has `current`)")
+    parser.add_argument("--bundle", type=Path, help="bundle folder (versioned: has `current`)")
     parser.add_argument("--name", help="publish: version folder name (default: the manifest's version)")
     parser.add_argument("--no-activate", action="store_true", help="publish without repointing current")
+    parser.add_argument(
+        "--store",
+        help="publish: upload <STORE>/<model>/<version>.tar instead (s3://bucket/prefix, gs://..., "
+        "https://..., file:///...); prints the chart values that fetch it",
+    )
+    parser.add_argument("--model", help="publish --store: the folder under the store (default: the kind)")
     args = parser.parse_args(argv)
+    if args.bundle is None and not (args.action == "publish" and args.store):
+        parser.error("--bundle is required (publish: --bundle or --store)")
     try:
         if args.action == "list":
             current = current_version(args.bundle)
@@ -301,8 +430,18 @@ def main(argv: list[str] | None = None) -> int:
         elif args.action == "publish":
             if not args.version:
                 parser.error("publish needs the source bundle folder")
-            target = publish_bundle(Path(args.version), args.bundle, args.name, not args.no_activate)
-            print(f"published {target}")
+            if args.store:
+                manifest = json.loads((Path(args.version) / MANIFEST).read_text())
+                url, digest = publish_to_store(Path(args.version), args.store, args.model, args.name)
+                kind = manifest["kind"]  # the chart's component: recall | rank
+                values = [f"{kind}.bundle.version={manifest['version']}", f"{kind}.bundle.sha256={digest}"]
+                if args.model:
+                    values.append(f"{kind}.bundle.name={args.model}")
+                print(f"published {url}\nsha256 {digest}")
+                print("helm values: " + " ".join(f"--set {value}" for value in values))
+            else:
+                target = publish_bundle(Path(args.version), args.bundle, args.name, not args.no_activate)
+                print(f"published {target}")
         elif args.action == "activate":
             if not args.version:
                 parser.error("activate needs a version (see `recsys bundle list`)")

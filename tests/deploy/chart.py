@@ -18,6 +18,31 @@ NAMESPACE = "recsys"
 KUBE_VERSION = "1.30.0"
 MONITORING_API = "monitoring.coreos.com/v1"
 COMPONENTS = ("recall", "rank", "gateway")
+GRPC_ROUTE_API = "gateway.networking.k8s.io/v1/GRPCRoute"
+# What every install has to say: the store holding the bundles, and the version (and archive
+# sha256) each model serves. The chart refuses to render a model without them.
+BUNDLE_STORE = "s3://models.example/recsys"
+BUNDLE_VALUES: dict[str, Any] = {
+    "bundles": {"store": BUNDLE_STORE},
+    "recall": {"bundle": {"version": "recall-20261201T060000", "sha256": "1" * 64}},
+    "rank": {"bundle": {"version": "rank-20261201T060000", "sha256": "2" * 64}},
+}
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``override`` merged in (nested dicts merged, anything else replaced)."""
+    merged = json.loads(json.dumps(base))
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def with_bundles(values: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``values`` on top of the required bundle coordinates (BUNDLE_VALUES)."""
+    return deep_merge(BUNDLE_VALUES, values or {})
 
 
 def helm_sdk() -> Any:
@@ -44,9 +69,13 @@ class Manifest:
 
 
 def render(
-    values: dict[str, Any] | None = None, api_versions: tuple[str, ...] = (), kube_version: str = KUBE_VERSION
+    values: dict[str, Any] | None = None,
+    api_versions: tuple[str, ...] = (),
+    kube_version: str = KUBE_VERSION,
+    bundles: bool = True,
 ) -> dict[str, str]:
-    """Render the chart as an install of release ``shop`` into namespace ``recsys``.
+    """Render the chart as an install of release ``shop`` into namespace ``recsys``, with the
+    required bundle coordinates (BUNDLE_VALUES) under ``values`` unless ``bundles`` is False.
 
     ``Chart.render`` has no way to announce the cluster's APIs, so this calls the SDK's native
     render with its ``api_versions``/``kube_version`` options (what ``helm template
@@ -59,7 +88,10 @@ def render(
         options["api_versions"] = list(api_versions)
     with helm.Chart.load(CHART_DIR) as chart:
         rendered = helm._native.call_string(
-            "helm_render", chart._raw(), json.dumps(values or {}), json.dumps(options)
+            "helm_render",
+            chart._raw(),
+            json.dumps(with_bundles(values) if bundles else values or {}),
+            json.dumps(options),
         )
     return json.loads(rendered)
 

@@ -19,9 +19,43 @@ from tests.deploy.chart import DEPLOY_DIR, REPO_ROOT
 CONVENTIONS = REPO_ROOT / "docs" / "CONVENTIONS.md"
 DASHBOARD = DEPLOY_DIR / "grafana" / "recsys-dashboard.json"
 ALERTS = DEPLOY_DIR / "prometheus" / "alerts.yaml"
-# Labels Prometheus adds to every scraped series, and synthetic series it creates per target.
-TARGET_LABELS = frozenset({"job", "instance"})
+# Labels Prometheus adds to every scraped series (the Prometheus Operator's service discovery adds
+# namespace and pod; a global or Thanos/Mimir setup adds cluster), and synthetic series it creates
+# per target.
+TARGET_LABELS = frozenset({"job", "instance", "namespace", "pod", "cluster"})
 SYNTHETIC_METRICS = frozenset({"up"})
+# Exported by prometheus_client's process collector in every service (not recsys's own contract).
+PROCESS_METRICS: dict[str, frozenset[str]] = {
+    name: frozenset()
+    for name in (
+        "process_cpu_seconds_total",
+        "process_resident_memory_bytes",
+        "process_start_time_seconds",
+        "process_open_fds",
+    )
+}
+# Series of other exporters the dashboard reads where they run (NVIDIA's DCGM exporter on GPU
+# nodes, which labels each GPU with the pod using it); never in a recsys scrape.
+EXTERNAL_METRICS: dict[str, frozenset[str]] = {
+    name: frozenset({"gpu", "UUID", "device", "modelName", "Hostname", "container"})
+    for name in ("DCGM_FI_DEV_GPU_UTIL", "DCGM_FI_DEV_FB_USED")
+}
+# The families whose label values CONVENTIONS.md lists (another family may use the same label name
+# with other values, e.g. recsys_bundle_reload_total{outcome="refused"}).
+LABEL_VALUE_FAMILIES = {
+    "stage": ("recsys_stage_seconds", "recsys_candidates"),
+    "outcome": ("recsys_requests_total",),
+}
+# Documented metrics with no series until their first event (a sampled ANN check, a click or a
+# conversion attributed to an answer): the live scrape checks them only when they are present.
+LAZY_METRICS = frozenset(
+    {
+        "recsys_recall_live_ann_recall",
+        "recsys_clicks_total",
+        "recsys_conversions_total",
+        "recsys_recall_shard_failures_total",
+    }
+)
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
 PROMQL_KEYWORDS = frozenset({"and", "or", "unless", "bool", "offset", "inf", "nan"})
 
@@ -66,7 +100,22 @@ def documented_catalog(text: str | None = None) -> MetricCatalog:
         found = re.search(rf"\({listed}: ([a-z_, ]+)\)", section)
         assert found, f"CONVENTIONS.md no longer lists the {label} values"
         values[label] = frozenset(value.strip() for value in found.group(1).split(","))
+    labels.update(PROCESS_METRICS)
+    labels.update(EXTERNAL_METRICS)
+    labels.update(recorded_series())
     return MetricCatalog(labels, values)
+
+
+def recorded_series(path: Path | None = None) -> dict[str, frozenset[str]]:
+    """The recording rules of the alert file: name -> the labels its expression keeps (its
+    ``by (...)`` grouping)."""
+    rules = yaml.safe_load((path or ALERTS).read_text())
+    return {
+        rule["record"]: frozenset(grouping_labels(rule["expr"])) - {"le"}
+        for group in rules["groups"]
+        for rule in group["rules"]
+        if "record" in rule
+    }
 
 
 @dataclass(frozen=True)
@@ -115,6 +164,7 @@ def problems(expression: str, catalog: MetricCatalog) -> list[str]:
         found.append(f"no metric referenced in {expression!r}")
     usable_labels = set(TARGET_LABELS)
     for ref in refs:
+        family = ref.metric
         if ref.metric in SYNTHETIC_METRICS:
             known = set(TARGET_LABELS)
         else:
@@ -132,6 +182,7 @@ def problems(expression: str, catalog: MetricCatalog) -> list[str]:
             elif (
                 operator in {"=", "!="}
                 and label in catalog.label_values
+                and family in LABEL_VALUE_FAMILIES.get(label, ())
                 and "$" not in value
                 and value not in catalog.label_values[label]
             ):
@@ -161,5 +212,12 @@ def dashboard_expressions(dashboard: dict | None = None) -> list[str]:
 
 
 def alert_expressions(path: Path = ALERTS) -> list[str]:
+    """Every rule's expression: alerts and recording rules."""
     rules = yaml.safe_load(path.read_text())
     return [rule["expr"] for group in rules["groups"] for rule in group["rules"]]
+
+
+def alert_rules(path: Path = ALERTS) -> list[dict]:
+    """The alerting rules (recording rules left out)."""
+    rules = yaml.safe_load(path.read_text())
+    return [rule for group in rules["groups"] for rule in group["rules"] if "alert" in rule]

@@ -12,9 +12,12 @@ import pytest
 import yaml
 
 from tests.deploy.chart import (
+    BUNDLE_STORE,
+    BUNDLE_VALUES,
     CHART_DIR,
     COMPONENTS,
     DEPLOY_DIR,
+    GRPC_ROUTE_API,
     KUBE_VERSION,
     MONITORING_API,
     NAMESPACE,
@@ -26,6 +29,7 @@ from tests.deploy.chart import (
     kinds,
     manifests,
     render,
+    with_bundles,
 )
 
 FULLNAME = f"{RELEASE}-recsys"
@@ -57,6 +61,61 @@ EXTRA_EGRESS = [{"to": [{"ipBlock": {"cidr": "10.99.0.0/16"}}], "ports": [{"port
 NETWORK_POLICY_HOOKS = {"networkPolicy": {"extraIngress": EXTRA_INGRESS, "extraEgress": EXTRA_EGRESS}}
 # Clients of the gateway restricted to one namespace (gRPC and HTTP alike).
 GATEWAY_CLIENTS = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "shop-backend"}}}]
+# Recall split into three index shards (a StatefulSet, one pod per shard), and the variables of
+# that contract with the recall service and the gateway.
+SHARDED = {"recall": {"shards": 3}}
+# Every extension point, on each component: priority, hard anti-affinity, an extra spread rule,
+# env from a Secret and the downward API, a Secret volume.
+EXTRA_SPREAD = {
+    "maxSkew": 2,
+    "topologyKey": "topology.kubernetes.io/region",
+    "whenUnsatisfiable": "DoNotSchedule",
+    "labelSelector": {"matchLabels": {"app.kubernetes.io/part-of": "recsys"}},
+}
+EXTRA_ENV = [
+    {"name": "PARTNER_API_KEY", "valueFrom": {"secretKeyRef": {"name": "partner", "key": "api-key"}}},
+    {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+]
+EXTRA_VOLUME = {"name": "partner-tls", "secret": {"secretName": "partner-tls", "defaultMode": 0o440}}
+EXTRA_MOUNT = {"name": "partner-tls", "mountPath": "/etc/partner-tls", "readOnly": True}
+EXTENSION = {
+    "priorityClassName": "recsys-critical",
+    "podAntiAffinity": "hard",
+    "topologySpreadConstraints": [EXTRA_SPREAD],
+    "extraEnv": EXTRA_ENV,
+    "extraVolumes": [EXTRA_VOLUME],
+    "extraVolumeMounts": [EXTRA_MOUNT],
+}
+EXTENSION_POINTS = {component: EXTENSION for component in COMPONENTS}
+# Credentials of the fetch init container from a Secret (no workload identity), and an S3-compatible
+# endpoint.
+FETCH_ENV = [
+    {"name": "AWS_ENDPOINT_URL", "value": "https://minio.storage.svc:9000"},
+    {"name": "AWS_ACCESS_KEY_ID", "valueFrom": {"secretKeyRef": {"name": "store", "key": "id"}}},
+]
+INGRESS_HTTP = {
+    "gateway": {
+        "ingress": {
+            "enabled": True,
+            "className": "nginx",
+            "tls": [{"secretName": "recsys-tls", "hosts": ["recsys.example.com"]}],
+        }
+    }
+}
+INGRESS_GRPC_AND_ROUTE = {
+    "gateway": {
+        "ingress": {
+            "enabled": True,
+            "backend": "grpc",
+            "annotations": {"nginx.ingress.kubernetes.io/backend-protocol": "GRPC"},
+        },
+        "grpcRoute": {
+            "enabled": True,
+            "parentRefs": [{"name": "shared", "namespace": "gateway-system"}],
+            "hostnames": ["grpc.recsys.example.com"],
+        },
+    }
+}
 
 # name -> (values, API versions the "cluster" announces)
 OTLP_ENDPOINT = "http://otel-collector.observability:4317"
@@ -87,15 +146,26 @@ COMBINATIONS: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
     "sqlite-single-node": (SQLITE_SINGLE_NODE, ()),
     "bundle-url": (
         {
-            "recall": {
-                "bundle": {"existingClaim": "", "url": "https://models.example/recall.tgz", "sha256": SHA256}
-            },
+            "recall": {"bundle": {"url": "https://models.example/recall.tgz", "sha256": SHA256}},
             "rank": {
-                "bundle": {"existingClaim": "", "url": "https://models.example/rank.tgz", "sha256": SHA256}
+                "bundle": {"url": "gs://models-example/rank/rank-20261201T060000.tar", "sha256": SHA256}
             },
         },
         (),
     ),
+    "bundle-claim": (
+        {
+            "bundles": {"store": ""},
+            "recall": {"bundle": {"existingClaim": "recsys-bundles"}},
+            "rank": {"bundle": {"existingClaim": "recsys-bundles", "subPath": "models/rank"}},
+        },
+        (),
+    ),
+    "recall-sharded": (SHARDED, ()),
+    "extension-points": (EXTENSION_POINTS, ()),
+    "ingress-http": (INGRESS_HTTP, ()),
+    "ingress-grpc-and-grpc-route": (INGRESS_GRPC_AND_ROUTE, (GRPC_ROUTE_API,)),
+    "grpc-route-without-api": (INGRESS_GRPC_AND_ROUTE, ()),
     "gateway-only": (
         {
             "recall": {"enabled": False},
@@ -135,13 +205,25 @@ COMBINATIONS: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
         (),
     ),
     "everything-on": (
-        {**GPU_ON, **MONITORING_ON, **INTERNAL_TLS, **NETWORK_POLICY_HOOKS, "redis": {"enabled": True}},
-        (MONITORING_API,),
+        {
+            **GPU_ON,
+            **MONITORING_ON,
+            **INTERNAL_TLS,
+            **NETWORK_POLICY_HOOKS,
+            **INGRESS_GRPC_AND_ROUTE,
+            "redis": {"enabled": True},
+            "bundles": {"store": BUNDLE_STORE, "env": FETCH_ENV},
+            "recall": {**GPU_ON["recall"], **SHARDED["recall"], **EXTENSION_POINTS["recall"]},
+            "gateway": {**INGRESS_GRPC_AND_ROUTE["gateway"], **EXTENSION_POINTS["gateway"]},
+        },
+        (MONITORING_API, GRPC_ROUTE_API),
     ),
 }
 
-# Kinds with no built-in schema (Prometheus Operator CRDs): checked by promtool and assertions.
-CRD_KINDS = {"ServiceMonitor", "PrometheusRule"}
+# Kinds with no built-in schema (Prometheus Operator and Gateway API CRDs): checked by promtool
+# and assertions.
+CRD_KINDS = {"ServiceMonitor", "PrometheusRule", "GRPCRoute"}
+MONITORING_KINDS = {"ServiceMonitor", "PrometheusRule"}
 # Oldest Kubernetes the chart declares (native gRPC probes GA) and the newest schema available.
 SCHEMA_VERSIONS = ("1.27.0", "1.37.0")
 
@@ -162,7 +244,13 @@ def env_of(container: dict[str, Any]) -> dict[str, Any]:
 
 
 def deployment(objects: list[Manifest], component: str) -> dict[str, Any]:
-    return find(objects, "Deployment", f"{FULLNAME}-{component}")
+    """The Deployment of a component (or the StatefulSet of a sharded recall)."""
+    name = f"{FULLNAME}-{component}"
+    (owner,) = [m.body for m in objects if m.kind in WORKLOAD_KINDS and m.name == name]
+    return owner
+
+
+WORKLOAD_KINDS = {"Deployment", "StatefulSet"}
 
 
 def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
@@ -172,7 +260,9 @@ def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
 def test_chart_lints_strict_for_every_combination() -> None:
     helm = helm_sdk()
     for name, (values, _) in COMBINATIONS.items():
-        report = helm.lint(CHART_DIR, values, strict=True, namespace=NAMESPACE, kube_version=KUBE_VERSION)
+        report = helm.lint(
+            CHART_DIR, with_bundles(values), strict=True, namespace=NAMESPACE, kube_version=KUBE_VERSION
+        )
         problems = [m for m in report["messages"] if m["severity"] >= 2]
         assert not report["errors"] and not problems, f"{name}: {report}"
 
@@ -215,23 +305,39 @@ def test_values_schema_rejects_misspelled_keys() -> None:
         render({"recall": {"replica": 3}})
     with pytest.raises(helm.HelmError, match="enable"):
         render({"monitoring": {"serviceMonitor": {"enable": True}}})
-    report = helm.lint(CHART_DIR, {"gateway": {"confg": {}}}, strict=True, kube_version=KUBE_VERSION)
+    report = helm.lint(
+        CHART_DIR, with_bundles({"gateway": {"confg": {}}}), strict=True, kube_version=KUBE_VERSION
+    )
     assert report["errors"] or any(m["severity"] >= 2 for m in report["messages"])
 
 
 @pytest.mark.parametrize(
     ("values", "message"),
     [
-        ({"recall": {"bundle": {"url": "https://m.example/r.tgz", "sha256": SHA256}}}, "not both"),
-        ({"rank": {"bundle": {"existingClaim": "", "url": "https://m.example/r.tgz"}}}, "sha256 is required"),
-        ({"rank": {"bundle": {"existingClaim": ""}}}, "existingClaim"),
+        (
+            {"recall": {"bundle": {"url": "https://m.example/r.tar", "existingClaim": "c"}}},
+            "not existingClaim and url",
+        ),
+        ({"rank": {"bundle": {"store": "s3://b/p", "url": "https://m.example/r.tar"}}}, "not url and store"),
+        ({"rank": {"bundle": {"sha256": ""}}}, r"rank\.bundle\.sha256 is required"),
+        ({"recall": {"bundle": {"version": ""}}}, r"recall\.bundle\.version is required"),
+        ({"bundles": {"store": ""}}, "no source: set bundles.store"),
+        ({"rank": {"shards": 2}}, "only recall is sharded"),
+        (
+            {"gateway": {"http": {"enabled": False}, "ingress": {"enabled": True}}},
+            "needs gateway.http.enabled",
+        ),
+        ({"gateway": {"grpcRoute": {"enabled": True}}}, None),  # no API: skipped, no parentRefs needed
         ({"recall": {"enabled": False}}, "recallAddress is required"),
         ({"redis": {"enabled": True, "externalUrl": "redis://r:6379/0"}}, "not both"),
         ({"redis": {"externalUrl": "redis://r:6379/0"}}, "not both"),  # Redis in-cluster by default
     ],
 )
-def test_contradictory_values_fail_with_a_message(values: dict[str, Any], message: str) -> None:
+def test_contradictory_values_fail_with_a_message(values: dict[str, Any], message: str | None) -> None:
     helm = helm_sdk()
+    if message is None:
+        render(values)
+        return
     with pytest.raises(helm.HelmError, match=message):
         render(values)
 
@@ -280,7 +386,7 @@ def test_probes_are_native_grpc_on_the_grpc_port_with_a_startup_budget(
 
 def test_every_pod_is_hardened(rendered: dict[str, list[Manifest]]) -> None:
     for combination, objects in rendered.items():
-        for owner in (m for m in objects if m.kind == "Deployment"):
+        for owner in (m for m in objects if m.kind in WORKLOAD_KINDS):
             pod = owner.body["spec"]["template"]["spec"]
             where = f"{combination}: {owner.name}"
             assert pod["automountServiceAccountToken"] is False, where
@@ -306,25 +412,33 @@ def test_gpu_scheduling_only_when_enabled(rendered: dict[str, list[Manifest]]) -
         (gpu_container,) = gpu["spec"]["template"]["spec"]["containers"]
         assert "nvidia.com/gpu" not in json.dumps(cpu)
         assert gpu_container["resources"]["limits"]["nvidia.com/gpu"] == 1
-        assert (
-            gpu_container["resources"]["limits"]["memory"] == cpu_container["resources"]["limits"]["memory"]
-        )
+        # A GPU pod's own host resources: the CUDA context and libraries need more than the CPU pod.
+        assert gpu_container["resources"]["limits"]["memory"] == "8Gi"
+        assert gpu_container["resources"]["requests"] == {"cpu": "2", "memory": "4Gi"}
+        assert cpu_container["resources"]["limits"] == {"memory": "2Gi"}
+        assert env_of(gpu_container)["RECSYS_THREADS"] == "2"  # the GPU pod's CPU request
         assert gpu_container["image"].endswith("-gpu") and not cpu_container["image"].endswith("-gpu")
         assert env_of(gpu_container)["RECSYS_DEVICE"] == "gpu"
         assert env_of(cpu_container)["RECSYS_DEVICE"] == "auto"
         pod = gpu["spec"]["template"]["spec"]
-        assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+        # No pool label assumed (they differ per cloud): the GPU request picks GPU nodes; the
+        # usual nvidia.com/gpu taint is tolerated.
+        assert "nodeSelector" not in pod
         assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
         assert "nodeSelector" not in cpu["spec"]["template"]["spec"]
+        assert "tolerations" not in cpu["spec"]["template"]["spec"]
     assert "nvidia.com" not in json.dumps(deployment(rendered["gpu"], "gateway"))
+    pinned = {"gpu": {"nodeSelector": {"cloud.google.com/gke-accelerator": "nvidia-l4"}}, **GPU_ON}
+    pod = deployment(manifests(render(pinned)), "rank")["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"cloud.google.com/gke-accelerator": "nvidia-l4"}
 
 
 def test_monitoring_objects_need_the_value_and_the_api(rendered: dict[str, list[Manifest]]) -> None:
-    assert not kinds(rendered["default"]) & CRD_KINDS
-    assert not kinds(rendered["monitoring-without-api"]) & CRD_KINDS
+    assert not kinds(rendered["default"]) & MONITORING_KINDS
+    assert not kinds(rendered["monitoring-without-api"]) & MONITORING_KINDS
     # The API alone is not enough either.
-    assert not kinds(manifests(render({}, (MONITORING_API,)))) & CRD_KINDS
-    assert kinds(rendered["monitoring-with-api"]) >= CRD_KINDS
+    assert not kinds(manifests(render({}, (MONITORING_API,)))) & MONITORING_KINDS
+    assert kinds(rendered["monitoring-with-api"]) >= MONITORING_KINDS
     notes = render(MONITORING_ON)["recsys/templates/NOTES.txt"]
     assert "no ServiceMonitor was created" in notes
 
@@ -491,12 +605,15 @@ def test_gateway_dials_the_headless_services_of_this_release(rendered: dict[str,
 
 
 def test_every_env_var_is_a_documented_setting(rendered: dict[str, list[Manifest]]) -> None:
+    """Every RECSYS_*/OTEL_* variable the chart sets is a documented setting (extraEnv and the
+    fetch container's cloud SDK variables are the user's own)."""
     conventions = (REPO_ROOT / "docs" / "CONVENTIONS.md").read_text()
     documented = set(re.findall(r"`((?:RECSYS|OTEL)_[A-Z_]+)(?:`|=)", conventions))  # `X` or `X=1`
     for combination, objects in rendered.items():
-        for owner in (m for m in objects if m.kind == "Deployment" and "redis" not in m.name):
+        for owner in (m for m in objects if m.kind in WORKLOAD_KINDS and "redis" not in m.name):
             for container in containers(owner.body):
-                unknown = set(env_of(container)) - documented
+                ours = {name for name in env_of(container) if name.startswith(("RECSYS_", "OTEL_"))}
+                unknown = ours - documented
                 assert not unknown, f"{combination}: {owner.name} sets undocumented {sorted(unknown)}"
 
 
@@ -520,29 +637,107 @@ def test_scenario_config_is_a_directory_mounted_configmap_of_the_shipped_file(
     assert yaml.safe_load(find(custom, "ConfigMap", f"{FULLNAME}-scenarios")["data"][key]) == override
 
 
-def test_bundle_sources(rendered: dict[str, list[Manifest]]) -> None:
-    for component in ("recall", "rank"):
-        from_claim = deployment(rendered["default"], component)["spec"]["template"]["spec"]
-        claim = next(v for v in from_claim["volumes"] if v["name"] == "bundle")
-        assert claim["persistentVolumeClaim"] == {"claimName": "recsys-bundles", "readOnly": True}
-        assert "initContainers" not in from_claim
-        mount = next(m for m in from_claim["containers"][0]["volumeMounts"] if m["name"] == "bundle")
-        assert mount["readOnly"] is True and mount["subPath"] == component
-        assert env_of(from_claim["containers"][0])["RECSYS_BUNDLE"] == mount["mountPath"]
+def fetch_container(objects: list[Manifest], component: str) -> dict[str, Any]:
+    (fetch,) = deployment(objects, component)["spec"]["template"]["spec"]["initContainers"]
+    return fetch
 
-        from_url = deployment(rendered["bundle-url"], component)["spec"]["template"]["spec"]
-        (fetch,) = from_url["initContainers"]
-        assert fetch["command"][:2] == ["python", "/opt/recsys/fetch/fetch_bundle.py"]
-        args = dict(zip(fetch["command"][2::2], fetch["command"][3::2], strict=True))
-        assert args == {
-            "--url": f"https://models.example/{component}.tgz",
-            "--sha256": SHA256,
+
+def fetch_args(fetch: dict[str, Any]) -> dict[str, str]:
+    assert fetch["command"][:2] == ["python", "/opt/recsys/fetch/fetch_bundle.py"]
+    return dict(zip(fetch["command"][2::2], fetch["command"][3::2], strict=True))
+
+
+def test_default_bundles_are_versioned_immutable_objects_fetched_per_pod(
+    rendered: dict[str, list[Manifest]],
+) -> None:
+    """No shared volume, nothing overwritten in place: each pod fetches <store>/<name>/<version>.tar,
+    checks it, and carries the version as an annotation."""
+    objects = rendered["default"]
+    for component in ("recall", "rank"):
+        bundle = BUNDLE_VALUES[component]["bundle"]
+        owner = deployment(objects, component)
+        pod = owner["spec"]["template"]["spec"]
+        url = f"{BUNDLE_STORE}/{component}/{bundle['version']}.tar"
+        assert fetch_args(fetch_container(objects, component)) == {
+            "--url": url,
+            "--version": bundle["version"],
+            "--sha256": bundle["sha256"],
             "--dest": f"/bundles/{component}",
         }
-        bundle_volume = next(v for v in from_url["volumes"] if v["name"] == "bundle")
-        assert "emptyDir" in bundle_volume
-    script = find(rendered["bundle-url"], "ConfigMap", f"{FULLNAME}-fetch-bundle")["data"]["fetch_bundle.py"]
+        assert {"name": "HOME", "value": "/tmp"} in fetch_container(objects, component)["env"]
+        bundle_volume = next(v for v in pod["volumes"] if v["name"] == "bundle")
+        assert set(bundle_volume) == {"name", "emptyDir"}, "the pod's own copy, no shared claim"
+        assert "persistentVolumeClaim" not in json.dumps(pod)
+        annotations = owner["spec"]["template"]["metadata"]["annotations"]
+        assert annotations["recsys/bundle-version"] == bundle["version"]
+        assert annotations["recsys/bundle-sha256"] == bundle["sha256"]
+        assert annotations["recsys/bundle-source"] == url
+        (container,) = pod["containers"]
+        mount = next(m for m in container["volumeMounts"] if m["name"] == "bundle")
+        assert mount["readOnly"] is True and env_of(container)["RECSYS_BUNDLE"] == mount["mountPath"]
+    script = find(objects, "ConfigMap", f"{FULLNAME}-fetch-bundle")["data"]["fetch_bundle.py"]
     assert script.strip() == (CHART_DIR / "files" / "fetch_bundle.py").read_text().strip()
+    notes = render({})["recsys/templates/NOTES.txt"]
+    assert f"recall: {BUNDLE_VALUES['recall']['bundle']['version']} from {BUNDLE_STORE}/recall/" in notes
+
+
+def test_a_new_version_rolls_the_pods_and_the_old_values_bring_the_old_model_back() -> None:
+    """What `helm upgrade --set rank.bundle.version=...` and `helm rollback` rely on: the pod
+    template is a function of the version, so it changes with it and returns with it."""
+    old = deployment(manifests(render({})), "rank")["spec"]["template"]
+    new_values = {"rank": {"bundle": {"version": "rank-20261202T060000", "sha256": "3" * 64}}}
+    new = deployment(manifests(render(new_values)), "rank")["spec"]["template"]
+    assert old != new
+    assert new["metadata"]["annotations"]["recsys/bundle-version"] == "rank-20261202T060000"
+    assert "rank-20261202T060000.tar" in fetch_args(new["spec"]["initContainers"][0])["--url"]
+    assert deployment(manifests(render({})), "rank")["spec"]["template"] == old  # rollback: same values
+
+
+def test_no_model_ships_without_a_version() -> None:
+    helm = helm_sdk()
+    with pytest.raises(helm.HelmError, match=r"bundle\.version is required"):
+        render({}, bundles=False)
+    with pytest.raises(helm.HelmError, match="version"):
+        render({"recall": {"bundle": {"version": "latest/../x"}}})  # the schema's version pattern
+    # The gateway alone needs no bundle.
+    render(
+        {
+            "recall": {"enabled": False},
+            "rank": {"enabled": False},
+            "gateway": {"recallAddress": "recall.ml:50051", "rankAddress": "rank.ml:50052"},
+            "networkPolicy": {"egress": {"enabled": False}},
+        },
+        bundles=False,
+    )
+
+
+def test_other_bundle_sources_are_versioned_too(rendered: dict[str, list[Manifest]]) -> None:
+    objects = rendered["bundle-url"]
+    recall_args = fetch_args(fetch_container(objects, "recall"))
+    assert recall_args["--url"] == "https://models.example/recall.tgz" and recall_args["--sha256"] == SHA256
+    assert recall_args["--version"] == BUNDLE_VALUES["recall"]["bundle"]["version"]
+    assert fetch_args(fetch_container(objects, "rank"))["--url"].startswith("gs://")
+
+    # A claim: the version's own folder, read-only, no init container.
+    objects = rendered["bundle-claim"]
+    for component, folder in (("recall", "recall"), ("rank", "models/rank")):
+        pod = deployment(objects, component)["spec"]["template"]["spec"]
+        assert "initContainers" not in pod
+        claim = next(v for v in pod["volumes"] if v["name"] == "bundle")
+        assert claim["persistentVolumeClaim"] == {"claimName": "recsys-bundles", "readOnly": True}
+        mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "bundle")
+        version = BUNDLE_VALUES[component]["bundle"]["version"]
+        assert mount["readOnly"] is True and mount["subPath"] == f"{folder}/{version}"
+    assert not [m for m in objects if m.name == f"{FULLNAME}-fetch-bundle"]
+
+
+def test_the_fetch_container_takes_store_credentials_and_an_endpoint(
+    rendered: dict[str, list[Manifest]],
+) -> None:
+    fetch = fetch_container(rendered["everything-on"], "rank")
+    assert fetch["env"][1:] == FETCH_ENV
+    assert fetch["resources"]["limits"]["memory"] == "512Mi"
+    assert fetch["securityContext"]["readOnlyRootFilesystem"] is True
 
 
 def test_autoscalers_and_disruption_budgets_target_the_deployments(
@@ -931,3 +1126,146 @@ def test_gateway_http_port_must_not_collide(port: int) -> None:
     with pytest.raises(helm.HelmError, match=r"gateway\.http\.port .* must differ"):
         render({"gateway": {"http": {"port": port}}})
     render({"gateway": {"http": {"enabled": False, "port": port}}})  # off: the port is unused
+
+
+# -- scheduling, extension points, sharding, publishing the gateway ---------------------------------
+
+
+def test_replicas_spread_over_zones_and_nodes_by_default(rendered: dict[str, list[Manifest]]) -> None:
+    for component in COMPONENTS:
+        owner = deployment(rendered["default"], component)
+        pod = owner["spec"]["template"]["spec"]
+        labels = owner["spec"]["template"]["metadata"]["labels"]
+        constraints = pod["topologySpreadConstraints"]
+        assert [c["topologyKey"] for c in constraints] == [
+            "topology.kubernetes.io/zone",
+            "kubernetes.io/hostname",
+        ]
+        for constraint in constraints:
+            assert constraint["whenUnsatisfiable"] == "ScheduleAnyway"  # a preference, never a blocker
+            assert constraint["maxSkew"] == 1 and constraint["matchLabelKeys"] == ["pod-template-hash"]
+            assert selects(constraint["labelSelector"]["matchLabels"], labels)
+        assert "affinity" not in pod and "priorityClassName" not in pod
+    off = {"gateway": {"topologySpread": {"enabled": False}}}
+    assert "topologySpreadConstraints" not in gateway_pod(manifests(render(off)))
+
+
+def test_extension_points_reach_every_pod(rendered: dict[str, list[Manifest]]) -> None:
+    for combination in ("extension-points", "everything-on"):
+        objects = rendered[combination]
+        for component in COMPONENTS:
+            if combination == "everything-on" and component == "rank":
+                continue  # everything-on sets them on recall and the gateway
+            owner = deployment(objects, component)
+            pod = owner["spec"]["template"]["spec"]
+            labels = owner["spec"]["template"]["metadata"]["labels"]
+            where = (combination, component)
+            assert pod["priorityClassName"] == "recsys-critical", where
+            (term,) = pod["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+            assert term["topologyKey"] == "kubernetes.io/hostname", where
+            assert selects(term["labelSelector"]["matchLabels"], labels), where
+            assert pod["topologySpreadConstraints"][-1] == EXTRA_SPREAD, where
+            assert len(pod["topologySpreadConstraints"]) == 3, where  # zone, node, the extra one
+            assert EXTRA_VOLUME in pod["volumes"], where
+            (container,) = pod["containers"]
+            assert EXTRA_MOUNT in container["volumeMounts"], where
+            assert container["env"][-len(EXTRA_ENV) :] == EXTRA_ENV, where  # valueFrom kept whole
+    # A user's own podAntiAffinity wins over the preset; `soft` is a preference.
+    own = {"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": []}}
+    pod = gateway_pod(manifests(render({"gateway": {"podAntiAffinity": "hard", "affinity": own}})))
+    assert pod["affinity"] == own
+    pod = gateway_pod(manifests(render({"gateway": {"podAntiAffinity": "soft"}})))
+    (preferred,) = pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert preferred["weight"] == 100
+
+
+def test_sharded_recall_is_a_statefulset_the_gateway_dials_shard_by_shard(
+    rendered: dict[str, list[Manifest]],
+) -> None:
+    """The contract with the recall service: RECSYS_RECALL_SHARDS, RECSYS_RECALL_SHARD_INDEX from
+    the pod-index label, and the gateway's RECSYS_RECALL_ADDRESSES in shard order."""
+    objects = rendered["recall-sharded"]
+    (recall,) = [m.body for m in objects if m.kind == "StatefulSet"]
+    assert not [m for m in objects if m.kind == "Deployment" and m.name == f"{FULLNAME}-recall"]
+    spec = recall["spec"]
+    headless = find(objects, "Service", spec["serviceName"])
+    assert headless["spec"]["clusterIP"] == "None"
+    assert selects(headless["spec"]["selector"], spec["template"]["metadata"]["labels"])
+    assert spec["replicas"] == 3 and spec["podManagementPolicy"] == "Parallel"
+    assert not [m for m in objects if m.kind == "HorizontalPodAutoscaler" and "recall" in m.name]
+    assert find(objects, "PodDisruptionBudget", f"{FULLNAME}-recall")
+    (container,) = spec["template"]["spec"]["containers"]
+    env = env_of(container)
+    assert env["RECSYS_RECALL_SHARDS"] == "3"
+    assert env["RECSYS_RECALL_SHARD_INDEX"] == {
+        "fieldRef": {"fieldPath": "metadata.labels['apps.kubernetes.io/pod-index']"}
+    }
+    spread = spec["template"]["spec"]["topologySpreadConstraints"]
+    assert {c["matchLabelKeys"][0] for c in spread} == {"controller-revision-hash"}
+    gateway = gateway_env(objects)
+    assert "RECSYS_RECALL_ADDRESS" not in gateway
+    port = container_port(objects, "recall", "grpc")
+    domain = f"{NAMESPACE}.svc.cluster.local"
+    assert gateway["RECSYS_RECALL_ADDRESSES"].split(",") == [
+        f"{FULLNAME}-recall-{i}.{spec['serviceName']}.{domain}:{port}" for i in range(3)
+    ]
+    # One shard: the Deployment and the one address, as before.
+    assert "RECSYS_RECALL_SHARDS" not in env_of(
+        deployment(rendered["default"], "recall")["spec"]["template"]["spec"]["containers"][0]
+    )
+    assert "RECSYS_RECALL_ADDRESSES" not in gateway_env(rendered["default"])
+    helm = helm_sdk()
+    with pytest.raises(helm.HelmError, match=r"1\.28"):
+        render(SHARDED, kube_version="1.27.0")
+
+
+def test_the_gateway_can_be_published_by_ingress_or_grpc_route(rendered: dict[str, list[Manifest]]) -> None:
+    from gateway.config import DEFAULT_HTTP_PORT
+
+    assert not kinds(rendered["default"]) & {"Ingress", "GRPCRoute"}
+    ingress = find(rendered["ingress-http"], "Ingress", f"{FULLNAME}-gateway")["spec"]
+    assert ingress["ingressClassName"] == "nginx"
+    assert ingress["tls"] == [{"secretName": "recsys-tls", "hosts": ["recsys.example.com"]}]
+    (rule,) = ingress["rules"]
+    (path,) = rule["http"]["paths"]
+    assert rule["host"] == "recsys.example.com"
+    assert path["backend"]["service"] == {
+        "name": f"{FULLNAME}-gateway",
+        "port": {"number": DEFAULT_HTTP_PORT},
+    }
+    assert DEFAULT_HTTP_PORT in [
+        p["port"] for p in find(rendered["ingress-http"], "Service", f"{FULLNAME}-gateway")["spec"]["ports"]
+    ]
+
+    objects = rendered["ingress-grpc-and-grpc-route"]
+    grpc_port = container_port(objects, "gateway", "grpc")
+    ingress = find(objects, "Ingress", f"{FULLNAME}-gateway")
+    assert ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/backend-protocol"] == "GRPC"
+    backend = ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
+    assert backend["port"]["number"] == grpc_port
+    route = find(objects, "GRPCRoute", f"{FULLNAME}-gateway")
+    assert route["apiVersion"] == "gateway.networking.k8s.io/v1"
+    assert route["spec"]["parentRefs"] == [{"name": "shared", "namespace": "gateway-system"}]
+    assert route["spec"]["hostnames"] == ["grpc.recsys.example.com"]
+    (route_rule,) = route["spec"]["rules"]
+    assert route_rule["matches"] == [{"method": {"type": "Exact", "service": "recsys.v1.Gateway"}}]
+    assert route_rule["backendRefs"] == [{"name": f"{FULLNAME}-gateway", "port": grpc_port}]
+    # Without the Gateway API the route is skipped and NOTES says so.
+    assert "GRPCRoute" not in kinds(rendered["grpc-route-without-api"])
+    notes = render(COMBINATIONS["grpc-route-without-api"][0])["recsys/templates/NOTES.txt"]
+    assert "no GRPCRoute was created" in notes
+
+
+def test_prometheus_rule_runbook_links_can_point_at_your_copy() -> None:
+    values = {
+        **MONITORING_ON,
+        "monitoring": {
+            **MONITORING_ON["monitoring"],
+            "prometheusRule": {"enabled": True, "runbookBaseUrl": "https://wiki.example/recsys-runbook"},
+        },
+    }
+    rule = find(manifests(render(values, (MONITORING_API,))), "PrometheusRule", FULLNAME)
+    links = [
+        r["annotations"]["runbook_url"] for g in rule["spec"]["groups"] for r in g["rules"] if "alert" in r
+    ]
+    assert links and all(link.startswith("https://wiki.example/recsys-runbook#") for link in links)

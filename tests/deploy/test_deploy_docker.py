@@ -1,4 +1,6 @@
-"""The Dockerfiles: hadolint, and the facts a build would prove (no Docker engine runs here)."""
+"""The Dockerfiles: hadolint, and the facts a build would prove, checked without an engine (none
+runs here): layer order, cache mounts, OCI labels, and each image's installed package set, which is
+exactly its lock file (requirements/*.txt, made by scripts/lock.sh)."""
 
 from __future__ import annotations
 
@@ -8,7 +10,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -16,8 +17,22 @@ import yaml
 
 from tests.deploy.chart import CHART_DIR, DEPLOY_DIR, REPO_ROOT
 
-DOCKERFILES = {"cpu": DEPLOY_DIR / "docker" / "Dockerfile", "gpu": DEPLOY_DIR / "docker" / "Dockerfile.gpu"}
-PYPROJECT = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
+DOCKERFILES = {
+    "cpu": DEPLOY_DIR / "docker" / "Dockerfile",
+    "gateway": DEPLOY_DIR / "docker" / "Dockerfile.gateway",
+    "gpu": DEPLOY_DIR / "docker" / "Dockerfile.gpu",
+}
+LOCKS = {"cpu": "serving-cpu.txt", "gateway": "gateway.txt", "gpu": "serving-gpu.txt"}
+COMMANDS = {"cpu": "recall_service", "gateway": "gateway", "gpu": "recall_service"}
+OCI_LABELS = {"title", "description", "source", "version", "revision", "created", "licenses"}
+MODEL_RUNTIMES = {
+    "faiss-cpu",
+    "faiss-gpu",
+    "faiss-gpu-cu12",
+    "onnxruntime",
+    "onnxruntime-gpu",
+    "cupy-cuda13x",
+}
 
 
 def hadolint() -> str:
@@ -51,14 +66,19 @@ def stages(path: Path) -> list[list[tuple[str, str]]]:
     return split
 
 
-def pinned(extra: str | None = None) -> dict[str, str]:
-    """name -> version of the pyproject dependencies (or of one extra)."""
-    listed = (
-        PYPROJECT["project"]["dependencies"]
-        if extra is None
-        else PYPROJECT["project"]["optional-dependencies"][extra]
+def build_args(path: Path) -> dict[str, str]:
+    return dict(
+        rest.split("=", 1) for keyword, rest in instructions(path) if keyword == "ARG" and "=" in rest
     )
-    return dict(requirement.split("==") for requirement in listed)
+
+
+def locked(name: str) -> dict[str, str]:
+    """name -> version of a lock file."""
+    text = (REPO_ROOT / "requirements" / name).read_text()
+    return {
+        match.group(1).lower(): match.group(2)
+        for match in re.finditer(r"^([A-Za-z0-9_.-]+)==([^\s\\;]+)", text, flags=re.MULTILINE)
+    }
 
 
 def test_dockerfiles_pass_hadolint() -> None:
@@ -73,7 +93,7 @@ def test_dockerfiles_pass_hadolint() -> None:
 
 
 @pytest.mark.parametrize("variant", sorted(DOCKERFILES))
-def test_runtime_stage_is_non_root_torch_free_and_bundle_free(variant: str) -> None:
+def test_runtime_stage_is_non_root_torch_free_bundle_free_and_labelled(variant: str) -> None:
     path = DOCKERFILES[variant]
     *_, runtime = stages(path)
     users = [rest for keyword, rest in runtime if keyword == "USER"]
@@ -85,30 +105,75 @@ def test_runtime_stage_is_non_root_torch_free_and_bundle_free(variant: str) -> N
     text = path.read_text().lower()
     assert "torch" not in re.sub(r"#.*", "", text), "no torch in serving images"
     copies = [rest for keyword, rest in runtime if keyword == "COPY"]
-    assert not [c for c in copies if "artifacts" in c or "bundle" in c], "bundles are mounted, not baked in"
+    assert not [c for c in copies if "artifacts" in c or "bundle" in c], "bundles are fetched, not baked in"
     (command,) = [json.loads(rest) for keyword, rest in runtime if keyword == "CMD"]
-    assert command[:2] == ["python", "-m"] and command[2] in {"recall_service", "rank_service", "gateway"}
+    assert command == ["python", "-m", COMMANDS[variant]]
+    labels = " ".join(rest for keyword, rest in runtime if keyword == "LABEL")
+    assert set(re.findall(r"org\.opencontainers\.image\.([a-z]+)=", labels)) >= OCI_LABELS
 
 
 @pytest.mark.parametrize("variant", sorted(DOCKERFILES))
-def test_build_generates_stubs_and_installs_the_serving_dependencies(variant: str) -> None:
-    text = re.sub(r"\\\n", " ", DOCKERFILES[variant].read_text())
-    assert f"grpcio-tools=={pinned('dev')['grpcio-tools']}" in text
-    makefile = (REPO_ROOT / "Makefile").read_text()
-    protoc_flags = re.search(r"grpc_tools\.protoc (.*) \$\(PROTOS\)", makefile).group(1)
-    assert f"grpc_tools.protoc {protoc_flags} protos/recsys/v1/*.proto" in text, (
-        "same stub command as make protos"
+def test_dependencies_come_from_the_lock_in_their_own_cached_layer_before_the_sources(variant: str) -> None:
+    """Editing a source file invalidates only the layers after the lock's install, and the
+    package caches survive builds (BuildKit cache mounts)."""
+    builder = stages(DOCKERFILES[variant])[1]
+    lock = f"requirements/{LOCKS[variant]}"
+    copies = [(index, rest) for index, (keyword, rest) in enumerate(builder) if keyword == "COPY"]
+    runs = [(index, rest) for index, (keyword, rest) in enumerate(builder) if keyword == "RUN"]
+    (lock_copy,) = [index for index, rest in copies if lock in rest]
+    sources = [
+        index for index, rest in copies if re.search(r"\b(recsys|gateway|recall_service|rank_service)/", rest)
+    ]
+    (install,) = [index for index, rest in runs if f"--require-hashes {lock}" in rest]
+    assert lock_copy < install < min(sources), "lock, then its install, then the sources"
+    assert next(rest for _, rest in copies if "--from" not in rest).startswith(lock), (
+        "the lock is copied alone"
     )
-    assert re.search(r"pip install \.(\s|$)", text), "serving installs `pip install .` (no extras)"
-    assert "pip install .[" not in text
-    if variant == "gpu":
-        gpu = pinned("gpu")
-        uninstall = text.index("pip uninstall -y")
-        install_gpu = text.index(f"faiss-gpu-cu12=={gpu['faiss-gpu-cu12']}")
-        assert uninstall < install_gpu, "CPU wheels go before the GPU wheels that share their modules"
-        assert f"onnxruntime-gpu=={gpu['onnxruntime-gpu']}" in text
-        assert re.search(r"uninstall -y[^&]*faiss-cpu[^&]*onnxruntime", text)
-        assert "RECSYS_DEVICE=gpu" in text
+    for _, rest in runs:
+        if "uv " in rest:
+            assert rest.startswith("--mount=type=cache,target=/root/.cache/uv"), rest
+    # The project goes in as a wheel built from the sources (its build generates the stubs), no deps.
+    (build,) = [rest for _, rest in runs if "uv build --wheel" in rest]
+    assert "uv pip install" in build and "--no-deps" in build
+    assert not [rest for _, rest in runs if "grpc_tools.protoc" in rest], "stubs come from the wheel build"
+
+
+def test_each_images_package_set_fits_its_job() -> None:
+    """The installed set of each image is its lock; checked without building it."""
+    gateway, cpu, gpu = (locked(LOCKS[v]) for v in ("gateway", "cpu", "gpu"))
+    dev = locked("dev.txt")
+    assert not set(gateway) & MODEL_RUNTIMES, "the gateway image carries no model runtime"
+    assert {"faiss-cpu", "onnxruntime", "s3fs", "gcsfs"} <= set(cpu)
+    assert not {"onnxruntime-gpu", "cupy-cuda13x", "faiss-gpu-cu12"} & set(cpu)
+    # GPU: one CUDA major (13): no CPU onnxruntime beside the GPU one, no CUDA 12 wheel.
+    assert {"onnxruntime-gpu", "cupy-cuda13x", "faiss-cpu", "s3fs"} <= set(gpu)
+    assert "onnxruntime" not in gpu and not [
+        name for name in gpu if "cu12" in name or name.endswith("cuda12x")
+    ]
+    for name, packages in (("gateway", gateway), ("cpu", cpu), ("gpu", gpu)):
+        assert not {"torch", "onnx", "onnxscript", "pytest"} & set(packages), name
+        # The serving images run the same versions the tests ran.
+        shared = {p for p in packages if p in dev and p not in {"onnxruntime-gpu", "cupy-cuda13x"}}
+        assert {p: packages[p] for p in shared} == {p: dev[p] for p in shared}, name
+    assert dev["torch"].endswith("+cpu"), "tests train on the CPU build of torch"
+    for lock in LOCKS.values():
+        assert "--hash=sha256:" in (REPO_ROOT / "requirements" / lock).read_text()
+
+
+def test_gpu_image_uses_one_cuda_major_and_the_cpu_images_python() -> None:
+    cpu_args, gpu_args = build_args(DOCKERFILES["cpu"]), build_args(DOCKERFILES["gpu"])
+    assert (
+        cpu_args["PYTHON_VERSION"]
+        == gpu_args["PYTHON_VERSION"]
+        == build_args(DOCKERFILES["gateway"])["PYTHON_VERSION"]
+    )
+    assert cpu_args["PYTHON_IMAGE"].startswith(f"python:{cpu_args['PYTHON_VERSION']}-")
+    assert "uv python install" in DOCKERFILES["gpu"].read_text()
+    cuda_major = re.match(r"nvidia/cuda:(\d+)\.", gpu_args["CUDA_IMAGE"]).group(1)
+    assert cuda_major == "13"
+    gpu = locked(LOCKS["gpu"])
+    assert "cupy-cuda13x" in gpu and int(gpu["onnxruntime-gpu"].split(".")[1]) >= 31  # 1.31+: CUDA 13
+    assert "RECSYS_DEVICE=gpu" in DOCKERFILES["gpu"].read_text()
 
 
 @pytest.mark.parametrize("variant", sorted(DOCKERFILES))

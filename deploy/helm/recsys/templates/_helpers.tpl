@@ -48,7 +48,8 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 
 {{/* The container image of a component: its own override, else the GPU image when its GPU
-switch is on, else the shared image. (dict "root" $ "values" .Values.recall "gpu" true) */}}
+switch is on, else the shared image (the gateway: its tag with "-gateway").
+(dict "root" $ "values" .Values.recall "gpu" true) */}}
 {{- define "recsys.image" -}}
 {{- $root := .root }}
 {{- $repository := $root.Values.image.repository }}
@@ -56,6 +57,9 @@ switch is on, else the shared image. (dict "root" $ "values" .Values.recall "gpu
 {{- if .gpu }}
 {{- $repository = $root.Values.gpu.image.repository }}
 {{- $tag = default (printf "%s-gpu" $root.Chart.AppVersion) $root.Values.gpu.image.tag }}
+{{- else if .gateway }}
+{{- /* The gateway's own image (deploy/docker/Dockerfile.gateway): no model runtimes. */}}
+{{- $tag = printf "%s-gateway" (default $root.Chart.AppVersion $root.Values.image.tag) }}
 {{- end }}
 {{- $repository = default $repository .values.image.repository }}
 {{- $tag = default $tag .values.image.tag }}
@@ -299,4 +303,111 @@ spec:
 {{/* The gateway's tokens Secret (key tokens.yaml): the user's, or the one the chart generates. */}}
 {{- define "recsys.gatewayAuthSecret" -}}
 {{- .Values.gateway.auth.existingSecret | default (printf "%s-gateway-auth" (include "recsys.fullname" .)) }}
+{{- end }}
+
+{{/* Where a pod runs: priority, node selector and tolerations (the GPU pool's added with "gpu"),
+affinity (the `podAntiAffinity` preset unless `affinity` has its own), and topology spread over
+zones and nodes (ScheduleAnyway by default) plus `topologySpreadConstraints`. "revisionLabel":
+the label telling a rollout's old pods from its new ones (pod-template-hash for Deployments,
+controller-revision-hash for StatefulSets), so the spread counts the new revision's pods only.
+(dict "root" $ "component" c "values" v "gpu" bool "revisionLabel" l) */}}
+{{- define "recsys.scheduling" -}}
+{{- $values := .values }}
+{{- $root := .root }}
+{{- $selector := include "recsys.selectorLabels" . | fromYaml }}
+{{- with $values.priorityClassName }}
+priorityClassName: {{ . | quote }}
+{{- end }}
+{{- $nodeSelector := $values.nodeSelector | default dict }}
+{{- $tolerations := $values.tolerations | default list }}
+{{- if .gpu }}
+{{- $nodeSelector = merge (deepCopy $nodeSelector) $root.Values.gpu.nodeSelector }}
+{{- $tolerations = concat $tolerations $root.Values.gpu.tolerations }}
+{{- end }}
+{{- with $nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- $affinity := deepCopy ($values.affinity | default dict) }}
+{{- if and $values.podAntiAffinity (not (hasKey $affinity "podAntiAffinity")) }}
+{{- $term := dict "topologyKey" "kubernetes.io/hostname" "labelSelector" (dict "matchLabels" $selector) }}
+{{- if eq $values.podAntiAffinity "hard" }}
+{{- $_ := set $affinity "podAntiAffinity" (dict "requiredDuringSchedulingIgnoredDuringExecution" (list $term)) }}
+{{- else }}
+{{- $_ := set $affinity "podAntiAffinity" (dict "preferredDuringSchedulingIgnoredDuringExecution" (list (dict "weight" 100 "podAffinityTerm" $term))) }}
+{{- end }}
+{{- end }}
+{{- with $affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- $constraints := list }}
+{{- if $values.topologySpread.enabled }}
+{{- range $key := $values.topologySpread.topologyKeys }}
+{{- $constraints = append $constraints (dict "maxSkew" 1 "topologyKey" $key "whenUnsatisfiable" $values.topologySpread.whenUnsatisfiable "labelSelector" (dict "matchLabels" $selector) "matchLabelKeys" (list $.revisionLabel)) }}
+{{- end }}
+{{- end }}
+{{- $constraints = concat $constraints ($values.topologySpreadConstraints | default list) }}
+{{- with $constraints }}
+topologySpreadConstraints:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/* The bundle a model pod serves, resolved from <model>.bundle and bundles: a dict with "mode"
+(store | url | claim), "url", "version", "sha256", "subPath"; fails with a message on a missing
+version or checksum or on two sources. (dict "root" $ "component" c "values" v) */}}
+{{- define "recsys.bundleSource" -}}
+{{- $component := .component }}
+{{- $bundle := .values.bundle }}
+{{- $store := $bundle.store | default .root.Values.bundles.store }}
+{{- if not $bundle.version }}
+{{- fail (printf "%s.bundle.version is required: the bundle version the pods serve (recsys bundle publish prints it). A model without a version cannot be rolled back" $component) }}
+{{- end }}
+{{- $sources := list }}
+{{- if $bundle.existingClaim }}{{ $sources = append $sources "existingClaim" }}{{ end }}
+{{- if $bundle.url }}{{ $sources = append $sources "url" }}{{ end }}
+{{- if $bundle.store }}{{ $sources = append $sources "store" }}{{ end }}
+{{- if gt (len $sources) 1 }}
+{{- fail (printf "%s.bundle: set one of store, url or existingClaim, not %s" $component (join " and " $sources)) }}
+{{- end }}
+{{- $source := dict "version" $bundle.version "sha256" $bundle.sha256 }}
+{{- if $bundle.existingClaim }}
+{{- $_ := set $source "mode" "claim" }}
+{{- $_ = set $source "subPath" (trimPrefix "/" (printf "%s/%s" (trimSuffix "/" $bundle.subPath) $bundle.version)) }}
+{{- $_ = set $source "url" (printf "pvc://%s/%s" $bundle.existingClaim (get $source "subPath")) }}
+{{- else }}
+{{- if not (or $bundle.url $store) }}
+{{- fail (printf "%s.bundle: no source: set bundles.store (s3://, gs://, https://: where `recsys bundle publish --store` uploads), %s.bundle.url, or %s.bundle.existingClaim" $component $component $component) }}
+{{- end }}
+{{- if not $bundle.sha256 }}
+{{- fail (printf "%s.bundle.sha256 is required with a store or url: the archive's sha256 (recsys bundle publish prints it)" $component) }}
+{{- end }}
+{{- if $bundle.url }}
+{{- $_ := set $source "mode" "url" }}
+{{- $_ = set $source "url" $bundle.url }}
+{{- else }}
+{{- $_ := set $source "mode" "store" }}
+{{- $_ = set $source "url" (printf "%s/%s/%s.tar" (trimSuffix "/" $store) $bundle.name $bundle.version) }}
+{{- end }}
+{{- end }}
+{{- toYaml $source }}
+{{- end }}
+
+{{/* The container resources of recall/rank: `resources`, or with the GPU on the GPU pod's own
+(`gpu.resources`, else the shared gpu.resources) plus the GPU limit. */}}
+{{- define "recsys.modelResources" -}}
+{{- $values := .values }}
+{{- $resources := deepCopy $values.resources }}
+{{- if $values.gpu.enabled }}
+{{- $resources = deepCopy ($values.gpu.resources | default .root.Values.gpu.resources) }}
+{{- $limits := $resources.limits | default dict }}
+{{- $_ := set $limits .root.Values.gpu.resourceName $values.gpu.count }}
+{{- $_ = set $resources "limits" $limits }}
+{{- end }}
+{{- toYaml $resources }}
 {{- end }}

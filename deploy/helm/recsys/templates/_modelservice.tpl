@@ -1,4 +1,5 @@
-{{/* Recall and rank share one shape: a bundle-serving gRPC service, optionally on a GPU.
+{{/* Recall and rank share one shape: a bundle-serving gRPC service, optionally on a GPU; recall
+with `shards` > 1 runs as a StatefulSet, pod i serving shard i.
 Called as (dict "root" $ "component" "recall" "module" "recall_service"). */}}
 {{- define "recsys.modelService" -}}
 {{- $root := .root }}
@@ -7,33 +8,44 @@ Called as (dict "root" $ "component" "recall" "module" "recall_service"). */}}
 {{- $ctx := dict "root" $root "component" $component "values" $values }}
 {{- $fullname := include "recsys.fullname" $root }}
 {{- $gpu := $values.gpu.enabled }}
-{{- $bundle := $values.bundle }}
 {{- $bundlePath := printf "/bundles/%s" $component }}
-{{- if and $bundle.url $bundle.existingClaim }}
-{{- fail (printf "%s.bundle: set either existingClaim or url, not both" $component) }}
+{{- $source := include "recsys.bundleSource" $ctx | fromYaml }}
+{{- $shards := int ($values.shards | default 1) }}
+{{- if and (gt $shards 1) (ne $component "recall") }}
+{{- fail (printf "%s.shards: only recall is sharded" $component) }}
 {{- end }}
-{{- if not (or $bundle.url $bundle.existingClaim) }}
-{{- fail (printf "%s.bundle: set existingClaim (a PVC holding the bundle) or url (+ sha256)" $component) }}
-{{- end }}
-{{- if and $bundle.url (not $bundle.sha256) }}
-{{- fail (printf "%s.bundle.sha256 is required with %s.bundle.url" $component $component) }}
+{{- $sharded := gt $shards 1 }}
+{{- if and $sharded (not ($root.Capabilities.KubeVersion.Version | semverCompare ">=1.28.0-0")) }}
+{{- fail "recall.shards > 1 needs Kubernetes >= 1.28 (the apps.kubernetes.io/pod-index label gives each pod its shard)" }}
 {{- end }}
 {{- $env := include "recsys.commonEnv" $ctx | fromYaml }}
 {{- $_ := set $env "RECSYS_BUNDLE" $bundlePath }}
 {{- $_ = set $env "RECSYS_DEVICE" (ternary "gpu" $values.config.device $gpu) }}
-{{- $_ = set $env "RECSYS_THREADS" (include "recsys.threads" $ctx) }}
+{{- $resources := include "recsys.modelResources" $ctx | fromYaml }}
+{{- $_ = set $env "RECSYS_THREADS" (include "recsys.threads" (dict "values" (dict "config" $values.config "resources" $resources))) }}
 {{- $_ = set $env "RECSYS_MAX_BATCH" ($values.config.maxBatch | int64 | toString) }}
 {{- $_ = set $env "RECSYS_MAX_WAIT_MS" ($values.config.maxWaitMs | toString) }}
 {{- $_ = set $env "RECSYS_MAX_QUEUE" ($values.config.maxQueue | int64 | toString) }}
+{{- if $sharded }}
+{{- $_ = set $env "RECSYS_RECALL_SHARDS" ($shards | toString) }}
+{{- end }}
 {{- $env = merge (deepCopy $values.env) $env }}
+{{- $image := include "recsys.image" (dict "root" $root "values" $values "gpu" $gpu) }}
 apiVersion: apps/v1
-kind: Deployment
+kind: {{ ternary "StatefulSet" "Deployment" $sharded }}
 metadata:
   name: {{ $fullname }}-{{ $component }}
   labels:
     {{- include "recsys.componentLabels" $ctx | nindent 4 }}
 spec:
-  {{- if not $values.autoscaling.enabled }}
+  {{- if $sharded }}
+  # One pod per shard: pod i (the pod-index label) serves shard i, at a stable DNS name.
+  replicas: {{ $shards }}
+  serviceName: {{ $fullname }}-{{ $component }}-headless
+  podManagementPolicy: Parallel
+  updateStrategy:
+    type: RollingUpdate
+  {{- else if not $values.autoscaling.enabled }}
   replicas: {{ $values.replicas }}
   {{- end }}
   revisionHistoryLimit: 5
@@ -47,35 +59,49 @@ spec:
         {{- with $values.podLabels }}
         {{- toYaml . | nindent 8 }}
         {{- end }}
-      {{- with $values.podAnnotations }}
       annotations:
+        {{- with $values.podAnnotations }}
         {{- toYaml . | nindent 8 }}
-      {{- end }}
+        {{- end }}
+        # The served bundle: a new version changes the pod template, so the pods roll, and
+        # `helm rollback` restores the previous version with the previous values.
+        recsys/bundle-version: {{ $source.version | quote }}
+        recsys/bundle-source: {{ $source.url | quote }}
+        {{- with $source.sha256 }}
+        recsys/bundle-sha256: {{ . | quote }}
+        {{- end }}
     spec:
       {{- include "recsys.podSecurity" $root | nindent 6 }}
       terminationGracePeriodSeconds: {{ $values.terminationGracePeriodSeconds }}
-      {{- if $bundle.url }}
+      {{- if ne $source.mode "claim" }}
       initContainers:
+        # Fetches <store>/<name>/<version>.tar (or the url), checks its sha256, the manifest's
+        # version and every file's digest, and unpacks it into the pod's own emptyDir.
         - name: fetch-bundle
-          image: {{ include "recsys.image" (dict "root" $root "values" $values "gpu" $gpu) | quote }}
+          image: {{ $image | quote }}
           imagePullPolicy: {{ $root.Values.image.pullPolicy }}
           command:
             - python
             - /opt/recsys/fetch/fetch_bundle.py
             - --url
-            - {{ $bundle.url | quote }}
+            - {{ $source.url | quote }}
+            - --version
+            - {{ $source.version | quote }}
             - --sha256
-            - {{ $bundle.sha256 | quote }}
+            - {{ $source.sha256 | quote }}
             - --dest
             - {{ $bundlePath | quote }}
+          env:
+            # Cloud SDKs write caches and config under $HOME; the root filesystem is read-only.
+            - name: HOME
+              value: /tmp
+            {{- with $root.Values.bundles.env }}
+            {{- toYaml . | nindent 12 }}
+            {{- end }}
           securityContext:
             {{- toYaml $root.Values.securityContext | nindent 12 }}
           resources:
-            requests:
-              cpu: 100m
-              memory: 128Mi
-            limits:
-              memory: 256Mi
+            {{- toYaml $root.Values.bundles.resources | nindent 12 }}
           volumeMounts:
             - name: bundle
               mountPath: {{ $bundlePath }}
@@ -87,7 +113,7 @@ spec:
       {{- end }}
       containers:
         - name: {{ $component }}
-          image: {{ include "recsys.image" (dict "root" $root "values" $values "gpu" $gpu) | quote }}
+          image: {{ $image | quote }}
           imagePullPolicy: {{ $root.Values.image.pullPolicy }}
           command: ["python", "-m", {{ .module | quote }}]
           ports:
@@ -99,36 +125,44 @@ spec:
               protocol: TCP
           env:
             {{- include "recsys.envList" $env | trim | nindent 12 }}
+            {{- if $sharded }}
+            # This pod's shard: its ordinal, from the label the StatefulSet controller sets.
+            - name: RECSYS_RECALL_SHARD_INDEX
+              valueFrom:
+                fieldRef:
+                  fieldPath: metadata.labels['apps.kubernetes.io/pod-index']
+            {{- end }}
+            {{- with $values.extraEnv }}
+            {{- toYaml . | nindent 12 }}
+            {{- end }}
           {{- include "recsys.probes" $ctx | trim | nindent 10 }}
           securityContext:
             {{- toYaml $root.Values.securityContext | nindent 12 }}
           resources:
-            {{- $resources := deepCopy $values.resources }}
-            {{- if $gpu }}
-            {{- $limits := default (dict) $resources.limits }}
-            {{- $_ := set $limits $root.Values.gpu.resourceName $values.gpu.count }}
-            {{- $_ = set $resources "limits" $limits }}
-            {{- end }}
             {{- toYaml $resources | nindent 12 }}
           volumeMounts:
             - name: bundle
               mountPath: {{ $bundlePath }}
               readOnly: true
-              {{- if and $bundle.existingClaim $bundle.subPath }}
-              subPath: {{ $bundle.subPath }}
+              {{- if eq $source.mode "claim" }}
+              # This version's folder only: publishing another version never changes it.
+              subPath: {{ $source.subPath }}
               {{- end }}
             - name: tmp
               mountPath: /tmp
             {{- include "recsys.tlsVolumeMounts" $ctx | nindent 12 }}
+            {{- with $values.extraVolumeMounts }}
+            {{- toYaml . | nindent 12 }}
+            {{- end }}
       volumes:
         - name: bundle
-          {{- if $bundle.existingClaim }}
+          {{- if eq $source.mode "claim" }}
           persistentVolumeClaim:
-            claimName: {{ $bundle.existingClaim }}
+            claimName: {{ $values.bundle.existingClaim }}
             readOnly: true
           {{- else }}
           emptyDir:
-            sizeLimit: {{ $bundle.sizeLimit }}
+            sizeLimit: {{ $values.bundle.sizeLimit }}
         - name: fetch-script
           configMap:
             name: {{ $fullname }}-fetch-bundle
@@ -137,24 +171,10 @@ spec:
           emptyDir:
             sizeLimit: 256Mi
         {{- include "recsys.tlsVolumes" $ctx | nindent 8 }}
-      {{- $nodeSelector := $values.nodeSelector }}
-      {{- $tolerations := $values.tolerations }}
-      {{- if $gpu }}
-      {{- $nodeSelector = merge (deepCopy $values.nodeSelector) $root.Values.gpu.nodeSelector }}
-      {{- $tolerations = concat $values.tolerations $root.Values.gpu.tolerations }}
-      {{- end }}
-      {{- with $nodeSelector }}
-      nodeSelector:
+        {{- with $values.extraVolumes }}
         {{- toYaml . | nindent 8 }}
-      {{- end }}
-      {{- with $tolerations }}
-      tolerations:
-        {{- toYaml . | nindent 8 }}
-      {{- end }}
-      {{- with $values.affinity }}
-      affinity:
-        {{- toYaml . | nindent 8 }}
-      {{- end }}
+        {{- end }}
+      {{- include "recsys.scheduling" (merge (dict "gpu" $gpu "revisionLabel" (ternary "controller-revision-hash" "pod-template-hash" $sharded)) $ctx) | nindent 6 }}
 ---
 {{ include "recsys.service" $ctx }}
 ---
@@ -177,9 +197,11 @@ spec:
       targetPort: grpc
       protocol: TCP
       appProtocol: grpc
+{{- if not $sharded }}
 {{- with include "recsys.hpa" $ctx | trim }}
 ---
 {{ . }}
+{{- end }}
 {{- end }}
 {{- with include "recsys.pdb" $ctx | trim }}
 ---
