@@ -20,11 +20,10 @@ from pathlib import Path
 import grpc
 
 from gateway.query import DEFAULT_GATEWAY, TokenError, add_token_argument, token_from_args
+from recsys.scenario.config import DEFAULT_SCENARIOS, load_scenarios
 from recsys.serving.auth import BearerTokenInterceptor
 from recsys.timing import latency_summary, machine_info
 from recsys.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
-
-CONTEXT_SCENARIOS = {"item_detail", "cart"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--timeout", type=float, default=2.0, help="per-call deadline, seconds")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="also write the JSON here")
+    parser.add_argument(
+        "--scenarios-file", type=Path, default=DEFAULT_SCENARIOS, help="the gateway's scenario file"
+    )
     return parser
 
 
@@ -52,11 +54,13 @@ async def _catalog_sample(stub: gateway_pb2_grpc.GatewayStub, timeout: float) ->
     return [item.item_id for item in response.items]
 
 
-def _request(scenario: str, items: list[str], args: argparse.Namespace, rng: random.Random):
+def _request(
+    scenario: str, items: list[str], args: argparse.Namespace, rng: random.Random, with_context: set[str]
+):
     length = rng.randint(1, args.history_length)
     history = [common_pb2.HistoryItem(item_id=rng.choice(items), type=common_pb2.VIEW) for _ in range(length)]
     context = gateway_pb2.RecommendContext(
-        item_ids=[history[-1].item_id] if scenario in CONTEXT_SCENARIOS else [],
+        item_ids=[history[-1].item_id] if scenario in with_context else [],
         category=args.category if scenario == "category" else "",
     )
     return gateway_pb2.RecommendRequest(
@@ -80,8 +84,10 @@ async def run(args: argparse.Namespace) -> dict:
         items = await _catalog_sample(stub, args.timeout)
         if not items:
             raise RuntimeError("the gateway returned no items to build histories from")
+        compiled = load_scenarios(args.scenarios_file).scenarios
+        with_context = {name for name in scenarios if name in compiled and compiled[name].takes_context_items}
         requests = [
-            _request(scenarios[i % len(scenarios)], items, args, rng)
+            _request(scenarios[i % len(scenarios)], items, args, rng, with_context)
             for i in range(args.warmup + args.requests)
         ]
         latencies: dict[str, list[float]] = {s: [] for s in scenarios}

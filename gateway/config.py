@@ -36,6 +36,13 @@ GATEWAY_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 GATEWAY_MAX_CONCURRENT_RPCS = 64
 
 
+def address_list(text: str | tuple[str, ...]) -> tuple[str, ...]:
+    """``"a:1,b:2"`` -> ``("a:1", "b:2")`` (a tuple passes through)."""
+    if isinstance(text, tuple):
+        return text
+    return tuple(address.strip() for address in text.split(",") if address.strip())
+
+
 @dataclass(frozen=True)
 class GatewayConfig:
     """Everything the gateway needs: where its downstreams are, its scenarios, its history store."""
@@ -135,7 +142,7 @@ class GatewayConfig:
                 serving=serving_config_from_args(args),
                 scenarios_path=Path(args.scenarios),
                 recall_address=args.recall_address,
-                recall_addresses=tuple(a.strip() for a in args.recall_addresses.split(",") if a.strip()),
+                recall_addresses=args.recall_addresses,
                 rank_address=args.rank_address,
                 history_backend=args.history_backend,
                 sqlite_path=Path(args.sqlite_path),
@@ -188,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--recall-addresses",
         "RECSYS_RECALL_ADDRESSES",
-        str,
+        address_list,
         "sharded recall: comma-separated HOST:PORT per shard, in shard order (empty = --recall-address)",
     )
     add("--rank-address", "RECSYS_RANK_ADDRESS", str, "rank service HOST:PORT")

@@ -23,10 +23,9 @@ from pathlib import Path
 import grpc
 import numpy as np
 
+from recsys.scenario.config import DEFAULT_SCENARIOS, load_scenarios
 from recsys.serving.auth import bearer_metadata, read_token
 from recsys.v1 import gateway_pb2, gateway_pb2_grpc
-
-CONTEXT_SCENARIOS = {"item_detail": "item", "cart": "item"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-items", type=int, default=20)
     parser.add_argument("--deadline-ms", type=float, default=500.0, help="client deadline per request")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--scenarios-file", type=Path, default=DEFAULT_SCENARIOS, help="the gateway's scenario file"
+    )
     return parser
 
 
@@ -55,10 +57,12 @@ def build_requests(args: argparse.Namespace, count: int) -> list[gateway_pb2.Rec
     rng = random.Random(args.seed)
     users = [line for line in args.users.read_text().splitlines() if line]
     items = [line for line in args.items.read_text().splitlines() if line]
+    scenario = load_scenarios(args.scenarios_file).get(args.scenario)
+    with_context = scenario is not None and scenario.takes_context_items
     requests = []
     for number in range(count):
         context = gateway_pb2.RecommendContext()
-        if args.scenario in CONTEXT_SCENARIOS:
+        if with_context:
             context.item_ids.append(rng.choice(items))
         requests.append(
             gateway_pb2.RecommendRequest(

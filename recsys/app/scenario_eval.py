@@ -69,7 +69,7 @@ def scenario_request(
     )
     context_items: tuple[str, ...] = ()
     category = ""
-    if "context.item_ids" in scenario.required_fields or scenario.name in ("item_detail", "cart"):
+    if scenario.takes_context_items:
         if not len(history):
             return None
         context_items = (items.external(int(history[-1])),)

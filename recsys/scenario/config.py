@@ -78,6 +78,13 @@ class Scenario:
     def model_scenario_name(self) -> str:
         return self.model_scenario or self.name
 
+    @property
+    def takes_context_items(self) -> bool:
+        """Whether requests carry context items (the viewed item, the cart): its recall is
+        seeded by them or excludes them."""
+        recall = self.recall
+        return "context.item_ids" in recall.seeds or recall.exclude_context
+
     def variant_for(self, key: str) -> Scenario:
         """The scenario ``key`` (a user id, else a request id) is served: its experiment arm's
         variant, or this scenario when it runs no experiment."""

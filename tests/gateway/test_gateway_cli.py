@@ -130,6 +130,13 @@ def test_gateway_config_reads_env_and_flags_and_rejects_bad_values(
     config = GatewayConfig.from_args(["--rank-address", "rank:1"])
     assert (config.max_in_flight, config.history_backend, config.rank_address) == (7, "redis", "rank:1")
     assert (config.serving.port, config.serving.metrics_port) == (50050, 9090)
+    assert config.recall_addresses == ()  # one recall service
+    monkeypatch.setenv("RECSYS_RECALL_ADDRESSES", "recall-0.h:50051, recall-1.h:50051")
+    assert GatewayConfig.from_args([]).recall_addresses == ("recall-0.h:50051", "recall-1.h:50051")
+    with pytest.raises(SystemExit):
+        GatewayConfig.from_args(["--recall-addresses", "no-port"])
+    assert "recall_addresses: each must be HOST:PORT" in capsys.readouterr().err
+    monkeypatch.delenv("RECSYS_RECALL_ADDRESSES")
     with pytest.raises(SystemExit):
         GatewayConfig.from_args(["--history-backend", "mongo"])
     assert "history_backend: must be sqlite or redis" in capsys.readouterr().err
