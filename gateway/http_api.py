@@ -116,6 +116,14 @@ JSON_ROUTES = (
         gateway_pb2.ForgetUserResponse,
         "Delete a user's history and dedupe records; excluded from the next training export (scope admin)",
     ),
+    JsonRoute(
+        "/v1/user-profile",
+        "GetUserProfile",
+        gateway_pb2.GetUserProfileRequest,
+        gateway_pb2.GetUserProfileResponse,
+        "A user's top categories and brands (recency-weighted) and the attribute clusters nearest "
+        "their embedding (scope recommend)",
+    ),
 )
 
 

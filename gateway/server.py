@@ -44,6 +44,8 @@ GATEWAY_ACCESS = AccessPolicy(
         f"/{GATEWAY_SERVICE}/Recommend": "recommend",
         f"/{GATEWAY_SERVICE}/LogEvents": "events",
         f"/{GATEWAY_SERVICE}/ForgetUser": "admin",
+        # a profile is the user's data read back, like their recommendations
+        f"/{GATEWAY_SERVICE}/GetUserProfile": "recommend",
     },
     open_services=frozenset({HEALTH_SERVICE_NAME, REFLECTION_SERVICE_NAME}),
     request_scopes={f"/{GATEWAY_SERVICE}/Recommend": lambda request: ("debug",) if request.debug else ()},

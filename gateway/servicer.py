@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import time
@@ -12,15 +13,20 @@ from typing import NoReturn
 import grpc
 from prometheus_client import CollectorRegistry
 
+from gateway import profile
 from gateway.history import HistoryStore, StoredEvent
 from gateway.impressions import ImpressionLog, ImpressionMetrics
 from gateway.metrics import GatewayMetrics
 from gateway.response import scored_items
+from recsys.scenario.candidates import History
+from recsys.scenario.catalog import Catalog
 from recsys.scenario.config import Scenario, ScenarioSet
-from recsys.scenario.context import PipelineUnavailable, RecommendInputs
-from recsys.scenario.pipeline import Pipeline
+from recsys.scenario.context import CatalogMismatchError, PipelineUnavailable, RecommendInputs
+from recsys.scenario.pipeline import Pipeline, to_history
 from recsys.scenario.spec import MAX_NUM_ITEMS
+from recsys.scenario.stages import failure_reason
 from recsys.serving.metrics import bundle_info
+from recsys.serving.tracing import outgoing_metadata
 from recsys.serving.validation import (
     InvalidArgument,
     grpc_method,
@@ -30,7 +36,7 @@ from recsys.serving.validation import (
     require_text,
     shorten,
 )
-from recsys.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+from recsys.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, recall_pb2
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +45,7 @@ MAX_REQUEST_HISTORY = 1000
 MAX_CONTEXT_ITEMS = 100
 MAX_CATEGORY_LENGTH = 256
 FUTURE_TOLERANCE_MS = 5 * 60 * 1000  # client clocks may run this far ahead of ours
+PROFILE_RESERVE_S = 0.002  # GetUserProfile: kept back from the recall call for the response
 EVENT_TYPE_NAMES = {
     common_pb2.VIEW: "view",
     common_pb2.CLICK: "click",
@@ -300,6 +307,148 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         log.info("user forgotten: %d stored events deleted", deleted)  # no user id at INFO
         return gateway_pb2.ForgetUserResponse(deleted_events=deleted)
 
+    # -- GetUserProfile -----------------------------------------------------------------------
+
+    def _validate_user_profile(self, request: gateway_pb2.GetUserProfileRequest) -> int:
+        """Check the request (fields in message order); returns the effective ``top_n``."""
+        require(
+            bool(request.user_id) or len(request.history) > 0,
+            "user_id",
+            "must not be empty (or send the history)",
+        )
+        require_id(request.user_id, "user_id", allow_empty=True)
+        require(
+            len(request.history) <= MAX_REQUEST_HISTORY,
+            "history",
+            f"at most {MAX_REQUEST_HISTORY} items, got {len(request.history)}",
+        )
+        for i, entry in enumerate(request.history):
+            require_id(entry.item_id, f"history[{i}].item_id")
+            require(
+                entry.type in common_pb2.EventType.values(),
+                f"history[{i}].type",
+                f"unknown event type {entry.type}",
+            )
+            require(
+                entry.timestamp_ms >= 0,
+                f"history[{i}].timestamp_ms",
+                f"must be >= 0 (0 = unknown), got {entry.timestamp_ms}",
+            )
+        require_in_range(request.top_n, "top_n", 0, profile.MAX_TOP_N)  # 0: the default
+        return request.top_n or profile.DEFAULT_TOP_N
+
+    async def _profile_history(
+        self,
+        request: gateway_pb2.GetUserProfileRequest,
+        catalog: Catalog,
+        deadline: float,
+        context: grpc.aio.ServicerContext,
+    ) -> History:
+        """The request's own history (stateless clients), else the stored one; the store failing
+        is UNAVAILABLE (the history is the profile), slower than the deadline DEADLINE_EXCEEDED."""
+        limit = self.pipeline.max_history_length
+        if request.history:
+            given = request.history[-limit:]
+            return to_history(
+                [h.item_id for h in given], [h.type for h in given], [h.timestamp_ms for h in given], catalog
+            )
+        try:
+            events = await asyncio.wait_for(
+                self.history_store.history(request.user_id, limit), max(0.0, deadline - time.monotonic())
+            )
+        except TimeoutError:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "history store slower than the deadline")
+        except Exception as error:
+            await _store_unavailable(context, "GetUserProfile", error)
+        return to_history(
+            [e.item_id for e in events],
+            [e.event_type for e in events],
+            [e.timestamp_ms for e in events],
+            catalog,
+        )
+
+    async def _nearest_attributes(
+        self, history: History, catalog: Catalog, top_n: int, deadline: float
+    ) -> tuple[list[profile.NearestAttribute], str, list[str]]:
+        """(nearest clusters, recall's model version, degraded reasons): asked of recall (of each
+        shard in turn when sharded: every shard holds the whole catalog's centroids); nothing to
+        ask without a known history item; any failure leaves the list empty with a reason."""
+        if not len(history.known):
+            return [], "", []
+        history_items, history_types = history.packed
+        request = recall_pb2.UserProfileRequest(
+            catalog=catalog.fingerprint,
+            history_items=history_items,
+            history_types=history_types,
+            top_n=top_n,
+        )
+        recall = self.pipeline.recall
+        calls = [recall.UserProfile] if hasattr(recall, "UserProfile") else []
+        calls = calls or [
+            shard.UserProfile for shard in getattr(recall, "shards", ()) if hasattr(shard, "UserProfile")
+        ]
+        if not calls:
+            return [], "", ["recall_profile_unsupported"]
+        reason = ""
+        for call in calls:
+            timeout = deadline - time.monotonic() - PROFILE_RESERVE_S
+            try:
+                if timeout <= 0:
+                    raise TimeoutError("no time left for recall")
+                response = await call(request, timeout=timeout, metadata=outgoing_metadata())
+                if response.catalog != catalog.fingerprint:
+                    raise CatalogMismatchError(f"recall answered for catalog {response.catalog[:16]!r}")
+                return profile.nearest_attributes(response, catalog), response.model_version, []
+            except (grpc.aio.AioRpcError, TimeoutError, ValueError, CatalogMismatchError) as error:
+                reason = failure_reason("recall", error)
+                log.warning("GetUserProfile: recall failed, nearest attributes left out: %s", reason)
+                if reason.endswith("catalog_mismatch"):
+                    self.pipeline.refresh_catalog_soon()
+                    break
+                if reason == "recall_deadline_exceeded":
+                    break
+        return [], "", [reason]
+
+    @grpc_method
+    async def GetUserProfile(
+        self, request: gateway_pb2.GetUserProfileRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.GetUserProfileResponse:
+        await self._enter(context, None)
+        try:
+            top_n = self._validate_user_profile(request)
+            remaining = context.time_remaining()
+            deadline = time.monotonic() + (self.default_deadline_s if remaining is None else remaining)
+            catalog = self.pipeline.catalog
+            if catalog is None:  # item ids mean nothing without it
+                self.pipeline.refresh_catalog_soon()
+                await context.abort(
+                    grpc.StatusCode.UNAVAILABLE,
+                    "recall has not served the catalog yet: no profile to compute",
+                )
+            history = await self._profile_history(request, catalog, deadline, context)
+            summary = profile.history_profile(history, catalog, self.clock_ms(), top_n)
+            if summary.unknown_items:
+                self.metrics.unknown_items.inc(summary.unknown_items)
+            nearest, recall_version, reasons = await self._nearest_attributes(
+                history, catalog, top_n, deadline
+            )
+            return gateway_pb2.GetUserProfileResponse(
+                user_id=request.user_id,
+                categories=[_profile_entry(entry) for entry in summary.categories],
+                brands=[_profile_entry(entry) for entry in summary.brands],
+                history_length=summary.history_length,
+                unknown_items=summary.unknown_items,
+                nearest=[
+                    gateway_pb2.NearestAttribute(kind=near.kind, name=near.name, similarity=near.similarity)
+                    for near in nearest
+                ],
+                model_version=f"recall={recall_version or catalog.version}",
+                degraded=bool(reasons),
+                degraded_reasons=reasons,
+            )
+        finally:
+            self._leave()
+
 
 async def _store_unavailable(context: grpc.aio.ServicerContext, method: str, error: Exception) -> NoReturn:
     """A failed history store call -> UNAVAILABLE: clients retry it, and a retry is safe because
@@ -307,6 +456,12 @@ async def _store_unavailable(context: grpc.aio.ServicerContext, method: str, err
     log.warning("%s: history store failed: %r", method, error)
     await context.abort(
         grpc.StatusCode.UNAVAILABLE, f"history store unavailable ({type(error).__name__}); retry"
+    )
+
+
+def _profile_entry(entry: profile.ProfileEntry) -> gateway_pb2.ProfileEntry:
+    return gateway_pb2.ProfileEntry(
+        name=entry.name, weight=entry.weight, events=entry.events, last_seen_ms=entry.last_seen_ms
     )
 
 

@@ -6,6 +6,11 @@ filtered (seen items, excluded ids, category, sponsored), merged under per-sourc
 de-duplicated and topped up from popularity so that ``k`` items come back whenever the catalog
 has them (:mod:`recsys.recall_merge`). No torch here.
 
+For user profiles (``RecallService.UserProfile``) the engine also holds, per bundle, the centroid
+of each category's and each brand's item embeddings (:class:`AttributeCentroids`, computed once on
+first use: the servicer touches them when a bundle is loaded) and answers which of them are nearest
+a user embedding (:meth:`RecallEngine.nearest_attributes`), with the same batched user-tower run.
+
 A sharded engine (``shard=(index, count)``) recalls only from the items it owns
 (:func:`~recsys.recall_merge.shard_range`): its index holds them alone and every source is
 restricted to them; :meth:`RecallEngine.source_lists` answers the lists unmerged, so that a fan-out
@@ -18,6 +23,7 @@ import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Protocol
 
@@ -42,6 +48,7 @@ from recsys.sources import SOURCE_INDEX
 log = logging.getLogger(__name__)
 
 _EMPTY_IDS = np.zeros(0, dtype=np.int64)
+CENTROID_CHUNK = 65_536  # items per step of the centroid computation
 
 
 class AnnSampler(Protocol):
@@ -76,6 +83,60 @@ class _Gathered:
     quotas: dict[str, int]
     excluded: np.ndarray
     lists: dict[str, SourceList]
+
+
+@dataclass(frozen=True)
+class AttributeCentroids:
+    """One unit vector per attribute value (a category or a brand): the mean of the L2-normalised
+    embeddings of the items that have it, normalised again. ``present[a]`` is False for a value no
+    item has; its row is zero and it is never anyone's nearest."""
+
+    vectors: np.ndarray  # float32 [values, dim]
+    present: np.ndarray  # bool [values]
+
+    @classmethod
+    def of(cls, item_vectors: np.ndarray, labels: np.ndarray, count: int) -> AttributeCentroids:
+        """Centroids of values ``0..count-1`` of ``labels`` (one per item; -1 or >= count: none)."""
+        vectors = np.asarray(item_vectors, dtype=np.float32)
+        labels = np.asarray(labels, dtype=np.int64)
+        keep = np.flatnonzero((labels >= 0) & (labels < count))
+        order = keep[np.argsort(labels[keep], kind="stable")]  # items grouped by value
+        sums = np.zeros((count, vectors.shape[1]), dtype=np.float64)
+        for start in range(0, len(order), CENTROID_CHUNK):  # bounded memory for large catalogs
+            rows = order[start : start + CENTROID_CHUNK]
+            unit = vectors[rows].astype(np.float64)
+            unit /= np.maximum(np.linalg.norm(unit, axis=1, keepdims=True), 1e-12)
+            values, starts = np.unique(labels[rows], return_index=True)
+            sums[values] += np.add.reduceat(unit, starts, axis=0)
+        norms = np.linalg.norm(sums, axis=1)
+        present = norms > 1e-12
+        centroids = np.zeros_like(sums, dtype=np.float32)
+        centroids[present] = sums[present] / norms[present, None]
+        return cls(centroids, present)
+
+    def nearest(self, similarities: np.ndarray, top_n: int) -> tuple[np.ndarray, np.ndarray]:
+        """(int32 values, float32 similarities) of the ``top_n`` present values with the highest
+        ``similarities`` (one per value), best first; ties by value index."""
+        candidates = np.flatnonzero(self.present)
+        order = np.argsort(-similarities[candidates], kind="stable")[:top_n]
+        chosen = candidates[order]
+        return chosen.astype(np.int32), similarities[chosen].astype(np.float32)
+
+
+@dataclass(frozen=True)
+class NearestAttributes:
+    """The category and brand centroids nearest one user embedding, best first (empty without a
+    history: no embedding to compare)."""
+
+    categories: np.ndarray  # int32 indices into category_names
+    category_similarities: np.ndarray  # float32 cosine
+    brands: np.ndarray  # int32 indices into brand_names
+    brand_similarities: np.ndarray  # float32 cosine
+
+    @classmethod
+    def empty(cls) -> NearestAttributes:
+        none, no_scores = np.zeros(0, np.int32), np.zeros(0, np.float32)
+        return cls(none, no_scores, none, no_scores)
 
 
 class UserTower:
@@ -475,12 +536,53 @@ class RecallEngine:
             parts.append(np.asarray(query.history, dtype=np.int64))
         return np.unique(np.concatenate(parts))
 
+    # ------------------------------------------------------------------ user profiles
+
+    def user_vectors(self, queries: Sequence[RecallQuery]) -> np.ndarray:
+        """The user embeddings of ``queries`` (their histories, event types and scenarios): one
+        user-tower run, as the u2i source computes them; float32 [len(queries), dim]."""
+        return self._user_vectors(queries)
+
+    @cached_property
+    def category_centroids(self) -> AttributeCentroids:
+        """Per category of ``category_names``: its items' embedding centroid (computed once)."""
+        return AttributeCentroids.of(self.item_vectors, self.item_category, len(self.category_names))
+
+    @cached_property
+    def brand_centroids(self) -> AttributeCentroids:
+        """Per brand of ``brand_names``: its items' embedding centroid (computed once)."""
+        return AttributeCentroids.of(self.item_vectors, self.item_brand, len(self.brand_names))
+
+    def nearest_attributes(
+        self, queries: Sequence[RecallQuery], top_n: Sequence[int]
+    ) -> list[NearestAttributes]:
+        """Per query: the ``top_n`` category and brand centroids nearest its user embedding by
+        cosine similarity; one user-tower run for the queries with a history (the others get
+        empty lists)."""
+        answers = [NearestAttributes.empty() for _ in queries]
+        rows = [row for row, query in enumerate(queries) if len(query.history)]
+        if not rows:
+            return answers
+        users = np.asarray(self.user_vectors([queries[row] for row in rows]), dtype=np.float32)
+        users = users / np.maximum(np.linalg.norm(users, axis=1, keepdims=True), 1e-12)
+        categories, brands = self.category_centroids, self.brand_centroids
+        category_scores = users @ categories.vectors.T
+        brand_scores = users @ brands.vectors.T
+        for position, row in enumerate(rows):
+            answers[row] = NearestAttributes(
+                *categories.nearest(category_scores[position], top_n[row]),
+                *brands.nearest(brand_scores[position], top_n[row]),
+            )
+        return answers
+
 
 __all__ = [
     "SOURCES",
     "SOURCE_INDEX",
     "AnnSampler",
+    "AttributeCentroids",
     "CandidateList",
+    "NearestAttributes",
     "RecallEngine",
     "RecallQuery",
     "SourceList",

@@ -5,7 +5,9 @@
 candidates. A request with ``source_lists`` (a fan-out over recall shards) is answered each
 source's list unmerged instead (:mod:`recsys.recall_merge`). ``GetCatalog`` streams the catalog
 (ids, attributes, popularity order) the indices refer to, so the gateway can translate to and
-from external item ids; every shard serves the whole catalog.
+from external item ids; every shard serves the whole catalog. ``UserProfile`` (the gateway's
+GetUserProfile) answers the category and brand centroids nearest the user embedding: the same
+batcher and batched user-tower run as Recall, the centroids held by the served bundle's engine.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import numpy as np
 from prometheus_client import CollectorRegistry, Histogram
 
 from recall_service.ann_quality import AnnQualityMonitor
-from recall_service.engine import SOURCES, CandidateList, RecallEngine, RecallQuery
+from recall_service.engine import SOURCES, CandidateList, NearestAttributes, RecallEngine, RecallQuery
 from recsys.data.dataset import EventType
 from recsys.recall_merge import SourceLists, candidates_response, source_lists_response
 from recsys.serving.batching import MicroBatcher, call_deadline
@@ -38,6 +40,7 @@ from recsys.serving.wire import (
 from recsys.v1 import recall_pb2, recall_pb2_grpc
 
 MAX_K = 10_000
+MAX_TOP_N = 100  # UserProfile: clusters per kind
 MAX_HISTORY = 1_000
 MAX_SEEDS = 1_000
 MAX_EXCLUDED = 10_000
@@ -77,6 +80,9 @@ class RecallModel:
         object.__setattr__(self, "catalog", catalog_fingerprint(engine.items.ids))
         object.__setattr__(self, "scenarios", {name: i for i, name in enumerate(engine.scenarios)})
         object.__setattr__(self, "categories", {name: i for i, name in enumerate(engine.category_names)})
+        # The UserProfile centroids are computed here, where a bundle is loaded (a thread, during a
+        # hot swap), not by the first UserProfile call on the batcher's thread that Recall shares.
+        _ = engine.category_centroids, engine.brand_centroids
 
     @property
     def version(self) -> str:
@@ -86,27 +92,41 @@ class RecallModel:
 @dataclass
 class RecallJob:
     """A validated query bound to the model it was validated against (it runs on that one);
-    ``source_lists``: answer the unmerged lists (a shard asked by a fan-out)."""
+    ``source_lists``: answer the unmerged lists (a shard asked by a fan-out); ``nearest_top_n``
+    > 0: answer that many nearest category and brand centroids instead (UserProfile)."""
 
     model: RecallModel
     query: RecallQuery
     source_lists: bool = False
+    nearest_top_n: int = 0
+
+    @property
+    def answer_form(self) -> str:
+        if self.nearest_top_n > 0:
+            return "nearest"
+        return "source_lists" if self.source_lists else "candidates"
 
 
-RecallResult = CandidateList | SourceLists
+RecallResult = CandidateList | SourceLists | NearestAttributes
 
 
 def run_recall_jobs(jobs: Sequence[RecallJob]) -> list[RecallResult]:
     """The batcher's run function: one engine call per model in the batch (after a swap, jobs
     validated against the old model still run on it), and per answer form."""
     results: list[RecallResult | None] = [None] * len(jobs)
-    groups: dict[tuple[int, bool], list[int]] = {}
+    groups: dict[tuple[int, str], list[int]] = {}
     for position, job in enumerate(jobs):
-        groups.setdefault((id(job.model), job.source_lists), []).append(position)
-    for (_, source_lists), positions in groups.items():
+        groups.setdefault((id(job.model), job.answer_form), []).append(position)
+    for (_, form), positions in groups.items():
         engine = jobs[positions[0]].model.engine
         queries = [jobs[p].query for p in positions]
-        answers = engine.source_lists(queries) if source_lists else engine.recall(queries)
+        answers: Sequence[RecallResult]
+        if form == "nearest":
+            answers = engine.nearest_attributes(queries, [jobs[p].nearest_top_n for p in positions])
+        elif form == "source_lists":
+            answers = engine.source_lists(queries)
+        else:
+            answers = engine.recall(queries)
         for position, answer in zip(positions, answers, strict=True):
             results[position] = answer
     return results  # type: ignore[return-value]
@@ -180,18 +200,7 @@ class RecallServicer(recall_pb2_grpc.RecallServiceServicer):
             category = model.categories.get(request.filters.category, -2)
             require(category >= 0, "filters.category", "unknown category")
         num_items = model.engine.num_items
-        history = unpack_indices(request.history_items, "history_items", num_items)
-        require(
-            len(history) <= MAX_HISTORY, "history_items", f"at most {MAX_HISTORY} items, got {len(history)}"
-        )
-        event_types = None
-        if request.history_types:
-            event_types = unpack(request.history_types, FLAGS, "history_types", len(history))
-            require(
-                int(event_types.max(initial=0)) <= EVENT_TYPE_MAX,
-                "history_types",
-                f"event types must be in 0..{EVENT_TYPE_MAX}",
-            )
+        history, event_types = decode_history(request.history_items, request.history_types, num_items)
         seeds = unpack_indices(request.seed_items, "seed_items", num_items)
         require(len(seeds) <= MAX_SEEDS, "seed_items", f"at most {MAX_SEEDS} items, got {len(seeds)}")
         excluded = unpack_indices(request.filters.exclude_items, "filters.exclude_items", num_items)
@@ -201,8 +210,8 @@ class RecallServicer(recall_pb2_grpc.RecallServiceServicer):
             f"at most {MAX_EXCLUDED} items, got {len(excluded)}",
         )
         return RecallQuery(
-            history=history.astype(np.int64),
-            event_types=None if event_types is None else event_types.astype(np.int64),
+            history=history,
+            event_types=event_types,
             scenario=model.scenarios[request.scenario],
             seed_items=seeds.astype(np.int64),
             quotas=quotas,
@@ -244,6 +253,53 @@ class RecallServicer(recall_pb2_grpc.RecallServiceServicer):
         # CatalogMismatch and the batcher's refusals are StatusErrors: grpc_method answers their code.
         return await self.recall(request, call_deadline(context))
 
+    def to_profile_job(
+        self, request: recall_pb2.UserProfileRequest, model: RecallModel | None = None
+    ) -> RecallJob:
+        """Validate a UserProfile ``request`` against ``model`` (default: the served one): the job
+        that computes its nearest centroids. InvalidArgument naming the first bad field,
+        CatalogMismatch when it was built for another catalog."""
+        model = self.model if model is None else model
+        require(bool(request.catalog), "catalog", "must name the catalog the indices refer to")
+        check_catalog(model.catalog, request.catalog)
+        require_id(request.request_id, "request_id", allow_empty=True)
+        require_in_range(request.top_n, "top_n", 1, MAX_TOP_N)
+        scenario = request.scenario or ("home" if "home" in model.scenarios else model.engine.scenarios[0])
+        require(
+            scenario in model.scenarios,
+            "scenario",
+            f"unknown scenario; known: {', '.join(model.engine.scenarios)}",
+        )
+        history, event_types = decode_history(
+            request.history_items, request.history_types, model.engine.num_items
+        )
+        query = RecallQuery(history=history, event_types=event_types, scenario=model.scenarios[scenario])
+        return RecallJob(model, query, nearest_top_n=request.top_n)
+
+    async def user_profile(
+        self, request: recall_pb2.UserProfileRequest, deadline: float | None = None
+    ) -> recall_pb2.UserProfileResponse:
+        """Validate, run through the batcher (one user-tower run per batch, shared with Recall's
+        queue and its shedding) and encode; ``deadline`` is a ``loop.time()`` instant."""
+        model = self.model  # read once: the answer's centroids, names and version are one bundle's
+        job = self.to_profile_job(request, model)
+        nearest = await self.batcher.submit(job, deadline)
+        assert isinstance(nearest, NearestAttributes)
+        return recall_pb2.UserProfileResponse(
+            model_version=model.version,
+            catalog=model.catalog,
+            categories=pack(nearest.categories, INDEX),
+            category_similarities=pack(nearest.category_similarities, SCORE),
+            brands=pack(nearest.brands, INDEX),
+            brand_similarities=pack(nearest.brand_similarities, SCORE),
+        )
+
+    @grpc_method
+    async def UserProfile(
+        self, request: recall_pb2.UserProfileRequest, context: grpc.aio.ServicerContext
+    ) -> recall_pb2.UserProfileResponse:
+        return await self.user_profile(request, call_deadline(context))
+
     def catalog_chunks(self, known_catalog: str = "") -> list[recall_pb2.CatalogChunk]:
         """The served catalog as ordered chunks (one ``unchanged`` chunk when the caller has it);
         all chunks come from one bundle even if a swap happens meanwhile."""
@@ -284,6 +340,24 @@ class RecallServicer(recall_pb2_grpc.RecallServiceServicer):
             yield chunk
 
 
+def decode_history(
+    history_items: bytes, history_types: bytes, num_items: int
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """A request's packed history: int64 catalog indices and event types (None: all VIEW);
+    InvalidArgument naming ``history_items`` / ``history_types`` when malformed."""
+    history = unpack_indices(history_items, "history_items", num_items)
+    require(len(history) <= MAX_HISTORY, "history_items", f"at most {MAX_HISTORY} items, got {len(history)}")
+    event_types = None
+    if history_types:
+        event_types = unpack(history_types, FLAGS, "history_types", len(history))
+        require(
+            int(event_types.max(initial=0)) <= EVENT_TYPE_MAX,
+            "history_types",
+            f"event types must be in 0..{EVENT_TYPE_MAX}",
+        )
+    return history.astype(np.int64), None if event_types is None else event_types.astype(np.int64)
+
+
 __all__ = [
     "InvalidArgument",
     "RecallJob",
@@ -291,5 +365,6 @@ __all__ = [
     "RecallModel",
     "RecallResult",
     "RecallServicer",
+    "decode_history",
     "run_recall_jobs",
 ]

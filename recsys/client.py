@@ -8,6 +8,7 @@
         for item in result.items:
             print(item.item_id, item.score, item.source)
         client.log_events([Event(user_id="u1", item_id=result.items[0].item_id, type="click")])
+        profile = client.user_profile("u1", top_n=5)  # top categories/brands, nearest clusters
 
 Needs only grpcio, protobuf and the generated stubs (``recsys.v1``): nothing here imports the
 serving stack (numpy, Faiss, ONNX Runtime), so it runs in a client's own small environment.
@@ -48,9 +49,10 @@ AUTHORIZATION = "authorization"
 TOKEN_ENV = "RECSYS_TOKEN"  # a client's token, for this client, `recsys query` and the bench
 
 GATEWAY_SERVICE = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name
-# Methods safe to repeat after the gateway answered DEADLINE_EXCEEDED: Recommend only reads, and a
-# repeated LogEvents is a duplicate by event_id. ForgetUser is not (it answers how much it deleted).
-IDEMPOTENT_METHODS = ("Recommend", "LogEvents")
+# Methods safe to repeat after the gateway answered DEADLINE_EXCEEDED: Recommend and GetUserProfile
+# only read, and a repeated LogEvents is a duplicate by event_id. ForgetUser is not (it answers how
+# much it deleted).
+IDEMPOTENT_METHODS = ("Recommend", "LogEvents", "GetUserProfile")
 RETRYABLE_CODES = ("UNAVAILABLE", "RESOURCE_EXHAUSTED")
 MAX_RETRIES = 4  # gRPC makes at most 5 attempts per call, whatever the service config asks
 
@@ -285,6 +287,61 @@ class Recommendation:
 
 
 @dataclass(frozen=True)
+class ProfileEntry:
+    """A category or brand of the user's history: ``weight`` is its recency- and event-type-weighted
+    share (all entries of a kind sum to 1), ``events`` how many events, ``last_seen_ms`` the newest
+    (0: no timestamps known)."""
+
+    name: str
+    weight: float
+    events: int
+    last_seen_ms: int
+
+
+@dataclass(frozen=True)
+class NearestAttribute:
+    """An attribute cluster near the user embedding: ``kind`` is ``"category"`` or ``"brand"``,
+    ``similarity`` the cosine of the user embedding and the cluster's centroid."""
+
+    kind: str
+    name: str
+    similarity: float
+
+
+@dataclass(frozen=True)
+class UserProfile:
+    """The gateway's GetUserProfile answer. ``degraded``: ``nearest`` could not be computed (recall
+    down or slow; ``degraded_reasons`` say why), the history part is complete."""
+
+    user_id: str
+    categories: tuple[ProfileEntry, ...]
+    brands: tuple[ProfileEntry, ...]
+    history_length: int
+    unknown_items: int
+    nearest: tuple[NearestAttribute, ...]
+    model_version: str
+    degraded: bool
+    degraded_reasons: tuple[str, ...]
+
+    @classmethod
+    def from_proto(cls, response: gateway_pb2.GetUserProfileResponse) -> UserProfile:
+        def entries(values: Iterable[gateway_pb2.ProfileEntry]) -> tuple[ProfileEntry, ...]:
+            return tuple(ProfileEntry(e.name, e.weight, e.events, e.last_seen_ms) for e in values)
+
+        return cls(
+            user_id=response.user_id,
+            categories=entries(response.categories),
+            brands=entries(response.brands),
+            history_length=response.history_length,
+            unknown_items=response.unknown_items,
+            nearest=tuple(NearestAttribute(n.kind, n.name, n.similarity) for n in response.nearest),
+            model_version=response.model_version,
+            degraded=response.degraded,
+            degraded_reasons=tuple(response.degraded_reasons),
+        )
+
+
+@dataclass(frozen=True)
 class LogEventsResult:
     accepted: int  # newly stored
     duplicates: int  # event_id already seen: ignored
@@ -311,6 +368,18 @@ def recommend_request(
         context=gateway_pb2.RecommendContext(item_ids=items, category=category),
         debug=debug,
         history=[entry.to_proto() for entry in entries],
+    )
+
+
+def user_profile_request(
+    user_id: str = "", history: Iterable[str | HistoryEntry] | None = None, top_n: int | None = None
+) -> gateway_pb2.GetUserProfileRequest:
+    """The GetUserProfileRequest for :meth:`RecsysClient.user_profile`'s arguments."""
+    entries = [HistoryEntry(entry) if isinstance(entry, str) else entry for entry in history or ()]
+    return gateway_pb2.GetUserProfileRequest(
+        user_id=user_id,
+        history=[entry.to_proto() for entry in entries],
+        top_n=top_n or 0,  # 0: the gateway's default (10)
     )
 
 
@@ -454,6 +523,21 @@ class RecsysClient(_ClientBase):
         request = gateway_pb2.ForgetUserRequest(user_id=user_id)
         return self._call(self._stub.ForgetUser, request, timeout_s).deleted_events
 
+    def user_profile(
+        self,
+        user_id: str = "",
+        history: Iterable[str | HistoryEntry] | None = None,
+        top_n: int | None = None,
+        *,
+        timeout_s: float | None = None,
+    ) -> UserProfile:
+        """``user_id``'s top categories and brands from their history (``history``, item ids or
+        :class:`HistoryEntry` oldest first, replaces the stored one; then ``user_id`` may be empty)
+        and the attribute clusters nearest their embedding, ``top_n`` (1..100, None: 10) of each;
+        needs the token's ``recommend`` scope."""
+        request = user_profile_request(user_id, history, top_n)
+        return UserProfile.from_proto(self._call(self._stub.GetUserProfile, request, timeout_s))
+
     def close(self) -> None:
         self._channel.close()
 
@@ -509,6 +593,18 @@ class AsyncRecsysClient(_ClientBase):
         """See :meth:`RecsysClient.forget_user`."""
         request = gateway_pb2.ForgetUserRequest(user_id=user_id)
         return (await self._call(self._stub.ForgetUser, request, timeout_s)).deleted_events
+
+    async def user_profile(
+        self,
+        user_id: str = "",
+        history: Iterable[str | HistoryEntry] | None = None,
+        top_n: int | None = None,
+        *,
+        timeout_s: float | None = None,
+    ) -> UserProfile:
+        """See :meth:`RecsysClient.user_profile`."""
+        request = user_profile_request(user_id, history, top_n)
+        return UserProfile.from_proto(await self._call(self._stub.GetUserProfile, request, timeout_s))
 
     async def close(self) -> None:
         await self._channel.close()

@@ -176,9 +176,9 @@ def test_the_retry_policy_covers_only_transient_codes():
     policies = {
         name["method"]: entry["retryPolicy"] for entry in config["methodConfig"] for name in entry["name"]
     }
-    assert set(policies) == {"Recommend", "LogEvents", "ForgetUser"}
+    assert set(policies) == {"Recommend", "LogEvents", "ForgetUser", "GetUserProfile"}
     assert {policy["maxAttempts"] for policy in policies.values()} == {3}
-    for method in ("Recommend", "LogEvents"):  # read-only / idempotent by event_id
+    for method in ("Recommend", "LogEvents", "GetUserProfile"):  # read-only / idempotent by event_id
         assert set(policies[method]["retryableStatusCodes"]) == {
             "UNAVAILABLE",
             "RESOURCE_EXHAUSTED",

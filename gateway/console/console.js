@@ -6,6 +6,7 @@
 
 const $ = (id) => document.getElementById(id);
 const state = { debugAllowed: null, previous: [], scenarios: {} };
+const PROFILE_TOP_N = 5; // entries per profile list
 
 function splitIds(text) {
   return text.split(",").map((s) => s.trim()).filter(Boolean);
@@ -103,6 +104,72 @@ async function recommend() {
   render(response, attributes);
   const degraded = response.degraded ? " (degraded)" : "";
   showStatus(`${response.items.length} items${degraded}`);
+  await loadProfile();
+}
+
+// The current user's profile (POST /v1/user-profile): the stored history's (or the typed
+// history's) top categories and brands, and the attribute clusters nearest the user embedding.
+async function loadProfile() {
+  const request = { topN: PROFILE_TOP_N };
+  const user = $("user").value.trim();
+  if (user) request.userId = user;
+  const history = splitIds($("history").value);
+  if (history.length) request.history = history.map((itemId) => ({ itemId, type: "VIEW" }));
+  const panel = $("profile");
+  if (!user && !history.length) {
+    panel.hidden = true; // an anonymous request without a history has no profile
+    return;
+  }
+  panel.hidden = false;
+  let profile;
+  try {
+    profile = await api("POST", "/v1/user-profile", request);
+  } catch (error) {
+    $("profile-status").textContent = `profile unavailable: ${error.message}`;
+    return;
+  }
+  renderProfile(profile);
+}
+
+function profileRow(table, label, value, detail, kind) {
+  const row = table.tBodies[0].insertRow();
+  row.dataset.name = label;
+  if (kind) row.dataset.kind = kind;
+  row.insertCell().textContent = label;
+  const bar = row.insertCell();
+  bar.className = "bar";
+  const fill = document.createElement("span");
+  fill.style.width = `${Math.max(0, Math.min(1, value)) * 100}%`;
+  bar.append(fill);
+  row.insertCell().textContent = detail;
+}
+
+function ago(milliseconds) {
+  if (!Number(milliseconds)) return "";
+  const days = (Date.now() - Number(milliseconds)) / 86_400_000;
+  return days < 1 ? "today" : `${Math.round(days)} d ago`;
+}
+
+function renderProfile(profile) {
+  const status = [`${profile.historyLength} events`];
+  if (profile.unknownItems) status.push(`${profile.unknownItems} unknown items skipped`);
+  if (profile.degraded) status.push(`nearest unavailable: ${profile.degradedReasons.join("; ")}`);
+  status.push(profile.modelVersion);
+  $("profile-status").textContent = status.join(" · ");
+  for (const [id, entries] of [["profile-categories", profile.categories], ["profile-brands", profile.brands]]) {
+    const table = $(id);
+    table.tBodies[0].replaceChildren();
+    for (const entry of entries) {
+      const seen = ago(entry.lastSeenMs);
+      const events = `${entry.events} event${entry.events === 1 ? "" : "s"}`;
+      profileRow(table, entry.name, entry.weight, `${fmt(entry.weight)} · ${events}${seen ? ` · ${seen}` : ""}`);
+    }
+  }
+  const nearest = $("profile-nearest");
+  nearest.tBodies[0].replaceChildren();
+  for (const entry of profile.nearest) {
+    profileRow(nearest, `${entry.kind} ${entry.name}`, (entry.similarity + 1) / 2, fmt(entry.similarity), entry.kind);
+  }
 }
 
 async function describeItems(ids) {

@@ -76,6 +76,11 @@ class LocalRecall:
     ) -> recall_pb2.RecallResponse:
         return await _call(lambda deadline: self.servicer.recall(request, deadline), timeout)
 
+    async def UserProfile(
+        self, request: recall_pb2.UserProfileRequest, timeout: float | None = None, **_: Any
+    ) -> recall_pb2.UserProfileResponse:
+        return await _call(lambda deadline: self.servicer.user_profile(request, deadline), timeout)
+
     def GetCatalog(
         self, request: recall_pb2.CatalogRequest, **_: Any
     ) -> AsyncIterator[recall_pb2.CatalogChunk]:

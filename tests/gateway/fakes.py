@@ -59,6 +59,7 @@ class FakeRecall(recall_pb2_grpc.RecallServiceServicer):
         self.behaviour = Behaviour()
         self.catalog = CATALOG
         self.catalog_calls = 0
+        self.profile_behaviour = Behaviour()  # UserProfile's own (Recall keeps working)
 
     async def GetCatalog(self, request: recall_pb2.CatalogRequest, context: grpc.aio.ServicerContext):
         self.catalog_calls += 1
@@ -137,6 +138,31 @@ class FakeRecall(recall_pb2_grpc.RecallServiceServicer):
             source_flags=flags.tobytes(),
         )
 
+    async def UserProfile(self, request: recall_pb2.UserProfileRequest, context: grpc.aio.ServicerContext):
+        """Nearest clusters: the newest history item's category (brand) first at similarity 1.0,
+        then the others in index order, each 0.1 lower (see :func:`fake_nearest`)."""
+        behaviour = self.profile_behaviour
+        behaviour.calls += 1
+        behaviour.requests.append(request)
+        behaviour.time_remaining.append(context.time_remaining())
+        if behaviour.delay_s:
+            await asyncio.sleep(behaviour.delay_s)
+        if behaviour.fail_with is not None:
+            await context.abort(behaviour.fail_with, "injected failure")
+        if request.catalog != self.catalog:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "catalog: another catalog")
+        newest = history_of(request)[-1]
+        categories, category_scores = fake_nearest(newest % len(CATEGORIES), len(CATEGORIES), request.top_n)
+        brands, brand_scores = fake_nearest(newest % len(BRANDS), len(BRANDS), request.top_n)
+        return recall_pb2.UserProfileResponse(
+            model_version="fake-recall-1",
+            catalog=self.catalog,
+            categories=pack(categories, INDEX),
+            category_similarities=pack(category_scores, SCORE),
+            brands=pack(brands, INDEX),
+            brand_similarities=pack(brand_scores, SCORE),
+        )
+
     @staticmethod
     def _source(source: str, request: recall_pb2.RecallRequest, history: list[int]) -> list[int]:
         if source == "popular":
@@ -148,6 +174,13 @@ class FakeRecall(recall_pb2_grpc.RecallServiceServicer):
         if source == "covisit" and not anchors:
             anchors = history[-3:]
         return [(anchor + offset) % CATALOG_SIZE for offset in range(1, 40) for anchor in anchors]
+
+
+def fake_nearest(first: int, count: int, top_n: int) -> tuple[list[int], list[float]]:
+    """FakeRecall.UserProfile's order of ``count`` attribute values: ``first``, then the others in
+    index order; similarities 1.0, 0.9, 0.8, ..."""
+    order = [first, *(value for value in range(count) if value != first)][:top_n]
+    return order, [1.0 - 0.1 * rank for rank in range(len(order))]
 
 
 def history_of(request) -> list[int]:
