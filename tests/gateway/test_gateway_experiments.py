@@ -174,3 +174,12 @@ def test_the_shipped_exploration_example_is_an_experiment_with_an_explore_arm():
     assert set(arms) == {"control", "explore"}
     assert [rule.name for rule in arms["explore"].rerank.rules][-1] == "explore"
     assert "explore" not in [rule.name for rule in arms["control"].rerank.rules]
+
+
+def test_the_ablation_example_starts_from_the_shipped_home():
+    """config/examples/ablation-home.yaml measures the shipped home: its `shipped` arm must be it."""
+    shipped = load_scenarios(DEFAULT_SCENARIOS).get("home")
+    ablation = load_scenarios(DEFAULT_SCENARIOS.parent / "examples" / "ablation-home.yaml").get("home")
+    arms = {arm.name: arm.scenario for arm in ablation.experiment.arms}
+    assert arms["shipped"].stages == shipped.stages
+    assert arms["no_rank"].rank is None and arms["no_rules"].rerank is None
