@@ -16,9 +16,22 @@ as serving ranks it; examples whose target is not in it are dropped (appending t
 hand the model a giveaway: the one candidate below every other in its sources' scores).
 Loss: listwise softmax over the list. Early stopping on validation NDCG@10 of the full pipeline
 (recall top-K re-ranked, items outside the list ranked after it).
+
+Budgets are work, not time (``recsys.training``): at most ``epochs`` epochs with early stopping; a
+wall-clock guard in hours only catches runaways. Training (and the held-out recall bundle it
+builds) uses every core by default and the GPU when there is one, and runs as
+DistributedDataParallel under ``torchrun`` (each global batch split across the processes).
 """
 
 from __future__ import annotations
+
+import os
+
+# torch's OpenMP runtime reads OMP_WAIT_POLICY once, when torch is first imported. Threads that
+# sleep at a barrier instead of spinning keep training usable on a busy host (2 cores with one
+# other busy process: ~35-55 ms per Beauty step instead of 90-1,000; idle host: ~30 vs ~21 ms,
+# docs/EXPERIMENTS.md). OMP_WAIT_POLICY=ACTIVE in the environment wins on a dedicated host.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
 import copy
@@ -41,6 +54,22 @@ from rank_service.model import Ranker, RankerConfig
 from recsys.data.dataset import Dataset
 from recsys.data.split import LeaveOneOutSplit, Phase
 from recsys.evaluation.protocol import metrics_from_ranks, ranks_from_lists
+from recsys.training import (
+    DEFAULT_TIME_GUARD_S,
+    DistributedContext,
+    TrainingRun,
+    adamw,
+    any_rank,
+    autocast,
+    barrier,
+    configure_threads,
+    gather_metrics,
+    init_distributed,
+    main_first,
+    resolve_precision,
+    resolve_threads,
+    shard,
+)
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +91,9 @@ class RankTrainConfig:
     pipeline_candidates: int = 200  # recall top-K re-ranked in the pipeline (eval, early stop)
     prefixes_per_user: int = 4  # most recent training prefixes per user (all held out of holdout recall)
     holdout_recall: bool = True  # train on a recall bundle that has not seen the targets
-    holdout_recall_time_limit_s: float = 8 * 60.0
-    # training
+    # training: at most ``epochs`` epochs; early stopping (``patience``) normally ends it first
     epochs: int = 30
-    batch_size: int = 128
+    batch_size: int = 128  # lists per optimizer step, over all processes together
     learning_rate: float = 1e-3
     weight_decay: float = 1e-5
     # Share of training lists whose scenario is replaced by the first (generic, "home") one: the
@@ -74,9 +102,11 @@ class RankTrainConfig:
     scenario_dropout: float = 0.5
     patience: int = 3
     eval_users: int = 4000  # validation users for early stopping (0 = all)
-    time_limit_s: float = 13 * 60.0
-    seed: int = 7
-    threads: int = 2
+    time_guard_s: float = DEFAULT_TIME_GUARD_S  # wall-clock guard (logged and recorded when it fires)
+    seed: int = 7  # also the held-out recall bundle's seed
+    threads: int = 0  # torch threads per process (0 = every core, shared by this host's processes)
+    device: str = "auto"  # "auto" (the GPU when there is one), "cpu" or "cuda"
+    precision: str = "auto"  # "auto": bf16 autocast on a GPU, fp32 on a CPU (a small model)
 
     @classmethod
     def tiny(cls) -> RankTrainConfig:
@@ -95,7 +125,6 @@ class RankTrainConfig:
             learning_rate=3e-3,
             patience=2,
             eval_users=150,
-            time_limit_s=30.0,
             holdout_recall=False,
         )
 
@@ -114,13 +143,12 @@ class RankTrainConfig:
             learning_rate=2e-3,
             patience=2,
             eval_users=1000,
-            time_limit_s=75.0,
             holdout_recall=False,
         )
 
     @classmethod
     def default(cls) -> RankTrainConfig:
-        """Beauty-sized data: target under 15 minutes on 2 cores (plus the holdout recall bundle)."""
+        """Beauty-sized data: a few minutes on 2 cores (plus the held-out recall bundle)."""
         # Measured on Beauty (valid NDCG@10 of the pipeline, 4,000 users): ~6.7k honest lists with
         # the target in recall's top 200; the id embeddings overfit after an epoch or two, hence
         # strong weight decay and short patience. lr 1e-3 0.0649 vs 3e-4 0.0634; three held-out
@@ -237,8 +265,9 @@ def eval_lists(
 class TorchScorer:
     """Scores lists with the torch model through the same feature/packing code as the runtime."""
 
-    def __init__(self, model: Ranker):
+    def __init__(self, model: Ranker, device: str = "cpu"):
         self.model = model
+        self.device = torch.device(device)
 
     def batch_inputs(
         self,
@@ -254,14 +283,14 @@ class TorchScorer:
             [c.items for c in lists],
             [candidate_features(c.scores, c.source_scores, c.source_mask) for c in lists],
         )
-        tensors = tuple(torch.from_numpy(a) for a in packed.feeds().values())
+        tensors = tuple(torch.from_numpy(a).to(self.device) for a in packed.feeds().values())
         return tensors, packed.candidate_counts
 
     @torch.no_grad()
     def score(self, histories, events, scenarios, lists) -> list[np.ndarray]:
         self.model.eval()
         tensors, counts = self.batch_inputs(histories, events, scenarios, lists)
-        scores = self.model(*tensors)[0].numpy()
+        scores = self.model(*tensors)[0].float().cpu().numpy()
         return [scores[row, : int(n)] for row, n in enumerate(counts)]
 
 
@@ -301,6 +330,7 @@ class TrainResult:
     epochs_run: int
     train_seconds: float
     examples: int
+    run: dict = dataclasses.field(default_factory=dict)  # TrainingRun.record(): stop reason, threads, ...
 
 
 def build_model(dataset: Dataset, split: LeaveOneOutSplit, config: RankTrainConfig) -> Ranker:
@@ -327,12 +357,42 @@ def build_model(dataset: Dataset, split: LeaveOneOutSplit, config: RankTrainConf
     )
 
 
-def train_model(dataset: Dataset, source: CandidateSource, config: RankTrainConfig) -> TrainResult:
-    """Train with early stopping on validation pipeline NDCG@10; returns the best model."""
+def wrap_for_training(model: Ranker, context: DistributedContext) -> torch.nn.Module:
+    """DistributedDataParallel over the processes when there are several, else the model."""
+    if not context.distributed:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [context.torch_device()] if context.device.startswith("cuda") else None
+    # The buffers (item attributes and popularity) never change: no re-broadcast every step.
+    return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+
+
+def train_model(
+    dataset: Dataset,
+    source: CandidateSource,
+    config: RankTrainConfig,
+    context: DistributedContext | None = None,
+) -> TrainResult:
+    """Train with early stopping on validation pipeline NDCG@10; returns the best model (on the CPU).
+
+    Under torchrun each process trains on its share of every global batch and validates its share
+    of the validation users (metrics merged across processes)."""
+    context = context or init_distributed(config.device)
+    threads = configure_threads(config.threads)
+    precision = resolve_precision(config.precision, context.device)
+    device = context.torch_device()
+    run = TrainingRun(
+        max_epochs=config.epochs,
+        patience=config.patience,
+        time_guard_s=config.time_guard_s,
+        seed=config.seed,
+        threads=threads,
+        context=context,
+        precision=precision if device.type == "cuda" else "fp32",
+    )
     torch.manual_seed(config.seed)
-    torch.set_num_threads(max(1, min(config.threads, 2)))
     rng = np.random.default_rng(config.seed)
-    started = time.perf_counter()
     split = LeaveOneOutSplit(dataset)
     examples = training_lists(dataset, split, source, config)
     if not len(examples.users):
@@ -340,14 +400,18 @@ def train_model(dataset: Dataset, source: CandidateSource, config: RankTrainConf
     valid_users = split.eval_users
     if config.eval_users and len(valid_users) > config.eval_users:
         valid_users = np.sort(rng.choice(valid_users, config.eval_users, replace=False))
+    valid_users = shard(valid_users, context)
     valid_lists = eval_lists(dataset, split, source, "valid", valid_users, config.pipeline_candidates)
-    recall_valid = pipeline_metrics(
-        dataset,
-        split,
-        "valid",
-        valid_users,
-        valid_lists,
-        lambda h, e, s, lists: [-np.arange(len(c.items), dtype=np.float32) for c in lists],
+    recall_valid = gather_metrics(
+        pipeline_metrics(
+            dataset,
+            split,
+            "valid",
+            valid_users,
+            valid_lists,
+            lambda h, e, s, lists: [-np.arange(len(c.items), dtype=np.float32) for c in lists],
+        ),
+        context,
     )
     log.info(
         "valid recall top-%d (no ranker): NDCG@10 %.4f HR@10 %.4f",
@@ -356,66 +420,74 @@ def train_model(dataset: Dataset, source: CandidateSource, config: RankTrainConf
         recall_valid["HR@10"],
     )
 
-    model = build_model(dataset, split, config)
-    scorer = TorchScorer(model)
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
-    )
-    best_state, best_valid, best_epoch, stale, epoch = None, {"NDCG@10": -1.0}, 0, 0, 0
+    model = build_model(dataset, split, config).to(device)  # the same initial weights everywhere
+    torch.manual_seed(config.seed + context.rank)  # each process its own dropout masks
+    scorer = TorchScorer(model, context.device)
+    train_module = wrap_for_training(model, context)
+    optimizer = adamw(model.parameters(), config.learning_rate, config.weight_decay)
+    best_state, best_valid = None, {"NDCG@10": -1.0}
     for epoch in range(1, config.epochs + 1):
-        model.train()
+        train_module.train()
         order = rng.permutation(len(examples.users))
         total, batches = 0.0, 0
         for start in range(0, len(order), config.batch_size):
-            rows = order[start : start + config.batch_size]
+            global_rows = order[start : start + config.batch_size]
+            if len(global_rows) < context.world_size:
+                continue  # a tail batch too small to give every process a list
+            # Drawn for the whole global batch, so that every process's generator stays in step.
+            dropped = rng.random(len(global_rows)) < config.scenario_dropout
+            rows, dropped = shard(global_rows, context), shard(dropped, context)
             histories = [dataset.sequences[examples.users[r]][: examples.cuts[r]] for r in rows]
             events = [dataset.events_of(examples.users[r])[: examples.cuts[r]] for r in rows]
             scenarios = examples.scenarios[rows].copy()
-            scenarios[rng.random(len(rows)) < config.scenario_dropout] = 0
+            scenarios[dropped] = 0
             tensors, counts = scorer.batch_inputs(
                 histories, events, scenarios.tolist(), [examples.lists[r] for r in rows]
             )
-            logits = model(*tensors)[0]
+            with autocast(device.type, precision):
+                logits = train_module(*tensors)[0].float()
             width = logits.shape[1]
-            padding = torch.arange(width)[None, :] >= torch.from_numpy(counts)[:, None]
+            padding = (
+                torch.arange(width, device=device)[None, :] >= torch.from_numpy(counts).to(device)[:, None]
+            )
             logits = logits.masked_fill(padding, float("-inf"))
-            loss = F.cross_entropy(logits, torch.from_numpy(examples.target_positions[rows]))
+            targets = torch.from_numpy(examples.target_positions[rows]).to(device)
+            # Sum over this process's lists / (global lists / processes): DDP's average of the
+            # processes' gradients is then exactly the one-process mean over the global batch.
+            loss = F.cross_entropy(logits, targets, reduction="sum") * (context.world_size / len(global_rows))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
             optimizer.step()
             total += float(loss.detach())
             batches += 1
-        valid = pipeline_metrics(dataset, split, "valid", valid_users, valid_lists, scorer.score)
-        elapsed = time.perf_counter() - started
+        valid = gather_metrics(
+            pipeline_metrics(dataset, split, "valid", valid_users, valid_lists, scorer.score), context
+        )
         log.info(
             "epoch %d: loss %.4f valid NDCG@10 %.4f HR@10 %.4f (%.0f s)",
             epoch,
             total / max(batches, 1),
             valid["NDCG@10"],
             valid["HR@10"],
-            elapsed,
+            run.elapsed(),
         )
-        if valid["NDCG@10"] > best_valid["NDCG@10"]:
-            best_state, best_valid, best_epoch, stale = copy.deepcopy(model.state_dict()), valid, epoch, 0
-        else:
-            stale += 1
-        if stale >= config.patience:
-            break
-        if elapsed > config.time_limit_s:
-            log.info("time limit %.0f s reached", config.time_limit_s)
+        if run.update(epoch, valid["NDCG@10"]):
+            best_state, best_valid = copy.deepcopy(model.state_dict()), valid
+        if run.should_stop(epoch):
             break
     assert best_state is not None
     model.load_state_dict(best_state)
-    model.eval()
+    model = model.cpu().eval()
     return TrainResult(
         model=model,
         best_valid=best_valid,
         recall_valid=recall_valid,
-        best_epoch=best_epoch,
-        epochs_run=epoch,
-        train_seconds=time.perf_counter() - started,
+        best_epoch=run.best_epoch,
+        epochs_run=run.epochs_run,
+        train_seconds=run.elapsed(),
         examples=len(examples.users),
+        run=run.record(),
     )
 
 
@@ -441,25 +513,38 @@ def holdout_dataset(dataset: Dataset, split: LeaveOneOutSplit, held_out: int = 1
     )
 
 
-def holdout_candidates(dataset: Dataset, bundle_dir: Path, config: RankTrainConfig) -> RecallCandidates:
-    """Candidates from the holdout recall bundle beside ``bundle_dir`` (built when missing)."""
+def holdout_recall_dir(bundle_dir: Path) -> Path:
+    """Where the held-out recall bundle of the rank bundle at ``bundle_dir`` lives."""
+    return bundle_dir.parent / f"{bundle_dir.name}-holdout-recall"
+
+
+def holdout_candidates(
+    dataset: Dataset, bundle_dir: Path, config: RankTrainConfig, context: DistributedContext | None = None
+) -> RecallCandidates:
+    """Candidates from the holdout recall bundle beside ``bundle_dir`` (built when missing).
+
+    The bundle is trained like the served one (default recall settings: every core, early
+    stopping, no clock limit) with this ranker's seed, by every process of a torchrun job."""
     from recall_service.train import RecallTrainConfig
     from recall_service.train import build_bundle as build_recall_bundle
 
+    context = context or init_distributed(config.device)
     holdout = holdout_dataset(dataset, LeaveOneOutSplit(dataset), max(1, config.prefixes_per_user))
-    holdout_dir = bundle_dir.parent / f"{bundle_dir.name}-holdout-recall"
+    holdout_dir = holdout_recall_dir(bundle_dir)
     manifest = holdout_dir / "manifest.json"
-    if (
+    stale = (
         not manifest.is_file()
         or json.loads(manifest.read_text()).get("data_fingerprint") != holdout.fingerprint()
-    ):
+    )
+    if any_rank(stale, context):
         recall_config = RecallTrainConfig.default()
-        recall_config.time_limit_s = config.holdout_recall_time_limit_s
         recall_config.threads = config.threads
+        recall_config.seed = config.seed
+        recall_config.device = config.device
         started = time.perf_counter()
-        build_recall_bundle(holdout, holdout_dir, recall_config)
+        build_recall_bundle(holdout, holdout_dir, recall_config, context)
         log.info("holdout recall bundle %s built in %.0f s", holdout_dir, time.perf_counter() - started)
-    return RecallCandidates.load(holdout_dir, threads=config.threads)
+    return RecallCandidates.load(holdout_dir, threads=resolve_threads(config.threads))
 
 
 def build_bundle(
@@ -474,18 +559,28 @@ def build_bundle(
     The torch checkpoint is kept beside the bundle (``export.checkpoint_path``) for re-export.
     """
     bundle_dir = Path(bundle_dir)
+    context = init_distributed(config.device)
     served = (
-        RecallCandidates.load(Path(recall_bundle_dir), threads=config.threads) if source is None else None
+        RecallCandidates.load(Path(recall_bundle_dir), threads=resolve_threads(config.threads))
+        if source is None
+        else None
     )
+    holdout_train: dict = {}
     if source is None:
-        source = holdout_candidates(dataset, bundle_dir, config) if config.holdout_recall else served
-    result = train_model(dataset, source, config)
+        if config.holdout_recall:
+            source = holdout_candidates(dataset, bundle_dir, config, context)
+            manifest = holdout_recall_dir(bundle_dir) / "manifest.json"
+            holdout_train = json.loads(manifest.read_text()).get("train", {})
+        else:
+            source = served
+    result = train_model(dataset, source, config, context)
     metadata = {
         "recall_bundle_version": served.version
         if served is not None
         else getattr(source, "version", "unknown"),
         "train_recall_bundle_version": getattr(source, "version", "unknown"),
         "train": {
+            **result.run,
             "config": asdict(config),
             "examples": result.examples,
             "best_epoch": result.best_epoch,
@@ -493,8 +588,13 @@ def build_bundle(
             "train_seconds": round(result.train_seconds, 1),
             "valid_pipeline": result.best_valid,
             "valid_recall_only": result.recall_valid,
+            # what stopped the held-out recall bundle's training, its epochs, seconds, seed, ...
+            "holdout_recall": {k: v for k, v in holdout_train.items() if k != "best_valid"},
         },
     }
+    if not context.is_main:
+        barrier(context)
+        return bundle_dir
     scenarios = scenario_names(dataset.scenario_names)
     bundle_dir.mkdir(parents=True, exist_ok=True)
     save_checkpoint(
@@ -506,19 +606,27 @@ def build_bundle(
         **metadata,
     )
     export_bundle(result.model, bundle_dir, dataset.items, scenarios, dataset.fingerprint(), **metadata)
+    barrier(context)
     return bundle_dir
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`recsys train rank --data synthetic|DIR --artifacts DIR [--quick]`."""
+    """`recsys train rank --data synthetic|DIR --artifacts DIR [--quick] [--seed N] ...`; under
+    `torchrun --nproc_per_node N [--nnodes M ...] -m recsys train rank ...` for several processes."""
     from recsys.data.prepare import dataset_artifacts, prepare_dataset
 
     parser = argparse.ArgumentParser(prog="recsys train rank", description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="synthetic", help="'synthetic' or a dataset folder")
     parser.add_argument("--artifacts", type=Path, default=Path("artifacts"))
     parser.add_argument("--quick", action="store_true", help="small model, few epochs (make run)")
-    parser.add_argument("--epochs", type=int, help="override the number of epochs")
-    parser.add_argument("--threads", type=int, help="torch threads (at most 2)")
+    parser.add_argument(
+        "--epochs", type=int, help="most epochs (early stopping normally ends training first)"
+    )
+    parser.add_argument("--patience", type=int, help="epochs without a validation gain before stopping")
+    parser.add_argument("--seed", type=int, help="random seed, also of the held-out recall bundle")
+    parser.add_argument("--threads", type=int, help="torch threads per process (0 = every core)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="training device")
+    parser.add_argument("--time-guard-hours", type=float, help="wall-clock guard (hours)")
     parser.add_argument("--learning-rate", type=float, help="override the learning rate")
     parser.add_argument("--weight-decay", type=float, help="override the AdamW weight decay")
     parser.add_argument("--dropout", type=float, help="override the dropout")
@@ -526,20 +634,30 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = RankTrainConfig.quick() if args.quick else RankTrainConfig.default()
-    for name in ("epochs", "threads", "learning_rate", "weight_decay", "dropout", "mlp_width"):
+    names = ("epochs", "patience", "seed", "threads", "device", "learning_rate", "weight_decay", "dropout")
+    for name in (*names, "mlp_width"):
         if getattr(args, name) is not None:
             setattr(config, name, getattr(args, name))
-    dataset = prepare_dataset(args.data, args.artifacts, args.quick)
+    if args.time_guard_hours is not None:
+        config.time_guard_s = args.time_guard_hours * 3600.0
+    context = init_distributed(config.device)
+    if not context.is_main:  # one log of the run, from the first process
+        logging.getLogger().setLevel(logging.WARNING)
+    dataset = main_first(context, lambda: prepare_dataset(args.data, args.artifacts, args.quick))
     artifacts = dataset_artifacts(dataset, args.artifacts)
-    recall_dir = ensure_recall_bundle(dataset, artifacts / "recall", args.quick)
+    recall_dir = ensure_recall_bundle(dataset, artifacts / "recall", args.quick, config)
     started = time.perf_counter()
     bundle_dir = build_bundle(dataset, recall_dir, artifacts / "rank", config)
-    print(f"rank bundle: {bundle_dir} (trained and exported in {time.perf_counter() - started:.0f} s)")
+    if context.is_main:
+        print(f"rank bundle: {bundle_dir} (trained and exported in {time.perf_counter() - started:.0f} s)")
     return 0
 
 
-def ensure_recall_bundle(dataset: Dataset, recall_dir: Path, quick: bool) -> Path:
-    """The recall bundle the ranker trains on, built first when missing."""
+def ensure_recall_bundle(
+    dataset: Dataset, recall_dir: Path, quick: bool, config: RankTrainConfig | None = None
+) -> Path:
+    """The recall bundle the ranker trains on, built first when missing (with ``config``'s seed,
+    threads and device when given)."""
     if (recall_dir / "manifest.json").is_file():
         return recall_dir
     from recall_service.train import RecallTrainConfig
@@ -547,4 +665,10 @@ def ensure_recall_bundle(dataset: Dataset, recall_dir: Path, quick: bool) -> Pat
 
     log.info("no recall bundle at %s: building it first", recall_dir)
     recall_config = RecallTrainConfig.quick() if quick else RecallTrainConfig.default()
+    if config is not None:
+        recall_config.seed, recall_config.threads, recall_config.device = (
+            config.seed,
+            config.threads,
+            config.device,
+        )
     return build_recall_bundle(dataset, recall_dir, recall_config)

@@ -2,9 +2,9 @@
 print each one's validation (used to choose) and test u2i metrics as JSON.
 
 Each trial is ``name:key=value,key=value`` over :class:`RecallTrainConfig` fields on top of the
-default preset, trained on one thread in its own process (so a many-core host runs many at once),
-and scored by the torch user tower over the full catalog under the evaluation protocol. Choose by
-validation; the test column is printed so that the note can say what the choice costs.
+default preset, trained in its own process on an even share of the cores (``--parallel`` trials
+at once), and scored by the torch user tower over the full catalog under the evaluation protocol.
+Choose by validation; the test column is printed so that the note can say what the choice costs.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
+
+from recsys.training import available_cores
 
 SWEEP_KS = (10, 20, 50, 500)
 
@@ -42,30 +44,29 @@ def parse_trial(text: str) -> tuple[str, dict[str, Any]]:
     return name or "default", overrides
 
 
-def run_trial(data: str, name: str, overrides: dict[str, Any]) -> dict[str, Any]:
+def run_trial(data: str, name: str, overrides: dict[str, Any], threads: int = 1) -> dict[str, Any]:
     """Train one configuration; its validation and test metrics (u2i over the full catalog)."""
-    import torch
-
-    from recall_service.train import RecallTrainConfig, UserVectorScorer, train_model
+    from recall_service.train import RecallTrainConfig, RecallValidator, train_model
     from recsys.data.loaders import load_dataset
     from recsys.data.split import LeaveOneOutSplit
-    from recsys.evaluation.protocol import evaluate_scorer
 
-    torch.set_num_threads(1)
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {name}: %(message)s")
     dataset = load_dataset(Path(data))
-    config = dataclasses.replace(RecallTrainConfig.default(), threads=1, **overrides)
+    config = dataclasses.replace(RecallTrainConfig.default(), threads=threads, **overrides)
     started = time.perf_counter()
     result = train_model(dataset, config)
     split = LeaveOneOutSplit(dataset)
-    scorer = UserVectorScorer(result.model, dataset, split, config.max_length)
-    valid = evaluate_scorer(scorer, split, "valid", ks=SWEEP_KS, batch_size=1024)
-    test = evaluate_scorer(scorer, split, "test", ks=SWEEP_KS, batch_size=1024)
+    valid, test = (
+        RecallValidator(dataset, split, split.eval_users, config.max_length, phase)(result.model, SWEEP_KS)
+        for phase in ("valid", "test")
+    )
     return {
         "trial": name,
         "overrides": overrides,
         "epochs_run": result.epochs_run,
         "best_epoch": result.best_epoch,
+        "stop_reason": result.run["stop_reason"],
+        "seed": config.seed,
         "train_seconds": round(result.train_seconds, 1),
         "total_seconds": round(time.perf_counter() - started, 1),
         "valid": {k: round(v, 4) for k, v in valid.items() if k != "users"},
@@ -79,13 +80,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--data", required=True, help="dataset folder (e.g. ../shared/data/amazon-beauty)")
     parser.add_argument("--trial", action="append", required=True, help="name:key=value,... (repeat)")
-    parser.add_argument("--parallel", type=int, default=2, help="trials at once (one core each)")
+    parser.add_argument("--parallel", type=int, default=2, help="trials at once (sharing the cores evenly)")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     args = parser.parse_args(argv)
     trials = [parse_trial(text) for text in args.trial]
+    threads = max(1, available_cores() // max(1, min(args.parallel, len(trials))))
     results = []
     with ProcessPoolExecutor(max_workers=args.parallel) as pool:
-        futures = {pool.submit(run_trial, args.data, name, overrides): name for name, overrides in trials}
+        futures = {
+            pool.submit(run_trial, args.data, name, overrides, threads): name for name, overrides in trials
+        }
         for future in as_completed(futures):
             try:
                 results.append(future.result())

@@ -6,25 +6,54 @@ Loss: sampled softmax over the batch's own targets (in-batch negatives) plus uni
 extra negatives, each logit corrected by the log of its sampling probability (logQ). Training
 never sees a user's validation or test item (``LeaveOneOutSplit.train_sequence``); early stopping
 on validation HR@10 under the full-ranking protocol.
+
+Budgets are work, not time (``recsys.training``): at most ``epochs`` epochs, stopped when validation
+has not improved for ``patience`` epochs; a wall-clock guard in hours only catches runaways, and the
+manifest records what stopped training. Training uses every core by default, the GPU when there is
+one (bf16 autocast), and runs as DistributedDataParallel under ``torchrun`` (each global batch of
+``batch_size`` windows split across the processes, so that one or N processes take the same steps).
 """
 
 from __future__ import annotations
 
+import os
+
+# torch's OpenMP runtime reads OMP_WAIT_POLICY once, when torch is first imported. Threads that
+# sleep at a barrier instead of spinning keep training usable on a busy host (2 cores with one
+# other busy process: ~35-55 ms per Beauty step instead of 90-1,000; idle host: ~30 vs ~21 ms,
+# docs/EXPERIMENTS.md). OMP_WAIT_POLICY=ACTIVE in the environment wins on a dedicated host.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import argparse
 import copy
 import logging
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from recall_service.model import TwoTowerModel, TwoTowerShape
 from recsys.data.dataset import Dataset, EventType
-from recsys.data.split import LeaveOneOutSplit
-from recsys.evaluation.protocol import evaluate_scorer
+from recsys.data.split import LeaveOneOutSplit, Phase
+from recsys.evaluation.protocol import metrics_from_ranks
+from recsys.training import (
+    DEFAULT_TIME_GUARD_S,
+    DistributedContext,
+    TrainingRun,
+    adamw,
+    autocast,
+    barrier,
+    configure_threads,
+    gather_metrics,
+    init_distributed,
+    main_first,
+    resolve_precision,
+    shard,
+)
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +73,9 @@ class RecallTrainConfig:
     id_dropout: float = 0.0  # training: share of candidate id embeddings dropped (attributes only)
     similarity: str = "cosine"  # or "dot": raw inner product of unnormalised towers (SASRec)
     post_norm: bool = False  # post-LN blocks + input LayerNorm (SASRec) instead of pre-LN
-    # training
-    epochs: int = 60
-    batch_size: int = 128
+    # training: at most ``epochs`` epochs; early stopping (``patience``) normally ends it first
+    epochs: int = 200
+    batch_size: int = 128  # windows per optimizer step, over all processes together
     learning_rate: float = 2e-3
     weight_decay: float = 0.0
     uniform_negatives: int = 2048  # >= the catalog size: every item is a negative (full softmax)
@@ -59,13 +88,17 @@ class RecallTrainConfig:
     weight_average_decay: float = 0.0
     patience: int = 4
     eval_users: int = 0  # validation users for early stopping (0 = all)
-    time_limit_s: float = 14 * 60.0
+    time_guard_s: float = DEFAULT_TIME_GUARD_S  # wall-clock guard (logged and recorded when it fires)
     # After early stopping picks the epoch count, retrain from scratch for that many epochs on the
     # training AND validation items (never test items). Off by default: the recall issue forbids
     # training on validation items; on Beauty it lifts test u2i HR@10 from 0.074 to 0.090.
     refit_with_validation: bool = False
     seed: int = 7
-    threads: int = 1  # torch threads (<= 2); one is ~4x more CPU-efficient on a shared 2-core host
+    threads: int = 0  # torch threads per process (0 = every core, shared by this host's processes)
+    device: str = "auto"  # "auto" (the GPU when there is one), "cpu" or "cuda"
+    # "auto": bf16 autocast on a GPU; on a CPU with native bf16, the catalog logits matmul in bf16
+    # (the step's largest; accumulation and the softmax stay fp32); "fp32" everywhere otherwise.
+    precision: str = "auto"
     # export
     index_factory: str = ""  # "" = chosen by catalog size (Flat, or IVF for large catalogs)
     nprobe: int = 32
@@ -95,7 +128,6 @@ class RecallTrainConfig:
             uniform_negatives=128,
             patience=2,
             covisit_neighbours=50,
-            time_limit_s=60.0,
         )
 
     @classmethod
@@ -112,7 +144,6 @@ class RecallTrainConfig:
             uniform_negatives=512,
             patience=2,
             covisit_neighbours=100,
-            time_limit_s=60.0,
         )
 
     @classmethod
@@ -120,10 +151,10 @@ class RecallTrainConfig:
         """Beauty-sized data: the SASRec recipe (post-LN, raw inner product, dropout 0.5, exact
         softmax over every item of a catalog up to 20k) with batch 64 for more optimizer steps, plus
         this project's relative-position attention bias, validated (and kept) on an exponential
-        moving average of the weights. Measured on Beauty (docs/EXPERIMENTS.md, one thread): best
-        epoch 12, early stop at 16 after 758 s, valid HR@10 0.1071, test u2i HR@10 0.0817 /
-        NDCG@10 0.0487 / HR@500 0.4002 (the pre-LN cosine two-tower with 2,048 sampled negatives:
-        valid 0.0956, test 0.0744 / 0.0418 / 0.3956)."""
+        moving average of the weights. Measured on Beauty (docs/EXPERIMENTS.md, 2 cores, seed 7):
+        best epoch 12, early stop at 16 (10-14 s an epoch), valid HR@10 0.1066, test u2i HR@10
+        0.0809 / NDCG@10 0.0488 / HR@500 0.3986 (the pre-LN cosine two-tower with 2,048 sampled
+        negatives: valid 0.0956, test 0.0744 / 0.0418 / 0.3956)."""
         return cls(
             similarity="dot",
             post_norm=True,
@@ -282,14 +313,16 @@ class SampledSoftmaxLoss:
         uniform_negatives: int,
         rng: np.random.Generator,
         logq_correction: bool = True,
+        low_precision: bool = False,
     ):
         counts = item_counts.astype(np.float64) + 1.0
-        self.popularity = counts / counts.sum()
+        self.popularity = torch.as_tensor(counts / counts.sum(), dtype=torch.float32)
         self.num_items = len(item_counts)
         self.uniform_negatives = uniform_negatives
         self.full_softmax = uniform_negatives >= self.num_items
         self.logq_correction = logq_correction and not self.full_softmax
         self.rng = rng
+        self.low_precision = low_precision
 
     def __call__(
         self,
@@ -297,27 +330,89 @@ class SampledSoftmaxLoss:
         users: torch.Tensor,
         positives: torch.Tensor,
         weights: torch.Tensor | None = None,
+        item_table: torch.Tensor | None = None,
+        normaliser: float | None = None,
     ) -> torch.Tensor:
-        """``users`` [P, D] normalised; ``positives`` [P] item ids (+1); ``weights`` [P] or None."""
+        """``users`` [P, D]; ``positives`` [P] item ids (+1); ``weights`` [P] or None;
+        ``item_table`` the step's :meth:`TwoTowerModel.item_table` (computed when None).
+
+        The weighted mean over the positions, or, with ``normaliser``, the weighted sum divided by
+        it (data-parallel training: the global batch's total weight over the number of processes,
+        so that the averaged gradients are exactly the one-process gradient)."""
+        if item_table is None:
+            item_table = model.item_table(model.shape.id_dropout if model.training else 0.0)
+        vectors = model.candidate_vectors(item_table)
         if self.full_softmax:
-            logits = model.item_logits(users, torch.arange(1, self.num_items + 1))
-            return weighted_mean(F.cross_entropy(logits, positives - 1, reduction="none"), weights)
+            logits = model.scaled(catalog_logits(users, vectors, self.low_precision))
+            losses = F.cross_entropy(logits, positives - 1, reduction="none")
+            return weighted_loss(losses, weights, normaliser)
         in_batch = torch.unique(positives)
         extra = self.rng.integers(1, self.num_items + 1, size=self.uniform_negatives)
-        extra = np.setdiff1d(extra, in_batch.numpy())
-        candidates = torch.cat([in_batch, torch.as_tensor(extra, dtype=torch.long)])
-        logits = model.item_logits(users, candidates)
+        extra = np.setdiff1d(extra, in_batch.cpu().numpy())
+        candidates = torch.cat([in_batch, torch.as_tensor(extra, dtype=torch.long, device=in_batch.device)])
+        logits = model.scaled(catalog_logits(users, vectors[candidates - 1], self.low_precision))
         if self.logq_correction:
             # Probability that each candidate was drawn: expected in-batch occurrences + uniform draws.
-            popularity = torch.as_tensor(self.popularity, dtype=torch.float32)[candidates - 1]
+            popularity = self.popularity.to(logits.device)[candidates - 1]
             sample_probability = len(positives) * popularity + self.uniform_negatives / self.num_items
             logits = logits - torch.log(sample_probability)
         labels = torch.searchsorted(in_batch, positives)
-        return weighted_mean(F.cross_entropy(logits, labels, reduction="none"), weights)
+        return weighted_loss(F.cross_entropy(logits, labels, reduction="none"), weights, normaliser)
+
+
+def catalog_logits(users: torch.Tensor, vectors: torch.Tensor, low_precision: bool) -> torch.Tensor:
+    """users [P, D] . vectors [N, D] -> [P, N] logits. ``low_precision`` on a CPU: bf16 logits from
+    a bf16 product (fp32 accumulation; 3-4x faster with native bf16), and the softmax reads them
+    as they are (it accumulates in fp32) with half the memory traffic; GPUs get bf16 products
+    from autocast, which keeps the softmax in fp32."""
+    if low_precision and users.device.type == "cpu":
+        return users.to(torch.bfloat16) @ vectors.to(torch.bfloat16).T
+    return users @ vectors.T
 
 
 def weighted_mean(losses: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
     return losses.mean() if weights is None else (losses * weights).sum() / weights.sum()
+
+
+def weighted_loss(
+    losses: torch.Tensor, weights: torch.Tensor | None, normaliser: float | None
+) -> torch.Tensor:
+    """:func:`weighted_mean`, or the weighted sum over ``normaliser`` when one is given (fp32)."""
+    losses = losses.float()
+    if normaliser is None:
+        return weighted_mean(losses, weights)
+    total = losses.sum() if weights is None else (losses * weights).sum()
+    return total / normaliser
+
+
+class RecallObjective(nn.Module):
+    """One step's loss from a batch of windows: the module DistributedDataParallel wraps (its
+    forward is what makes DDP ready to average the gradients in backward)."""
+
+    def __init__(self, model: TwoTowerModel, loss_fn: SampledSoftmaxLoss):
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(
+        self,
+        items: torch.Tensor,
+        events: torch.Tensor,
+        targets: torch.Tensor,
+        scenarios: torch.Tensor,
+        weights: torch.Tensor | None,
+        normaliser: float | None = None,
+    ) -> torch.Tensor:
+        model = self.model
+        # Every item's representation once per step, shared by the user tower's inputs and the
+        # candidates (the candidates' copy drops ids when id_dropout is on).
+        table = model.item_table()
+        candidate_table = table if model.shape.id_dropout <= 0 else model.item_table(model.shape.id_dropout)
+        hidden = model.encode(items, events, table)
+        present = targets > 0
+        users = model.user_head(hidden[present], scenarios[present])
+        position_weights = None if weights is None else weights[present]
+        return self.loss_fn(model, users, targets[present], position_weights, candidate_table, normaliser)
 
 
 @dataclass
@@ -329,69 +424,142 @@ class TrainResult:
     train_seconds: float
     history: list[dict[str, float]]
     refit_with_validation: bool = False
+    run: dict[str, Any] = field(default_factory=dict)  # TrainingRun.record(): stop reason, threads, ...
 
 
-class UserVectorScorer:
-    """Full-catalog scores (user vector . item vector) with the torch model, for early stopping."""
+class RecallValidator:
+    """Full-ranking metrics of the torch model for a fixed set of users (early stopping).
 
-    def __init__(self, model: TwoTowerModel, dataset: Dataset, split: LeaveOneOutSplit, max_length: int):
-        self.model = model
-        self.dataset = dataset
-        self.split = split
-        self.max_length = max_length
+    The padded histories, history masks and targets are built once; each call encodes the users
+    in batches of similar history length (trimmed padding: left padding never changes the newest
+    position's output) and ranks every item by the model's fp32 scores, the history excluded and
+    ties counted against the target, exactly as ``recsys.evaluation.protocol.target_ranks``.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        split: LeaveOneOutSplit,
+        users: np.ndarray,
+        max_length: int,
+        phase: Phase = "valid",
+        batch_size: int = 1024,
+    ):
+        self.num_items = dataset.num_items
+        histories = [split.history(int(user), phase) for user in users]
+        rows = [
+            padded_history(history, dataset.events_of(int(user))[: len(history)], max_length)
+            for user, history in zip(users, histories, strict=True)
+        ]
+        lengths = np.array([min(len(h), max_length) for h in histories], dtype=np.int64)
+        order = np.argsort(lengths, kind="stable")
+        self.users = np.asarray(users)[order]
+        self.lengths = lengths[order]
+        self.items = torch.as_tensor(np.stack([rows[i][0] for i in order])) if rows else torch.zeros(0, 1)
+        self.events = torch.as_tensor(np.stack([rows[i][1] for i in order])) if rows else torch.zeros(0, 1)
+        self.scenarios = torch.as_tensor(
+            np.array(
+                [
+                    0 if dataset.scenarios is None else int(dataset.scenarios[int(user)][len(histories[i])])
+                    for i, user in zip(order, self.users, strict=True)
+                ],
+                dtype=np.int64,
+            )
+        )
+        self.targets = torch.as_tensor(split.targets(self.users, phase))
+        self.batches = [
+            np.arange(s, min(s + batch_size, len(order))) for s in range(0, len(order), batch_size)
+        ]
+        # Per batch: (row, item) of every history item, set to -inf before ranking.
+        self.history_masks = []
+        for batch in self.batches:
+            batch_rows = np.concatenate(
+                [np.full(len(histories[order[r]]), i) for i, r in enumerate(batch)] or [np.zeros(0)]
+            ).astype(np.int64)
+            batch_items = np.concatenate(
+                [np.asarray(histories[order[r]], dtype=np.int64) for r in batch] or [np.zeros(0)]
+            ).astype(np.int64)
+            self.history_masks.append((torch.as_tensor(batch_rows), torch.as_tensor(batch_items)))
+
+    def __len__(self) -> int:
+        return len(self.users)
 
     @torch.no_grad()
-    def __call__(self, users: np.ndarray, phase: str) -> np.ndarray:
-        rows = []
-        scenario_rows = []
-        for user in users:
-            history = self.split.history(int(user), phase)  # type: ignore[arg-type]
-            events = self.dataset.events_of(int(user))[: len(history)]
-            rows.append(padded_history(history, events, self.max_length))
-            position = len(history)
-            scenario_rows.append(
-                0 if self.dataset.scenarios is None else self.dataset.scenarios[user][position]
-            )
-        items = torch.as_tensor(np.stack([r[0] for r in rows]))
-        events = torch.as_tensor(np.stack([r[1] for r in rows]))
-        scenarios = torch.as_tensor(np.asarray(scenario_rows, dtype=np.int64))
-        user_vectors = self.model(items, events, scenarios)
-        return self.model.item_logits(user_vectors, torch.arange(1, self.model.shape.num_items + 1)).numpy()
+    def ranks(self, model: TwoTowerModel) -> np.ndarray:
+        """0-based full-catalog rank of each user's target (``self.users`` order)."""
+        was_training = model.training
+        model.eval()
+        device = model.item_attributes.device
+        table = model.item_table()
+        vectors = model.candidate_vectors(table)
+        ranks = []
+        for batch, (mask_rows, mask_items) in zip(self.batches, self.history_masks, strict=True):
+            width = max(int(self.lengths[batch].max()), 1)
+            items = self.items[batch, -width:].to(device)
+            events = self.events[batch, -width:].to(device)
+            hidden = model.encode(items, events, table)[:, -1]
+            users = model.user_head(hidden, self.scenarios[batch].to(device))
+            scores = model.scaled(users.float() @ vectors.float().T)
+            scores[mask_rows.to(device), mask_items.to(device)] = -torch.inf
+            targets = self.targets[batch].to(device)
+            target_scores = scores[torch.arange(len(batch), device=device), targets]
+            at_least = (scores >= target_scores[:, None]).sum(dim=1) - 1
+            ranks.append(torch.where(torch.isfinite(target_scores), at_least, self.num_items).cpu())
+        model.train(was_training)
+        return torch.cat(ranks).numpy().astype(np.float64) if ranks else np.zeros(0)
+
+    def __call__(self, model: TwoTowerModel, ks: tuple[int, ...] = (10, 50)) -> dict[str, float]:
+        if not len(self):  # a process with no share of the users (more processes than users)
+            return {"users": 0}
+        return metrics_from_ranks(self.ranks(model), ks)
 
 
 def train_one_epoch(
-    model: TwoTowerModel,
+    objective: nn.Module,
     optimizer: torch.optim.Optimizer,
-    loss_fn: SampledSoftmaxLoss,
     windows: TrainingWindows,
     batch_size: int,
     rng: np.random.Generator,
     average: WeightAverage | None = None,
+    context: DistributedContext | None = None,
+    precision: str = "fp32",
 ) -> float:
-    """One pass over the windows in length-bucketed batches; returns the mean loss."""
-    model.train()
+    """One pass over the windows in length-bucketed global batches of ``batch_size``, each split
+    across the processes; returns the mean loss. ``objective`` is a :class:`RecallObjective`,
+    or the DistributedDataParallel module wrapping one."""
+    context = context or DistributedContext()
+    objective.train()
+    device = context.torch_device()
+    # Whole multiples of 8 tokens per row on a GPU (tensor-core tiles, fewer distinct shapes).
+    multiple = 8 if device.type == "cuda" else 1
+    present = windows.targets > 0
+    window_weight = (present if windows.weights is None else windows.weights * present).sum(axis=1)
+    max_length = windows.items.shape[1]
     losses = []
-    for batch in length_bucketed_batches(windows.lengths, batch_size, rng):
+    for global_batch in length_bucketed_batches(windows.lengths, batch_size, rng):
+        if len(global_batch) < context.world_size:
+            continue  # a tail batch too small to give every process a window
+        batch = shard(global_batch, context)
         width = max(int(windows.lengths[batch].max()), 1)
-        items = torch.as_tensor(windows.items[batch, -width:])
-        events = torch.as_tensor(windows.events[batch, -width:])
-        targets = torch.as_tensor(windows.targets[batch, -(width + 1) :])
-        scenarios = torch.as_tensor(windows.scenarios[batch, -(width + 1) :])
-        hidden = model.encode(items, events)
-        present = targets > 0
-        users = model.user_head(hidden[present], scenarios[present])
+        width = min(max_length, -(-(width + 1) // multiple) * multiple - 1)
+        items = torch.as_tensor(windows.items[batch, -width:]).to(device)
+        events = torch.as_tensor(windows.events[batch, -width:]).to(device)
+        targets = torch.as_tensor(windows.targets[batch, -(width + 1) :]).to(device)
+        scenarios = torch.as_tensor(windows.scenarios[batch, -(width + 1) :]).to(device)
         weights = None
         if windows.weights is not None:
-            weights = torch.as_tensor(windows.weights[batch, -(width + 1) :])[present]
-        loss = loss_fn(model, users, targets[present], weights)
+            weights = torch.as_tensor(windows.weights[batch, -(width + 1) :]).to(device)
+        normaliser = float(window_weight[global_batch].sum()) / context.world_size
+        with autocast(device.type, precision):
+            loss = objective(items, events, targets, scenarios, weights, normaliser)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         if average is not None:
             average.update()
-        losses.append(loss.item())
-    model.eval()
-    return float(np.mean(losses))
+        losses.append(loss.detach())
+    objective.eval()
+    return float(torch.stack(losses).mean()) if losses else float("nan")
 
 
 class WeightAverage:
@@ -427,24 +595,11 @@ def training_item_counts(
     return counts
 
 
-def train_model(dataset: Dataset, config: RecallTrainConfig) -> TrainResult:
-    """Train the two towers; returns the best model on validation HR@10."""
-    torch.manual_seed(config.seed)
-    torch.set_num_threads(max(1, min(config.threads, 2)))
-    rng = np.random.default_rng(config.seed)
-    split = LeaveOneOutSplit(dataset)
-    windows = build_training_windows(
-        dataset,
-        split,
-        config.max_length,
-        recency_boost=config.recency_boost,
-        recency_decay=config.recency_decay,
-    )
-    item_counts = training_item_counts(dataset, split)
-    shape = TwoTowerShape(
+def model_shape(dataset: Dataset, config: RecallTrainConfig, max_attributes: int) -> TwoTowerShape:
+    return TwoTowerShape(
         num_items=dataset.num_items,
         num_attributes=len(dataset.catalog.attribute_names),
-        max_attributes=0,
+        max_attributes=max_attributes,
         num_scenarios=len(dataset.scenario_names),
         dim=config.dim,
         layers=config.layers,
@@ -456,76 +611,131 @@ def train_model(dataset: Dataset, config: RecallTrainConfig) -> TrainResult:
         similarity=config.similarity,
         post_norm=config.post_norm,
     )
-    attributes = item_attribute_matrix(dataset)
+
+
+def model_attributes(dataset: Dataset, config: RecallTrainConfig) -> np.ndarray:
     if not config.use_attributes:
-        attributes = np.zeros((dataset.num_items + 1, 1), dtype=np.int64)
-    shape.max_attributes = attributes.shape[1]
-    model = TwoTowerModel(shape, attributes)
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
+        return np.zeros((dataset.num_items + 1, 1), dtype=np.int64)
+    return item_attribute_matrix(dataset)
+
+
+def wrap_for_training(
+    model: TwoTowerModel, loss_fn: SampledSoftmaxLoss, context: DistributedContext
+) -> nn.Module:
+    """The step module: DistributedDataParallel over the processes when there are several."""
+    objective = RecallObjective(model, loss_fn)
+    if not context.distributed:
+        return objective
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [context.torch_device()] if context.device.startswith("cuda") else None
+    # The only buffer (item attributes) never changes: no need to re-broadcast it every step.
+    return DistributedDataParallel(objective, device_ids=device_ids, broadcast_buffers=False)
+
+
+def train_model(
+    dataset: Dataset, config: RecallTrainConfig, context: DistributedContext | None = None
+) -> TrainResult:
+    """Train the two towers; returns the best model on validation HR@10 (on the CPU)."""
+    context = context or init_distributed(config.device)
+    threads = configure_threads(config.threads)
+    precision = resolve_precision(config.precision, context.device)
+    device = context.torch_device()
+    run = TrainingRun(
+        max_epochs=config.epochs,
+        patience=config.patience,
+        time_guard_s=config.time_guard_s,
+        seed=config.seed,
+        threads=threads,
+        context=context,
+        precision=precision,
     )
-    loss_fn = SampledSoftmaxLoss(item_counts, config.uniform_negatives, rng, config.logq_correction)
+    log.info(
+        "recall training: %d process(es), %d thread(s) each, device %s, %s; at most %d epochs, patience %d",
+        context.world_size,
+        threads,
+        context.device,
+        precision,
+        config.epochs,
+        config.patience,
+    )
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    split = LeaveOneOutSplit(dataset)
+    windows = build_training_windows(
+        dataset,
+        split,
+        config.max_length,
+        recency_boost=config.recency_boost,
+        recency_decay=config.recency_decay,
+    )
+    item_counts = training_item_counts(dataset, split)
+    attributes = model_attributes(dataset, config)
+    shape = model_shape(dataset, config, attributes.shape[1])
+    model = TwoTowerModel(shape, attributes).to(device)  # the same initial weights in every process
+    torch.manual_seed(config.seed + context.rank)  # each process its own dropout masks
+    optimizer = adamw(model.parameters(), config.learning_rate, config.weight_decay)
+    loss_fn = SampledSoftmaxLoss(
+        item_counts, config.uniform_negatives, rng, config.logq_correction, low_precision=precision == "bf16"
+    )
+    objective = wrap_for_training(model, loss_fn, context)
     eval_users = split.eval_users
     if config.eval_users and len(eval_users) > config.eval_users:
         eval_users = np.sort(rng.choice(eval_users, size=config.eval_users, replace=False))
-    scorer = UserVectorScorer(model, dataset, split, config.max_length)
+    validator = RecallValidator(dataset, split, shard(eval_users, context), config.max_length)
 
-    best_state, best_valid, best_epoch = copy.deepcopy(model.state_dict()), {"HR@10": -1.0}, 0
+    best_state, best_valid = copy.deepcopy(model.state_dict()), {"HR@10": -1.0}
     history: list[dict[str, float]] = []
-    started, cpu_started = time.perf_counter(), time.process_time()
-    epoch = 0
     average = WeightAverage(model, config.weight_average_decay) if config.weight_average_decay > 0 else None
     for epoch in range(1, config.epochs + 1):
-        mean_loss = train_one_epoch(model, optimizer, loss_fn, windows, config.batch_size, rng, average)
+        mean_loss = train_one_epoch(
+            objective, optimizer, windows, config.batch_size, rng, average, context, precision
+        )
         live_state = None
         if average is not None:  # validate (and keep) the averaged weights
             live_state = copy.deepcopy(model.state_dict())
             model.load_state_dict(average.state_dict(model))
-        valid = evaluate_scorer(scorer, split, "valid", ks=(10, 50), users=eval_users, batch_size=1024)
-        elapsed = time.perf_counter() - started
-        cpu_seconds = time.process_time() - cpu_started
-        record = {
-            "epoch": epoch,
-            "loss": mean_loss,
-            "seconds": round(elapsed, 1),
-            "cpu_seconds": round(cpu_seconds, 1),
-            **valid,
-        }
+        valid = gather_metrics(validator(model), context)
+        record = {"epoch": epoch, "loss": mean_loss, "seconds": round(run.elapsed(), 1), **valid}
         history.append(record)
         log.info(
-            "epoch %d loss %.4f valid HR@10 %.4f NDCG@10 %.4f HR@50 %.4f scale %.1f (%.0f s, cpu %.0f s)",
+            "epoch %d loss %.4f valid HR@10 %.4f NDCG@10 %.4f HR@50 %.4f (%.0f s)",
             epoch,
-            record["loss"],
+            mean_loss,
             valid["HR@10"],
             valid["NDCG@10"],
             valid["HR@50"],
-            model.scale().item(),
-            elapsed,
-            cpu_seconds,
+            record["seconds"],
         )
-        if valid["HR@10"] > best_valid["HR@10"]:
-            best_state, best_valid, best_epoch = copy.deepcopy(model.state_dict()), valid, epoch
+        if run.update(epoch, valid["HR@10"]):
+            best_state, best_valid = copy.deepcopy(model.state_dict()), valid
         if live_state is not None:
             model.load_state_dict(live_state)
-        if epoch - best_epoch >= config.patience:
-            log.info("early stop: no validation gain for %d epochs", config.patience)
-            break
-        if elapsed > config.time_limit_s:
-            log.info("time limit %.0f s reached", config.time_limit_s)
+        if run.should_stop(epoch):
             break
     model.load_state_dict(best_state)
     model.eval()
     if config.refit_with_validation:
-        model = _refit(dataset, split, config, shape, attributes, best_epoch)
-    seconds = time.perf_counter() - started
+        model = _refit(dataset, split, config, shape, attributes, run.best_epoch, context, precision)
+    model = model.cpu()
     log.info(
-        "trained %d epochs in %.0f s; best epoch %d valid HR@10 %.4f",
-        epoch,
-        seconds,
-        best_epoch,
+        "trained %d epochs in %.0f s (%s); best epoch %d valid HR@10 %.4f",
+        run.epochs_run,
+        run.elapsed(),
+        run.stop_reason,
+        run.best_epoch,
         best_valid["HR@10"],
     )
-    return TrainResult(model, epoch, best_epoch, best_valid, seconds, history, config.refit_with_validation)
+    return TrainResult(
+        model,
+        run.epochs_run,
+        run.best_epoch,
+        best_valid,
+        run.elapsed(),
+        history,
+        config.refit_with_validation,
+        run.record(),
+    )
 
 
 def _refit(
@@ -535,6 +745,8 @@ def _refit(
     shape: TwoTowerShape,
     attributes: np.ndarray,
     epochs: int,
+    context: DistributedContext,
+    precision: str,
 ) -> TwoTowerModel:
     """Retrain from the same seed for ``epochs`` on training + validation items (not test)."""
     log.info("refit: %d epochs on training + validation items", epochs)
@@ -548,16 +760,20 @@ def _refit(
         recency_boost=config.recency_boost,
         recency_decay=config.recency_decay,
     )
-    model = TwoTowerModel(shape, attributes)
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
-    )
+    model = TwoTowerModel(shape, attributes).to(context.torch_device())
+    torch.manual_seed(config.seed + context.rank)
+    optimizer = adamw(model.parameters(), config.learning_rate, config.weight_decay)
     counts = training_item_counts(dataset, split, include_validation=True)
-    loss_fn = SampledSoftmaxLoss(counts, config.uniform_negatives, rng, config.logq_correction)
+    loss_fn = SampledSoftmaxLoss(
+        counts, config.uniform_negatives, rng, config.logq_correction, low_precision=precision == "bf16"
+    )
+    objective = wrap_for_training(model, loss_fn, context)
     for epoch in range(1, epochs + 1):
-        loss = train_one_epoch(model, optimizer, loss_fn, windows, config.batch_size, rng)
+        loss = train_one_epoch(
+            objective, optimizer, windows, config.batch_size, rng, None, context, precision
+        )
         log.info("refit epoch %d/%d loss %.4f", epoch, epochs, loss)
-    return model
+    return model.eval()
 
 
 def save_checkpoint(result: TrainResult, config: RecallTrainConfig, path: Path) -> None:
@@ -582,21 +798,35 @@ def load_checkpoint(path: Path) -> tuple[TwoTowerModel, RecallTrainConfig, dict]
     model = TwoTowerModel(shape, attributes)
     model.load_state_dict(checkpoint["state_dict"])
     model.eval()
-    return model, RecallTrainConfig(**checkpoint["config"]), checkpoint["train"]
+    # Fields this version no longer has (e.g. the old minutes-scale time_limit_s) are dropped.
+    known = set(RecallTrainConfig.__dataclass_fields__)
+    config = RecallTrainConfig(**{k: v for k, v in checkpoint["config"].items() if k in known})
+    return model, config, checkpoint["train"]
 
 
-def build_bundle(dataset: Dataset, bundle_dir: Path, config: RecallTrainConfig) -> Path:
-    """Train and export a recall bundle into ``bundle_dir``; returns ``bundle_dir``."""
+def build_bundle(
+    dataset: Dataset, bundle_dir: Path, config: RecallTrainConfig, context: DistributedContext | None = None
+) -> Path:
+    """Train and export a recall bundle into ``bundle_dir``; returns ``bundle_dir``.
+
+    Under torchrun every process trains and the first exports; all return once the bundle is
+    written (so that each may read it: with several hosts, ``bundle_dir`` must be on storage
+    they all see)."""
     from recall_service.export import export_bundle
 
-    result = train_model(dataset, config)
+    context = context or init_distributed(config.device)
+    result = train_model(dataset, config, context)
     bundle_dir = Path(bundle_dir)
-    export_bundle(result.model, dataset, bundle_dir, config, train_info=_train_info(result))
+    if context.is_main:
+        export_bundle(result.model, dataset, bundle_dir, config, train_info=_train_info(result))
+    barrier(context)
     return bundle_dir
 
 
 def _train_info(result: TrainResult) -> dict:
+    """The manifest's ``train`` block: what stopped training, epochs, seconds, threads, seed, ..."""
     return {
+        **result.run,
         "epochs_run": result.epochs_run,
         "best_epoch": result.best_epoch,
         "best_valid": result.best_valid,
@@ -612,7 +842,9 @@ def quiet_exporter_logs() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`recsys train recall --data synthetic|DIR --artifacts DIR [--quick] [--epochs N]`."""
+    """`recsys train recall --data synthetic|DIR --artifacts DIR [--quick] [--seed N] ...`; run it
+    under `torchrun --nproc_per_node N [--nnodes M ...] -m recsys train recall ...` for several
+    processes (DistributedDataParallel)."""
     from recall_service.export import export_bundle
     from recsys.data.prepare import dataset_artifacts, prepare_dataset
 
@@ -620,8 +852,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", default="synthetic", help="'synthetic' or a dataset folder")
     parser.add_argument("--artifacts", type=Path, default=Path("artifacts"))
     parser.add_argument("--quick", action="store_true", help="small model, few epochs (make run)")
-    parser.add_argument("--epochs", type=int, help="override the number of epochs")
-    parser.add_argument("--threads", type=int, help="torch threads (at most 2)")
+    parser.add_argument(
+        "--epochs", type=int, help="most epochs (early stopping normally ends training first)"
+    )
+    parser.add_argument("--patience", type=int, help="epochs without a validation gain before stopping")
+    parser.add_argument("--seed", type=int, help="random seed (recorded in the bundle)")
+    parser.add_argument("--threads", type=int, help="torch threads per process (0 = every core)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="training device")
+    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), help="training precision")
+    parser.add_argument("--time-guard-hours", type=float, help="wall-clock guard (hours)")
     parser.add_argument("--index-factory", help="Faiss index_factory string ('' = by catalog size)")
     parser.add_argument(
         "--refit-with-validation",
@@ -633,22 +872,28 @@ def main(argv: list[str] | None = None) -> int:
     quiet_exporter_logs()
 
     config = RecallTrainConfig.quick() if args.quick else RecallTrainConfig.default()
-    if args.epochs is not None:
-        config.epochs = args.epochs
-    if args.threads is not None:
-        config.threads = args.threads
-    if args.index_factory is not None:
-        config.index_factory = args.index_factory
+    for name in ("epochs", "patience", "seed", "threads", "device", "precision", "index_factory"):
+        if getattr(args, name) is not None:
+            setattr(config, name, getattr(args, name))
+    if args.time_guard_hours is not None:
+        config.time_guard_s = args.time_guard_hours * 3600.0
     config.refit_with_validation = args.refit_with_validation
-    dataset = prepare_dataset(args.data, args.artifacts, args.quick)
-    result = train_model(dataset, config)
-    artifacts = dataset_artifacts(dataset, args.artifacts)
-    save_checkpoint(result, config, artifacts / "checkpoints" / "recall.pt")
-    bundle_dir = export_bundle(
-        result.model, dataset, artifacts / "recall", config, train_info=_train_info(result)
-    )
-    print(
-        f"recall bundle: {bundle_dir} (trained {result.train_seconds:.0f} s, {result.epochs_run} epochs, "
-        f"valid HR@10 {result.best_valid['HR@10']:.4f})"
-    )
+    context = init_distributed(config.device)
+    if not context.is_main:  # one log of the run, from the first process
+        logging.getLogger().setLevel(logging.WARNING)
+    dataset = main_first(context, lambda: prepare_dataset(args.data, args.artifacts, args.quick))
+    result = train_model(dataset, config, context)
+    if context.is_main:
+        artifacts = dataset_artifacts(dataset, args.artifacts)
+        save_checkpoint(result, config, artifacts / "checkpoints" / "recall.pt")
+        bundle_dir = export_bundle(
+            result.model, dataset, artifacts / "recall", config, train_info=_train_info(result)
+        )
+        print(
+            f"recall bundle: {bundle_dir} (trained {result.train_seconds:.0f} s, {result.epochs_run} epochs, "
+            f"stopped by {result.run['stop_reason']}, best epoch {result.best_epoch}, "
+            f"valid HR@10 {result.best_valid['HR@10']:.4f}, {result.run['processes']} process(es) x "
+            f"{result.run['threads']} thread(s), seed {config.seed})"
+        )
+    barrier(context)
     return 0

@@ -6,7 +6,10 @@
 #      into $RECSYS_GPU_SITE;
 #   2. records the host (GPU, onnxruntime providers, CUDA devices, CuPy) in env.json;
 #   3. runs the GPU tests (`pytest -m gpu`) and the rank + recall suites on this host;
-#   4. runs `recsys bench gpu` (ORT CUDA vs torch eager GPU vs CPU paths; CuPy exact vs Faiss).
+#   4. runs `recsys bench gpu` (ORT CUDA vs torch eager GPU vs CPU paths; CuPy exact vs Faiss);
+#   5. trains Beauty recall and rank with default settings on the GPU (found automatically, bf16
+#      autocast) and records the time and each bundle's training record in train-gpu.json
+#      (skipped without the data: $BEAUTY, default ../shared/data/amazon-beauty).
 # Everything lands in $OUT (default artifacts/gpu-check); a failing step is logged, the rest go on.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -59,5 +62,32 @@ timeout 240 $PYTHON -m pytest -p no:cacheprovider -m gpu -v -rs tests/rank tests
 timeout 300 $PYTHON -m pytest -p no:cacheprovider -m "not slow and not gpu" -q -rs -x tests/rank tests/recall \
   >"$OUT/pytest-suites.log" 2>&1 || status=1
 timeout 300 $PYTHON -m recsys.app.cli bench gpu --out "$OUT/bench-gpu.json" >"$OUT/bench-gpu.log" 2>&1 || status=1
+BEAUTY=${BEAUTY:-../shared/data/amazon-beauty}
+if [ -f "$BEAUTY/Beauty.txt" ]; then
+  TRAIN_ROOT=$(mktemp -d)
+  started=$(date +%s)
+  timeout 1800 $PYTHON -m recsys.app.cli train recall --data "$BEAUTY" --artifacts "$TRAIN_ROOT" \
+    >"$OUT/train-recall.log" 2>&1 || status=1
+  recall_done=$(date +%s)
+  timeout 1800 $PYTHON -m recsys.app.cli train rank --data "$BEAUTY" --artifacts "$TRAIN_ROOT" \
+    >"$OUT/train-rank.log" 2>&1 || status=1
+  finished=$(date +%s)
+  $PYTHON - "$TRAIN_ROOT" $((recall_done - started)) $((finished - recall_done)) >"$OUT/train-gpu.json" <<'EOF' || status=1
+import json, sys
+from pathlib import Path
+root, recall_s, rank_s = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+def train(kind):
+    manifests = sorted(root.glob(f"*/{kind}/manifest.json"))
+    return json.loads(manifests[0].read_text()).get("train", {}) if manifests else None
+rank = train("rank") or {}
+print(json.dumps({
+    "recall_seconds": recall_s, "rank_seconds_with_holdout_recall": rank_s,
+    "recall": train("recall"), "rank": {k: v for k, v in rank.items() if k != "config"},
+}, indent=2))
+EOF
+  rm -rf "$TRAIN_ROOT"
+else
+  echo "no Beauty data at $BEAUTY: GPU training step skipped" >"$OUT/train-gpu.log"
+fi
 echo "gpu-check finished with status $status; results in $OUT"
 exit $status

@@ -53,6 +53,38 @@ SCENARIO_PLUGIN = "recsys.app.scenario_eval:evaluate"
 SERVED_PIPELINE_SCENARIO = "home"
 
 
+# What the eval JSON's ``training`` block copies from each bundle manifest's ``train`` block.
+TRAINING_FIELDS = (
+    "stop_reason",
+    "epochs_run",
+    "best_epoch",
+    "train_seconds",
+    "threads",
+    "processes",
+    "device",
+    "precision",
+    "seed",
+)
+
+
+def training_records(artifacts_dir: Path) -> dict[str, dict]:
+    """How each evaluated bundle was trained (what stopped it, epochs, seconds, threads, seed),
+    read from the manifests under ``artifacts_dir``; the ranker's held-out recall bundle too."""
+    records: dict[str, dict] = {}
+    for kind in ("recall", "rank"):
+        manifest = artifacts_dir / kind / "manifest.json"
+        if not manifest.is_file():
+            continue
+        train = json.loads(manifest.read_text(encoding="utf-8")).get("train", {})
+        records[kind] = {field: train[field] for field in TRAINING_FIELDS if field in train}
+        holdout = train.get("holdout_recall") or {}
+        if holdout:
+            records["rank_holdout_recall"] = {
+                field: holdout[field] for field in TRAINING_FIELDS if field in holdout
+            }
+    return records
+
+
 class PluginUnavailableError(RuntimeError):
     """A stage's plug-in module cannot be imported."""
 
@@ -175,6 +207,7 @@ def run_evaluation(args: argparse.Namespace) -> dict:
         "quick": args.quick,
         "stages": results,
         "seconds": seconds,
+        "training": training_records(dataset_artifacts(dataset, args.artifacts)) if plugins else {},
     }
     if args.scenarios:
         asked = set(args.scenarios)  # each asked scenario, or each arm of one (``name/arm``)

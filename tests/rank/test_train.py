@@ -4,6 +4,7 @@ test item; the pipeline metric puts the ranker's order on the recall list."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from rank_stubs import StubCandidates
 
 from rank_service.candidates import Candidates
@@ -62,3 +63,50 @@ def test_holdout_dataset_keeps_only_training_items(synthetic_dataset):
     for user in split.eval_users:
         train = split.train_sequence(int(user))
         assert np.array_equal(held_out.history(int(user), "test"), train[:-1])
+
+
+def test_rank_bundle_manifest_records_the_training_run(rank_bundle, recall_bundle, tmp_path):
+    """The manifest says what stopped training, epochs, seconds, threads and seed, and the eval
+    JSON's ``training`` block copies it from the bundles it evaluated."""
+    import json
+
+    from recsys.app.eval import training_records
+    from recsys.training import STOP_REASONS
+
+    train = json.loads((rank_bundle / "manifest.json").read_text())["train"]
+    assert train["stop_reason"] in STOP_REASONS
+    assert 1 <= train["best_epoch"] <= train["epochs_run"] <= train["config"]["epochs"]
+    assert train["threads"] >= 1 and train["processes"] == 1
+    assert train["seed"] == train["config"]["seed"] == 7
+    (tmp_path / "recall").symlink_to(recall_bundle)
+    (tmp_path / "rank").symlink_to(rank_bundle)
+    records = training_records(tmp_path)
+    assert records["rank"]["stop_reason"] == train["stop_reason"]
+    assert records["rank"]["seed"] == 7 and records["recall"]["seed"] == 7
+    assert set(records["recall"]) >= {"stop_reason", "epochs_run", "best_epoch", "train_seconds", "threads"}
+
+
+def test_default_training_has_no_minutes_scale_clock():
+    """Work budgets (epochs, patience); the wall clock is only an hours-scale guard, and the
+    held-out recall bundle is trained like the served one (no clock of its own)."""
+    from recall_service.train import RecallTrainConfig
+
+    for config in (RankTrainConfig.default(), RecallTrainConfig.default()):
+        assert config.time_guard_s >= 3600 and config.threads == 0
+    assert not hasattr(RankTrainConfig(), "holdout_recall_time_limit_s")
+
+
+@pytest.mark.gpu
+def test_rank_training_finds_the_gpu(synthetic_dataset):
+    import dataclasses
+
+    import torch
+
+    from rank_service.train import train_model
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU here")
+    config = dataclasses.replace(RankTrainConfig.tiny(), epochs=1)
+    result = train_model(synthetic_dataset, StubCandidates(synthetic_dataset), config)
+    assert result.run["device"] == "cuda" and result.run["precision"] == "bf16"
+    assert next(result.model.parameters()).device.type == "cpu"

@@ -10,9 +10,9 @@ from recall_service.sweep import parse_trial
 
 
 def test_trial_spec_becomes_typed_overrides() -> None:
-    name, overrides = parse_trial("wide:dim=128,dropout=0.5,logq_correction=false,time_limit_s=60")
+    name, overrides = parse_trial("wide:dim=128,dropout=0.5,logq_correction=false,time_guard_s=60")
     assert name == "wide"
-    assert overrides == {"dim": 128, "dropout": 0.5, "logq_correction": False, "time_limit_s": 60.0}
+    assert overrides == {"dim": 128, "dropout": 0.5, "logq_correction": False, "time_guard_s": 60.0}
     assert isinstance(overrides["dim"], int)
     assert parse_trial("base:") == ("base", {})
 

@@ -131,3 +131,161 @@ def test_id_dropout_only_touches_training_item_vectors() -> None:
     torch.testing.assert_close(
         model.item_vectors(items), torch.nn.functional.normalize(model.item_features(items), dim=-1)
     )
+
+
+def test_item_table_is_every_items_features_with_the_same_gradients() -> None:
+    """Training's item table (sparse attribute mean) computes what the serving graph's per-token
+    gather computes, values and gradients."""
+    import torch
+
+    from recall_service.model import TwoTowerModel, TwoTowerShape
+
+    torch.manual_seed(0)
+    attributes = np.array([[0, 0, 0], [1, 2, 0], [2, 0, 0], [3, 4, 1], [0, 0, 0], [4, 4, 2], [2, 3, 0]])
+    shape = TwoTowerShape(num_items=6, num_attributes=4, max_attributes=3, num_scenarios=1, dim=8, layers=1)
+    model = TwoTowerModel(shape, attributes)
+    items = torch.arange(0, 7)
+    weights = torch.randn(7, 8)
+    (model.item_table() * weights).sum().backward()
+    table_grads = [p.grad.clone() for p in (model.item_embedding.weight, model.attribute_embedding.weight)]
+    model.zero_grad()
+    (model.item_features(items) * weights).sum().backward()
+    torch.testing.assert_close(model.item_table(), model.item_features(items))
+    parameters = (model.item_embedding.weight, model.attribute_embedding.weight)
+    for table_grad, parameter in zip(table_grads, parameters, strict=True):
+        torch.testing.assert_close(table_grad[1:], parameter.grad[1:])  # row 0: padding, never trained
+
+
+def test_validator_computes_the_protocols_metrics(synthetic_dataset) -> None:
+    """The early-stopping validator (length-bucketed, masks built once) gives evaluate_scorer's
+    numbers for the same model: full ranking, history excluded, pessimistic ties."""
+    import torch
+
+    from recall_service.model import TwoTowerModel
+    from recall_service.train import (
+        RecallTrainConfig,
+        RecallValidator,
+        model_attributes,
+        model_shape,
+        padded_history,
+    )
+    from recsys.evaluation.protocol import evaluate_scorer
+
+    config = RecallTrainConfig.tiny()
+    attributes = model_attributes(synthetic_dataset, config)
+    torch.manual_seed(0)
+    model = TwoTowerModel(model_shape(synthetic_dataset, config, attributes.shape[1]), attributes).eval()
+    split = LeaveOneOutSplit(synthetic_dataset)
+
+    @torch.no_grad()
+    def full_width_scores(users: np.ndarray, phase: str) -> np.ndarray:
+        rows = [
+            padded_history(h, synthetic_dataset.events_of(int(u))[: len(h)], config.max_length)
+            for u in users
+            for h in [split.history(int(u), phase)]
+        ]
+        scenarios = [
+            0
+            if synthetic_dataset.scenarios is None
+            else synthetic_dataset.scenarios[u][len(split.history(u, phase))]
+            for u in users
+        ]
+        vectors = model(
+            torch.as_tensor(np.stack([r[0] for r in rows])),
+            torch.as_tensor(np.stack([r[1] for r in rows])),
+            torch.as_tensor(np.asarray(scenarios, dtype=np.int64)),
+        )
+        return model.item_logits(vectors, torch.arange(1, synthetic_dataset.num_items + 1)).numpy()
+
+    for phase in ("valid", "test"):
+        expected = evaluate_scorer(full_width_scores, split, phase, ks=(10, 50))
+        actual = RecallValidator(synthetic_dataset, split, split.eval_users, config.max_length, phase, 64)(
+            model, (10, 50)
+        )
+        assert actual == pytest.approx(expected, abs=1e-9)
+
+
+def test_fast_dropout_keeps_the_law_and_is_the_identity_in_eval() -> None:
+    import torch
+
+    from recall_service.model import Dropout
+
+    torch.manual_seed(0)
+    dropout = Dropout(0.3)
+    hidden = torch.ones(200_000)
+    dropped = dropout(hidden)
+    kept = dropped > 0
+    assert abs(kept.float().mean().item() - 0.7) < 0.005
+    torch.testing.assert_close(dropped[kept], torch.full_like(dropped[kept], 1 / 0.7))
+    assert torch.equal(dropout.eval()(hidden), hidden)
+
+
+def test_training_run_records_what_stopped_it(caplog: pytest.LogCaptureFixture) -> None:
+    from recsys.training import STOP_REASONS, TrainingRun
+
+    run = TrainingRun(max_epochs=10, patience=2, seed=3, threads=2)
+    stops = [
+        (run.update(epoch, metric), run.should_stop(epoch))
+        for epoch, metric in enumerate([0.1, 0.3, 0.2, 0.25], 1)
+    ]
+    assert stops == [(True, False), (True, False), (False, False), (False, True)]
+    record = run.record()
+    assert (record["stop_reason"], record["epochs_run"], record["best_epoch"]) == ("early_stop", 4, 2)
+    assert (record["seed"], record["threads"], record["processes"]) == (3, 2, 1)
+    assert set(STOP_REASONS) == {"early_stop", "max_epochs", "time_guard"}
+
+    budget = TrainingRun(max_epochs=2, patience=5)
+    assert not (budget.update(1, 0.1) and budget.should_stop(1))
+    budget.update(2, 0.2)
+    assert budget.should_stop(2) and budget.stop_reason == "max_epochs"
+
+    guarded = TrainingRun(max_epochs=100, patience=5, time_guard_s=0.0)
+    guarded.update(1, 0.1)
+    with caplog.at_level("WARNING", logger="recsys.training"):
+        assert guarded.should_stop(1) and guarded.stop_reason == "time_guard"
+    assert "TIME GUARD" in caplog.text  # logged when it fires
+
+
+def test_training_uses_every_core_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    from recall_service.train import RecallTrainConfig
+    from recsys.training import available_cores, resolve_threads
+
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert RecallTrainConfig.default().threads == 0
+    assert resolve_threads(0) == available_cores()
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun: this host's processes share the cores
+    assert resolve_threads(0) == max(1, available_cores() // 2)
+    assert resolve_threads(3) == 3
+
+
+def test_recall_bundle_manifest_records_the_training_run(recall_bundle) -> None:
+    import json
+
+    from recsys.training import STOP_REASONS
+
+    train = json.loads((recall_bundle / "manifest.json").read_text())["train"]
+    assert train["stop_reason"] in STOP_REASONS
+    assert 1 <= train["best_epoch"] <= train["epochs_run"] <= train["max_epochs"]
+    assert train["threads"] >= 1 and train["processes"] == 1 and train["seed"] == 7
+    assert train["train_seconds"] > 0 and train["device"] == "cpu"
+
+
+@pytest.mark.gpu
+def test_training_finds_the_gpu_and_trains_in_mixed_precision(synthetic_dataset) -> None:
+    """On a CUDA host the default device is the GPU with bf16 autocast; the result comes back to
+    the CPU (export) and validates like a CPU model of the same weights."""
+    import dataclasses
+
+    import torch
+
+    from recall_service.train import RecallTrainConfig, RecallValidator, train_model
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU here")
+    config = dataclasses.replace(RecallTrainConfig.tiny(), epochs=2)
+    result = train_model(synthetic_dataset, config)
+    assert result.run["device"] == "cuda" and result.run["precision"] == "bf16"
+    assert next(result.model.parameters()).device.type == "cpu"
+    split = LeaveOneOutSplit(synthetic_dataset)
+    valid = RecallValidator(synthetic_dataset, split, split.eval_users, config.max_length)(result.model)
+    assert valid["HR@10"] == pytest.approx(result.best_valid["HR@10"], abs=0.02)
