@@ -46,7 +46,8 @@ def evaluate_pipeline(
     from rank_service.train import eval_lists, pipeline_metrics
 
     runtime = RankRuntime.load(rank_dir, device="cpu", threads=threads)
-    k = k or int(runtime.manifest.get("train", {}).get("config", {}).get("pipeline_candidates", 200))
+    # pipeline_offline is the bundle mix: top-K as the ranker was validated on it, else 200
+    k = k or int(runtime.manifest.get("train", {}).get("config", {}).get("pipeline_candidates") or 200)
     source = RecallCandidates.load(recall_dir, threads=threads)
     users = split.eval_users
     started = time.perf_counter()

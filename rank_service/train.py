@@ -54,6 +54,7 @@ from rank_service.model import Ranker, RankerConfig
 from recsys.data.dataset import Dataset
 from recsys.data.split import LeaveOneOutSplit, Phase
 from recsys.evaluation.protocol import metrics_from_ranks, ranks_from_lists
+from recsys.scenario.config import DEFAULT_SCENARIOS, load_scenarios
 from recsys.training import (
     DEFAULT_TIME_GUARD_S,
     DistributedContext,
@@ -87,8 +88,14 @@ class RankTrainConfig:
     dropout: float = 0.2
     mlp_width: int = 0  # first MLP layer's width (0 = twice dim)
     # candidates
-    train_candidates: int = 200  # recall top-K per training prefix (kept when it holds the target)
-    pipeline_candidates: int = 200  # recall top-K re-ranked in the pipeline (eval, early stop)
+    # 0: each list is what the served scenario's recall stage sends to rank (its sources, quotas,
+    # k, seeds and exclusions, cut to the rank stage's max_candidates: the compiled scenario of
+    # ``scenarios_file``), so the ranker trains and early-stops on what it will rank in
+    # production; K > 0: the recall bundle's own source mix, top K (a training list is kept when
+    # it holds the target).
+    train_candidates: int = 0
+    pipeline_candidates: int = 0  # the same for the validation lists (early stopping)
+    scenarios_file: str = ""  # "" = the shipped config/scenarios.yaml
     prefixes_per_user: int = 4  # most recent training prefixes per user (all held out of holdout recall)
     holdout_recall: bool = True  # train on a recall bundle that has not seen the targets
     # training: at most ``epochs`` epochs; early stopping (``patience``) normally ends it first
@@ -96,10 +103,13 @@ class RankTrainConfig:
     batch_size: int = 128  # lists per optimizer step, over all processes together
     learning_rate: float = 1e-3
     weight_decay: float = 1e-5
-    # Share of training lists whose scenario is replaced by the first (generic, "home") one: the
-    # home feed is asked without knowing which page the user's next event will come from, so the
-    # ranker must also rank well without the target event's scenario (which the log reveals).
-    scenario_dropout: float = 0.5
+    # The home feed is asked without knowing which page the user's next event will come from, so
+    # every prefix whose event came from another scenario also yields the list the first scenario
+    # (home) serves for it, labelled home: the ranker learns the served home task itself.
+    home_lists: bool = True
+    # Share of training lists (per step) whose scenario id alone is replaced by home's (the older
+    # way to teach the generic task, for bundle-mix lists; 0 with home_lists).
+    scenario_dropout: float = 0.0
     patience: int = 3
     eval_users: int = 4000  # validation users for early stopping (0 = all)
     time_guard_s: float = DEFAULT_TIME_GUARD_S  # wall-clock guard (logged and recorded when it fires)
@@ -136,8 +146,6 @@ class RankTrainConfig:
             heads=2,
             layers=1,
             max_history=30,
-            train_candidates=100,
-            pipeline_candidates=100,
             prefixes_per_user=2,
             epochs=6,
             learning_rate=2e-3,
@@ -224,8 +232,14 @@ def training_lists(
     histories = [dataset.sequences[u][:c] for u, c in zip(users_a, cuts_a, strict=True)]
     events = [dataset.events_of(u)[:c] for u, c in zip(users_a, cuts_a, strict=True)]
     scenarios = np.array([event_scenario(dataset, u, c) for u, c in zip(users_a, cuts_a, strict=True)])
+    if config.home_lists and (scenarios != 0).any():  # the same prefixes, asked as the home feed
+        other = np.flatnonzero(scenarios != 0)
+        users_a, cuts_a = np.concatenate([users_a, users_a[other]]), np.concatenate([cuts_a, cuts_a[other]])
+        scenarios = np.concatenate([scenarios, np.zeros(len(other), dtype=scenarios.dtype)])
+        histories += [histories[row] for row in other.tolist()]
+        events += [events[row] for row in other.tolist()]
     started = time.perf_counter()
-    pools = source.generate(histories, events, [names[s] for s in scenarios], config.train_candidates)
+    pools = source.generate(histories, events, [names[s] for s in scenarios], config.train_candidates or None)
     log.info("recall for %d training prefixes: %.1f s", len(pools), time.perf_counter() - started)
     keep, lists, positions = [], [], []
     for row, (pool, user, cut) in enumerate(zip(pools, users_a, cuts_a, strict=True)):
@@ -236,10 +250,10 @@ def training_lists(
             lists.append(pool)
     kept = np.asarray(keep, dtype=np.int64)
     log.info(
-        "training lists: %d of %d prefixes have the target within recall's top %d",
+        "training lists: %d of %d prefixes have the target within recall's %s",
         len(kept),
         len(pools),
-        config.train_candidates,
+        f"top {config.train_candidates}" if config.train_candidates else "served candidates",
     )
     return CandidateLists(users_a[kept], cuts_a[kept], scenarios[kept], lists, np.asarray(positions))
 
@@ -250,9 +264,10 @@ def eval_lists(
     source: CandidateSource,
     phase: Phase,
     users: np.ndarray,
-    k: int,
+    k: int | None,
 ) -> list[Candidates]:
-    """Recall's top-``k`` for each user's ``phase`` history (the pipeline's first stage)."""
+    """Recall's candidates for each user's ``phase`` history (the pipeline's first stage): the
+    bundle mix top-``k``, or (``k=None``) what the served scenario's recall stage sends to rank."""
     names = scenario_names(dataset.scenario_names)
     histories = [split.history(int(u), phase) for u in users]
     events = [dataset.events_of(int(u))[: len(h)] for u, h in zip(users, histories, strict=True)]
@@ -401,7 +416,7 @@ def train_model(
     if config.eval_users and len(valid_users) > config.eval_users:
         valid_users = np.sort(rng.choice(valid_users, config.eval_users, replace=False))
     valid_users = shard(valid_users, context)
-    valid_lists = eval_lists(dataset, split, source, "valid", valid_users, config.pipeline_candidates)
+    valid_lists = eval_lists(dataset, split, source, "valid", valid_users, config.pipeline_candidates or None)
     recall_valid = gather_metrics(
         pipeline_metrics(
             dataset,
@@ -414,8 +429,8 @@ def train_model(
         context,
     )
     log.info(
-        "valid recall top-%d (no ranker): NDCG@10 %.4f HR@10 %.4f",
-        config.pipeline_candidates,
+        "valid recall %s (no ranker): NDCG@10 %.4f HR@10 %.4f",
+        f"top-{config.pipeline_candidates}" if config.pipeline_candidates else "served order",
         recall_valid["NDCG@10"],
         recall_valid["HR@10"],
     )
@@ -544,7 +559,13 @@ def holdout_candidates(
         started = time.perf_counter()
         build_recall_bundle(holdout, holdout_dir, recall_config, context)
         log.info("holdout recall bundle %s built in %.0f s", holdout_dir, time.perf_counter() - started)
-    return RecallCandidates.load(holdout_dir, threads=resolve_threads(config.threads))
+    return load_candidates(holdout_dir, config)
+
+
+def load_candidates(bundle_dir: Path, config: RankTrainConfig) -> RecallCandidates:
+    """The recall bundle as a candidate source that also knows the compiled scenarios."""
+    scenarios = load_scenarios(Path(config.scenarios_file) if config.scenarios_file else DEFAULT_SCENARIOS)
+    return RecallCandidates.load(bundle_dir, threads=resolve_threads(config.threads), scenarios=scenarios)
 
 
 def build_bundle(
@@ -560,11 +581,7 @@ def build_bundle(
     """
     bundle_dir = Path(bundle_dir)
     context = init_distributed(config.device)
-    served = (
-        RecallCandidates.load(Path(recall_bundle_dir), threads=resolve_threads(config.threads))
-        if source is None
-        else None
-    )
+    served = load_candidates(Path(recall_bundle_dir), config) if source is None else None
     holdout_train: dict = {}
     if source is None:
         if config.holdout_recall:
@@ -631,13 +648,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weight-decay", type=float, help="override the AdamW weight decay")
     parser.add_argument("--dropout", type=float, help="override the dropout")
     parser.add_argument("--mlp-width", type=int, help="override the first MLP layer's width")
+    parser.add_argument(
+        "--candidates",
+        type=int,
+        dest="train_candidates",
+        help="0 (default): train and validate on what the served scenario's recall stage sends to "
+        "rank; K: the recall bundle's own mix, top K",
+    )
+    parser.add_argument(
+        "--scenarios-file", help="scenario file the lists come from (default: the shipped one)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = RankTrainConfig.quick() if args.quick else RankTrainConfig.default()
     names = ("epochs", "patience", "seed", "threads", "device", "learning_rate", "weight_decay", "dropout")
-    for name in (*names, "mlp_width"):
+    for name in (*names, "mlp_width", "scenarios_file"):
         if getattr(args, name) is not None:
             setattr(config, name, getattr(args, name))
+    if args.train_candidates is not None:
+        config.train_candidates = config.pipeline_candidates = args.train_candidates
     if args.time_guard_hours is not None:
         config.time_guard_s = args.time_guard_hours * 3600.0
     context = init_distributed(config.device)
