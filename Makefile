@@ -24,7 +24,7 @@ BUF_VERSION := 1.75.0
 BUF := .tools/node_modules/.bin/buf
 BUF_AGAINST ?= main
 
-.PHONY: install protos buf run test test-slow lint eval bench data train export serve clean system-deps format gpu-check
+.PHONY: install protos buf run test test-slow lint eval eval-seeds train-bench bench data train export serve clean system-deps format gpu-check
 
 install: $(INSTALLED) $(STUBS)
 
@@ -77,6 +77,23 @@ data: install
 
 eval: install
 	$(RECSYS) eval --data $(DATA) --stage $(STAGE) --artifacts $(ARTIFACTS) --out $(ARTIFACTS)/eval-$(STAGE).json
+
+# Quality over seeds: per seed, train recall and rank with defaults and evaluate what the gateway
+# serves (home = the `pipeline` stage, item_detail, cart); then the README's quality section from
+# the JSON (kept in docs/quality). E.g. make eval-seeds DATA=../shared/data/amazon-beauty
+SEEDS ?= 1 2 3
+eval-seeds: install
+	for s in $(SEEDS); do \
+	  $(RECSYS) train recall --data $(DATA) --artifacts $(ARTIFACTS)/seed$$s --seed $$s && \
+	  $(RECSYS) train rank --data $(DATA) --artifacts $(ARTIFACTS)/seed$$s --seed $$s && \
+	  $(RECSYS) eval --data $(DATA) --stage pipeline --scenario item_detail --scenario cart \
+	    --artifacts $(ARTIFACTS)/seed$$s --out $(ARTIFACTS)/seed$$s/eval.json || exit 1; \
+	done
+	$(RECSYS) eval report $(foreach s,$(SEEDS),--eval $(ARTIFACTS)/seed$(s)/eval.json) --readme README.md
+
+# Recall training speed, old vs new step interleaved (JSON).
+train-bench: install
+	$(PY) -m recall_service.train_bench --data $(DATA) --out $(ARTIFACTS)/bench/train-speed.json
 
 # Speed, as JSON + plots in $(ARTIFACTS)/bench, then the README's Performance section from them.
 bench: install

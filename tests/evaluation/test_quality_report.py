@@ -61,3 +61,17 @@ def test_a_readme_without_the_quality_markers_is_refused(tmp_path: Path):
     readme.write_text("# none\n")
     with pytest.raises(ValueError, match="markers"):
         quality_report.main(["--store", str(tmp_path), "--readme", str(readme)])
+
+
+def test_runs_of_several_seeds_are_summarised_by_their_mean_and_spread(tmp_path: Path):
+    store = tmp_path / "quality"
+    for seed, hit in ((1, 0.100), (2, 0.104), (3, 0.102)):
+        report = json.loads(json.dumps(REPORT))
+        report["training"] = {"recall": {"seed": seed}}
+        report["stages"]["pipeline"]["HR@10"] = hit
+        source = tmp_path / f"eval-{seed}.json"
+        source.write_text(json.dumps(report))
+        assert quality_report.keep(source, store).name == f"beauty-seed{seed}.json"
+    text = quality_report.render(store)
+    assert "seed 1." in text and "Over seeds 1, 2, 3" in text
+    assert "| **pipeline (served `home`)** mean ± sd | 0.1020 ± 0.0020 |" in text
