@@ -3,7 +3,12 @@
 What it models, so that a sequential recommender has something real to learn:
 
 - A catalog of categories and brands (each brand sells in one category), log-normal prices per
-  category with a brand premium, titles, Zipf item popularity, and a sponsored ~5% with bids.
+  category with a brand premium, Zipf item popularity, and a sponsored ~5% with bids.
+- Titles that carry signal (the text tower's cold-start test bed): the brand, a word of the
+  category's own vocabulary, the category name, an appeal word from the vocabulary of the item's
+  popularity tier (the latent the other columns do not show; one in five drawn from another tier),
+  and a model code. Drawn from their own random stream, so interactions and every other column are
+  exactly those of a generator without titles.
 - Complementary categories: every category has complement categories (phone -> phone case) and
   every item a short list of complement items in them; after an ADD_TO_CART or PURCHASE the next
   item comes from that list with high probability (scenario ``cart``).
@@ -69,6 +74,16 @@ _CATEGORY_PAIRS = (
 _SYLLABLES = ("ka", "lo", "mi", "ra", "ven", "tor", "zi", "no",
               "qua", "lex", "dor", "fi", "sa", "pe", "tru", "vo")
 # fmt: on
+# Appeal words by popularity tier (most popular first): what a title says that no other column does.
+_TIER_WORDS = (
+    ("bestselling", "iconic", "flagship"),
+    ("popular", "classic", "favourite"),
+    ("everyday", "standard", "essential"),
+    ("basic", "budget", "simple"),
+)
+_TIER_NOISE = 0.2  # share of titles whose appeal word comes from a random tier
+_CATEGORY_WORDS = 3  # descriptor words per category (syllable-made, e.g. "zinora")
+_TITLE_STREAM = 0x7469746C  # "titl": the titles' own random stream, beside the main seed
 
 
 @dataclass(frozen=True)
@@ -200,6 +215,49 @@ def _brand_names(count: int, rng: np.random.Generator) -> list[str]:
     return names
 
 
+def _titles(
+    config: SyntheticConfig,
+    category: np.ndarray,
+    brand: np.ndarray,
+    popularity: np.ndarray,
+    category_names: list[str],
+    brand_names: list[str],
+) -> list[str]:
+    """One title per item: brand, category descriptor word, category name, popularity-tier appeal
+    word (noisy), model code. Uses its own Generator (seeded from ``config.seed``), so the main
+    stream, and with it every interaction, is untouched."""
+    rng = np.random.default_rng([config.seed, _TITLE_STREAM])
+    num_items = config.num_items
+    descriptors = [
+        [
+            "".join(_SYLLABLES[int(i)] for i in rng.integers(0, len(_SYLLABLES), size=3))
+            for _ in range(_CATEGORY_WORDS)
+        ]
+        for _ in range(config.num_categories)
+    ]
+    # Tier by popularity rank: the top 5%, the next 20%, the next 35%, the rest.
+    rank = np.empty(num_items, dtype=np.int64)
+    rank[np.argsort(-popularity, kind="stable")] = np.arange(num_items)
+    tier = np.searchsorted(np.array([0.05, 0.25, 0.6]) * num_items, rank, side="right")
+    noisy = rng.random(num_items) < _TIER_NOISE
+    tier = np.where(noisy, rng.integers(0, len(_TIER_WORDS), num_items), tier)
+    appeal = rng.integers(0, len(_TIER_WORDS[0]), num_items)
+    descriptor = rng.integers(0, _CATEGORY_WORDS, num_items)
+    return [
+        f"{brand_names[b]} {appeal_word} {descriptors[c][d]} {category_names[c].replace('_', ' ')} "
+        f"{chr(65 + i % 26)}{i % 997 + 1}"
+        for i, (b, c, d, appeal_word) in enumerate(
+            zip(
+                brand.tolist(),
+                category.tolist(),
+                descriptor.tolist(),
+                (_TIER_WORDS[t][a] for t, a in zip(tier.tolist(), appeal.tolist(), strict=True)),
+                strict=True,
+            )
+        )
+    ]
+
+
 def _weighted_sample(rng: np.random.Generator, pool: np.ndarray, weights: np.ndarray, size: int) -> list[int]:
     """Up to ``size`` distinct members of ``pool`` drawn without replacement, proportional to weight."""
     size = min(size, len(pool))
@@ -258,10 +316,7 @@ def _build_catalog(config: SyntheticConfig, rng: np.random.Generator) -> _Catalo
     sponsored = rng.choice(num_items, size=num_sponsored, replace=False)
     bid[sponsored] = np.round(rng.uniform(0.05, 2.0, num_sponsored), 2)
 
-    titles = [
-        f"{brand_names[b]} {category_names[c].replace('_', ' ')} {chr(65 + i % 26)}{i % 997 + 1}"
-        for i, (b, c) in enumerate(zip(brand.tolist(), category.tolist(), strict=True))
-    ]
+    titles = _titles(config, category, brand, popularity, category_names, brand_names)
 
     # Per-item lists: similar items in the same category (same brand favoured), complement items.
     members_of = [np.flatnonzero(category == c) for c in range(num_categories)]

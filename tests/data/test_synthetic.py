@@ -166,3 +166,44 @@ def test_category_affinities_drift(tmp_path: Path) -> None:
     drifting = load_dataset(generate(tmp_path / "drifting", base))
     assert abs(_drift(steady)) < 0.04
     assert _drift(drifting) > max(0.05, _drift(steady) + 0.04)
+
+
+# sha256 of the tiny preset's interactions.csv and of items.csv without its title column, as
+# generated before titles carried signal: titles draw from their own stream and change neither.
+TINY_INTERACTIONS_SHA256 = "9879a9dee15671919758259dbaa6c01f95b59ad56b87b8f8e4f67c7da07b49c1"
+TINY_ITEMS_WITHOUT_TITLES_SHA256 = "bb5ecff6af553817f35f1d9d2e3109a571f3f940bf954b54cc90746a6a1a623f"
+
+
+def test_titles_leave_interactions_and_other_columns_unchanged(synthetic_dir: Path) -> None:
+    import hashlib
+
+    assert (
+        hashlib.sha256((synthetic_dir / INTERACTIONS_FILE).read_bytes()).hexdigest()
+        == TINY_INTERACTIONS_SHA256
+    )
+    with (synthetic_dir / ITEMS_FILE).open(encoding="utf-8") as handle:
+        rows = [
+            [row[k] for k in ("item_id", "category", "brand", "price", "bid")]
+            for row in csv.DictReader(handle)
+        ]
+    assert hashlib.sha256(repr(rows).encode()).hexdigest() == TINY_ITEMS_WITHOUT_TITLES_SHA256
+
+
+def test_titles_carry_category_and_popularity_tier(synthetic_dataset) -> None:
+    from recsys.data.synthetic import _TIER_WORDS
+
+    catalog = synthetic_dataset.catalog
+    counts = np.bincount(np.concatenate(synthetic_dataset.sequences), minlength=synthetic_dataset.num_items)
+    top_words, bottom_words = set(_TIER_WORDS[0]), set(_TIER_WORDS[-1])
+    order = np.argsort(-counts, kind="stable")
+    head, tail = order[: len(order) // 10], order[-len(order) // 2 :]
+
+    def share(items: np.ndarray, words: set[str]) -> float:
+        return float(np.mean([bool(words & set(catalog.title[i].lower().split())) for i in items]))
+
+    # The most-visited items mostly say "bestselling/iconic/flagship"; the least-visited rarely do.
+    assert share(head, top_words) > 0.4 > 0.1 > share(tail, top_words)
+    assert share(tail, bottom_words) > share(head, bottom_words)
+    for item in range(synthetic_dataset.num_items):
+        name = catalog.category_names[catalog.category[item]].replace("_", " ")
+        assert name in catalog.title[item]
