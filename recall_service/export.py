@@ -61,7 +61,8 @@ def export_user_tower(model: TwoTowerModel, path: Path) -> None:
     scenario = torch.zeros(batch, dtype=torch.long)
     batch_dim = torch.export.Dim("batch", min=1, max=65536)
     length_dim = torch.export.Dim("length", min=1, max=4096)
-    with torch.no_grad(), warnings.catch_warnings():
+    # The text part (if any) is read from a precomputed table: the graph gathers rows of it.
+    with torch.no_grad(), warnings.catch_warnings(), model.frozen_text():
         # The exporter warns that each named axis is shared by two inputs: that is intended.
         warnings.filterwarnings("ignore", message=".*shares the same shape constraints.*")
         warnings.filterwarnings("ignore", category=FutureWarning)
@@ -93,6 +94,22 @@ def holdout_sequences(dataset: Dataset) -> list[np.ndarray]:
         )
         for user in range(dataset.num_users)
     ]
+
+
+def _item_text_manifest(model: TwoTowerModel) -> dict:
+    """The manifest's ``item_text`` block; nothing for a model without text (unchanged manifest)."""
+    shape = model.shape
+    if shape.text == "off" and not shape.mask_unseen_ids:
+        return {}
+    return {
+        "item_text": {
+            "mode": shape.text,
+            "buckets": shape.text_buckets,
+            "input_dim": shape.text_input_dim,
+            "unseen_items": "cold" if shape.mask_unseen_ids else "keep",
+            "note": "the text part is inside item_vectors.npy and the ONNX graph; serving needs nothing new",
+        }
+    }
 
 
 def _names_or_empty(names: list[str]) -> str:
@@ -214,6 +231,7 @@ def export_bundle(
             default_sources=config.default_sources,
             tables_exclude="each user's test item",
             train=train_info or {},
+            **_item_text_manifest(model),
         )
         if bundle_dir.exists():
             shutil.rmtree(bundle_dir)

@@ -14,6 +14,14 @@ similarity; raw for the inner product, where an item's norm can carry its popula
 tower reads items through the same tables, so a rarely-bought item still shares its brand and
 category signal.
 
+Item text (when the catalog has titles, ``recall_service.text``): the mean embedding of the title's
+hashed word and character-trigram features (an ``EmbeddingBag`` of the tower's width), or a trained
+linear projection of a local sentence model's fixed title vector, added to the item representation
+like the attribute mean. Text-less catalogs build no text module at all (the model, its state dict
+and its numbers are those of a model without text). With text, the id embeddings of items that
+training never saw are masked to zero (``mask_unseen_ids``): an id that no positive ever reached is
+noise (only pushed away as a negative), so a cold item is what its attributes and text say.
+
 Ids: items are ``dense + 1`` (0 = padding), attributes ``dense + 1`` (0 = padding).
 
 Training computes every item's representation once per step (:meth:`TwoTowerModel.item_table`:
@@ -25,8 +33,10 @@ a request.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -60,6 +70,14 @@ class TwoTowerShape:
     similarity: str = "cosine"
     # Post-LN blocks with a LayerNorm on the input embeddings (SASRec / BERT) instead of pre-LN.
     post_norm: bool = False
+    # Item text: "off", "hash" (hashed title features, ``text_buckets`` of them) or "sentence"
+    # (fixed ``text_input_dim``-wide title vectors, linearly projected).
+    text: str = "off"
+    text_buckets: int = 0
+    text_input_dim: int = 0
+    # Zero the id embedding of items without training interactions (their text and attributes
+    # alone make their vector).
+    mask_unseen_ids: bool = False
 
 
 class Dropout(nn.Dropout):
@@ -130,6 +148,35 @@ class _SparseMeanPool(torch.autograd.Function):
             return ctx.pooling_t @ grad.to(ctx.pooling_t.dtype), None, None
 
 
+class HashedTextEncoder(nn.Module):
+    """Mean embedding of each item's hashed title features (CSR over item ids +1; no features: 0)."""
+
+    def __init__(self, token_ids: np.ndarray, offsets: np.ndarray, buckets: int, dim: int):
+        super().__init__()
+        self.bag = nn.EmbeddingBag(buckets, dim, mode="mean", include_last_offset=True)
+        nn.init.normal_(self.bag.weight, std=0.05)
+        self.register_buffer("token_ids", torch.as_tensor(token_ids, dtype=torch.long))
+        self.register_buffer("offsets", torch.as_tensor(offsets, dtype=torch.long))
+
+    def table(self) -> torch.Tensor:
+        """[num_items + 1, D] text part of every item (row 0 and title-less items: zeros)."""
+        return self.bag(self.token_ids, self.offsets)
+
+
+class ProjectedTextEncoder(nn.Module):
+    """A trained linear projection of fixed title vectors (a local sentence model's)."""
+
+    def __init__(self, vectors: np.ndarray, has_text: np.ndarray, dim: int):
+        super().__init__()
+        self.projection = nn.Linear(vectors.shape[1], dim)
+        self.register_buffer("vectors", torch.as_tensor(vectors, dtype=torch.float32))
+        self.register_buffer("has_text", torch.as_tensor(has_text, dtype=torch.float32))
+
+    def table(self) -> torch.Tensor:
+        """[num_items + 1, D] projected title vectors (row 0 and title-less items: zeros)."""
+        return self.projection(self.vectors) * self.has_text.unsqueeze(-1)
+
+
 def attribute_mean_matrices(
     item_attributes: torch.Tensor, num_attributes: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,7 +203,16 @@ def attribute_mean_matrices(
 class TwoTowerModel(nn.Module):
     """User and item towers sharing the item id and attribute tables."""
 
-    def __init__(self, shape: TwoTowerShape, item_attributes: np.ndarray):
+    def __init__(
+        self,
+        shape: TwoTowerShape,
+        item_attributes: np.ndarray,
+        text_arrays: dict[str, np.ndarray] | None = None,
+        seen_items: np.ndarray | None = None,
+    ):
+        """``text_arrays``: ``token_ids`` + ``offsets`` (shape.text "hash", :class:`HashedTitles`)
+        or ``vectors`` + ``has_text`` ("sentence"); ``seen_items`` [num_items] bool, the items
+        training has interactions of (``shape.mask_unseen_ids``)."""
         super().__init__()
         self.shape = shape
         dim = shape.dim
@@ -188,6 +244,39 @@ class TwoTowerModel(nn.Module):
         self.log_scale.requires_grad_(shape.similarity == "cosine")
         self._pooling: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self._init_weights()
+        # Built after the other weights are drawn, so that those are the same with and without text.
+        self.text: HashedTextEncoder | ProjectedTextEncoder | None = None
+        if shape.text != "off":
+            if text_arrays is None:
+                raise ValueError(f"text {shape.text!r} needs the items' text arrays")
+            if shape.text == "hash":
+                self.text = HashedTextEncoder(
+                    text_arrays["token_ids"], text_arrays["offsets"], shape.text_buckets, dim
+                )
+            elif shape.text == "sentence":
+                self.text = ProjectedTextEncoder(text_arrays["vectors"], text_arrays["has_text"], dim)
+            else:
+                raise ValueError(f"text must be 'off', 'hash' or 'sentence', not {shape.text!r}")
+            # Set while exporting: the serving graph reads the text part from this constant table.
+            self.register_buffer("_frozen_text", None, persistent=False)
+        if shape.mask_unseen_ids:
+            if seen_items is None:
+                raise ValueError("mask_unseen_ids needs seen_items")
+            mask = np.concatenate([[0.0], np.asarray(seen_items, dtype=np.float32)])
+            self.register_buffer("id_mask", torch.as_tensor(mask, dtype=torch.float32).unsqueeze(-1))
+
+    @classmethod
+    def from_state_dict(cls, shape: TwoTowerShape, state_dict: dict[str, torch.Tensor]) -> TwoTowerModel:
+        """The model a :meth:`state_dict` came from (its buffers hold the item arrays)."""
+        arrays = {
+            name.split(".", 1)[1]: tensor.numpy()
+            for name, tensor in state_dict.items()
+            if name.startswith("text.") and name.count(".") == 1
+        }
+        seen = state_dict["id_mask"][1:, 0].numpy() > 0 if "id_mask" in state_dict else None
+        model = cls(shape, state_dict["item_attributes"].numpy(), arrays or None, seen)
+        model.load_state_dict(state_dict)
+        return model
 
     def _init_weights(self) -> None:
         for embedding in (self.item_embedding, self.attribute_embedding):
@@ -208,6 +297,26 @@ class TwoTowerModel(nn.Module):
         state["_pooling"] = {}
         return state
 
+    def text_table(self) -> torch.Tensor | None:
+        """[num_items + 1, D] text part of every item, or None without text."""
+        if self.text is None:
+            return None
+        return self._frozen_text if self._frozen_text is not None else self.text.table()
+
+    @contextlib.contextmanager
+    def frozen_text(self) -> Iterator[None]:
+        """Within: :meth:`item_features` reads the text part from a precomputed constant table
+        (the exported serving graph gathers rows of it instead of pooling title features)."""
+        if self.text is None:
+            yield
+            return
+        with torch.no_grad():
+            self._frozen_text = self.text.table().detach()
+        try:
+            yield
+        finally:
+            self._frozen_text = None
+
     @property
     def normalised(self) -> bool:
         """Whether both towers' outputs are L2-normalised (cosine similarity)."""
@@ -227,9 +336,13 @@ class TwoTowerModel(nn.Module):
         pooled = (self.attribute_embedding(attributes) * present.unsqueeze(-1)).sum(-2)
         pooled = pooled / present.sum(-1, keepdim=True).clamp(min=1.0)
         ids = self.item_embedding(items)
+        if self.shape.mask_unseen_ids:
+            ids = ids * self.id_mask[items]
         if id_dropout > 0:
             ids = ids * (torch.rand(ids.shape[:-1], device=ids.device) >= id_dropout).unsqueeze(-1)
-        return ids + pooled
+        features = ids + pooled
+        text = self.text_table()
+        return features if text is None else features + F.embedding(items, text)
 
     def item_table(self, id_dropout: float = 0.0) -> torch.Tensor:
         """[num_items + 1, D] unnormalised item representations (row 0 = padding), computed once
@@ -241,10 +354,14 @@ class TwoTowerModel(nn.Module):
         pooling, pooling_t = self._pooling[device]
         pooled = _SparseMeanPool.apply(self.attribute_embedding.weight, pooling, pooling_t)
         ids = self.item_embedding.weight
+        if self.shape.mask_unseen_ids:
+            ids = ids * self.id_mask
         if id_dropout > 0:
             keep = torch.rand(ids.shape[0], 1, device=ids.device) >= id_dropout
             ids = ids * keep
-        return ids + pooled
+        table = ids + pooled
+        text = self.text_table()
+        return table if text is None else table + text
 
     def candidate_vectors(self, table: torch.Tensor) -> torch.Tensor:
         """Item-tower vectors [num_items, D] (dense id order) from an :meth:`item_table`."""

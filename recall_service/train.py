@@ -37,6 +37,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from recall_service.model import TwoTowerModel, TwoTowerShape
+from recall_service.text import (
+    DEFAULT_BUCKETS,
+    TEXT_MODES,
+    HashedTitles,
+    TitleEncoder,
+    encode_titles,
+    has_titles,
+    sentence_model_encoder,
+)
 from recsys.data.dataset import Dataset, EventType
 from recsys.data.split import LeaveOneOutSplit, Phase
 from recsys.evaluation.protocol import metrics_from_ranks
@@ -73,6 +82,18 @@ class RecallTrainConfig:
     id_dropout: float = 0.0  # training: share of candidate id embeddings dropped (attributes only)
     similarity: str = "cosine"  # or "dot": raw inner product of unnormalised towers (SASRec)
     post_norm: bool = False  # post-LN blocks + input LayerNorm (SASRec) instead of pre-LN
+    # Item text (the catalog's titles): "auto" = hashed title features when any item has a title
+    # (nothing at all otherwise), "hash" = the same but required, "off" = none.
+    text: str = "auto"
+    text_buckets: int = DEFAULT_BUCKETS
+    # A local sentence-transformers model folder: its title vectors, projected, replace the hashed
+    # features (needs the sentence-transformers package; never downloads).
+    text_model: str = ""
+    # Items without training interactions: "cold" = cold-start items (id embedding masked to zero,
+    # so attributes and text alone make the vector; never a training negative, since nothing says
+    # users avoid them), "keep" = like any item, "auto" = "cold" with text, "keep" without (the
+    # behaviour before item text).
+    unseen_items: str = "auto"
     # training: at most ``epochs`` epochs; early stopping (``patience``) normally ends it first
     epochs: int = 200
     batch_size: int = 128  # windows per optimizer step, over all processes together
@@ -304,7 +325,8 @@ class SampledSoftmaxLoss:
     """In-batch + uniform negatives with logQ correction under their mixture sampling law.
 
     With ``uniform_negatives`` at least the catalog size every item is a candidate: an exact
-    (full) softmax, which needs no correction.
+    (full) softmax, which needs no correction. ``seen_only``: items without interactions
+    (``item_counts`` 0) are never candidates (cold-start items: nothing says users avoid them).
     """
 
     def __init__(
@@ -314,6 +336,7 @@ class SampledSoftmaxLoss:
         rng: np.random.Generator,
         logq_correction: bool = True,
         low_precision: bool = False,
+        seen_only: bool = False,
     ):
         counts = item_counts.astype(np.float64) + 1.0
         self.popularity = torch.as_tensor(counts / counts.sum(), dtype=torch.float32)
@@ -323,6 +346,9 @@ class SampledSoftmaxLoss:
         self.logq_correction = logq_correction and not self.full_softmax
         self.rng = rng
         self.low_precision = low_precision
+        # [num_items] True where an item may be a candidate; None = every item
+        self.seen = np.asarray(item_counts) > 0 if seen_only else None
+        self._unseen_columns: dict[torch.device, torch.Tensor] = {}
 
     def __call__(
         self,
@@ -344,10 +370,14 @@ class SampledSoftmaxLoss:
         vectors = model.candidate_vectors(item_table)
         if self.full_softmax:
             logits = model.scaled(catalog_logits(users, vectors, self.low_precision))
+            if self.seen is not None:
+                logits = logits.masked_fill(self._unseen(logits.device), float("-inf"))
             losses = F.cross_entropy(logits, positives - 1, reduction="none")
             return weighted_loss(losses, weights, normaliser)
         in_batch = torch.unique(positives)
         extra = self.rng.integers(1, self.num_items + 1, size=self.uniform_negatives)
+        if self.seen is not None:  # the same draws, unseen items left out (logQ is per item)
+            extra = extra[self.seen[extra - 1]]
         extra = np.setdiff1d(extra, in_batch.cpu().numpy())
         candidates = torch.cat([in_batch, torch.as_tensor(extra, dtype=torch.long, device=in_batch.device)])
         logits = model.scaled(catalog_logits(users, vectors[candidates - 1], self.low_precision))
@@ -358,6 +388,12 @@ class SampledSoftmaxLoss:
             logits = logits - torch.log(sample_probability)
         labels = torch.searchsorted(in_batch, positives)
         return weighted_loss(F.cross_entropy(logits, labels, reduction="none"), weights, normaliser)
+
+    def _unseen(self, device: torch.device) -> torch.Tensor:
+        """[num_items] bool: the catalog columns that are never candidates."""
+        if device not in self._unseen_columns:
+            self._unseen_columns[device] = torch.as_tensor(~self.seen, device=device)
+        return self._unseen_columns[device]
 
 
 def catalog_logits(users: torch.Tensor, vectors: torch.Tensor, low_precision: bool) -> torch.Tensor:
@@ -595,7 +631,56 @@ def training_item_counts(
     return counts
 
 
-def model_shape(dataset: Dataset, config: RecallTrainConfig, max_attributes: int) -> TwoTowerShape:
+def resolve_text(dataset: Dataset, config: RecallTrainConfig) -> str:
+    """The model's text mode for this dataset: "off", "hash" or "sentence"."""
+    if config.text not in TEXT_MODES:
+        raise ValueError(f"text must be one of {TEXT_MODES}, not {config.text!r}")
+    if config.unseen_items not in ("auto", "cold", "keep"):
+        raise ValueError(f"unseen_items must be 'auto', 'cold' or 'keep', not {config.unseen_items!r}")
+    titled = has_titles(dataset.catalog.title)
+    if config.text == "off":
+        if config.text_model:
+            raise ValueError("text_model is set but text is 'off'")
+        return "off"
+    if not titled:
+        if config.text == "hash" or config.text_model:
+            raise ValueError(
+                f"{dataset.name}: no item has a title (items.csv 'title' column); text needs one"
+            )
+        return "off"
+    return "sentence" if config.text_model else "hash"
+
+
+def item_text_arrays(
+    dataset: Dataset, config: RecallTrainConfig, encoder: TitleEncoder | None = None
+) -> dict[str, np.ndarray] | None:
+    """The items' text inputs, computed once before training: hashed feature ids (CSR) or a
+    sentence model's title vectors (``encoder`` stands in for the model at ``config.text_model``)."""
+    mode = resolve_text(dataset, config)
+    if mode == "off":
+        return None
+    titles = list(dataset.catalog.title or [])
+    if mode == "hash":
+        hashed = HashedTitles.build(titles, config.text_buckets)
+        return {"token_ids": hashed.token_ids, "offsets": hashed.offsets}
+    vectors, has_text = encode_titles(titles, encoder or sentence_model_encoder(config.text_model))
+    return {"vectors": vectors, "has_text": has_text}
+
+
+def masks_unseen_ids(config: RecallTrainConfig, text: str) -> bool:
+    """Whether items without training interactions are treated as cold (``unseen_items``)."""
+    if config.unseen_items == "auto":
+        return text != "off"
+    return config.unseen_items == "cold"
+
+
+def model_shape(
+    dataset: Dataset,
+    config: RecallTrainConfig,
+    max_attributes: int,
+    text_arrays: dict[str, np.ndarray] | None = None,
+) -> TwoTowerShape:
+    text = "off" if text_arrays is None else ("hash" if "token_ids" in text_arrays else "sentence")
     return TwoTowerShape(
         num_items=dataset.num_items,
         num_attributes=len(dataset.catalog.attribute_names),
@@ -610,6 +695,10 @@ def model_shape(dataset: Dataset, config: RecallTrainConfig, max_attributes: int
         id_dropout=config.id_dropout,
         similarity=config.similarity,
         post_norm=config.post_norm,
+        text=text,
+        text_buckets=config.text_buckets if text == "hash" else 0,
+        text_input_dim=int(text_arrays["vectors"].shape[1]) if text == "sentence" else 0,
+        mask_unseen_ids=masks_unseen_ids(config, text),
     )
 
 
@@ -634,9 +723,13 @@ def wrap_for_training(
 
 
 def train_model(
-    dataset: Dataset, config: RecallTrainConfig, context: DistributedContext | None = None
+    dataset: Dataset,
+    config: RecallTrainConfig,
+    context: DistributedContext | None = None,
+    text_encoder: TitleEncoder | None = None,
 ) -> TrainResult:
-    """Train the two towers; returns the best model on validation HR@10 (on the CPU)."""
+    """Train the two towers; returns the best model on validation HR@10 (on the CPU).
+    ``text_encoder`` replaces the sentence model of ``config.text_model`` (tests)."""
     context = context or init_distributed(config.device)
     threads = configure_threads(config.threads)
     precision = resolve_precision(config.precision, context.device)
@@ -671,12 +764,21 @@ def train_model(
     )
     item_counts = training_item_counts(dataset, split)
     attributes = model_attributes(dataset, config)
-    shape = model_shape(dataset, config, attributes.shape[1])
-    model = TwoTowerModel(shape, attributes).to(device)  # the same initial weights in every process
+    text_arrays = item_text_arrays(dataset, config, text_encoder)
+    shape = model_shape(dataset, config, attributes.shape[1], text_arrays)
+    if text_arrays is not None:
+        log.info("item text: %s (%s)", shape.text, config.text_model or f"{config.text_buckets} buckets")
+    # the same initial weights in every process
+    model = TwoTowerModel(shape, attributes, text_arrays, item_counts > 0).to(device)
     torch.manual_seed(config.seed + context.rank)  # each process its own dropout masks
     optimizer = adamw(model.parameters(), config.learning_rate, config.weight_decay)
     loss_fn = SampledSoftmaxLoss(
-        item_counts, config.uniform_negatives, rng, config.logq_correction, low_precision=precision == "bf16"
+        item_counts,
+        config.uniform_negatives,
+        rng,
+        config.logq_correction,
+        low_precision=precision == "bf16",
+        seen_only=shape.mask_unseen_ids,
     )
     objective = wrap_for_training(model, loss_fn, context)
     eval_users = split.eval_users
@@ -716,7 +818,9 @@ def train_model(
     model.load_state_dict(best_state)
     model.eval()
     if config.refit_with_validation:
-        model = _refit(dataset, split, config, shape, attributes, run.best_epoch, context, precision)
+        model = _refit(
+            dataset, split, config, shape, attributes, text_arrays, run.best_epoch, context, precision
+        )
     model = model.cpu()
     log.info(
         "trained %d epochs in %.0f s (%s); best epoch %d valid HR@10 %.4f",
@@ -744,6 +848,7 @@ def _refit(
     config: RecallTrainConfig,
     shape: TwoTowerShape,
     attributes: np.ndarray,
+    text_arrays: dict[str, np.ndarray] | None,
     epochs: int,
     context: DistributedContext,
     precision: str,
@@ -760,12 +865,17 @@ def _refit(
         recency_boost=config.recency_boost,
         recency_decay=config.recency_decay,
     )
-    model = TwoTowerModel(shape, attributes).to(context.torch_device())
+    counts = training_item_counts(dataset, split, include_validation=True)
+    model = TwoTowerModel(shape, attributes, text_arrays, counts > 0).to(context.torch_device())
     torch.manual_seed(config.seed + context.rank)
     optimizer = adamw(model.parameters(), config.learning_rate, config.weight_decay)
-    counts = training_item_counts(dataset, split, include_validation=True)
     loss_fn = SampledSoftmaxLoss(
-        counts, config.uniform_negatives, rng, config.logq_correction, low_precision=precision == "bf16"
+        counts,
+        config.uniform_negatives,
+        rng,
+        config.logq_correction,
+        low_precision=precision == "bf16",
+        seen_only=shape.mask_unseen_ids,
     )
     objective = wrap_for_training(model, loss_fn, context)
     for epoch in range(1, epochs + 1):
@@ -794,9 +904,7 @@ def load_checkpoint(path: Path) -> tuple[TwoTowerModel, RecallTrainConfig, dict]
     """Rebuild the model saved by :func:`save_checkpoint`."""
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     shape = TwoTowerShape(**checkpoint["shape"])
-    attributes = checkpoint["state_dict"]["item_attributes"].numpy()
-    model = TwoTowerModel(shape, attributes)
-    model.load_state_dict(checkpoint["state_dict"])
+    model = TwoTowerModel.from_state_dict(shape, checkpoint["state_dict"])
     model.eval()
     # Fields this version no longer has (e.g. the old minutes-scale time_limit_s) are dropped.
     known = set(RecallTrainConfig.__dataclass_fields__)
@@ -841,6 +949,27 @@ def quiet_exporter_logs() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+def add_text_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--text`` and ``--text-model`` (shared with ``recall_service.text_eval``)."""
+    parser.add_argument(
+        "--text",
+        choices=TEXT_MODES,
+        help="item titles in the item tower: auto (when the catalog has titles), hash, off",
+    )
+    parser.add_argument(
+        "--text-model",
+        metavar="PATH",
+        help="a local sentence-transformers model folder to embed titles with (no downloads)",
+    )
+
+
+def apply_text_arguments(args: argparse.Namespace, config: RecallTrainConfig) -> None:
+    if args.text is not None:
+        config.text = args.text
+    if args.text_model is not None:
+        config.text_model = args.text_model
+
+
 def main(argv: list[str] | None = None) -> int:
     """`recsys train recall --data synthetic|DIR --artifacts DIR [--quick] [--seed N] ...`; run it
     under `torchrun --nproc_per_node N [--nnodes M ...] -m recsys train recall ...` for several
@@ -862,6 +991,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), help="training precision")
     parser.add_argument("--time-guard-hours", type=float, help="wall-clock guard (hours)")
     parser.add_argument("--index-factory", help="Faiss index_factory string ('' = by catalog size)")
+    add_text_arguments(parser)
     parser.add_argument(
         "--refit-with-validation",
         action="store_true",
@@ -878,6 +1008,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.time_guard_hours is not None:
         config.time_guard_s = args.time_guard_hours * 3600.0
     config.refit_with_validation = args.refit_with_validation
+    apply_text_arguments(args, config)
     context = init_distributed(config.device)
     if not context.is_main:  # one log of the run, from the first process
         logging.getLogger().setLevel(logging.WARNING)

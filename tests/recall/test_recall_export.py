@@ -19,8 +19,13 @@ from recall_service.model import TwoTowerModel, TwoTowerShape  # noqa: E402
 MAX_LENGTH = 12
 
 
-# The default tower (pre-LN, cosine) and the SASRec-style one (post-LN, raw inner product).
-ARCHITECTURES = {"pre_ln_cosine": {}, "post_ln_dot": {"post_norm": True, "similarity": "dot"}}
+# The default tower (pre-LN, cosine), the SASRec-style one (post-LN, raw inner product), and the
+# default tower with hashed item titles and the unseen items' ids masked.
+ARCHITECTURES = {
+    "pre_ln_cosine": {},
+    "post_ln_dot": {"post_norm": True, "similarity": "dot"},
+    "pre_ln_cosine_text": {"text": "hash", "text_buckets": 512, "mask_unseen_ids": True},
+}
 
 
 @pytest.fixture(scope="module", params=sorted(ARCHITECTURES))
@@ -45,7 +50,15 @@ def exported(
     attributes = np.zeros((41, 2), dtype=np.int64)
     attributes[1:, 0] = np.arange(40) % 6 + 1
     attributes[1::2, 1] = 3
-    model = TwoTowerModel(shape, attributes).eval()
+    text_arrays, seen = None, None
+    if shape.text == "hash":
+        from recall_service.text import HashedTitles
+
+        titles = [f"brand{i % 5} widget{i % 7} model{i}" if i % 9 else "" for i in range(40)]
+        hashed = HashedTitles.build(titles, shape.text_buckets)
+        text_arrays = {"token_ids": hashed.token_ids, "offsets": hashed.offsets}
+        seen = np.arange(40) % 4 != 0
+    model = TwoTowerModel(shape, attributes, text_arrays, seen).eval()
     path = tmp_path_factory.mktemp("onnx") / "user_tower.onnx"
     export_user_tower(model, path)
     options = ort.SessionOptions()
