@@ -20,7 +20,7 @@ from pathlib import Path
 import grpc
 
 from gateway.query import DEFAULT_GATEWAY, TokenError, add_token_argument, token_from_args
-from recsys.scenario.config import DEFAULT_SCENARIOS, load_scenarios
+from recsys.scenario.config import DEFAULT_SCENARIOS_FILE, load_scenarios
 from recsys.serving.auth import BearerTokenInterceptor
 from recsys.timing import latency_summary, machine_info
 from recsys.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     parser.add_argument(
-        "--scenarios-file", type=Path, default=DEFAULT_SCENARIOS, help="the gateway's scenario file"
+        "--scenarios-file", type=Path, default=DEFAULT_SCENARIOS_FILE, help="the gateway's scenario file"
     )
     return parser
 

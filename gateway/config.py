@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gateway.history import SQLITE_SYNCHRONOUS
-from recsys.scenario.config import DEFAULT_SCENARIOS
+from recsys.scenario.config import DEFAULT_SCENARIOS_FILE as DEFAULT_SCENARIOS
 from recsys.serving.auth import load_tokens
 from recsys.serving.config import (
     ConfigError,

@@ -21,12 +21,8 @@ import numpy as np
 from rank_service.features import SOURCES
 from rank_service.runtime import RankQuery
 from recsys.data.dataset import DEFAULT_SCENARIOS, EventType
-from recsys.scenario.config import Scenario, ScenarioSet
+from recsys.scenario.config import DEFAULT_SCENARIOS_FILE, Scenario, ScenarioSet, load_scenarios
 from recsys.scenario.stages import MAX_SEEDS, RecallStage, recall_sources
-
-# Scenarios whose requests carry the viewed item / cart as seeds (i2i, covisit of the seeds), for
-# the bundle-mix lists (``k`` given).
-SEEDED_SCENARIOS = ("item_detail", "cart")
 
 
 @dataclass
@@ -101,8 +97,10 @@ def stage_seeds(stage: RecallStage, history: np.ndarray, event_types: np.ndarray
 
 
 class RecallCandidates:
-    """Candidates from a recall bundle through ``recall_service.engine.RecallEngine``; with a
-    scenario set, also as its scenarios' recall stages ask for them (``generate(..., k=None)``)."""
+    """Candidates from a recall bundle through ``recall_service.engine.RecallEngine``, as the
+    scenario set's recall stages ask for them (``generate(..., k=None)``) or as the bundle's own
+    mix (``k``); the scenario set (default: the shipped file) also says which scenarios' requests
+    carry the viewed item or cart as seeds."""
 
     def __init__(self, engine, batch_size: int = 256, scenarios: ScenarioSet | None = None):
         from recall_service.engine import SOURCES as RECALL_SOURCES
@@ -111,7 +109,7 @@ class RecallCandidates:
             raise ValueError(f"recall sources {RECALL_SOURCES} differ from the ranker's {SOURCES}")
         self.engine = engine
         self.batch_size = batch_size
-        self.scenarios = scenarios
+        self.scenarios = scenarios if scenarios is not None else load_scenarios(DEFAULT_SCENARIOS_FILE)
 
     @classmethod
     def load(
@@ -132,14 +130,12 @@ class RecallCandidates:
         known = list(self.engine.scenarios)
         history = np.asarray(history, dtype=np.int64)
         event_types = np.asarray(event_types, dtype=np.int64)
-        if k is not None:  # the bundle's own mix
+        served = served_scenario(self.scenarios, scenario)
+        if k is not None:  # the bundle's own mix; the viewed item / cart as seeds where served so
             name = scenario if scenario in known else known[0]
-            seeds = history[-1:] if name in SEEDED_SCENARIOS and len(history) else history[:0]
+            seeds = history[-1:] if served.takes_context_items else history[:0]
             query = RecallQuery(history, event_types, known.index(name), seeds, quotas={}, k=k)
             return query, k
-        if self.scenarios is None:
-            raise ValueError("k=None asks for the scenarios' own candidates: load with a scenario set")
-        served = served_scenario(self.scenarios, scenario)
         stage, rank = served.recall, served.rank
         model_scenario = served.model_scenario_name
         seeds = stage_seeds(stage, history, event_types)

@@ -54,7 +54,7 @@ from rank_service.model import Ranker, RankerConfig
 from recsys.data.dataset import Dataset
 from recsys.data.split import LeaveOneOutSplit, Phase
 from recsys.evaluation.protocol import metrics_from_ranks, ranks_from_lists
-from recsys.scenario.config import DEFAULT_SCENARIOS, load_scenarios
+from recsys.scenario.config import DEFAULT_SCENARIOS_FILE, load_scenarios
 from recsys.training import (
     DEFAULT_TIME_GUARD_S,
     DistributedContext,
@@ -564,7 +564,9 @@ def holdout_candidates(
 
 def load_candidates(bundle_dir: Path, config: RankTrainConfig) -> RecallCandidates:
     """The recall bundle as a candidate source that also knows the compiled scenarios."""
-    scenarios = load_scenarios(Path(config.scenarios_file) if config.scenarios_file else DEFAULT_SCENARIOS)
+    scenarios = load_scenarios(
+        Path(config.scenarios_file) if config.scenarios_file else DEFAULT_SCENARIOS_FILE
+    )
     return RecallCandidates.load(bundle_dir, threads=resolve_threads(config.threads), scenarios=scenarios)
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from recsys.scenario.config import DEFAULT_SCENARIOS, load_scenarios
+from recsys.scenario.config import DEFAULT_SCENARIOS_FILE, load_scenarios
 from recsys.serving.auth import bearer_metadata, read_token
 from recsys.v1 import gateway_pb2, gateway_pb2_grpc
 
@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--deadline-ms", type=float, default=500.0, help="client deadline per request")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--scenarios-file", type=Path, default=DEFAULT_SCENARIOS, help="the gateway's scenario file"
+        "--scenarios-file", type=Path, default=DEFAULT_SCENARIOS_FILE, help="the gateway's scenario file"
     )
     return parser
 

@@ -33,7 +33,7 @@ from recsys.scenario.spec import (
 from recsys.scenario.stages import STAGES, RankStage, RecallStage, RerankStage, Stage
 
 # The shipped scenario file (gateway --scenarios / RECSYS_SCENARIOS, recsys eval --scenarios-file).
-DEFAULT_SCENARIOS = Path(__file__).resolve().parents[2] / "config" / "scenarios.yaml"
+DEFAULT_SCENARIOS_FILE = Path(__file__).resolve().parents[2] / "config" / "scenarios.yaml"
 # Request inputs every stage may read. Some are only *required* if a stage cannot do without them.
 REQUEST_KEYS = frozenset({"user_id", "history", "context.item_ids", "context.category"})
 # The request fields a scenario can make mandatory (history is always present, possibly empty).

@@ -16,16 +16,16 @@ from recsys.app.scenario_eval import (
     without_budgets,
 )
 from recsys.data.split import LeaveOneOutSplit
-from recsys.scenario.config import DEFAULT_SCENARIOS, load_scenarios
+from recsys.scenario.config import DEFAULT_SCENARIOS_FILE, load_scenarios
 
 pytestmark = pytest.mark.integration
-EXPLORATION_EXAMPLE = DEFAULT_SCENARIOS.parent / "examples" / "exploration.yaml"
+EXPLORATION_EXAMPLE = DEFAULT_SCENARIOS_FILE.parent / "examples" / "exploration.yaml"
 
 
 async def test_each_scenario_is_scored_with_its_context_and_no_fallbacks(
     synthetic_dataset, recall_bundle, rank_bundle, tmp_path
 ):
-    document = yaml.safe_load(DEFAULT_SCENARIOS.read_text())
+    document = yaml.safe_load(DEFAULT_SCENARIOS_FILE.read_text())
     document["scenarios"]["home_recall_only"] = {
         "model_scenario": "home",
         "stages": [{"recall": {"k": 60, "filters": {"exclude_history": True}}}],
@@ -54,7 +54,7 @@ async def test_each_scenario_is_scored_with_its_context_and_no_fallbacks(
 def test_scenario_requests_carry_the_context_each_scenario_needs(synthetic_dataset):
     dataset = synthetic_dataset
     split = LeaveOneOutSplit(dataset)
-    scenarios = load_scenarios(DEFAULT_SCENARIOS)
+    scenarios = load_scenarios(DEFAULT_SCENARIOS_FILE)
     user = int(split.eval_users[0])
     history, target = split.history(user, "test"), split.target(user, "test")
     home = scenario_request(dataset, scenarios.get("home"), user, history, target, 50)
@@ -77,9 +77,9 @@ async def test_training_lists_are_what_the_served_recall_stage_sends_to_rank(
     (same sources, quotas, seeds, exclusions, cut to the rank stage's max_candidates)."""
     dataset = synthetic_dataset
     split = LeaveOneOutSplit(dataset)
-    scenarios = load_scenarios(DEFAULT_SCENARIOS)
+    scenarios = load_scenarios(DEFAULT_SCENARIOS_FILE)
     source = RecallCandidates.load(recall_bundle, threads=1, scenarios=scenarios)
-    offline = await OfflinePipeline.load(recall_bundle, rank_bundle, DEFAULT_SCENARIOS)
+    offline = await OfflinePipeline.load(recall_bundle, rank_bundle, DEFAULT_SCENARIOS_FILE)
     users = [int(u) for u in split.eval_users[:8]]
     compared = 0
     for name in ("home", "item_detail", "cart"):

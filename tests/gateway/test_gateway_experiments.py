@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import yaml
 
-from recsys.scenario.config import DEFAULT_SCENARIOS, load_scenarios, parse_scenarios
+from recsys.scenario.config import DEFAULT_SCENARIOS_FILE, load_scenarios, parse_scenarios
 from recsys.scenario.spec import ScenarioConfigError
 from recsys.v1 import common_pb2, gateway_pb2
 from tests.gateway.conftest import FakeStack
@@ -29,7 +29,7 @@ EXPERIMENT_SCENARIO = {
 
 
 def with_experiment(tmp_path: Path, scenario: dict) -> Path:
-    document = yaml.safe_load(DEFAULT_SCENARIOS.read_text())
+    document = yaml.safe_load(DEFAULT_SCENARIOS_FILE.read_text())
     document["scenarios"]["exp_home"] = scenario
     path = tmp_path / "experiments.yaml"
     path.write_text(yaml.safe_dump(document))
@@ -66,7 +66,7 @@ def test_users_are_bucketed_by_a_hash_stable_across_loads_and_shares_are_respect
     ],
 )
 def test_a_bad_experiment_is_rejected_naming_the_scenario_and_arm(experiment: dict, message: str):
-    document = yaml.safe_load(DEFAULT_SCENARIOS.read_text())
+    document = yaml.safe_load(DEFAULT_SCENARIOS_FILE.read_text())
     document["scenarios"]["exp_home"] = dict(EXPERIMENT_SCENARIO, experiment=experiment)
     with pytest.raises(ScenarioConfigError, match="scenario 'exp_home'") as raised:
         parse_scenarios(document)
@@ -168,7 +168,7 @@ async def test_outcomes_are_attributed_only_to_what_the_user_was_shown(fake_stac
 
 
 def test_the_shipped_exploration_example_is_an_experiment_with_an_explore_arm():
-    home = load_scenarios(DEFAULT_SCENARIOS.parent / "examples" / "exploration.yaml").get("home")
+    home = load_scenarios(DEFAULT_SCENARIOS_FILE.parent / "examples" / "exploration.yaml").get("home")
     assert home.experiment is not None
     arms = {arm.name: arm.scenario for arm in home.experiment.arms}
     assert set(arms) == {"control", "explore"}
@@ -178,8 +178,8 @@ def test_the_shipped_exploration_example_is_an_experiment_with_an_explore_arm():
 
 def test_the_ablation_example_starts_from_the_shipped_home():
     """config/examples/ablation-home.yaml measures the shipped home: its `shipped` arm must be it."""
-    shipped = load_scenarios(DEFAULT_SCENARIOS).get("home")
-    ablation = load_scenarios(DEFAULT_SCENARIOS.parent / "examples" / "ablation-home.yaml").get("home")
+    shipped = load_scenarios(DEFAULT_SCENARIOS_FILE).get("home")
+    ablation = load_scenarios(DEFAULT_SCENARIOS_FILE.parent / "examples" / "ablation-home.yaml").get("home")
     arms = {arm.name: arm.scenario for arm in ablation.experiment.arms}
     assert arms["shipped"].stages == shipped.stages
     assert arms["no_rank"].rank is None and arms["no_rules"].rerank is None
