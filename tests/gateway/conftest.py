@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import socket
 import subprocess
@@ -134,3 +135,11 @@ async def fake_stack(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIte
         await gateway.stop(0)
         await recall.stop()
         await rank.stop()
+
+
+async def eventually(condition, timeout_s: float = 5.0) -> None:
+    """Wait until ``condition()`` holds (e.g. a metric the server records after it answered)."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)

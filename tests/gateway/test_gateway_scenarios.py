@@ -19,7 +19,7 @@ from recsys.scenario.rules import DiversityRule, DropPurchasedRule, RevenueRule
 from recsys.scenario.spec import ScenarioConfigError
 from recsys.serving.metrics import new_registry
 from recsys.v1 import rank_pb2_grpc, recall_pb2_grpc
-from tests.gateway.conftest import gateway_config
+from tests.gateway.conftest import eventually, gateway_config
 from tests.gateway.fakes import FakeRank, FakeRecall, FakeServer
 
 
@@ -157,13 +157,6 @@ scenarios:
           k: 50
           seeds:
 """
-
-
-async def eventually(condition, timeout_s: float = 5.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while not condition():
-        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
 
 
 def edit(path: Path, text: str, mtime: int) -> None:
