@@ -80,7 +80,7 @@ eval: install
 
 # Quality over seeds: per seed, train recall and rank with defaults and evaluate what the gateway
 # serves (home = the `pipeline` stage, item_detail, cart); then the README's quality section from
-# the JSON (kept in docs/quality). E.g. make eval-seeds DATA=../shared/data/amazon-beauty
+# the JSON (kept in artifacts/quality). E.g. make eval-seeds DATA=../shared/data/amazon-beauty
 SEEDS ?= 1 2 3
 eval-seeds: install
 	for s in $(SEEDS); do \

@@ -1,4 +1,4 @@
-"""`recsys eval report`: the README's quality section is what eval JSON says, kept in docs/quality."""
+"""`recsys eval report`: the README's quality section is what eval JSON says, kept in artifacts/quality."""
 
 from __future__ import annotations
 
