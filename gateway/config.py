@@ -36,10 +36,8 @@ GATEWAY_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 GATEWAY_MAX_CONCURRENT_RPCS = 64
 
 
-def address_list(text: str | tuple[str, ...]) -> tuple[str, ...]:
-    """``"a:1,b:2"`` -> ``("a:1", "b:2")`` (a tuple passes through)."""
-    if isinstance(text, tuple):
-        return text
+def address_list(text: str) -> tuple[str, ...]:
+    """``"a:1,b:2"`` -> ``("a:1", "b:2")``."""
     return tuple(address.strip() for address in text.split(",") if address.strip())
 
 

@@ -125,6 +125,34 @@ class ShardedRecall:
             response.degraded_reasons.append(SHARD_MISCONFIGURED)
         return response
 
+    async def UserProfile(
+        self, request: recall_pb2.UserProfileRequest, timeout: float | None = None, metadata: Any = None
+    ) -> recall_pb2.UserProfileResponse:
+        """The nearest attribute clusters from the first shard that answers (every shard holds
+        the whole catalog's centroids), all shards tried in turn within the one ``timeout``; a
+        shard's answer about the request itself (another catalog, a bad field, no time left) ends
+        the search."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        final = (
+            grpc.StatusCode.FAILED_PRECONDITION,
+            grpc.StatusCode.INVALID_ARGUMENT,
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+        )
+        last_error: grpc.aio.AioRpcError | None = None
+        for position, shard in enumerate(self.shards):
+            remaining = None if deadline is None else deadline - loop.time()
+            if remaining is not None and remaining <= 0:
+                break
+            try:
+                return await shard.UserProfile(request, timeout=remaining, metadata=metadata)
+            except grpc.aio.AioRpcError as error:
+                self._failed(position, error)
+                if error.code() in final:
+                    raise
+                last_error = error
+        raise last_error or unavailable(f"no recall shard answered ({len(self.shards)} asked)")
+
     async def GetCatalog(
         self,
         request: recall_pb2.CatalogRequest,

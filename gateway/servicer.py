@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 import grpc
@@ -22,7 +21,7 @@ from recsys.scenario.candidates import History
 from recsys.scenario.catalog import Catalog
 from recsys.scenario.config import Scenario, ScenarioSet
 from recsys.scenario.context import CatalogMismatchError, PipelineUnavailable, RecommendInputs
-from recsys.scenario.pipeline import Pipeline, to_history
+from recsys.scenario.pipeline import Pipeline, given_history, stored_history
 from recsys.scenario.spec import MAX_NUM_ITEMS
 from recsys.scenario.stages import failure_reason
 from recsys.serving.metrics import bundle_info
@@ -133,32 +132,19 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             "context.category",
             f"required by scenario {scenario.name!r} (its recall stage filters by category)",
         )
-        require(
-            len(request.history) <= MAX_REQUEST_HISTORY,
-            "history",
-            f"at most {MAX_REQUEST_HISTORY} items, got {len(request.history)}",
-        )
-        for i, entry in enumerate(request.history):
-            require_id(entry.item_id, f"history[{i}].item_id")
-            require(
-                entry.type in common_pb2.EventType.values(),
-                f"history[{i}].type",
-                f"unknown event type {entry.type}",
-            )
-            require(
-                entry.timestamp_ms >= 0,
-                f"history[{i}].timestamp_ms",
-                f"must be >= 0 (0 = unknown), got {entry.timestamp_ms}",
-            )
+        validate_history(request.history)
+        # Every answer has a request id (events quote it back for attribution), and a user in an
+        # experiment gets the variant of their arm.
+        request_id = request.request_id or uuid.uuid4().hex
         return RecommendInputs(
-            scenario=scenario,
+            scenario=scenario.variant_for(request.user_id or request_id),
             user_id=request.user_id,
             num_items=request.num_items or scenario.default_num_items,
             context_item_ids=tuple(context_ids),
             context_category=request.context.category,
             history=tuple(request.history) if request.history else None,
             debug=request.debug,
-            request_id=request.request_id,
+            request_id=request_id,
         )
 
     @grpc_method
@@ -176,11 +162,6 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 self.metrics.requests.labels(label, "invalid").inc()
                 raise
             assert scenario is not None
-            # Every answer has a request id (events quote it back for attribution), and a user in
-            # an experiment gets the variant of their arm.
-            request_id = inputs.request_id or uuid.uuid4().hex
-            variant = scenario.variant_for(inputs.user_id or request_id)
-            inputs = dataclasses.replace(inputs, scenario=variant, request_id=request_id)
             remaining = context.time_remaining()
             budget_s = min(
                 self.default_deadline_s if remaining is None else remaining, scenario.timeout_ms / 1000
@@ -198,9 +179,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 raise
             self.metrics.requests.labels(label, "degraded" if result.degraded else "ok").inc()
             self._report_versions(result.model_versions)
-            self.impressions.record(request_id, inputs.user_id, variant, result)
+            variant = inputs.scenario
+            self.impressions.record(inputs.request_id, inputs.user_id, variant, result)
             return gateway_pb2.RecommendResponse(
-                request_id=request_id,
+                request_id=inputs.request_id,
                 experiment=variant.experiment_name,
                 arm=variant.arm,
                 items=scored_items(result, request.debug),
@@ -317,23 +299,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             "must not be empty (or send the history)",
         )
         require_id(request.user_id, "user_id", allow_empty=True)
-        require(
-            len(request.history) <= MAX_REQUEST_HISTORY,
-            "history",
-            f"at most {MAX_REQUEST_HISTORY} items, got {len(request.history)}",
-        )
-        for i, entry in enumerate(request.history):
-            require_id(entry.item_id, f"history[{i}].item_id")
-            require(
-                entry.type in common_pb2.EventType.values(),
-                f"history[{i}].type",
-                f"unknown event type {entry.type}",
-            )
-            require(
-                entry.timestamp_ms >= 0,
-                f"history[{i}].timestamp_ms",
-                f"must be >= 0 (0 = unknown), got {entry.timestamp_ms}",
-            )
+        validate_history(request.history)
         require_in_range(request.top_n, "top_n", 0, profile.MAX_TOP_N)  # 0: the default
         return request.top_n or profile.DEFAULT_TOP_N
 
@@ -348,10 +314,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         is UNAVAILABLE (the history is the profile), slower than the deadline DEADLINE_EXCEEDED."""
         limit = self.pipeline.max_history_length
         if request.history:
-            given = request.history[-limit:]
-            return to_history(
-                [h.item_id for h in given], [h.type for h in given], [h.timestamp_ms for h in given], catalog
-            )
+            return given_history(request.history[-limit:], catalog)
         try:
             events = await asyncio.wait_for(
                 self.history_store.history(request.user_id, limit), max(0.0, deadline - time.monotonic())
@@ -360,19 +323,14 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "history store slower than the deadline")
         except Exception as error:
             await _store_unavailable(context, "GetUserProfile", error)
-        return to_history(
-            [e.item_id for e in events],
-            [e.event_type for e in events],
-            [e.timestamp_ms for e in events],
-            catalog,
-        )
+        return stored_history(events, catalog)
 
     async def _nearest_attributes(
         self, history: History, catalog: Catalog, top_n: int, deadline: float
     ) -> tuple[list[profile.NearestAttribute], str, list[str]]:
-        """(nearest clusters, recall's model version, degraded reasons): asked of recall (of each
-        shard in turn when sharded: every shard holds the whole catalog's centroids); nothing to
-        ask without a known history item; any failure leaves the list empty with a reason."""
+        """(nearest clusters, recall's model version, degraded reasons): asked of recall (a
+        sharded recall asks its shards in turn); nothing to ask without a known history item; any
+        failure leaves the list empty with a reason."""
         if not len(history.known):
             return [], "", []
         history_items, history_types = history.packed
@@ -382,32 +340,22 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             history_types=history_types,
             top_n=top_n,
         )
-        recall = self.pipeline.recall
-        calls = [recall.UserProfile] if hasattr(recall, "UserProfile") else []
-        calls = calls or [
-            shard.UserProfile for shard in getattr(recall, "shards", ()) if hasattr(shard, "UserProfile")
-        ]
-        if not calls:
-            return [], "", ["recall_profile_unsupported"]
-        reason = ""
-        for call in calls:
-            timeout = deadline - time.monotonic() - PROFILE_RESERVE_S
-            try:
-                if timeout <= 0:
-                    raise TimeoutError("no time left for recall")
-                response = await call(request, timeout=timeout, metadata=outgoing_metadata())
-                if response.catalog != catalog.fingerprint:
-                    raise CatalogMismatchError(f"recall answered for catalog {response.catalog[:16]!r}")
-                return profile.nearest_attributes(response, catalog), response.model_version, []
-            except (grpc.aio.AioRpcError, TimeoutError, ValueError, CatalogMismatchError) as error:
-                reason = failure_reason("recall", error)
-                log.warning("GetUserProfile: recall failed, nearest attributes left out: %s", reason)
-                if reason.endswith("catalog_mismatch"):
-                    self.pipeline.refresh_catalog_soon()
-                    break
-                if reason == "recall_deadline_exceeded":
-                    break
-        return [], "", [reason]
+        timeout = deadline - time.monotonic() - PROFILE_RESERVE_S
+        try:
+            if timeout <= 0:
+                raise TimeoutError("no time left for recall")
+            response = await self.pipeline.recall.UserProfile(
+                request, timeout=timeout, metadata=outgoing_metadata()
+            )
+            if response.catalog != catalog.fingerprint:
+                raise CatalogMismatchError(f"recall answered for catalog {response.catalog[:16]!r}")
+            return profile.nearest_attributes(response, catalog), response.model_version, []
+        except (grpc.aio.AioRpcError, TimeoutError, ValueError, CatalogMismatchError) as error:
+            reason = failure_reason("recall", error)
+            log.warning("GetUserProfile: recall failed, nearest attributes left out: %s", reason)
+            if reason.endswith("catalog_mismatch"):
+                self.pipeline.refresh_catalog_soon()
+            return [], "", [reason]
 
     @grpc_method
     async def GetUserProfile(
@@ -448,6 +396,27 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             )
         finally:
             self._leave()
+
+
+def validate_history(history: Sequence[common_pb2.HistoryItem]) -> None:
+    """A stateless client's history: bounded, each item an id, a known event type and a time."""
+    require(
+        len(history) <= MAX_REQUEST_HISTORY,
+        "history",
+        f"at most {MAX_REQUEST_HISTORY} items, got {len(history)}",
+    )
+    for i, entry in enumerate(history):
+        require_id(entry.item_id, f"history[{i}].item_id")
+        require(
+            entry.type in common_pb2.EventType.values(),
+            f"history[{i}].type",
+            f"unknown event type {entry.type}",
+        )
+        require(
+            entry.timestamp_ms >= 0,
+            f"history[{i}].timestamp_ms",
+            f"must be >= 0 (0 = unknown), got {entry.timestamp_ms}",
+        )
 
 
 async def _store_unavailable(context: grpc.aio.ServicerContext, method: str, error: Exception) -> NoReturn:

@@ -21,7 +21,6 @@ their product ``served_vs_torch_eager``.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import tempfile
@@ -31,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from recsys.timing import machine_info, time_interleaved
+from recsys.timing import machine_info, report_json, time_interleaved
 
 
 def serving_queries(num_items: int, history: int, candidates: int, count: int, seed: int = 0) -> list:
@@ -250,11 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         "bar": {"speedup_at_least": 3.0, "p50_ms_below": 5.0},
         "passes_bar": bool(speedup >= 3.0 and served < 5.0),
     }
-    text = json.dumps(report, indent=2)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    print(text)
+    report_json(report, args.out)
     return 0
 
 

@@ -64,6 +64,7 @@ from recsys.training import (
     autocast,
     barrier,
     configure_threads,
+    data_parallel,
     gather_metrics,
     init_distributed,
     main_first,
@@ -372,17 +373,6 @@ def build_model(dataset: Dataset, split: LeaveOneOutSplit, config: RankTrainConf
     )
 
 
-def wrap_for_training(model: Ranker, context: DistributedContext) -> torch.nn.Module:
-    """DistributedDataParallel over the processes when there are several, else the model."""
-    if not context.distributed:
-        return model
-    from torch.nn.parallel import DistributedDataParallel
-
-    device_ids = [context.torch_device()] if context.device.startswith("cuda") else None
-    # The buffers (item attributes and popularity) never change: no re-broadcast every step.
-    return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
-
-
 def train_model(
     dataset: Dataset,
     source: CandidateSource,
@@ -438,7 +428,7 @@ def train_model(
     model = build_model(dataset, split, config).to(device)  # the same initial weights everywhere
     torch.manual_seed(config.seed + context.rank)  # each process its own dropout masks
     scorer = TorchScorer(model, context.device)
-    train_module = wrap_for_training(model, context)
+    train_module = data_parallel(model, context)
     optimizer = adamw(model.parameters(), config.learning_rate, config.weight_decay)
     best_state, best_valid = None, {"NDCG@10": -1.0}
     for epoch in range(1, config.epochs + 1):

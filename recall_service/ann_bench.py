@@ -43,7 +43,7 @@ from recall_service.index import (
     search_parameter,
     tune_index,
 )
-from recsys.timing import latency_summary, machine_info
+from recsys.timing import latency_summary, machine_info, report_json
 
 log = logging.getLogger(__name__)
 
@@ -720,10 +720,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, result in report["datasets"].items():
         for row in result.get("summary", []):
             print(summary_line(name, row), file=sys.stderr)
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n", encoding="utf-8")
+    report_json(report, args.out)
     return 0
 
 

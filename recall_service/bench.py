@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ from recall_service.config import RecallConfig
 from recall_service.engine import RecallEngine, RecallQuery
 from recsys.serving.config import ServingConfig
 from recsys.serving.wire import FLAGS, INDEX, catalog_fingerprint, pack
-from recsys.timing import latency_summary, machine_info
+from recsys.timing import latency_summary, machine_info, report_json
 from recsys.v1 import common_pb2, recall_pb2, recall_pb2_grpc
 
 
@@ -159,11 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         "history_length": args.history_length,
         "results": results,
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n", encoding="utf-8")
+    report_json(report, args.out)
     return 0
 
 

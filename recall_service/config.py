@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
-from recsys.serving.config import ConfigError, ModelServingConfig, env_default
+from recsys.serving.config import ConfigError, ModelServingConfig, add_env_arguments
 
 MAX_SHARDS = 1024
 _POD_ORDINAL = re.compile(r"-(\d+)$")
@@ -90,15 +90,7 @@ class RecallConfig(ModelServingConfig):
                     "live recall@k is the mean over this many latest samples",
                 ),
             ]
-            for name, cast, default, text in settings:
-                variable = f"RECSYS_{name.upper()}"
-                value = env_default(variable, default, cast)
-                group.add_argument(
-                    f"--{name.replace('_', '-')}",
-                    type=cast,
-                    default=value,
-                    help=f"{text} (env {variable}; now {value})",
-                )
+            add_env_arguments(group, settings)
         except ConfigError as error:
             parser.error(str(error))
         return parser

@@ -19,6 +19,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
+from recsys.timing import report_json
 from recsys.training import available_cores
 
 SWEEP_KS = (10, 20, 50, 500)
@@ -97,11 +98,7 @@ def main(argv: list[str] | None = None) -> int:
                 results.append({"trial": futures[future], "error": repr(error)})
             print(json.dumps(results[-1]), file=sys.stderr, flush=True)
     results.sort(key=lambda r: -r.get("valid", {}).get("HR@10", -1.0))
-    text = json.dumps({"sweep": "recall", "data": args.data, "results": results}, indent=2)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    print(text)
+    report_json({"sweep": "recall", "data": args.data, "results": results}, args.out)
     return 0
 
 

@@ -21,7 +21,6 @@ to ``--out`` and printed.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import platform
@@ -33,6 +32,7 @@ import numpy as np
 
 from recsys.data.dataset import Dataset
 from recsys.data.split import LeaveOneOutSplit
+from recsys.timing import report_json
 
 log = logging.getLogger(__name__)
 
@@ -162,10 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     result = run(args.data, args.artifacts, args.quick, args.cold_share, args.seed, args.threads, args.epochs)
-    text = json.dumps(result, indent=2)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text + "\n")
-    print(text)
+    report_json(result, args.out)
     return 0
 
 

@@ -57,6 +57,7 @@ from recsys.training import (
     autocast,
     barrier,
     configure_threads,
+    data_parallel,
     gather_metrics,
     init_distributed,
     main_first,
@@ -712,14 +713,33 @@ def wrap_for_training(
     model: TwoTowerModel, loss_fn: SampledSoftmaxLoss, context: DistributedContext
 ) -> nn.Module:
     """The step module: DistributedDataParallel over the processes when there are several."""
-    objective = RecallObjective(model, loss_fn)
-    if not context.distributed:
-        return objective
-    from torch.nn.parallel import DistributedDataParallel
+    return data_parallel(RecallObjective(model, loss_fn), context)
 
-    device_ids = [context.torch_device()] if context.device.startswith("cuda") else None
-    # The only buffer (item attributes) never changes: no need to re-broadcast it every step.
-    return DistributedDataParallel(objective, device_ids=device_ids, broadcast_buffers=False)
+
+def build_for_training(
+    shape: TwoTowerShape,
+    attributes: np.ndarray,
+    text_arrays: dict[str, np.ndarray] | None,
+    item_counts: np.ndarray,
+    config: RecallTrainConfig,
+    rng: np.random.Generator,
+    context: DistributedContext,
+    precision: str,
+) -> tuple[TwoTowerModel, Any, nn.Module]:
+    """The model (the same initial weights in every process), its optimizer and the step module
+    (the loss over the catalog, data-parallel when there are several processes)."""
+    model = TwoTowerModel(shape, attributes, text_arrays, item_counts > 0).to(context.torch_device())
+    torch.manual_seed(config.seed + context.rank)  # each process its own dropout masks
+    optimizer = adamw(model.parameters(), config.learning_rate, config.weight_decay)
+    loss_fn = SampledSoftmaxLoss(
+        item_counts,
+        config.uniform_negatives,
+        rng,
+        config.logq_correction,
+        low_precision=precision == "bf16",
+        seen_only=shape.mask_unseen_ids,
+    )
+    return model, optimizer, wrap_for_training(model, loss_fn, context)
 
 
 def train_model(
@@ -733,7 +753,6 @@ def train_model(
     context = context or init_distributed(config.device)
     threads = configure_threads(config.threads)
     precision = resolve_precision(config.precision, context.device)
-    device = context.torch_device()
     run = TrainingRun(
         max_epochs=config.epochs,
         patience=config.patience,
@@ -768,19 +787,9 @@ def train_model(
     shape = model_shape(dataset, config, attributes.shape[1], text_arrays)
     if text_arrays is not None:
         log.info("item text: %s (%s)", shape.text, config.text_model or f"{config.text_buckets} buckets")
-    # the same initial weights in every process
-    model = TwoTowerModel(shape, attributes, text_arrays, item_counts > 0).to(device)
-    torch.manual_seed(config.seed + context.rank)  # each process its own dropout masks
-    optimizer = adamw(model.parameters(), config.learning_rate, config.weight_decay)
-    loss_fn = SampledSoftmaxLoss(
-        item_counts,
-        config.uniform_negatives,
-        rng,
-        config.logq_correction,
-        low_precision=precision == "bf16",
-        seen_only=shape.mask_unseen_ids,
+    model, optimizer, objective = build_for_training(
+        shape, attributes, text_arrays, item_counts, config, rng, context, precision
     )
-    objective = wrap_for_training(model, loss_fn, context)
     eval_users = split.eval_users
     if config.eval_users and len(eval_users) > config.eval_users:
         eval_users = np.sort(rng.choice(eval_users, size=config.eval_users, replace=False))
@@ -866,18 +875,9 @@ def _refit(
         recency_decay=config.recency_decay,
     )
     counts = training_item_counts(dataset, split, include_validation=True)
-    model = TwoTowerModel(shape, attributes, text_arrays, counts > 0).to(context.torch_device())
-    torch.manual_seed(config.seed + context.rank)
-    optimizer = adamw(model.parameters(), config.learning_rate, config.weight_decay)
-    loss_fn = SampledSoftmaxLoss(
-        counts,
-        config.uniform_negatives,
-        rng,
-        config.logq_correction,
-        low_precision=precision == "bf16",
-        seen_only=shape.mask_unseen_ids,
+    model, optimizer, objective = build_for_training(
+        shape, attributes, text_arrays, counts, config, rng, context, precision
     )
-    objective = wrap_for_training(model, loss_fn, context)
     for epoch in range(1, epochs + 1):
         loss = train_one_epoch(
             objective, optimizer, windows, config.batch_size, rng, None, context, precision

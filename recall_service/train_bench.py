@@ -33,7 +33,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
 import copy
-import json
 import logging
 import platform
 import statistics
@@ -64,6 +63,7 @@ from recall_service.train import (
 from recsys.data.dataset import Dataset
 from recsys.data.split import LeaveOneOutSplit
 from recsys.evaluation.protocol import evaluate_scorer
+from recsys.timing import report_json
 from recsys.training import adamw, available_cores, cpu_has_native_bf16, resolve_precision, reuse_freed_memory
 
 log = logging.getLogger(__name__)
@@ -336,10 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     threads = args.threads or available_cores()
     result = run_bench(args.data, args.rounds, args.steps, threads, args.validation_rounds)
-    text = json.dumps(result, indent=2)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text + "\n")
-    print(text)
+    report_json(result, args.out)
     return 0
 
 

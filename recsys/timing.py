@@ -4,6 +4,7 @@ the application layer's `recsys bench` dispatcher."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import random
@@ -103,6 +104,15 @@ def time_interleaved(
         "results": {name: latency_summary(samples[name]) for name in names},
         "round_p50_ms": round_p50_ms,
     }
+
+
+def report_json(report: object, out: Path | None = None) -> None:
+    """Print a benchmark's JSON report, and write it to ``out`` (its folder created) when given."""
+    text = json.dumps(report, indent=2)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n", encoding="utf-8")
+    print(text)
 
 
 def machine_info() -> dict[str, object]:

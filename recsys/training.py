@@ -218,6 +218,18 @@ def adamw(parameters: Iterable[Any], learning_rate: float, weight_decay: float) 
         return torch.optim.AdamW(trainable, lr=learning_rate, weight_decay=weight_decay)
 
 
+def data_parallel(module: Any, context: DistributedContext) -> Any:
+    """``module`` as DistributedDataParallel over the processes when there are several, else
+    itself. Buffers are not re-broadcast each step: the trainers' buffers (item attributes,
+    popularity) never change."""
+    if not context.distributed:
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [context.torch_device()] if context.device.startswith("cuda") else None
+    return DistributedDataParallel(module, device_ids=device_ids, broadcast_buffers=False)
+
+
 def any_rank(flag: bool, context: DistributedContext) -> bool:
     """True on every rank when ``flag`` is true on any (so that all ranks stop together)."""
     if not context.distributed:

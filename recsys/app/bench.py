@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from recsys.app import load_entry
+from recsys.timing import report_json
 
 log = logging.getLogger(__name__)
 
@@ -111,11 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     merged = run_all(args.artifacts, args.data)
-    text = json.dumps(merged, indent=2)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    print(text)
+    report_json(merged, args.out)
     return (
         0
         if any(isinstance(v, dict) and "error" not in v and "skipped" not in v for v in merged.values())

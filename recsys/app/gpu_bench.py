@@ -14,7 +14,6 @@ this onnxruntime build, no torch CUDA, no CuPy), so the command is safe anywhere
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from collections.abc import Callable
@@ -23,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from recsys.timing import machine_info, time_calls
+from recsys.timing import machine_info, report_json, time_calls
 
 
 def bench_rank(args: argparse.Namespace) -> dict[str, Any]:
@@ -186,11 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         report["onnxruntime"] = {"version": ort.__version__, "providers": ort.get_available_providers()}
     except ImportError:
         pass
-    text = json.dumps(report, indent=2)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    print(text)
+    report_json(report, args.out)
     return 0 if all("error" not in report[k] for k in ("rank", "recall")) else 1
 
 

@@ -160,7 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--eval", type=Path, action="append", default=[], help="eval JSON to add (repeatable)"
     )
-    parser.add_argument("--store", type=Path, default=STORE, help="folder of kept eval JSON (artifacts/quality)")
+    parser.add_argument(
+        "--store", type=Path, default=STORE, help="folder of kept eval JSON (artifacts/quality)"
+    )
     parser.add_argument("--readme", type=Path, help="README to update in place (default: print)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     for path in args.eval:

@@ -47,6 +47,7 @@ from recsys.scenario.context import (
 from recsys.serving.metrics import LATENCY_BUCKETS, get_or_create
 from recsys.serving.tracing import child_span
 from recsys.serving.validation import InvalidArgument
+from recsys.v1 import common_pb2
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +128,20 @@ def to_history(
     )
 
 
+def given_history(items: Sequence[common_pb2.HistoryItem], catalog: Catalog | None) -> History:
+    """A stateless client's history (``HistoryItem`` messages, oldest first)."""
+    return to_history(
+        [h.item_id for h in items], [h.type for h in items], [h.timestamp_ms for h in items], catalog
+    )
+
+
+def stored_history(events: Sequence[StoredEventLike], catalog: Catalog | None) -> History:
+    """The history store's events (oldest first)."""
+    return to_history(
+        [e.item_id for e in events], [e.event_type for e in events], [e.timestamp_ms for e in events], catalog
+    )
+
+
 class Pipeline:
     """Runs scenarios against the recall and rank backends (gRPC stubs, or in-process ones with
     the same methods), a history source and the catalog."""
@@ -189,18 +204,11 @@ class Pipeline:
     async def load_history(self, inputs: RecommendInputs, catalog: Catalog) -> History:
         """The request's own history (stateless clients), else the stored one (oldest first)."""
         if inputs.history is not None:
-            given = inputs.history[-self.max_history_length :]
-            return to_history(
-                [h.item_id for h in given], [h.type for h in given], [h.timestamp_ms for h in given], catalog
-            )
+            return given_history(inputs.history[-self.max_history_length :], catalog)
         if not inputs.user_id or self.history_store is None:
             return History()
-        events = await self.history_store.history(inputs.user_id, self.max_history_length)
-        return to_history(
-            [e.item_id for e in events],
-            [e.event_type for e in events],
-            [e.timestamp_ms for e in events],
-            catalog,
+        return stored_history(
+            await self.history_store.history(inputs.user_id, self.max_history_length), catalog
         )
 
     async def _history_within_budget(

@@ -107,6 +107,25 @@ def env_default(name: str, default: T, cast: Callable[[str], Any] = str) -> Any:
         raise ConfigError(f"{name}: invalid value {raw!r} ({exc})") from None
 
 
+def add_env_arguments(
+    group: argparse._ArgumentGroup,
+    settings: Sequence[tuple[str, Callable[[str], Any], Any, str]],
+    choices: dict[str, Sequence[str]] | None = None,
+) -> None:
+    """One ``--kebab-name`` flag per ``(name, cast, default, help)``, defaulting to its
+    ``RECSYS_<NAME>`` variable, then to ``default``; raises ConfigError on a bad variable."""
+    for name, cast, default, text in settings:
+        variable = f"RECSYS_{name.upper()}"
+        value = env_default(variable, default, cast)
+        group.add_argument(
+            f"--{name.replace('_', '-')}",
+            type=cast,
+            default=value,
+            choices=(choices or {}).get(name),
+            help=f"{text} (env {variable}; now {value})",
+        )
+
+
 def _log_level(value: str) -> str:
     level = value.strip().upper()
     if level not in LOG_LEVELS:
@@ -293,16 +312,7 @@ class ModelServingConfig:
                     "seconds between checks for a new bundle version to hot-swap (0 = never)",
                 ),
             ]
-            for name, cast, default, text in settings:
-                variable = f"RECSYS_{name.upper()}"
-                value = env_default(variable, default, cast)
-                group.add_argument(
-                    f"--{name.replace('_', '-')}",
-                    type=cast,
-                    default=value,
-                    choices=DEVICES if name == "device" else None,
-                    help=f"{text} (env {variable}; now {value})",
-                )
+            add_env_arguments(group, settings, choices={"device": DEVICES})
         except ConfigError as error:
             parser.error(str(error))
         return parser

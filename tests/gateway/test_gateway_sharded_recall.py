@@ -1,5 +1,6 @@
 """The gateway in front of sharded recall (RECSYS_RECALL_ADDRESSES): the same items as one
-unsharded recall, and a shard down degrades the answer instead of failing it."""
+unsharded recall, a shard down degrades the answer instead of failing it, and a user profile
+comes from whichever shard answers."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 
 from recall_service.config import RecallConfig
 from recall_service.server import serve as serve_recall
-from recsys.v1 import gateway_pb2, gateway_pb2_grpc
+from recsys.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from tests.stack import loopback_serving, running_stack
 
 pytestmark = pytest.mark.integration
@@ -40,6 +41,13 @@ async def test_the_gateway_fans_out_to_recall_shards_and_degrades_when_one_is_do
             got = await stub.Recommend(request, timeout=10)
             assert not got.degraded
             assert [item.item_id for item in got.items] == [item.item_id for item in want.items]
+            history = [common_pb2.HistoryItem(item_id=item.item_id) for item in got.items[:5]]
+            profile_request = gateway_pb2.GetUserProfileRequest(user_id="user-000007", history=history)
+            profile = await stub.GetUserProfile(profile_request, timeout=10)
+            assert profile.nearest and not profile.degraded  # any shard holds every centroid
+            await shards[0].stop(0)
+            profile = await stub.GetUserProfile(profile_request, timeout=10)
+            assert profile.nearest and not profile.degraded  # the next shard answers
             await shards[1].stop(0)
             degraded = await stub.Recommend(request, timeout=10)
             assert degraded.items and degraded.degraded
