@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter
@@ -29,21 +29,25 @@ from recsys.v1 import common_pb2
 OUTCOMES = {common_pb2.CLICK: "click", common_pb2.ADD_TO_CART: "add_to_cart", common_pb2.PURCHASE: "purchase"}
 
 
-@dataclass(frozen=True, slots=True)
-class Impression:
-    """One answered Recommend: who saw which items (packed int32 catalog indices of ``catalog``,
-    ~100 bytes for 20 items), in which scenario arm."""
+class Impression(NamedTuple):
+    """One answered Recommend: who saw which items (packed int32 indices into the catalog of
+    fingerprint ``catalog``, ~100 bytes for 20 items), in which scenario arm. Only strings, bytes
+    and a float: the log keeps each as a plain tuple, which the collector stops tracking, so a full
+    log adds no GC work."""
 
     user_id: str
     scenario: str
     experiment: str
     arm: str
-    catalog: Catalog
+    catalog: str
     items: bytes
     at: float
 
-    def shows(self, item_id: str) -> bool:
-        index = self.catalog.index.get(item_id, -1)
+    def shows(self, item_id: str, catalog: Catalog | None) -> bool | None:
+        """Whether ``item_id`` was shown; None when ``catalog`` is not the one it was shown from."""
+        if catalog is None or catalog.fingerprint != self.catalog:
+            return None
+        index = catalog.index.get(item_id, -1)
         return index >= 0 and index in np.frombuffer(self.items, dtype=np.int32)
 
 
@@ -90,7 +94,7 @@ class ImpressionLog:
         self.capacity = capacity
         self.ttl_s = ttl_s
         self.clock = clock
-        self._by_request: OrderedDict[str, Impression] = OrderedDict()
+        self._by_request: OrderedDict[str, tuple] = OrderedDict()  # plain tuples of Impression fields
 
     def __len__(self) -> int:
         return len(self._by_request)
@@ -105,14 +109,20 @@ class ImpressionLog:
             return
         now = self.clock()
         items = result.candidates.items.astype(np.int32).tobytes()
-        self._by_request[request_id] = Impression(
-            user_id, scenario.name, experiment, arm, result.catalog, items, now
+        self._by_request[request_id] = (
+            user_id,
+            scenario.name,
+            experiment,
+            arm,
+            result.catalog.fingerprint,
+            items,
+            now,
         )
         self._by_request.move_to_end(request_id)
         while len(self._by_request) > self.capacity:
             self._by_request.popitem(last=False)
         while self._by_request:  # expire from the oldest
-            oldest = next(iter(self._by_request.values()))
+            oldest = Impression._make(next(iter(self._by_request.values())))
             if now - oldest.at <= self.ttl_s:
                 break
             self._by_request.popitem(last=False)
@@ -125,18 +135,21 @@ class ImpressionLog:
         event_type: int,
         scenario_name: str,
         scenarios: ScenarioSet,
+        catalog: Catalog | None,
     ) -> tuple[str, str, str] | None:
         """Count one new event against the impression it answers; returns the (scenario,
         experiment, arm) it was credited to, or None (not an outcome, no request id, another
-        user's request, an item that was not shown, or nothing to attribute it to)."""
+        user's request, an item that was not shown, or nothing to attribute it to). ``catalog``
+        is the one the gateway holds now (an impression of an older catalog counts as its arm's)."""
         outcome = OUTCOMES.get(event_type)
         if outcome is None or not request_id:
             return None
-        impression = self._by_request.get(request_id)
+        stored = self._by_request.get(request_id)
+        impression = None if stored is None else Impression._make(stored)
         if impression is not None and self.clock() - impression.at > self.ttl_s:
             impression = None
         if impression is not None:
-            if impression.user_id != user_id or not impression.shows(item_id):
+            if impression.user_id != user_id or impression.shows(item_id, catalog) is False:
                 return None
             credited = (impression.scenario, impression.experiment, impression.arm)
         else:  # served elsewhere or forgotten: the scenario's arm is a function of the user

@@ -270,6 +270,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                         event.event_type,
                         event.scenario,
                         scenario_set,
+                        self.pipeline.catalog,
                     )
             return gateway_pb2.LogEventsResponse(accepted=stored.accepted, duplicates=stored.duplicates)
         finally:
