@@ -23,7 +23,7 @@ from prometheus_client import CollectorRegistry, Counter
 from recsys.scenario.catalog import Catalog
 from recsys.scenario.config import Scenario, ScenarioSet
 from recsys.scenario.context import RecommendResult
-from recsys.serving.metrics import get_or_create
+from recsys.serving.metrics import CachedLabels, get_or_create
 from recsys.v1 import common_pb2
 
 OUTCOMES = {common_pb2.CLICK: "click", common_pb2.ADD_TO_CART: "add_to_cart", common_pb2.PURCHASE: "purchase"}
@@ -56,27 +56,35 @@ class ImpressionMetrics:
 
     def __init__(self, registry: CollectorRegistry):
         labels = ["scenario", "experiment", "arm"]
-        self.impressions: Counter = get_or_create(
-            registry,
-            "recsys_impressions",
-            lambda: Counter("recsys_impressions", "Items returned by Recommend", labels, registry=registry),
+        self.impressions = CachedLabels(
+            get_or_create(
+                registry,
+                "recsys_impressions",
+                lambda: Counter(
+                    "recsys_impressions", "Items returned by Recommend", labels, registry=registry
+                ),
+            )
         )
-        self.clicks: Counter = get_or_create(
-            registry,
-            "recsys_clicks",
-            lambda: Counter(
-                "recsys_clicks", "Click events attributed to a returned item", labels, registry=registry
-            ),
+        self.clicks = CachedLabels(
+            get_or_create(
+                registry,
+                "recsys_clicks",
+                lambda: Counter(
+                    "recsys_clicks", "Click events attributed to a returned item", labels, registry=registry
+                ),
+            )
         )
-        self.conversions: Counter = get_or_create(
-            registry,
-            "recsys_conversions",
-            lambda: Counter(
+        self.conversions = CachedLabels(
+            get_or_create(
+                registry,
                 "recsys_conversions",
-                "Add-to-cart and purchase events attributed to a returned item",
-                [*labels, "type"],
-                registry=registry,
-            ),
+                lambda: Counter(
+                    "recsys_conversions",
+                    "Add-to-cart and purchase events attributed to a returned item",
+                    [*labels, "type"],
+                    registry=registry,
+                ),
+            )
         )
 
 

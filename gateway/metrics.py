@@ -6,7 +6,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from recsys.scenario.pipeline import ScenarioMetrics
-from recsys.serving.metrics import get_or_create
+from recsys.serving.metrics import CachedLabels, get_or_create
 
 
 class GatewayMetrics(ScenarioMetrics):
@@ -14,22 +14,26 @@ class GatewayMetrics(ScenarioMetrics):
 
     def __init__(self, registry: CollectorRegistry):
         super().__init__(registry)
-        self.requests: Counter = get_or_create(
-            registry,
-            "recsys_requests",
-            lambda: Counter(
+        self.requests = CachedLabels(
+            get_or_create(
+                registry,
                 "recsys_requests",
-                "Recommend requests by scenario and outcome",
-                ["scenario", "outcome"],
-                registry=registry,
-            ),
+                lambda: Counter(
+                    "recsys_requests",
+                    "Recommend requests by scenario and outcome",
+                    ["scenario", "outcome"],
+                    registry=registry,
+                ),
+            )
         )
-        self.events_ingested: Counter = get_or_create(
-            registry,
-            "recsys_events_ingested",
-            lambda: Counter(
-                "recsys_events_ingested", "Events newly stored, by type", ["type"], registry=registry
-            ),
+        self.events_ingested = CachedLabels(
+            get_or_create(
+                registry,
+                "recsys_events_ingested",
+                lambda: Counter(
+                    "recsys_events_ingested", "Events newly stored, by type", ["type"], registry=registry
+                ),
+            )
         )
         self.in_flight: Gauge = get_or_create(
             registry,

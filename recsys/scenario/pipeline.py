@@ -44,7 +44,7 @@ from recsys.scenario.context import (
     RecommendResult,
     StageContext,
 )
-from recsys.serving.metrics import LATENCY_BUCKETS, get_or_create
+from recsys.serving.metrics import LATENCY_BUCKETS, CachedLabels, get_or_create
 from recsys.serving.tracing import child_span
 from recsys.serving.validation import InvalidArgument
 from recsys.v1 import common_pb2
@@ -72,37 +72,43 @@ class ScenarioMetrics:
     """What running scenarios records (docs/CONVENTIONS.md), registered once per registry."""
 
     def __init__(self, registry: CollectorRegistry):
-        self.stage_seconds: Histogram = get_or_create(
-            registry,
-            "recsys_stage_seconds",
-            lambda: Histogram(
+        self.stage_seconds = CachedLabels(
+            get_or_create(
+                registry,
                 "recsys_stage_seconds",
-                "Time spent per pipeline stage, seconds",
-                ["scenario", "stage"],
-                buckets=LATENCY_BUCKETS,
-                registry=registry,
-            ),
+                lambda: Histogram(
+                    "recsys_stage_seconds",
+                    "Time spent per pipeline stage, seconds",
+                    ["scenario", "stage"],
+                    buckets=LATENCY_BUCKETS,
+                    registry=registry,
+                ),
+            )
         )
-        self.candidates: Histogram = get_or_create(
-            registry,
-            "recsys_candidates",
-            lambda: Histogram(
+        self.candidates = CachedLabels(
+            get_or_create(
+                registry,
                 "recsys_candidates",
-                "Candidates leaving each stage",
-                ["scenario", "stage"],
-                buckets=CANDIDATE_BUCKETS,
-                registry=registry,
-            ),
+                lambda: Histogram(
+                    "recsys_candidates",
+                    "Candidates leaving each stage",
+                    ["scenario", "stage"],
+                    buckets=CANDIDATE_BUCKETS,
+                    registry=registry,
+                ),
+            )
         )
-        self.fallbacks: Counter = get_or_create(
-            registry,
-            "recsys_fallbacks",
-            lambda: Counter(
+        self.fallbacks = CachedLabels(
+            get_or_create(
+                registry,
                 "recsys_fallbacks",
-                "Fallbacks taken because a downstream failed",
-                ["scenario", "reason"],
-                registry=registry,
-            ),
+                lambda: Counter(
+                    "recsys_fallbacks",
+                    "Fallbacks taken because a downstream failed",
+                    ["scenario", "reason"],
+                    registry=registry,
+                ),
+            )
         )
         self.unknown_items: Counter = get_or_create(
             registry,

@@ -190,8 +190,10 @@ class BatcherMetrics:
             ),
         )
 
+        self._queue_wait = self.queue_seconds.labels(service)  # resolved once: observed per request
+
     def observe_queue_wait(self, seconds: float) -> None:
-        self.queue_seconds.labels(self.service).observe(seconds)
+        self._queue_wait.observe(seconds)
 
     def count_rejection(self, reason: str) -> None:
         self.rejected.labels(self.service, reason).inc()

@@ -65,6 +65,23 @@ def get_or_create(registry: CollectorRegistry, name: str, factory: Callable[[], 
         return factory()
 
 
+class CachedLabels:
+    """A labelled metric whose children are resolved once per label values (``labels()`` in
+    prometheus_client validates and locks on every call: tens of microseconds per request on the
+    serving paths). Only for label values from a bounded set (scenario, stage, reason names)."""
+
+    def __init__(self, metric: Any):
+        self.metric = metric
+        self._children: dict[tuple[str, ...], Any] = {}
+
+    def labels(self, *values: str) -> Any:
+        """The child for ``values`` (positional, in the metric's label order)."""
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self.metric.labels(*values)
+        return child
+
+
 def bundle_info(registry: CollectorRegistry, service: str, kind: str, version: str) -> None:
     """Set the info metric ``recsys_bundle_info{service,kind,version} = 1``.
 
