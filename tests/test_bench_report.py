@@ -68,3 +68,22 @@ def test_a_readme_without_markers_is_refused(tmp_path: Path):
     readme.write_text("# no markers\n")
     with pytest.raises(ValueError, match="generated-section markers"):
         bench_report.update_readme(readme, "body")
+
+
+def test_a_benchmark_without_json_keeps_its_published_subsection(tmp_path: Path):
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    (bench / "e2e.json").write_text(json.dumps(e2e_report()))
+    readme = tmp_path / "README.md"
+    published = (
+        f"{bench_report.E2E_HEADING}\n\nstale e2e numbers\n\n"
+        f"{bench_report.ANN_HEADING}\n\n| published ANN row |\n"
+    )
+    readme.write_text(f"# x\n{bench_report.BEGIN}\n{published}{bench_report.END}\n")
+    assert bench_report.main(["--bench", str(bench), "--readme", str(readme)]) == 0
+    section = bench_report.current_section(readme)
+    assert "stale e2e numbers" not in section  # replaced by the new e2e.json
+    assert "| grpc | home | 200 | 10.0 | 20.0 | 30.0 | 0 | 0.0% | 6.00 |" in section
+    assert "| published ANN row |" in section  # no ann.json: the README's ANN subsection stays
+    assert section.index(bench_report.E2E_HEADING) < section.index(bench_report.ANN_HEADING)
+    assert bench_report.RANK_HEADING not in section  # never published, no JSON: absent
