@@ -5,6 +5,8 @@
 - ``generate --out DIR [--preset tiny|quick|default] [--seed N]``: write a synthetic log.
 - ``download beauty --out DIR``: fetch a public dataset, checksum-verified.
 - ``stats --data PATH``: print a JSON description of a dataset.
+- ``tile --data FOLDER --copies N --out DIR``: N disjoint copies of an S3-Rec log (a log N times
+  the size with the same statistics, for capacity checks of training).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import numpy as np
 
 from recsys.data.dataset import Dataset, EventType
 from recsys.data.download import REGISTRY, ChecksumError, download_dataset
-from recsys.data.loaders import DatasetFormatError, save_id_maps
+from recsys.data.loaders import DatasetFormatError, save_id_maps, tile_s3rec
 from recsys.data.prepare import dataset_artifacts, prepare_dataset
 from recsys.data.synthetic import SyntheticConfig, generate
 
@@ -88,6 +90,14 @@ def _stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tile(args: argparse.Namespace) -> int:
+    if args.copies < 1:
+        print(f"recsys data tile: --copies must be >= 1, got {args.copies}", file=sys.stderr)
+        return 2
+    print(tile_s3rec(args.data, args.copies, args.out))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="recsys data", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -115,6 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--artifacts", type=Path, default=default_artifacts)
     stats.add_argument("--quick", action="store_true", help="quick synthetic preset")
     stats.set_defaults(handler=_stats)
+
+    tile = commands.add_parser("tile", help="write N disjoint copies of an S3-Rec log (capacity checks)")
+    tile.add_argument("--data", type=Path, required=True, help="S3-Rec folder or NAME.txt")
+    tile.add_argument("--copies", type=int, required=True)
+    tile.add_argument("--out", type=Path, required=True)
+    tile.set_defaults(handler=_tile)
     return parser
 
 

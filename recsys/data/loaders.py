@@ -120,6 +120,47 @@ def load_s3rec(folder: Path, name: str | None = None) -> Dataset:
     )
 
 
+def tile_s3rec(source: Path, copies: int, out: Path, name: str | None = None) -> Path:
+    """Write ``copies`` disjoint copies of an S3-Rec log into ``out`` (same format and file names):
+    copy ``c`` renames every user, item and attribute id ``x`` to ``x~c`` (copy 0 keeps the ids),
+    so the result is ``copies`` independent shops with the source's statistics: ``copies`` times
+    its users, items, attributes and interactions. A capacity check (how training time and early
+    stopping scale with a larger log) without another dataset. Returns the sequence file."""
+    if copies < 1:
+        raise ValueError(f"copies must be >= 1, got {copies}")
+    source = Path(source)
+    if source.is_file():
+        source, name = source.parent, name or source.stem
+    if name is None:
+        found = _sequence_files(source)
+        if len(found) != 1:
+            listed = ", ".join(p.name for p in found) or "none"
+            raise DatasetFormatError(f"{source}: expected exactly one NAME.txt sequence file, found {listed}")
+        name = found[0].stem
+    sequence_file = source / f"{name}.txt"
+    lines = [line.split() for line in sequence_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+    def renamed(value: str, copy: int) -> str:
+        return value if copy == 0 else f"{value}~{copy}"
+
+    out.mkdir(parents=True, exist_ok=True)
+    target = out / f"{name}.txt"
+    with target.open("w", encoding="utf-8") as handle:
+        for copy in range(copies):
+            for fields in lines:
+                handle.write(" ".join(renamed(value, copy) for value in fields) + "\n")
+    attributes_file = source / f"{name}_item2attributes.json"
+    if attributes_file.is_file():
+        loaded = json.loads(attributes_file.read_text(encoding="utf-8"))
+        tiled = {
+            renamed(str(item), copy): [renamed(str(a), copy) for a in values]
+            for copy in range(copies)
+            for item, values in loaded.items()
+        }
+        (out / attributes_file.name).write_text(json.dumps(tiled), encoding="utf-8")
+    return target
+
+
 # --------------------------------------------------------------------------------------------
 # Generic CSV / Parquet tables
 # --------------------------------------------------------------------------------------------

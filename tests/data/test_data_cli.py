@@ -12,7 +12,7 @@ import pytest
 
 from recsys.data import cli, prepare
 from recsys.data.download import REGISTRY, RemoteFile, sha256_of
-from recsys.data.loaders import load_id_maps
+from recsys.data.loaders import load_dataset, load_id_maps
 from recsys.data.prepare import dataset_artifacts, prepare_dataset
 from recsys.data.synthetic import GENERATOR_FILE, INTERACTIONS_FILE, SyntheticConfig
 
@@ -110,3 +110,23 @@ def test_download_command_with_a_mirror(tmp_path: Path, monkeypatch: pytest.Monk
     monkeypatch.setitem(REGISTRY, "beauty", (broken,))
     assert cli.main(["download", "beauty", "--out", str(tmp_path / "again")]) == 1
     assert "SHA-256 mismatch" in capsys.readouterr().err
+
+
+def test_tile_writes_disjoint_copies_of_an_s3rec_log(tmp_path: Path, capsys) -> None:
+    source = tmp_path / "shop"
+    source.mkdir()
+    (source / "Shop.txt").write_text("1 1 2 3\n2 2 3\n")
+    (source / "Shop_item2attributes.json").write_text(json.dumps({"1": ["7"], "2": ["7", "8"], "3": []}))
+    out = tmp_path / "tiled"
+    assert cli.main(["tile", "--data", str(source), "--copies", "3", "--out", str(out)]) == 0
+    assert capsys.readouterr().out.strip() == str(out / "Shop.txt")
+    original, tiled = load_dataset(source), load_dataset(out)
+    assert tiled.num_users == 3 * original.num_users and tiled.num_items == 3 * original.num_items
+    assert len(tiled.catalog.attribute_names) == 3 * len(original.catalog.attribute_names)
+    assert sum(map(len, tiled.sequences)) == 3 * sum(map(len, original.sequences))
+    # copy 2 of user 1 bought copy 2 of items 1, 2, 3, whose attributes are copy 2's
+    user = tiled.users.dense("1~2")
+    assert [tiled.items.ids[i] for i in tiled.sequences[user]] == ["1~2", "2~2", "3~2"]
+    bag = tiled.catalog.attributes[tiled.items.dense("2~2")]
+    assert sorted(tiled.catalog.attribute_names[a] for a in bag) == ["7~2", "8~2"]
+    assert cli.main(["tile", "--data", str(source), "--copies", "0", "--out", str(out)]) == 2
