@@ -35,6 +35,7 @@ from recall_service.sources import PopularityTable, build_covisit_table
 from recsys.bundle import new_version, write_manifest
 from recsys.data.dataset import Dataset
 from recsys.data.split import LeaveOneOutSplit
+from recsys.training import resolve_threads
 
 if TYPE_CHECKING:
     from recall_service.model import TwoTowerModel
@@ -138,7 +139,8 @@ def export_bundle(
     bundle_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".recall-", dir=bundle_dir.parent))
     try:
-        torch.set_num_threads(max(1, min(config.threads, 2)))
+        threads = resolve_threads(config.threads)  # the trainer's: 0 = every core of this host
+        torch.set_num_threads(threads)
         export_user_tower(model, staging / ONNX_FILE)
         with torch.no_grad():
             item_vectors = model.all_item_vectors().numpy().astype(np.float32)
@@ -146,7 +148,7 @@ def export_bundle(
         factory = config.index_factory or default_index_factory(dataset.num_items)
         import faiss
 
-        faiss.omp_set_num_threads(max(1, config.threads))
+        faiss.omp_set_num_threads(threads)
         index = build_index(item_vectors, factory, seed=config.seed)
         tuning = tune_index(
             index, item_vectors, tune_min_items, k=tune_k, target_recall=tune_target_recall, seed=config.seed
