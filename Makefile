@@ -99,6 +99,7 @@ train-bench: install
 bench: install
 	$(RECSYS) bench e2e --artifacts $(ARTIFACTS) --data $(DATA) --out $(ARTIFACTS)/bench/e2e.json
 	$(RECSYS) bench rank --artifacts $(ARTIFACTS) --data $(DATA) --out $(ARTIFACTS)/bench/rank.json
+	$(RECSYS) bench cpu --artifacts $(ARTIFACTS) --data $(DATA) --out $(ARTIFACTS)/bench/cpu.json
 	$(RECSYS) bench ann --bundle $(ARTIFACTS)/synthetic/recall --out $(ARTIFACTS)/bench/ann.json
 	$(RECSYS) bench report --bench $(ARTIFACTS)/bench --readme README.md
 

@@ -173,6 +173,7 @@ class RankServicer(rank_pb2_grpc.RankServiceServicer):
             max_queue=max_queue,
             on_queue_wait=batcher_metrics.observe_queue_wait,
             on_reject=batcher_metrics.count_rejection,
+            thread_name="rank-batch",
         )
 
     @property

@@ -49,6 +49,7 @@ def build_servicer(
         on_reject=batcher_metrics.count_rejection,
         # every bundle is loaded with config.threads, so the first engine's pinning fits all
         thread_initializer=model.engine.pin_threads,
+        thread_name="recall-batch",
     )
     ann_quality = None
     if config.ann_quality_sample > 0:

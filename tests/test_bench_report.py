@@ -87,3 +87,25 @@ def test_a_benchmark_without_json_keeps_its_published_subsection(tmp_path: Path)
     assert "| published ANN row |" in section  # no ann.json: the README's ANN subsection stays
     assert section.index(bench_report.E2E_HEADING) < section.index(bench_report.ANN_HEADING)
     assert bench_report.RANK_HEADING not in section  # never published, no JSON: absent
+
+
+def test_the_cpu_breakdown_is_reported_per_scenario_and_thread(tmp_path: Path):
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    top = [{"function": "rules.py:55 diversify", "own_share": 0.031, "own_us_per_request": 230.0}]
+    cpu = {
+        "command": "recsys bench cpu",
+        "machine": MACHINE,
+        "scenarios": {
+            "home": {
+                "cpu_ms_per_request": 5.1,
+                "cpu_ms_per_request_by_thread": {"MainThread": 2.0, "recall-batch_0": 1.7},
+                "top_functions_event_loop": top,
+            }
+        },
+    }
+    (bench / "cpu.json").write_text(json.dumps(cpu))
+    body = bench_report.render(bench, tmp_path)
+    assert body.startswith(bench_report.CPU_HEADING)
+    assert "| home | 5.10 | MainThread 2.00, recall-batch_0 1.70 |" in body
+    assert "`rules.py:55 diversify` 3.1%" in body

@@ -31,6 +31,7 @@ BENCHMARKS: dict[str, str] = {
     "gpu": "recsys.app.gpu_bench:main",
     "ann": "recall_service.ann_bench:main",
     "e2e": "recsys.app.e2e_bench:main",
+    "cpu": "recsys.app.cpu_bench:main",
 }
 
 

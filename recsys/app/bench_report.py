@@ -1,6 +1,6 @@
 """`recsys bench report`: the README's Performance section, generated from the benchmark JSON.
 
-Reads what `make bench` wrote (``e2e.json``, ``rank.json``, ``ann.json`` in one folder) and
+Reads what `make bench` wrote (``e2e.json``, ``rank.json``, ``cpu.json``, ``ann.json`` in one folder) and
 replaces the text between the README's performance markers, so the numbers in the README are always
 the ones a command printed, with the machine and command that printed them. A benchmark whose JSON
 is missing keeps the subsection the README already shows (a run of one benchmark never erases
@@ -25,6 +25,8 @@ END = "<!-- performance:end -->"
 E2E_HEADING = "### End to end (open-loop load)"
 RANK_HEADING = "### Ranker"
 ANN_HEADING = "### ANN index"
+CPU_HEADING = "### Where a request's CPU goes"
+CPU_TOP_FUNCTIONS = 8
 
 
 def _load(path: Path) -> dict | None:
@@ -132,6 +134,30 @@ def rank_section(report: dict) -> list[str]:
     ]
 
 
+def cpu_section(report: dict) -> list[str]:
+    """`recsys bench cpu`: the cascade's own work per request (no transport), by thread, and the
+    event loop's costliest functions."""
+    lines = [
+        CPU_HEADING,
+        "",
+        f"`{report['command']}` — {_machine(report)}; the gateway with in-process recall and rank, "
+        "each Recommend called on the servicer directly, one at a time (no gRPC, no concurrency): "
+        "the work itself. The e2e table's CPU per request minus this is what transport, event-loop "
+        "wake-ups and thread hand-offs cost.",
+        "",
+        "| scenario | CPU ms/request | by thread |",
+        "|---|---|---|",
+    ]
+    for name, result in report["scenarios"].items():
+        threads = ", ".join(f"{t} {v:.2f}" for t, v in result["cpu_ms_per_request_by_thread"].items())
+        lines.append(f"| {name} | {result['cpu_ms_per_request']:.2f} | {threads} |")
+    for name, result in report["scenarios"].items():
+        top = result["top_functions_event_loop"][:CPU_TOP_FUNCTIONS]
+        shares = "; ".join(f"`{row['function']}` {row['own_share']:.1%}" for row in top)
+        lines += ["", f"{name}, event loop's own CPU under cProfile (shares): {shares}."]
+    return lines
+
+
 def ann_section(report: dict, plots_dir: str | None = None) -> list[str]:
     settings = report.get("settings", {})
     lines = [
@@ -210,6 +236,7 @@ def render(bench_dir: Path, readme_dir: Path, published: str = "") -> str:
     e2e_plot = str(PLOTS_DIR / "e2e.png") if (bench_dir / "e2e.png").is_file() else None
     add(E2E_HEADING, _load(bench_dir / "e2e.json"), lambda report: e2e_section(report, e2e_plot))
     add(RANK_HEADING, _load(bench_dir / "rank.json"), rank_section)
+    add(CPU_HEADING, _load(bench_dir / "cpu.json"), cpu_section)
     add(ANN_HEADING, _load(bench_dir / "ann.json"), lambda report: ann_section(report, str(PLOTS_DIR)))
     if not blocks:
         return f"No benchmark JSON in {bench_dir}: run `make bench`.\n"

@@ -66,6 +66,7 @@ class MicroBatcher(Generic[Request, Result]):
         on_queue_wait: Callable[[float], None] | None = None,
         on_reject: Callable[[str], None] | None = None,
         thread_initializer: Callable[[], None] | None = None,
+        thread_name: str = "micro-batch",
     ):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
@@ -82,7 +83,7 @@ class MicroBatcher(Generic[Request, Result]):
         self._wakeup: asyncio.Event | None = None
         self._worker: asyncio.Task[None] | None = None
         self._executor = ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="micro-batch", initializer=thread_initializer
+            max_workers=1, thread_name_prefix=thread_name, initializer=thread_initializer
         )
 
     @property

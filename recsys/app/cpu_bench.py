@@ -1,0 +1,206 @@
+"""`recsys bench cpu`: where a request's CPU goes, as JSON.
+
+The cascade's own work, with no transport: the gateway with in-process recall and rank
+(``recsys.app.inprocess``), each Recommend called on its servicer directly, one at a time, so
+every CPU-second the process spends is one request's work. Per scenario it reports the CPU per
+request (all threads, and per thread: the event loop vs the recall and rank batch threads) and,
+from a second pass under cProfile (the event loop's thread only; the batch threads' work shows as
+their share), the functions with the most own time. `recsys bench e2e` at the same scenario gives
+the served CPU per request; the difference is what transport, event-loop wakeups and thread
+hand-offs cost:
+
+    recsys bench cpu --artifacts artifacts --requests 2000 --out artifacts/bench/cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import os
+import pstats
+import random
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from recsys.timing import machine_info, report_json
+
+HISTORY_LENGTH = 50
+
+
+class DirectContext:
+    """The bits of a ``grpc.aio.ServicerContext`` the gateway's Recommend uses."""
+
+    def time_remaining(self) -> float:
+        return 1.0
+
+    async def abort(self, code: Any, details: str) -> None:
+        raise RuntimeError(f"{code}: {details}")
+
+    def invocation_metadata(self) -> tuple:
+        return ()
+
+
+def thread_cpu_seconds() -> dict[str, float]:
+    """CPU seconds (user + system) of each live thread of this process, by thread name."""
+    names = {thread.native_id: thread.name for thread in threading.enumerate()}
+    tick = os.sysconf("SC_CLK_TCK")
+    seconds: dict[str, float] = {}
+    for task in os.listdir("/proc/self/task"):
+        try:
+            stat = Path(f"/proc/self/task/{task}/stat").read_text()
+        except FileNotFoundError:
+            continue  # the thread ended
+        fields = stat[stat.rindex(")") + 2 :].split()
+        name = names.get(int(task), "native")  # threads Python did not start (ONNX Runtime, gRPC)
+        seconds[name] = seconds.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return seconds
+
+
+def top_functions(profile: cProfile.Profile, count: int, requests: int) -> list[dict[str, Any]]:
+    """The ``count`` functions with the most own time, in microseconds per request (cProfile's
+    overhead inflates them all; read the shares, not the absolute values)."""
+    stats = pstats.Stats(profile)
+    total = sum(row[2] for row in stats.stats.values()) or 1.0  # type: ignore[attr-defined]
+    rows = sorted(stats.stats.items(), key=lambda item: item[1][2], reverse=True)  # type: ignore[attr-defined]
+    return [
+        {
+            "function": f"{Path(file).name}:{line} {name}",
+            "own_share": round(own / total, 4),
+            "own_us_per_request": round(own * 1e6 / requests, 1),
+            "calls_per_request": round(calls / requests, 2),
+        }
+        for (file, line, name), (_, calls, own, _, _) in rows[:count]
+    ]
+
+
+async def measure(
+    args: argparse.Namespace, recall_dir: Path, rank_dir: Path, dataset: Any, sqlite_path: Path
+) -> dict[str, Any]:
+    from gateway.config import GatewayConfig
+    from recsys.app.inprocess import serve_inprocess
+    from recsys.serving.config import ServingConfig
+    from recsys.v1 import gateway_pb2
+
+    config = GatewayConfig(
+        serving=ServingConfig(port=0, metrics_port=0),
+        sqlite_path=sqlite_path,
+        max_history_length=HISTORY_LENGTH,
+        http_enabled=False,
+        allow_unauthenticated=True,  # servicer called directly: no interceptor runs anyway
+    )
+    gateway = await serve_inprocess(config, recall_dir, rank_dir)
+    try:
+        scenarios = gateway.servicer.scenarios()
+        users = dataset.users.ids[: args.users]
+        items = dataset.items.ids
+        rng = random.Random(args.seed)
+        context = DirectContext()
+        results: dict[str, Any] = {}
+        for name in args.scenarios.split(","):
+            scenario = scenarios.get(name)
+            if scenario is None:
+                raise SystemExit(f"recsys bench cpu: unknown scenario {name!r}")
+
+            def request(number: int, name: str = name, scenario: Any = scenario) -> Any:
+                message = gateway_pb2.RecommendRequest(
+                    request_id=f"cpu-{name}-{number}",
+                    user_id=rng.choice(users),
+                    scenario=name,
+                    num_items=10,
+                )
+                if scenario.takes_context_items:
+                    message.context.item_ids.append(rng.choice(items))
+                return message
+
+            async def run(count: int) -> None:
+                for number in range(count):
+                    await gateway.servicer.Recommend(request(number), context)
+
+            await run(args.warmup)
+            threads_before = thread_cpu_seconds()
+            cpu_started, wall_started = time.process_time(), time.perf_counter()
+            await run(args.requests)
+            cpu = time.process_time() - cpu_started
+            wall = time.perf_counter() - wall_started
+            threads_after = thread_cpu_seconds()
+            per_thread = {
+                thread: round(
+                    (threads_after[thread] - threads_before.get(thread, 0.0)) * 1000 / args.requests, 3
+                )
+                for thread in threads_after
+                if threads_after[thread] - threads_before.get(thread, 0.0) > 0
+            }
+            profile = cProfile.Profile(time.thread_time)  # the loop thread's CPU time, not its waits
+            profile.enable()
+            await run(args.profile_requests)
+            profile.disable()
+            results[name] = {
+                "cpu_ms_per_request": round(cpu * 1000 / args.requests, 3),
+                "wall_ms_per_request": round(wall * 1000 / args.requests, 3),
+                "cpu_ms_per_request_by_thread": dict(sorted(per_thread.items(), key=lambda kv: -kv[1])),
+                "top_functions_event_loop": top_functions(profile, args.top, args.profile_requests),
+            }
+            print(
+                f"{name}: {results[name]['cpu_ms_per_request']:.2f} ms CPU per request "
+                f"({', '.join(f'{t} {v:.2f}' for t, v in per_thread.items())})",
+                file=sys.stderr,
+                flush=True,
+            )
+    finally:
+        await gateway.stop()
+    return results
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="recsys bench cpu", description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default="synthetic", help="'synthetic' or a dataset folder")
+    parser.add_argument("--artifacts", type=Path, default=Path("artifacts"))
+    parser.add_argument("--scenarios", default="home,item_detail")
+    parser.add_argument("--requests", type=int, default=2000, help="measured requests per scenario")
+    parser.add_argument("--warmup", type=int, default=300)
+    parser.add_argument("--profile-requests", type=int, default=500, help="requests under cProfile")
+    parser.add_argument("--top", type=int, default=20, help="functions listed per scenario")
+    parser.add_argument("--users", type=int, default=1000)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--out", type=Path)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    from recsys.app.run import build_bundles, seed_history_store
+
+    started = time.monotonic()
+    recall_dir, rank_dir, dataset = build_bundles(args.data, args.artifacts, quick=True)
+    with tempfile.TemporaryDirectory() as workdir:
+        sqlite_path = Path(workdir) / "history.sqlite3"
+        seed_history_store(dataset, sqlite_path, HISTORY_LENGTH)
+        results = asyncio.run(measure(args, recall_dir, rank_dir, dataset, sqlite_path))
+    report_json(
+        {
+            "benchmark": "cpu: each Recommend's own work, in-process servicers called directly",
+            "command": "recsys bench cpu " + " ".join(sys.argv[1:] if argv is None else argv),
+            "machine": machine_info(),
+            "settings": {
+                "requests": args.requests,
+                "warmup": args.warmup,
+                "profile_requests": args.profile_requests,
+                "users": args.users,
+                "history_length": HISTORY_LENGTH,
+                "calls": "sequential: one request at a time, so batches hold one request",
+            },
+            "scenarios": results,
+            "wall_s": round(time.monotonic() - started, 1),
+        },
+        args.out,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,51 @@
+"""`recsys bench cpu`: CPU per thread by name, and the functions with the most own CPU time."""
+
+from __future__ import annotations
+
+import cProfile
+import itertools
+import threading
+import time
+
+from recsys.app.cpu_bench import thread_cpu_seconds, top_functions
+
+
+def spin(seconds: float) -> int:
+    end, count = time.thread_time() + seconds, 0
+    while time.thread_time() < end:
+        count += 1
+    return count
+
+
+def add_up(count: int) -> int:
+    total = 0
+    for value in range(count):
+        total += value
+    return total
+
+
+def test_thread_cpu_is_reported_under_the_thread_name():
+    before = thread_cpu_seconds()
+    worker = threading.Thread(target=spin, args=(0.3,), name="busy-worker")
+    worker.start()
+    during = {}
+    while worker.is_alive():  # a finished thread leaves /proc/self/task: read it while it runs
+        during = thread_cpu_seconds()
+        time.sleep(0.05)
+    worker.join()
+    assert during.get("busy-worker", 0.0) > 0.05
+    assert thread_cpu_seconds()["MainThread"] >= before["MainThread"]
+
+
+def test_top_functions_rank_own_cpu_per_request():
+    profile = cProfile.Profile(time.thread_time)
+    profile.enable()
+    for _ in range(4):
+        add_up(300_000)
+        sorted(range(1000))
+    profile.disable()
+    rows = top_functions(profile, 3, requests=4)
+    assert len(rows) == 3
+    assert rows[0]["function"].endswith(" add_up") and rows[0]["calls_per_request"] == 1.0
+    assert rows[0]["own_share"] > 0.3 and rows[0]["own_us_per_request"] > 1_000
+    assert all(a["own_share"] >= b["own_share"] for a, b in itertools.pairwise(rows))
