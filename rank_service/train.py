@@ -59,6 +59,7 @@ from recsys.training import (
     DEFAULT_TIME_GUARD_S,
     DistributedContext,
     TrainingRun,
+    WeightAverage,
     adamw,
     any_rank,
     autocast,
@@ -104,6 +105,9 @@ class RankTrainConfig:
     batch_size: int = 128  # lists per optimizer step, over all processes together
     learning_rate: float = 1e-3
     weight_decay: float = 1e-5
+    # Validate and keep an exponential moving average of the weights, one step per optimizer step
+    # (0 = the live weights).
+    weight_average_decay: float = 0.0
     # The home feed is asked without knowing which page the user's next event will come from, so
     # every prefix whose event came from another scenario also yields the list the first scenario
     # (home) serves for it, labelled home: the ranker learns the served home task itself.
@@ -431,6 +435,7 @@ def train_model(
     train_module = data_parallel(model, context)
     optimizer = adamw(model.parameters(), config.learning_rate, config.weight_decay)
     best_state, best_valid = None, {"NDCG@10": -1.0}
+    average = WeightAverage(model, config.weight_average_decay) if config.weight_average_decay > 0 else None
     for epoch in range(1, config.epochs + 1):
         train_module.train()
         order = rng.permutation(len(examples.users))
@@ -464,8 +469,14 @@ def train_model(
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
             optimizer.step()
+            if average is not None:
+                average.update()
             total += float(loss.detach())
             batches += 1
+        live_state = None
+        if average is not None:  # validate (and keep) the averaged weights
+            live_state = copy.deepcopy(model.state_dict())
+            model.load_state_dict(average.state_dict(model))
         valid = gather_metrics(
             pipeline_metrics(dataset, split, "valid", valid_users, valid_lists, scorer.score), context
         )
@@ -479,6 +490,8 @@ def train_model(
         )
         if run.update(epoch, valid["NDCG@10"]):
             best_state, best_valid = copy.deepcopy(model.state_dict()), valid
+        if live_state is not None:
+            model.load_state_dict(live_state)
         if run.should_stop(epoch):
             break
     assert best_state is not None
@@ -640,6 +653,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weight-decay", type=float, help="override the AdamW weight decay")
     parser.add_argument("--dropout", type=float, help="override the dropout")
     parser.add_argument("--mlp-width", type=int, help="override the first MLP layer's width")
+    parser.add_argument("--eval-users", type=int, help="validation users for early stopping (0 = all)")
+    parser.add_argument(
+        "--weight-average-decay",
+        type=float,
+        help="validate and keep an exponential moving average of the weights (0 = the live weights)",
+    )
     parser.add_argument(
         "--candidates",
         type=int,
@@ -654,7 +673,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = RankTrainConfig.quick() if args.quick else RankTrainConfig.default()
     names = ("epochs", "patience", "seed", "threads", "device", "learning_rate", "weight_decay", "dropout")
-    for name in (*names, "mlp_width", "scenarios_file"):
+    for name in (*names, "mlp_width", "eval_users", "weight_average_decay", "scenarios_file"):
         if getattr(args, name) is not None:
             setattr(config, name, getattr(args, name))
     if args.train_candidates is not None:

@@ -53,6 +53,7 @@ from recsys.training import (
     DEFAULT_TIME_GUARD_S,
     DistributedContext,
     TrainingRun,
+    WeightAverage,
     adamw,
     autocast,
     barrier,
@@ -597,28 +598,6 @@ def train_one_epoch(
         losses.append(loss.detach())
     objective.eval()
     return float(torch.stack(losses).mean()) if losses else float("nan")
-
-
-class WeightAverage:
-    """Exponential moving average of a model's floating-point parameters and buffers."""
-
-    def __init__(self, model: torch.nn.Module, decay: float):
-        self.decay = decay
-        live = {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
-        self.shadow = {k: v.detach().clone() for k, v in live.items()}
-        # The optimizer and load_state_dict update these tensors in place: keep them, so that each
-        # step is one fused lerp instead of rebuilding the state dict.
-        self._live = list(live.values())
-        self._averaged = list(self.shadow.values())
-
-    @torch.no_grad()
-    def update(self) -> None:
-        """One step of the average towards the model's current weights."""
-        torch._foreach_lerp_(self._averaged, self._live, 1.0 - self.decay)
-
-    def state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-        """``model``'s state with the averaged weights in place of the live ones."""
-        return {k: self.shadow.get(k, v).clone() for k, v in model.state_dict().items()}
 
 
 def training_item_counts(

@@ -52,7 +52,6 @@ from recall_service.train import (
     RecallValidator,
     SampledSoftmaxLoss,
     TrainingWindows,
-    WeightAverage,
     build_training_windows,
     length_bucketed_batches,
     model_attributes,
@@ -64,7 +63,14 @@ from recsys.data.dataset import Dataset
 from recsys.data.split import LeaveOneOutSplit
 from recsys.evaluation.protocol import evaluate_scorer
 from recsys.timing import report_json
-from recsys.training import adamw, available_cores, cpu_has_native_bf16, resolve_precision, reuse_freed_memory
+from recsys.training import (
+    WeightAverage,
+    adamw,
+    available_cores,
+    cpu_has_native_bf16,
+    resolve_precision,
+    reuse_freed_memory,
+)
 
 log = logging.getLogger(__name__)
 

@@ -230,6 +230,30 @@ def data_parallel(module: Any, context: DistributedContext) -> Any:
     return DistributedDataParallel(module, device_ids=device_ids, broadcast_buffers=False)
 
 
+class WeightAverage:
+    """Exponential moving average of a model's floating-point parameters and buffers."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        live = {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
+        self.shadow = {k: v.detach().clone() for k, v in live.items()}
+        # The optimizer and load_state_dict update these tensors in place: keep them, so that each
+        # step is one fused lerp instead of rebuilding the state dict.
+        self._live = list(live.values())
+        self._averaged = list(self.shadow.values())
+
+    def update(self) -> None:
+        """One step of the average towards the model's current weights."""
+        import torch
+
+        with torch.no_grad():
+            torch._foreach_lerp_(self._averaged, self._live, 1.0 - self.decay)
+
+    def state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """``model``'s state with the averaged weights in place of the live ones."""
+        return {k: self.shadow.get(k, v).clone() for k, v in model.state_dict().items()}
+
+
 def any_rank(flag: bool, context: DistributedContext) -> bool:
     """True on every rank when ``flag`` is true on any (so that all ranks stop together)."""
     if not context.distributed:

@@ -110,3 +110,25 @@ def test_rank_training_finds_the_gpu(synthetic_dataset):
     result = train_model(synthetic_dataset, StubCandidates(synthetic_dataset), config)
     assert result.run["device"] == "cuda" and result.run["precision"] == "bf16"
     assert next(result.model.parameters()).device.type == "cpu"
+
+
+def test_weight_average_is_what_training_validates_and_keeps(synthetic_dataset):
+    """With a weight average the kept model is the average, not the live weights: at decay 1 the
+    average never leaves the initial weights, whatever the optimizer does."""
+    import dataclasses
+
+    import torch
+
+    from rank_service.train import build_model, train_model
+
+    config = dataclasses.replace(RankTrainConfig.tiny(), epochs=2, weight_average_decay=1.0)
+    result = train_model(synthetic_dataset, StubCandidates(synthetic_dataset), config)
+    torch.manual_seed(config.seed)
+    initial = build_model(synthetic_dataset, LeaveOneOutSplit(synthetic_dataset), config).state_dict()
+    kept = result.model.state_dict()
+    assert kept.keys() == initial.keys()
+    for name, weights in initial.items():
+        torch.testing.assert_close(kept[name], weights, msg=name)
+    live = dataclasses.replace(config, weight_average_decay=0.0)
+    trained = train_model(synthetic_dataset, StubCandidates(synthetic_dataset), live).model.state_dict()
+    assert any(not torch.equal(trained[name], weights) for name, weights in initial.items())

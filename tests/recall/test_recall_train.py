@@ -91,7 +91,7 @@ def test_full_softmax_is_plain_cross_entropy_over_every_item(make_dataset) -> No
 def test_weight_average_follows_the_model_at_its_decay() -> None:
     import torch
 
-    from recall_service.train import WeightAverage
+    from recsys.training import WeightAverage
 
     model = torch.nn.Linear(2, 2)
     average = WeightAverage(model, decay=0.75)
