@@ -169,6 +169,14 @@ class RankTrainConfig:
         # mlp_width 64 (not 128): the candidate side's largest matmul halves; served graph p50
         # 0.56-0.60 ms vs 0.76 ms, median 3.3x torch eager over eight runs (2.95-3.73x); pipeline
         # HR@10 / NDCG@10 0.1012 / 0.0629 vs 0.1011 / 0.0630 at 128 (Beauty, test phase).
+        # eval_users 0 (all ~22k validation users; 4,000 give HR@10 a standard error of ~0.005,
+        # enough to pick a worse epoch): every seed keeps epoch 1, served home pipeline HR@10 /
+        # NDCG@10 0.1016 / 0.0628 over seeds 1-3 (0.1017/0.0629, 0.1013/0.0627, 0.1016/0.0629) vs
+        # 0.0998 / 0.0617 with 4,000 (seed 2 kept epoch 3: coverage@10 0.41, now 0.78-0.86); rank
+        # training ~190-210 s instead of ~90-110 s on 2 cores (the validation). A weight average
+        # (weight_average_decay 0.98, about an epoch of steps; patience 3) trails the live weights:
+        # valid NDCG@10 0.0632/0.0641/0.0642 vs 0.0643/0.0651/0.0652, pipeline 0.0971 / 0.0607,
+        # coverage@10 0.53-0.58; with lr 3e-4 too, 0.0627 vs 0.0643 (seed 1; pipeline 0.0966 / 0.0608).
         return cls(
             prefixes_per_user=1,
             epochs=20,
@@ -177,6 +185,7 @@ class RankTrainConfig:
             weight_decay=0.05,
             dropout=0.3,
             mlp_width=64,
+            eval_users=0,
         )
 
 
