@@ -38,6 +38,9 @@ class RankerConfig:
     dropout: float = 0.2
     # Width of the first MLP layer, the candidate side's largest matmul (0 = twice ``dim``).
     mlp_width: int = 0
+    # The item id embeddings are fixed vectors (the recall model's item vectors, set by training)
+    # times one learned gain, instead of free per-item parameters.
+    frozen_item_ids: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -208,6 +211,9 @@ class Ranker(nn.Module):
         )
         nn.init.normal_(self.item_embedding.weight, std=0.02)
         nn.init.normal_(self.attribute_embedding.weight, std=0.02)
+        if config.frozen_item_ids:
+            self.item_embedding.weight.requires_grad_(False)
+            self.item_gain = nn.Parameter(torch.ones(()))
         nn.init.normal_(self.no_history, std=0.02)
         with torch.no_grad():
             self.item_embedding.weight[0].zero_()
@@ -219,8 +225,24 @@ class Ranker(nn.Module):
         attributes = self.item_attributes
         counts = (attributes > 0).sum(dim=1, keepdim=True).clamp(min=1)
         attribute_mean = self.attribute_embedding(attributes).sum(dim=1) / counts
-        table = self.item_embedding.weight + attribute_mean
+        table = self.item_ids(self.item_embedding.weight) + attribute_mean
         return table * (torch.arange(table.shape[0], device=table.device) > 0)[:, None]
+
+    def item_ids(self, embedded: Tensor) -> Tensor:
+        """The id part of item representations (scaled by the learned gain when frozen)."""
+        return embedded * self.item_gain if self.config.frozen_item_ids else embedded
+
+    def set_item_vectors(self, vectors: np.ndarray) -> None:
+        """Fixed id embeddings from ``vectors`` [num_items, dim] (catalog order), scaled to the
+        initial embeddings' RMS (0.02) so that the learned gain starts at the usual magnitude."""
+        vectors = np.asarray(vectors, dtype=np.float32)
+        expected = (self.config.num_items, self.config.dim)
+        if vectors.shape != expected:
+            raise ValueError(f"item vectors have shape {vectors.shape}, the ranker needs {expected}")
+        rms = float(np.sqrt(np.mean(vectors**2))) or 1.0
+        with torch.no_grad():
+            self.item_embedding.weight[1:] = torch.from_numpy(vectors * (0.02 / rms))
+            self.item_embedding.weight[0].zero_()
 
     def freeze_item_table(self) -> None:
         """Precompute item representations (serving/export): one Gather instead of a bag mean."""
@@ -232,7 +254,8 @@ class Ranker(nn.Module):
             return F.embedding(ids, self.item_table)
         attributes = self.item_attributes[ids]
         counts = (attributes > 0).sum(dim=-1, keepdim=True).clamp(min=1)
-        represented = self.item_embedding(ids) + self.attribute_embedding(attributes).sum(dim=-2) / counts
+        attribute_mean = self.attribute_embedding(attributes).sum(dim=-2) / counts
+        represented = self.item_ids(self.item_embedding(ids)) + attribute_mean
         return represented * (ids > 0).unsqueeze(-1)
 
     def set_fused_attention(self, fused: bool) -> None:

@@ -89,6 +89,9 @@ class RankTrainConfig:
     max_attributes: int = 8
     dropout: float = 0.2
     mlp_width: int = 0  # first MLP layer's width (0 = twice dim)
+    # Item id embeddings fixed to the training candidates' recall model's item vectors (times a
+    # learned gain) instead of learned per item from the ranker's few thousand lists.
+    pretrained_item_ids: bool = False
     # candidates
     # 0: each list is what the served scenario's recall stage sends to rank (its sources, quotas,
     # k, seeds and exclusions, cut to the rank stage's max_candidates: the compiled scenario of
@@ -378,6 +381,7 @@ def build_model(dataset: Dataset, split: LeaveOneOutSplit, config: RankTrainConf
         layers=config.layers,
         dropout=config.dropout,
         mlp_width=config.mlp_width,
+        frozen_item_ids=config.pretrained_item_ids,
     )
     return Ranker(
         model_config,
@@ -438,7 +442,13 @@ def train_model(
         recall_valid["HR@10"],
     )
 
-    model = build_model(dataset, split, config).to(device)  # the same initial weights everywhere
+    model = build_model(dataset, split, config)
+    if config.pretrained_item_ids:
+        vectors = getattr(getattr(source, "engine", None), "item_vectors", None)
+        if vectors is None:
+            raise ValueError("pretrained_item_ids needs a recall bundle as the candidate source")
+        model.set_item_vectors(vectors)
+    model = model.to(device)  # the same initial weights everywhere
     torch.manual_seed(config.seed + context.rank)  # each process its own dropout masks
     scorer = TorchScorer(model, context.device)
     train_module = data_parallel(model, context)
@@ -678,11 +688,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--scenarios-file", help="scenario file the lists come from (default: the shipped one)"
     )
+    parser.add_argument(
+        "--pretrained-item-ids",
+        action=argparse.BooleanOptionalAction,
+        help="fix the item id embeddings to the training recall model's item vectors",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = RankTrainConfig.quick() if args.quick else RankTrainConfig.default()
     names = ("epochs", "patience", "seed", "threads", "device", "learning_rate", "weight_decay", "dropout")
-    for name in (*names, "mlp_width", "eval_users", "weight_average_decay", "scenarios_file"):
+    extra = ("mlp_width", "eval_users", "weight_average_decay", "scenarios_file", "pretrained_item_ids")
+    for name in (*names, *extra):
         if getattr(args, name) is not None:
             setattr(config, name, getattr(args, name))
     if args.train_candidates is not None:
