@@ -23,9 +23,8 @@ from recsys.scenario.config import Scenario, ScenarioSet
 from recsys.scenario.context import CatalogMismatchError, PipelineUnavailable, RecommendInputs
 from recsys.scenario.pipeline import Pipeline, given_history, stored_history
 from recsys.scenario.spec import MAX_NUM_ITEMS
-from recsys.scenario.stages import failure_reason
+from recsys.scenario.stages import call_downstream, failure_reason
 from recsys.serving.metrics import bundle_info
-from recsys.serving.tracing import outgoing_metadata
 from recsys.serving.validation import (
     InvalidArgument,
     grpc_method,
@@ -343,13 +342,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         )
         timeout = deadline - time.monotonic() - PROFILE_RESERVE_S
         try:
-            if timeout <= 0:
-                raise TimeoutError("no time left for recall")
-            response = await self.pipeline.recall.UserProfile(
-                request, timeout=timeout, metadata=outgoing_metadata()
+            response = await call_downstream(
+                self.pipeline.recall.UserProfile, request, timeout, "recall", catalog
             )
-            if response.catalog != catalog.fingerprint:
-                raise CatalogMismatchError(f"recall answered for catalog {response.catalog[:16]!r}")
             return profile.nearest_attributes(response, catalog), response.model_version, []
         except (grpc.aio.AioRpcError, TimeoutError, ValueError, CatalogMismatchError) as error:
             reason = failure_reason("recall", error)

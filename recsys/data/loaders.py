@@ -53,14 +53,9 @@ def _sequence_files(folder: Path) -> list[Path]:
     )
 
 
-def load_s3rec(folder: Path, name: str | None = None) -> Dataset:
-    """Load ``NAME.txt`` (+ optional ``NAME_item2attributes.json``) from ``folder``.
-
-    ``name`` picks ``NAME`` when the folder holds several sequence files. Item, user and attribute
-    ids keep their strings; items are numbered in natural id order (``"1"``, ``"2"``, ... ``"10"``),
-    attributes likewise, users in file order. Items listed only in the attributes file are part
-    of the catalog. Without the attributes file every item has an empty attribute bag.
-    """
+def s3rec_sequence_file(folder: Path, name: str | None = None) -> Path:
+    """The ``NAME.txt`` sequence file of an S3-Rec folder (or that file itself); ``name`` picks
+    one when the folder holds several. DatasetFormatError when there is none or no single one."""
     folder = Path(folder)
     if folder.is_file():
         folder, name = folder.parent, name or folder.stem
@@ -69,12 +64,23 @@ def load_s3rec(folder: Path, name: str | None = None) -> Dataset:
         if len(candidates) != 1:
             found = ", ".join(p.name for p in candidates) or "none"
             raise DatasetFormatError(f"{folder}: expected exactly one NAME.txt sequence file, found {found}")
-        sequence_file = candidates[0]
-        name = sequence_file.stem
-    else:
-        sequence_file = folder / f"{name}.txt"
-        if not sequence_file.is_file():
-            raise DatasetFormatError(f"{sequence_file}: no such S3-Rec sequence file")
+        return candidates[0]
+    sequence_file = folder / f"{name}.txt"
+    if not sequence_file.is_file():
+        raise DatasetFormatError(f"{sequence_file}: no such S3-Rec sequence file")
+    return sequence_file
+
+
+def load_s3rec(folder: Path, name: str | None = None) -> Dataset:
+    """Load ``NAME.txt`` (+ optional ``NAME_item2attributes.json``) from ``folder``.
+
+    ``name`` picks ``NAME`` when the folder holds several sequence files. Item, user and attribute
+    ids keep their strings; items are numbered in natural id order (``"1"``, ``"2"``, ... ``"10"``),
+    attributes likewise, users in file order. Items listed only in the attributes file are part
+    of the catalog. Without the attributes file every item has an empty attribute bag.
+    """
+    sequence_file = s3rec_sequence_file(folder, name)
+    folder, name = sequence_file.parent, sequence_file.stem
 
     user_ids: list[str] = []
     raw_sequences: list[list[str]] = []
@@ -128,16 +134,8 @@ def tile_s3rec(source: Path, copies: int, out: Path, name: str | None = None) ->
     stopping scale with a larger log) without another dataset. Returns the sequence file."""
     if copies < 1:
         raise ValueError(f"copies must be >= 1, got {copies}")
-    source = Path(source)
-    if source.is_file():
-        source, name = source.parent, name or source.stem
-    if name is None:
-        found = _sequence_files(source)
-        if len(found) != 1:
-            listed = ", ".join(p.name for p in found) or "none"
-            raise DatasetFormatError(f"{source}: expected exactly one NAME.txt sequence file, found {listed}")
-        name = found[0].stem
-    sequence_file = source / f"{name}.txt"
+    sequence_file = s3rec_sequence_file(source, name)
+    source, name = sequence_file.parent, sequence_file.stem
     lines = [line.split() for line in sequence_file.read_text(encoding="utf-8").splitlines() if line.strip()]
 
     def renamed(value: str, copy: int) -> str:

@@ -18,9 +18,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import grpc
 import numpy as np
@@ -36,6 +36,7 @@ from recsys.sources import RECALL_SOURCES, SOURCE_INDEX
 from recsys.v1 import common_pb2, rank_pb2, recall_pb2
 
 log = logging.getLogger(__name__)
+Response = TypeVar("Response")
 
 # Where recall's seed items may come from, tried in the declared order (first non-empty wins).
 SEED_SOURCES = ("context.item_ids", "history.cart", "history.recent")
@@ -165,11 +166,7 @@ class RecallStage:
         timeout = min(self.timeout_ms / 1000, remaining * self.timeout_ms / (self.timeout_ms + rank_ms))
         request = self.request(context)
         try:
-            if timeout <= 0:
-                raise TimeoutError("no time left for recall")
-            response = await context.backends.recall.Recall(
-                request, timeout=timeout, metadata=outgoing_metadata()
-            )
+            response = await call_downstream(context.backends.recall.Recall, request, timeout, "recall")
             recalled = decode_recall(response, context.catalog)
         except (grpc.aio.AioRpcError, TimeoutError, ValueError, CatalogMismatchError) as error:
             reason = failure_reason("recall", error)
@@ -242,13 +239,7 @@ class RankStage:
             debug=inputs.debug,
         )
         try:
-            if timeout <= 0:
-                raise TimeoutError("no time left for rank")
-            response = await context.backends.rank.Rank(
-                request, timeout=timeout, metadata=outgoing_metadata()
-            )
-            if response.catalog != catalog.fingerprint:
-                raise CatalogMismatchError("rank answered for another catalog")
+            response = await call_downstream(context.backends.rank.Rank, request, timeout, "rank", catalog)
             scores = unpack(response.scores, SCORE, "scores", count)
             if not np.isfinite(scores).all():
                 raise ValueError("rank returned non-finite scores")
@@ -386,10 +377,33 @@ def popular_fallback(
     return Candidates.from_source(ranked[positions], scores, "popular")
 
 
+async def call_downstream(
+    method: Callable[..., Awaitable[Response]],
+    request: Any,
+    timeout: float,
+    service: str,
+    catalog: Catalog | None = None,
+) -> Response:
+    """``method(request)`` (a stub's RPC) under ``timeout`` seconds with the outgoing trace
+    metadata: TimeoutError without calling when no time is left, CatalogMismatchError when the
+    answer names another catalog than ``catalog`` (when given)."""
+    if timeout <= 0:
+        raise TimeoutError(f"no time left for {service}")
+    response = await method(request, timeout=timeout, metadata=outgoing_metadata())
+    if catalog is not None:
+        require_catalog(response.catalog, catalog, service)
+    return response
+
+
+def require_catalog(answered: str, catalog: Catalog, service: str) -> None:
+    """CatalogMismatchError unless ``service`` answered for ``catalog``."""
+    if answered != catalog.fingerprint:
+        raise CatalogMismatchError(f"{service} answered for catalog {answered[:16]!r}")
+
+
 def decode_recall(response: recall_pb2.RecallResponse, catalog: Catalog) -> Candidates:
     """Recall's packed answer as Candidates in the canonical source order; ValueError when malformed."""
-    if response.catalog != catalog.fingerprint:
-        raise CatalogMismatchError("recall answered for another catalog")
+    require_catalog(response.catalog, catalog, "recall")
     items = unpack(response.items, INDEX, "items")
     count = len(items)
     if count and (int(items.min()) < 0 or int(items.max()) >= len(catalog)):
