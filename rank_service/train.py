@@ -15,7 +15,13 @@ target with that bundle, whose tables have not seen it either. Each list is reca
 as serving ranks it; examples whose target is not in it are dropped (appending the target would
 hand the model a giveaway: the one candidate below every other in its sources' scores).
 Loss: listwise softmax over the list. Early stopping on validation NDCG@10 of the full pipeline
-(recall top-K re-ranked, items outside the list ranked after it).
+(recall top-K re-ranked, items outside the list ranked after it). With ``refit_with_validation``
+(off by default, as for recall: the published protocol never trains on validation items) the
+exported ranker is then a refit: a fresh model trained for the selected number of epochs on the
+training lists plus the lists whose target is each user's validation item, from the same held-out
+bundle (which has never seen those items). Selection is over by then and the test item is never
+used; the validation interactions are the most recent ones training may learn from, the nearest
+to what serving is asked next.
 
 Budgets are work, not time (``recsys.training``): at most ``epochs`` epochs with early stopping; a
 wall-clock guard in hours only catches runaways. Training (and the held-out recall bundle it
@@ -52,7 +58,7 @@ from rank_service.export import checkpoint_path, export_bundle, save_checkpoint
 from rank_service.features import candidate_features, history_inputs, pack_batch
 from rank_service.model import Ranker, RankerConfig
 from recsys.data.dataset import Dataset
-from recsys.data.split import LeaveOneOutSplit, Phase
+from recsys.data.split import EVALUATED_LENGTH, LeaveOneOutSplit, Phase
 from recsys.evaluation.protocol import metrics_from_ranks, ranks_from_lists
 from recsys.scenario.config import DEFAULT_SCENARIOS_FILE, load_scenarios
 from recsys.training import (
@@ -101,7 +107,15 @@ class RankTrainConfig:
     train_candidates: int = 0
     pipeline_candidates: int = 0  # the same for the validation lists (early stopping)
     scenarios_file: str = ""  # "" = the shipped config/scenarios.yaml
-    prefixes_per_user: int = 4  # most recent training prefixes per user (all held out of holdout recall)
+    # most recent training prefixes per user; with holdout_recall each comes from its own held-out
+    # bundle (the j-th last target from one that has not seen the last j training items)
+    prefixes_per_user: int = 4
+    # After early stopping picked the epochs, export a ranker trained afresh for that many epochs on
+    # the training lists plus the validation-target lists (``refit_with_validation``). Off by
+    # default, like recall's: the published protocol (and the recall issue) never trains on
+    # validation items, so the evaluation numbers stay comparable. For the model a shop deploys it
+    # is worth having: the validation interactions are each user's most recent ones.
+    refit_with_validation: bool = False
     holdout_recall: bool = True  # train on a recall bundle that has not seen the targets
     # training: at most ``epochs`` epochs; early stopping (``patience``) normally ends it first
     epochs: int = 30
@@ -168,7 +182,10 @@ class RankTrainConfig:
         # Measured on Beauty (valid NDCG@10 of the pipeline, 4,000 users): ~6.7k honest lists with
         # the target in recall's top 200; the id embeddings overfit after an epoch or two, hence
         # strong weight decay and short patience. lr 1e-3 0.0649 vs 3e-4 0.0634; three held-out
-        # prefixes per user (19.8k lists, staler recall) 0.0620-0.0626: not better.
+        # prefixes per user from one bundle (19.8k lists, staler recall) 0.0620-0.0626: not better;
+        # two, each from its own held-out bundle (14.5k lists, all users): valid 0.0654 vs 0.0643
+        # but test 0.0971 / 0.0609 at its best epoch 2 and 0.1016 / 0.0630 stopped at epoch 1
+        # (seed 1; one list per user: 0.1017 / 0.0629), for ~290 s more: not better.
         # mlp_width 64 (not 128): the candidate side's largest matmul halves; served graph p50
         # 0.56-0.60 ms vs 0.76 ms, median 3.3x torch eager over eight runs (2.95-3.73x); pipeline
         # HR@10 / NDCG@10 0.1012 / 0.0629 vs 0.1011 / 0.0630 at 128 (Beauty, test phase).
@@ -229,9 +246,15 @@ def event_scenario(dataset: Dataset, user: int, position: int) -> int:
 
 
 def training_lists(
-    dataset: Dataset, split: LeaveOneOutSplit, source: CandidateSource, config: RankTrainConfig
+    dataset: Dataset,
+    split: LeaveOneOutSplit,
+    source: CandidateSource,
+    config: RankTrainConfig,
+    from_end: int | None = None,
 ) -> CandidateLists:
-    """Recall's top-K for the most recent training prefixes of every user that holds the target.
+    """Recall's top-K for the most recent training prefixes of every user that holds the target
+    (``from_end`` = j: only the prefix whose target is the j-th last training item; 0: the
+    validation item, for the final refit).
 
     The list is exactly what serving would rank: a target outside it is not appended (it would be
     the one candidate below every other in its sources, a giveaway the model learns instead of
@@ -240,9 +263,13 @@ def training_lists(
     names = scenario_names(dataset.scenario_names)
     users, cuts = [], []
     for user in range(dataset.num_users):
-        train = split.train_sequence(user)
-        for cut in range(max(1, len(train) - config.prefixes_per_user), len(train)):
-            if train[cut] not in train[:cut]:
+        sequence, train_length = dataset.sequences[user], split.train_length(user)
+        if from_end is None:
+            user_cuts = range(max(1, train_length - config.prefixes_per_user), train_length)
+        else:
+            user_cuts = range(max(1, train_length - from_end), train_length - from_end + 1)
+        for cut in user_cuts:
+            if cut < len(sequence) and sequence[cut] not in sequence[:cut]:
                 users.append(user)
                 cuts.append(cut)
     users_a, cuts_a = np.asarray(users, dtype=np.int64), np.asarray(cuts, dtype=np.int64)
@@ -267,12 +294,26 @@ def training_lists(
             lists.append(pool)
     kept = np.asarray(keep, dtype=np.int64)
     log.info(
-        "training lists: %d of %d prefixes have the target within recall's %s",
+        "training lists%s: %d of %d prefixes have the target within recall's %s",
+        {None: "", 0: " (validation targets)"}.get(from_end, f" (target {from_end} from the end)"),
         len(kept),
         len(pools),
         f"top {config.train_candidates}" if config.train_candidates else "served candidates",
     )
     return CandidateLists(users_a[kept], cuts_a[kept], scenarios[kept], lists, np.asarray(positions))
+
+
+def concatenate_lists(parts: Sequence[CandidateLists]) -> CandidateLists:
+    """One set of training lists from several (e.g. one per held-out recall bundle)."""
+    if len(parts) == 1:
+        return parts[0]
+    return CandidateLists(
+        np.concatenate([part.users for part in parts]),
+        np.concatenate([part.cuts for part in parts]),
+        np.concatenate([part.scenarios for part in parts]),
+        [pool for part in parts for pool in part.lists],
+        np.concatenate([part.target_positions for part in parts]),
+    )
 
 
 def eval_lists(
@@ -363,6 +404,7 @@ class TrainResult:
     train_seconds: float
     examples: int
     run: dict = dataclasses.field(default_factory=dict)  # TrainingRun.record(): stop reason, threads, ...
+    refit: dict = dataclasses.field(default_factory=dict)  # the final refit with validation lists
 
 
 def build_model(dataset: Dataset, split: LeaveOneOutSplit, config: RankTrainConfig) -> Ranker:
@@ -390,13 +432,69 @@ def build_model(dataset: Dataset, split: LeaveOneOutSplit, config: RankTrainConf
     )
 
 
+def fit_epoch(
+    train_module: torch.nn.Module,
+    scorer: TorchScorer,
+    optimizer: torch.optim.Optimizer,
+    examples: CandidateLists,
+    dataset: Dataset,
+    config: RankTrainConfig,
+    context: DistributedContext,
+    rng: np.random.Generator,
+    precision: str,
+    average: WeightAverage | None = None,
+) -> float:
+    """One pass over ``examples`` in shuffled global batches; returns the mean batch loss."""
+    device = context.torch_device()
+    train_module.train()
+    order = rng.permutation(len(examples.users))
+    total, batches = 0.0, 0
+    for start in range(0, len(order), config.batch_size):
+        global_rows = order[start : start + config.batch_size]
+        if len(global_rows) < context.world_size:
+            continue  # a tail batch too small to give every process a list
+        # Drawn for the whole global batch, so that every process's generator stays in step.
+        dropped = rng.random(len(global_rows)) < config.scenario_dropout
+        rows, dropped = shard(global_rows, context), shard(dropped, context)
+        histories = [dataset.sequences[examples.users[r]][: examples.cuts[r]] for r in rows]
+        events = [dataset.events_of(examples.users[r])[: examples.cuts[r]] for r in rows]
+        scenarios = examples.scenarios[rows].copy()
+        scenarios[dropped] = 0
+        tensors, counts = scorer.batch_inputs(
+            histories, events, scenarios.tolist(), [examples.lists[r] for r in rows]
+        )
+        with autocast(device.type, precision):
+            logits = train_module(*tensors)[0].float()
+        width = logits.shape[1]
+        padding = torch.arange(width, device=device)[None, :] >= torch.from_numpy(counts).to(device)[:, None]
+        logits = logits.masked_fill(padding, float("-inf"))
+        targets = torch.from_numpy(examples.target_positions[rows]).to(device)
+        # Sum over this process's lists / (global lists / processes): DDP's average of the
+        # processes' gradients is then exactly the one-process mean over the global batch.
+        loss = F.cross_entropy(logits, targets, reduction="sum") * (context.world_size / len(global_rows))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(scorer.model.parameters(), 5.0)
+        optimizer.step()
+        if average is not None:
+            average.update()
+        total += float(loss.detach())
+        batches += 1
+    return total / max(batches, 1)
+
+
 def train_model(
     dataset: Dataset,
     source: CandidateSource,
     config: RankTrainConfig,
     context: DistributedContext | None = None,
+    earlier_sources: Sequence[CandidateSource] = (),
 ) -> TrainResult:
     """Train with early stopping on validation pipeline NDCG@10; returns the best model (on the CPU).
+
+    With ``earlier_sources`` (held-out recall bundles, one per earlier prefix) ``source`` gives the
+    lists of each user's last training target and validation, ``earlier_sources[i]`` those whose
+    target is the (i + 2)-th last training item.
 
     Under torchrun each process trains on its share of every global batch and validates its share
     of the validation users (metrics merged across processes)."""
@@ -416,7 +514,13 @@ def train_model(
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     split = LeaveOneOutSplit(dataset)
-    examples = training_lists(dataset, split, source, config)
+    if earlier_sources:
+        sources = (source, *earlier_sources)
+        examples = concatenate_lists(
+            [training_lists(dataset, split, each, config, from_end=j + 1) for j, each in enumerate(sources)]
+        )
+    else:
+        examples = training_lists(dataset, split, source, config)
     if not len(examples.users):
         raise RuntimeError("no training prefix has its target among recall's candidates")
     valid_users = split.eval_users
@@ -442,56 +546,12 @@ def train_model(
         recall_valid["HR@10"],
     )
 
-    model = build_model(dataset, split, config)
-    if config.pretrained_item_ids:
-        vectors = getattr(getattr(source, "engine", None), "item_vectors", None)
-        if vectors is None:
-            raise ValueError("pretrained_item_ids needs a recall bundle as the candidate source")
-        model.set_item_vectors(vectors)
-    model = model.to(device)  # the same initial weights everywhere
-    torch.manual_seed(config.seed + context.rank)  # each process its own dropout masks
-    scorer = TorchScorer(model, context.device)
-    train_module = data_parallel(model, context)
-    optimizer = adamw(model.parameters(), config.learning_rate, config.weight_decay)
+    model, scorer, train_module, optimizer, average = new_model(dataset, split, source, config, context)
     best_state, best_valid = None, {"NDCG@10": -1.0}
-    average = WeightAverage(model, config.weight_average_decay) if config.weight_average_decay > 0 else None
     for epoch in range(1, config.epochs + 1):
-        train_module.train()
-        order = rng.permutation(len(examples.users))
-        total, batches = 0.0, 0
-        for start in range(0, len(order), config.batch_size):
-            global_rows = order[start : start + config.batch_size]
-            if len(global_rows) < context.world_size:
-                continue  # a tail batch too small to give every process a list
-            # Drawn for the whole global batch, so that every process's generator stays in step.
-            dropped = rng.random(len(global_rows)) < config.scenario_dropout
-            rows, dropped = shard(global_rows, context), shard(dropped, context)
-            histories = [dataset.sequences[examples.users[r]][: examples.cuts[r]] for r in rows]
-            events = [dataset.events_of(examples.users[r])[: examples.cuts[r]] for r in rows]
-            scenarios = examples.scenarios[rows].copy()
-            scenarios[dropped] = 0
-            tensors, counts = scorer.batch_inputs(
-                histories, events, scenarios.tolist(), [examples.lists[r] for r in rows]
-            )
-            with autocast(device.type, precision):
-                logits = train_module(*tensors)[0].float()
-            width = logits.shape[1]
-            padding = (
-                torch.arange(width, device=device)[None, :] >= torch.from_numpy(counts).to(device)[:, None]
-            )
-            logits = logits.masked_fill(padding, float("-inf"))
-            targets = torch.from_numpy(examples.target_positions[rows]).to(device)
-            # Sum over this process's lists / (global lists / processes): DDP's average of the
-            # processes' gradients is then exactly the one-process mean over the global batch.
-            loss = F.cross_entropy(logits, targets, reduction="sum") * (context.world_size / len(global_rows))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-            optimizer.step()
-            if average is not None:
-                average.update()
-            total += float(loss.detach())
-            batches += 1
+        mean_loss = fit_epoch(
+            train_module, scorer, optimizer, examples, dataset, config, context, rng, precision, average
+        )
         live_state = None
         if average is not None:  # validate (and keep) the averaged weights
             live_state = copy.deepcopy(model.state_dict())
@@ -502,7 +562,7 @@ def train_model(
         log.info(
             "epoch %d: loss %.4f valid NDCG@10 %.4f HR@10 %.4f (%.0f s)",
             epoch,
-            total / max(batches, 1),
+            mean_loss,
             valid["NDCG@10"],
             valid["HR@10"],
             run.elapsed(),
@@ -515,6 +575,11 @@ def train_model(
             break
     assert best_state is not None
     model.load_state_dict(best_state)
+    refit: dict = {}
+    if config.refit_with_validation:
+        model, refit = refit_with_validation(
+            dataset, split, source, config, context, examples, run.best_epoch
+        )
     model = model.cpu().eval()
     return TrainResult(
         model=model,
@@ -522,24 +587,89 @@ def train_model(
         recall_valid=recall_valid,
         best_epoch=run.best_epoch,
         epochs_run=run.epochs_run,
-        train_seconds=run.elapsed(),
+        train_seconds=run.elapsed(),  # the refit included
         examples=len(examples.users),
         run=run.record(),
+        refit=refit,
     )
+
+
+def new_model(
+    dataset: Dataset,
+    split: LeaveOneOutSplit,
+    source: CandidateSource,
+    config: RankTrainConfig,
+    context: DistributedContext,
+) -> tuple[Ranker, TorchScorer, torch.nn.Module, torch.optim.Optimizer, WeightAverage | None]:
+    """A freshly initialised ranker (the same weights for a seed, in every process) on the training
+    device, with its scorer, (DDP-wrapped) training module, optimizer and weight average."""
+    torch.manual_seed(config.seed)
+    model = build_model(dataset, split, config)
+    if config.pretrained_item_ids:
+        vectors = getattr(getattr(source, "engine", None), "item_vectors", None)
+        if vectors is None:
+            raise ValueError("pretrained_item_ids needs a recall bundle as the candidate source")
+        model.set_item_vectors(vectors)
+    model = model.to(context.torch_device())  # the same initial weights everywhere
+    torch.manual_seed(config.seed + context.rank)  # each process its own dropout masks
+    optimizer = adamw(model.parameters(), config.learning_rate, config.weight_decay)
+    average = WeightAverage(model, config.weight_average_decay) if config.weight_average_decay > 0 else None
+    return model, TorchScorer(model, context.device), data_parallel(model, context), optimizer, average
+
+
+def refit_with_validation(
+    dataset: Dataset,
+    split: LeaveOneOutSplit,
+    source: CandidateSource,
+    config: RankTrainConfig,
+    context: DistributedContext,
+    examples: CandidateLists,
+    epochs: int,
+) -> tuple[Ranker, dict]:
+    """The final model: a fresh ranker trained for the selected ``epochs`` on the training lists
+    plus the lists whose target is each user's validation item (from the same held-out source,
+    which has never seen it). Selection is done; the refit is not validated again, and the test
+    item stays untouched. The validation lists are the most recent interactions training may
+    use, the nearest to what serving is asked next."""
+    started = time.perf_counter()
+    validation = training_lists(dataset, split, source, config, from_end=0)
+    combined = concatenate_lists([examples, validation])
+    model, scorer, train_module, optimizer, average = new_model(dataset, split, source, config, context)
+    rng = np.random.default_rng(config.seed)
+    precision = resolve_precision(config.precision, context.device)
+    for epoch in range(1, epochs + 1):
+        loss = fit_epoch(
+            train_module, scorer, optimizer, combined, dataset, config, context, rng, precision, average
+        )
+        log.info("refit epoch %d/%d on %d lists: loss %.4f", epoch, epochs, len(combined.users), loss)
+    if average is not None:
+        model.load_state_dict(average.state_dict(model))
+    seconds = time.perf_counter() - started
+    return model, {
+        "epochs": epochs,
+        "lists": len(combined.users),
+        "validation_lists": len(validation.users),
+        "seconds": round(seconds, 1),
+    }
 
 
 def holdout_dataset(dataset: Dataset, split: LeaveOneOutSplit, held_out: int = 1) -> Dataset:
     """Every user's training sequence less its last ``held_out - 1`` items (validation and test
     items dropped too): the recall bundle built from it (which also leaves out each sequence's
     last item) never sees the last ``held_out`` training items, the targets of the ranker's
-    training prefixes."""
+    training prefixes.
+
+    A sequence too short for the bundle to hold its last item out (``LeaveOneOutSplit`` keeps all
+    of a sequence under 3 items) loses that item here instead, so no target is ever seen."""
+
+    def kept(user: int) -> int:
+        length = split.train_length(user) - (held_out - 1)
+        return length if length >= EVALUATED_LENGTH else max(1, length - 1)
 
     def cut(arrays: list[np.ndarray] | None) -> list[np.ndarray] | None:
         if arrays is None:
             return None
-        return [
-            values[: max(1, split.train_length(user) - (held_out - 1))] for user, values in enumerate(arrays)
-        ]
+        return [values[: kept(user)] for user, values in enumerate(arrays)]
 
     return dataclasses.replace(
         dataset,
@@ -550,15 +680,22 @@ def holdout_dataset(dataset: Dataset, split: LeaveOneOutSplit, held_out: int = 1
     )
 
 
-def holdout_recall_dir(bundle_dir: Path) -> Path:
-    """Where the held-out recall bundle of the rank bundle at ``bundle_dir`` lives."""
-    return bundle_dir.parent / f"{bundle_dir.name}-holdout-recall"
+def holdout_recall_dir(bundle_dir: Path, held_out: int = 1) -> Path:
+    """Where the held-out recall bundle of the rank bundle at ``bundle_dir`` lives (the one that
+    has not seen each user's last ``held_out`` training items)."""
+    suffix = "" if held_out == 1 else f"-{held_out}"
+    return bundle_dir.parent / f"{bundle_dir.name}-holdout-recall{suffix}"
 
 
 def holdout_candidates(
-    dataset: Dataset, bundle_dir: Path, config: RankTrainConfig, context: DistributedContext | None = None
+    dataset: Dataset,
+    bundle_dir: Path,
+    config: RankTrainConfig,
+    context: DistributedContext | None = None,
+    held_out: int = 1,
 ) -> RecallCandidates:
-    """Candidates from the holdout recall bundle beside ``bundle_dir`` (built when missing).
+    """Candidates from the recall bundle beside ``bundle_dir`` that has not seen each user's last
+    ``held_out`` training items (built when missing or built on other data).
 
     The bundle is trained like the served one (default recall settings: every core, early
     stopping, no clock limit) with this ranker's seed, by every process of a torchrun job."""
@@ -566,8 +703,8 @@ def holdout_candidates(
     from recall_service.train import build_bundle as build_recall_bundle
 
     context = context or init_distributed(config.device)
-    holdout = holdout_dataset(dataset, LeaveOneOutSplit(dataset), max(1, config.prefixes_per_user))
-    holdout_dir = holdout_recall_dir(bundle_dir)
+    holdout = holdout_dataset(dataset, LeaveOneOutSplit(dataset), held_out)
+    holdout_dir = holdout_recall_dir(bundle_dir, held_out)
     manifest = holdout_dir / "manifest.json"
     stale = (
         not manifest.is_file()
@@ -607,14 +744,21 @@ def build_bundle(
     context = init_distributed(config.device)
     served = load_candidates(Path(recall_bundle_dir), config) if source is None else None
     holdout_train: dict = {}
+    earlier_sources: list[CandidateSource] = []
     if source is None:
         if config.holdout_recall:
+            # one held-out bundle per training prefix: the lists whose target is the j-th last
+            # training item come from a bundle that has seen none of the last j
             source = holdout_candidates(dataset, bundle_dir, config, context)
+            earlier_sources = [
+                holdout_candidates(dataset, bundle_dir, config, context, held_out=j)
+                for j in range(2, max(1, config.prefixes_per_user) + 1)
+            ]
             manifest = holdout_recall_dir(bundle_dir) / "manifest.json"
             holdout_train = json.loads(manifest.read_text()).get("train", {})
         else:
             source = served
-    result = train_model(dataset, source, config, context)
+    result = train_model(dataset, source, config, context, earlier_sources)
     metadata = {
         "recall_bundle_version": served.version
         if served is not None
@@ -629,6 +773,8 @@ def build_bundle(
             "train_seconds": round(result.train_seconds, 1),
             "valid_pipeline": result.best_valid,
             "valid_recall_only": result.recall_valid,
+            # the exported model: trained afresh for best_epoch epochs with the validation lists
+            "refit": result.refit,
             # what stopped the held-out recall bundle's training, its epochs, seconds, seed, ...
             "holdout_recall": {k: v for k, v in holdout_train.items() if k != "best_valid"},
         },
@@ -651,11 +797,8 @@ def build_bundle(
     return bundle_dir
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`recsys train rank --data synthetic|DIR --artifacts DIR [--quick] [--seed N] ...`; under
-    `torchrun --nproc_per_node N [--nnodes M ...] -m recsys train rank ...` for several processes."""
-    from recsys.data.prepare import dataset_artifacts, prepare_dataset
-
+def parse_arguments(argv: list[str] | None = None) -> tuple[argparse.Namespace, RankTrainConfig]:
+    """The command line of `recsys train rank` and the training config it asks for."""
     parser = argparse.ArgumentParser(prog="recsys train rank", description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="synthetic", help="'synthetic' or a dataset folder")
     parser.add_argument("--artifacts", type=Path, default=Path("artifacts"))
@@ -674,6 +817,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mlp-width", type=int, help="override the first MLP layer's width")
     parser.add_argument("--eval-users", type=int, help="validation users for early stopping (0 = all)")
     parser.add_argument(
+        "--prefixes-per-user",
+        type=int,
+        help="most recent training prefixes per user (each from its own held-out recall bundle)",
+    )
+    parser.add_argument(
         "--weight-average-decay",
         type=float,
         help="validate and keep an exponential moving average of the weights (0 = the live weights)",
@@ -689,22 +837,36 @@ def main(argv: list[str] | None = None) -> int:
         "--scenarios-file", help="scenario file the lists come from (default: the shipped one)"
     )
     parser.add_argument(
+        "--refit-with-validation",
+        action="store_true",
+        default=None,
+        help="after early stopping, export a ranker retrained for the selected epochs on training + "
+        "validation-target lists (never test items)",
+    )
+    parser.add_argument(
         "--pretrained-item-ids",
         action=argparse.BooleanOptionalAction,
         help="fix the item id embeddings to the training recall model's item vectors",
     )
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = RankTrainConfig.quick() if args.quick else RankTrainConfig.default()
-    names = ("epochs", "patience", "seed", "threads", "device", "learning_rate", "weight_decay", "dropout")
-    extra = ("mlp_width", "eval_users", "weight_average_decay", "scenarios_file", "pretrained_item_ids")
-    for name in (*names, *extra):
-        if getattr(args, name) is not None:
-            setattr(config, name, getattr(args, name))
+    for field in dataclasses.fields(RankTrainConfig):  # every flag named after a field overrides it
+        if getattr(args, field.name, None) is not None:
+            setattr(config, field.name, getattr(args, field.name))
     if args.train_candidates is not None:
         config.train_candidates = config.pipeline_candidates = args.train_candidates
     if args.time_guard_hours is not None:
         config.time_guard_s = args.time_guard_hours * 3600.0
+    return args, config
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`recsys train rank --data synthetic|DIR --artifacts DIR [--quick] [--seed N] ...`; under
+    `torchrun --nproc_per_node N [--nnodes M ...] -m recsys train rank ...` for several processes."""
+    from recsys.data.prepare import dataset_artifacts, prepare_dataset
+
+    args, config = parse_arguments(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     context = init_distributed(config.device)
     if not context.is_main:  # one log of the run, from the first process
         logging.getLogger().setLevel(logging.WARNING)

@@ -77,6 +77,10 @@ def training_records(artifacts_dir: Path) -> dict[str, dict]:
             continue
         train = json.loads(manifest.read_text(encoding="utf-8")).get("train", {})
         records[kind] = {field: train[field] for field in TRAINING_FIELDS if field in train}
+        refit = train.get("refit") or {}
+        if refit:  # the exported ranker was retrained for the selected epochs with validation lists
+            records[kind]["refit_epochs"] = refit["epochs"]
+            records[kind]["refit_seconds"] = refit["seconds"]
         holdout = train.get("holdout_recall") or {}
         if holdout:
             records["rank_holdout_recall"] = {

@@ -15,6 +15,8 @@ from recsys.data.dataset import Dataset
 
 Phase = Literal["valid", "test"]
 
+EVALUATED_LENGTH = 3  # shorter sequences have no validation or test item: training sees all of them
+
 
 @dataclass
 class LeaveOneOutSplit:
@@ -22,12 +24,12 @@ class LeaveOneOutSplit:
 
     def __post_init__(self) -> None:
         lengths = np.array([len(s) for s in self.dataset.sequences], dtype=np.int64)
-        self.eval_users: np.ndarray = np.flatnonzero(lengths >= 3)
+        self.eval_users: np.ndarray = np.flatnonzero(lengths >= EVALUATED_LENGTH)
 
     def train_length(self, user: int) -> int:
         """Number of leading items of the user's sequence that training may see."""
         n = len(self.dataset.sequences[user])
-        return n - 2 if n >= 3 else n
+        return n - 2 if n >= EVALUATED_LENGTH else n
 
     def train_sequence(self, user: int) -> np.ndarray:
         return self.dataset.sequences[user][: self.train_length(user)]
@@ -48,6 +50,6 @@ class LeaveOneOutSplit:
         """Interactions per item over everything except each user's test item (no leak)."""
         counts = np.zeros(self.dataset.num_items, dtype=np.int64)
         for sequence in self.dataset.sequences:
-            visible = sequence[:-1] if len(sequence) >= 3 else sequence
+            visible = sequence[:-1] if len(sequence) >= EVALUATED_LENGTH else sequence
             np.add.at(counts, visible, 1)
         return counts

@@ -65,6 +65,73 @@ def test_holdout_dataset_keeps_only_training_items(synthetic_dataset):
         assert np.array_equal(held_out.history(int(user), "test"), train[:-1])
 
 
+@pytest.mark.parametrize("held_out", [1, 2, 3])
+def test_holdout_bundle_never_sees_a_target_even_of_short_sequences(synthetic_dataset, held_out):
+    import dataclasses
+
+    from rank_service.train import holdout_dataset
+    from recall_service.export import holdout_sequences
+
+    # every fourth user cut to 4 or 5 items: training sequences of 2-3, held-out sequences of 1-3
+    def shorten(arrays):
+        if arrays is None:
+            return None
+        return [values[: 4 + user % 2] if user % 4 == 0 else values for user, values in enumerate(arrays)]
+
+    names = ("sequences", "event_types", "scenarios", "timestamps")
+    dataset = dataclasses.replace(
+        synthetic_dataset, **{name: shorten(getattr(synthetic_dataset, name)) for name in names}
+    )
+    split = LeaveOneOutSplit(dataset)
+    holdout = holdout_dataset(dataset, split, held_out=held_out)
+    tables = holdout_sequences(holdout)  # what the bundle's co-visitation and popularity count
+    trained = LeaveOneOutSplit(holdout)  # what its two-tower model trains on
+    short = 0
+    for user in range(dataset.num_users):
+        train = split.train_sequence(user)
+        cut = len(train) - held_out  # the ranker's prefix whose target the bundle must not see
+        if cut < 1:
+            continue
+        short += len(holdout.sequences[user]) < 3
+        for seen in (tables[user], trained.train_sequence(user)):
+            assert len(seen) <= cut and np.array_equal(seen, train[: len(seen)]), user
+    assert short > 0  # the short-sequence path was exercised
+
+
+class RecordingCandidates(StubCandidates):
+    """A stub source that records the history lengths it was asked for."""
+
+    def __init__(self, dataset):
+        super().__init__(dataset)
+        self.asked: list[int] = []
+
+    def generate(self, histories, events, scenarios, k):
+        self.asked.extend(len(history) for history in histories)
+        return super().generate(histories, events, scenarios, k)
+
+
+def test_each_prefix_takes_its_lists_from_its_own_held_out_source(synthetic_dataset):
+    from rank_service.train import concatenate_lists
+
+    split = LeaveOneOutSplit(synthetic_dataset)
+    config = RankTrainConfig.tiny()
+    sources = [RecordingCandidates(synthetic_dataset) for _ in range(2)]
+    parts = [
+        training_lists(synthetic_dataset, split, source, config, from_end=j + 1)
+        for j, source in enumerate(sources)
+    ]
+    for j, (part, source) in enumerate(zip(parts, sources, strict=True)):
+        assert len(part.users) > 0
+        for user, cut in zip(part.users, part.cuts, strict=True):
+            assert cut == split.train_length(int(user)) - (j + 1)
+        # every history this source was asked for is one of its own prefixes
+        expected = {split.train_length(u) - (j + 1) for u in range(synthetic_dataset.num_users)}
+        assert set(source.asked) <= expected
+    merged = concatenate_lists(parts)
+    assert len(merged.users) == sum(len(part.users) for part in parts) == len(merged.lists)
+    assert np.array_equal(merged.cuts, np.concatenate([part.cuts for part in parts]))
+
+
 def test_rank_bundle_manifest_records_the_training_run(rank_bundle, recall_bundle, tmp_path):
     """The manifest says what stopped training, epochs, seconds, threads and seed, and the eval
     JSON's ``training`` block copies it from the bundles it evaluated."""
@@ -78,12 +145,31 @@ def test_rank_bundle_manifest_records_the_training_run(rank_bundle, recall_bundl
     assert 1 <= train["best_epoch"] <= train["epochs_run"] <= train["config"]["epochs"]
     assert train["threads"] >= 1 and train["processes"] == 1
     assert train["seed"] == train["config"]["seed"] == 7
+    assert train["refit"] == {}  # no refit with validation items by default (the protocol)
     (tmp_path / "recall").symlink_to(recall_bundle)
     (tmp_path / "rank").symlink_to(rank_bundle)
     records = training_records(tmp_path)
     assert records["rank"]["stop_reason"] == train["stop_reason"]
     assert records["rank"]["seed"] == 7 and records["recall"]["seed"] == 7
+    assert "refit_epochs" not in records["rank"]
     assert set(records["recall"]) >= {"stop_reason", "epochs_run", "best_epoch", "train_seconds", "threads"}
+
+
+def test_eval_training_records_say_when_the_ranker_was_refit(tmp_path):
+    import json
+
+    from recsys.app.eval import training_records
+
+    (tmp_path / "rank").mkdir()
+    train = {"stop_reason": "early_stop", "best_epoch": 2, "refit": {"epochs": 2, "lists": 9, "seconds": 1.5}}
+    (tmp_path / "rank" / "manifest.json").write_text(json.dumps({"train": train}))
+    records = training_records(tmp_path)
+    assert records["rank"] == {
+        "stop_reason": "early_stop",
+        "best_epoch": 2,
+        "refit_epochs": 2,
+        "refit_seconds": 1.5,
+    }
 
 
 def test_default_training_has_no_minutes_scale_clock():
@@ -132,3 +218,67 @@ def test_weight_average_is_what_training_validates_and_keeps(synthetic_dataset):
     live = dataclasses.replace(config, weight_average_decay=0.0)
     trained = train_model(synthetic_dataset, StubCandidates(synthetic_dataset), live).model.state_dict()
     assert any(not torch.equal(trained[name], weights) for name, weights in initial.items())
+
+
+def test_validation_target_lists_end_at_each_users_validation_item(synthetic_dataset):
+    split = LeaveOneOutSplit(synthetic_dataset)
+    lists = training_lists(
+        synthetic_dataset, split, StubCandidates(synthetic_dataset), RankTrainConfig.tiny(), from_end=0
+    )
+    assert len(lists.users) > 0
+    for user, cut, candidates, position in zip(
+        lists.users, lists.cuts, lists.lists, lists.target_positions, strict=True
+    ):
+        assert cut == split.train_length(int(user))  # the validation history: no test item
+        assert candidates.items[position] == split.target(int(user), "valid")
+
+
+def test_refit_is_a_fresh_model_trained_for_the_selected_epochs_with_validation_lists(synthetic_dataset):
+    import dataclasses
+
+    import torch
+
+    from rank_service.train import build_model, train_model
+
+    config = dataclasses.replace(RankTrainConfig.tiny(), epochs=2, patience=2, refit_with_validation=True)
+    source = RecordingCandidates(synthetic_dataset)
+    result = train_model(synthetic_dataset, source, config)
+    assert result.refit["epochs"] == result.best_epoch
+    assert result.refit["validation_lists"] > 0
+    assert result.refit["lists"] == result.examples + result.refit["validation_lists"]
+    split = LeaveOneOutSplit(synthetic_dataset)
+    # the refit asked the same held-out source for each validation history
+    assert {split.train_length(int(u)) for u in split.eval_users} <= set(source.asked)
+    selected = train_model(
+        synthetic_dataset,
+        StubCandidates(synthetic_dataset),
+        dataclasses.replace(config, refit_with_validation=False),
+    )
+    assert selected.refit == {}
+    refit_weights, selected_weights = result.model.state_dict(), selected.model.state_dict()
+    assert any(not torch.equal(refit_weights[name], selected_weights[name]) for name in refit_weights)
+    # a weight average that never moves keeps the refit at its fresh initial weights
+    frozen = train_model(
+        synthetic_dataset,
+        StubCandidates(synthetic_dataset),
+        dataclasses.replace(config, weight_average_decay=1.0),
+    )
+    torch.manual_seed(config.seed)
+    initial = build_model(synthetic_dataset, split, config).state_dict()
+    for name, weights in initial.items():
+        torch.testing.assert_close(frozen.model.state_dict()[name], weights, msg=name)
+
+
+def test_every_training_flag_reaches_the_config():
+    from rank_service.train import parse_arguments
+
+    _, config = parse_arguments(
+        ["--refit-with-validation", "--prefixes-per-user", "2", "--eval-users", "5", "--candidates", "40",
+         "--pretrained-item-ids", "--weight-average-decay", "0.5", "--time-guard-hours", "2", "--seed", "3"]
+    )  # fmt: skip
+    assert config.refit_with_validation and config.pretrained_item_ids
+    assert (config.prefixes_per_user, config.eval_users, config.seed) == (2, 5, 3)
+    assert config.train_candidates == config.pipeline_candidates == 40
+    assert config.weight_average_decay == 0.5 and config.time_guard_s == 7200.0
+    _, default = parse_arguments([])
+    assert not default.refit_with_validation and default == RankTrainConfig.default()
