@@ -106,6 +106,12 @@ def time_interleaved(
     }
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds, all threads, process ``pid`` has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
 def report_json(report: object, out: Path | None = None) -> None:
     """Print a benchmark's JSON report, and write it to ``out`` (its folder created) when given."""
     text = json.dumps(report, indent=2)

@@ -109,3 +109,39 @@ def test_the_cpu_breakdown_is_reported_per_scenario_and_thread(tmp_path: Path):
     assert body.startswith(bench_report.CPU_HEADING)
     assert "| home | 5.10 | MainThread 2.00, recall-batch_0 1.70 |" in body
     assert "`rules.py:55 diversify` 3.1%" in body
+
+
+def test_the_grpc_hop_floor_is_reported_with_the_cascades_share(tmp_path: Path):
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    hop = {
+        "rate": 200.0,
+        "bytes": 12000,
+        "server_cpu_ms_per_call": 0.6,
+        "client_cpu_ms_per_call": 0.5,
+        "grpc": "1.x",
+    }
+    cpu = {"command": "recsys bench cpu", "machine": MACHINE, "scenarios": {}, "grpc_hop_floor": [hop]}
+    (bench / "cpu.json").write_text(json.dumps(cpu))
+    body = bench_report.render(bench, tmp_path)
+    assert "12,000-byte messages: server 0.60 + client 0.50 ms" in body
+    assert "~2.8 ms of its CPU is this floor" in body  # 0.6 public + 2 x (0.6 + 0.5)
+
+
+def test_an_ann_row_no_peer_reaches_says_how_far_each_peer_got(tmp_path: Path):
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    curve = {"k": 200, "batch": 1, "points": [{"value": 200, "recall": 0.57}, {"value": 800, "recall": 0.68}]}
+    dataset = {
+        "num_vectors": 12101,
+        "dim": 64,
+        "indexes": {"default": {"factory": "Flat", "build_s": 0.0}, "hnswlib": {"curves": [curve]}},
+        "summary": [
+            {"k": 200, "batch": 1, "default": {"value": None, "recall": 1.0, "qps": 8000.0},
+             "best_peer": None, "bar_met": True}
+        ],
+    }  # fmt: skip
+    ann = {"command": "recsys bench ann", "machine": MACHINE, "settings": {}, "datasets": {"bundle": dataset}}
+    (bench / "ann.json").write_text(json.dumps(ann))
+    body = bench_report.render(bench, tmp_path)
+    assert "| exact, 1.000, 8,000 | none reaches the target (best recall: hnswlib 0.680) | met |" in body

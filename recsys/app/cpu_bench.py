@@ -7,7 +7,9 @@ request (all threads, and per thread: the event loop vs the recall and rank batc
 from a second pass under cProfile (the event loop's thread only; the batch threads' work shows as
 their share), the functions with the most own time. `recsys bench e2e` at the same scenario gives
 the served CPU per request; the difference is what transport, event-loop wakeups and thread
-hand-offs cost:
+hand-offs cost. Last, the floor of one gRPC hop on this host (``recsys.app.grpc_floor``: an echo
+server in its own process, called open-loop at ``--hop-rate``): the CPU per call no work on the
+services' side can remove.
 
     recsys bench cpu --artifacts artifacts --requests 2000 --out artifacts/bench/cpu.json
 """
@@ -167,6 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--top", type=int, default=20, help="functions listed per scenario")
     parser.add_argument("--users", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--hop-rate", type=float, default=200.0, help="echo calls/s of the gRPC hop floor")
+    parser.add_argument("--hop-seconds", type=float, default=5.0, help="measured seconds per hop size")
+    parser.add_argument(
+        "--hop-bytes", default="200,12000", help="message sizes of the hop floor ('' = skip it)"
+    )
     parser.add_argument("--out", type=Path)
     return parser
 
@@ -181,6 +188,11 @@ def main(argv: list[str] | None = None) -> int:
         sqlite_path = Path(workdir) / "history.sqlite3"
         seed_history_store(dataset, sqlite_path, HISTORY_LENGTH)
         results = asyncio.run(measure(args, recall_dir, rank_dir, dataset, sqlite_path))
+    from recsys.app.grpc_floor import measure as measure_hop
+
+    hops = [
+        measure_hop(args.hop_rate, args.hop_seconds, int(size)) for size in args.hop_bytes.split(",") if size
+    ]
     report_json(
         {
             "benchmark": "cpu: each Recommend's own work, in-process servicers called directly",
@@ -195,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
                 "calls": "sequential: one request at a time, so batches hold one request",
             },
             "scenarios": results,
+            "grpc_hop_floor": hops,
             "wall_s": round(time.monotonic() - started, 1),
         },
         args.out,

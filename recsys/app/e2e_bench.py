@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -34,9 +33,8 @@ from recsys.app.run import (
     pick_port,
     seed_history_store,
 )
-from recsys.timing import machine_info
+from recsys.timing import machine_info, process_cpu_seconds
 
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 DEFAULT_RATES = "50,100,200,300,400,500,600,800"
 BARS = {
     "home_at_200": {"p99_ms_at_most": 25.0, "errors": 0, "degraded_share_at_most": 0.01},
@@ -66,13 +64,12 @@ class Stack:
 
     def cpu_seconds(self) -> dict[str, float]:
         """CPU time (user + system, all threads) each process used so far."""
-        return {service.name: process_cpu_seconds(service) for service in self.services}
+        return {service.name: service_cpu_seconds(service) for service in self.services}
 
 
-def process_cpu_seconds(service: Service) -> float:
+def service_cpu_seconds(service: Service) -> float:
     assert service.process is not None
-    fields = Path(f"/proc/{service.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
+    return process_cpu_seconds(service.process.pid)
 
 
 def build_parser() -> argparse.ArgumentParser:

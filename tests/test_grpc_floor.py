@@ -1,0 +1,12 @@
+"""`python -m recsys.app.grpc_floor`: the CPU per call of an echo hop, from both processes."""
+
+from __future__ import annotations
+
+from recsys.app.grpc_floor import measure
+
+
+def test_an_echo_hop_reports_cpu_per_call_of_server_and_client():
+    result = measure(rate=50.0, seconds=1.0, size=1000)
+    assert result["calls"] == 50 and result["bytes"] == 1000
+    assert result["server_cpu_ms_per_call"] > 0 and result["client_cpu_ms_per_call"] > 0
+    assert result["grpc"]
