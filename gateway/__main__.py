@@ -9,7 +9,7 @@ import sys
 from gateway.config import GatewayConfig
 from gateway.server import serve
 from recsys.scenario.spec import ScenarioConfigError
-from recsys.serving.bootstrap import run_until_signal
+from recsys.serving.bootstrap import run_event_loop, run_until_signal
 from recsys.serving.logging import configure_logging
 
 
@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     config = GatewayConfig.from_args(sys.argv[1:] if argv is None else argv)
     configure_logging("gateway", config.serving.log_level)
     try:
-        asyncio.run(_serve(config))
+        run_event_loop(_serve(config))
     except ScenarioConfigError as error:
         print(f"recsys serve gateway: {error}", file=sys.stderr)
         return 2

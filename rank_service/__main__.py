@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import sys
 
 from rank_service.config import RankConfig
 from rank_service.server import serve
-from recsys.serving.bootstrap import run_until_signal
+from recsys.serving.bootstrap import run_event_loop, run_until_signal
 from recsys.serving.config import ConfigError
 from recsys.serving.logging import configure_logging
 
@@ -24,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"recsys serve rank: {error}", file=sys.stderr)
         return 2
     configure_logging("rank", config.serving.log_level)
-    asyncio.run(_serve(config))
+    run_event_loop(_serve(config))
     return 0
 
 

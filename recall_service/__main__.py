@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import sys
 
 from recall_service.config import from_args
 from recall_service.server import serve
-from recsys.serving.bootstrap import run_until_signal
+from recsys.serving.bootstrap import run_event_loop, run_until_signal
 from recsys.serving.config import ConfigError
 from recsys.serving.logging import configure_logging
 
@@ -23,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     async def run() -> None:
         await run_until_signal(await serve(config))
 
-    asyncio.run(run())
+    run_event_loop(run())
     return 0
 
 

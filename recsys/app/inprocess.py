@@ -35,7 +35,7 @@ from recall_service.server import build_servicer as build_recall_servicer
 from recall_service.server import warm_up as warm_up_recall
 from recall_service.servicer import RecallServicer
 from recsys.scenario.spec import ScenarioConfigError
-from recsys.serving.bootstrap import run_until_signal
+from recsys.serving.bootstrap import run_event_loop, run_until_signal
 from recsys.serving.config import ServingConfig
 from recsys.serving.logging import configure_logging
 from recsys.serving.metrics import new_registry
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
             await gateway.stop()
 
     try:
-        asyncio.run(run())
+        run_event_loop(run())  # the loop the services run on
     except ScenarioConfigError as error:
         print(f"recsys.app.inprocess: {error}", file=sys.stderr)
         return 2

@@ -13,8 +13,9 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import signal
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,33 @@ logger = logging.getLogger(__name__)
 
 HEALTH_SERVICE_NAME: str = grpc_health.SERVICE_NAME
 REFLECTION_SERVICE_NAME: str = reflection.SERVICE_NAME
+
+
+EVENT_LOOPS = ("auto", "uvloop", "asyncio")
+
+
+def run_event_loop(main: Coroutine[Any, Any, Any]) -> Any:
+    """Run ``main`` to completion on uvloop (libuv's event loop) when it is installed, else on the
+    standard asyncio loop; ``RECSYS_EVENT_LOOP=asyncio`` declines uvloop, ``uvloop`` requires it.
+
+    Measured on the three-service stack at 200 req/s (2 cores, `home`, four interleaved A/B pairs):
+    CPU per request 6.50 / 6.30 / 6.49 / 6.82 ms with uvloop vs 6.96 / 7.32 / 6.68 / 6.93 ms (-6%),
+    p99 59 / 67 / 78 / 117 ms vs 87 / 123 / 131 / 107 ms; one echo gRPC hop (two pairs) 0.61 +
+    0.61 ms vs 0.72 + 0.72 ms of CPU per call (server + client)."""
+    choice = os.environ.get("RECSYS_EVENT_LOOP", "auto")
+    if choice not in EVENT_LOOPS:
+        raise ValueError(f"RECSYS_EVENT_LOOP must be one of {', '.join(EVENT_LOOPS)}, got {choice!r}")
+    if choice != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if choice == "uvloop":
+                raise
+        else:
+            logger.info("event loop: uvloop %s", uvloop.__version__)
+            return uvloop.run(main)
+    logger.info("event loop: asyncio")
+    return asyncio.run(main)
 
 
 def message_size_options(max_message_bytes: int) -> list[tuple[str, Any]]:
