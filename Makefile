@@ -96,11 +96,14 @@ train-bench: install
 	$(PY) -m recall_service.train_bench --data $(DATA) --out $(ARTIFACTS)/bench/train-speed.json
 
 # Speed, as JSON + plots in $(ARTIFACTS)/bench, then the README's Performance section from them.
+# BENCH_BUNDLE: the recall bundle whose real item vectors the ANN benchmark adds to the 1M
+# clustered ones (the README's rows: a Beauty bundle, e.g. BENCH_BUNDLE=artifacts/beauty/recall).
+BENCH_BUNDLE ?= $(ARTIFACTS)/synthetic/recall
 bench: install
 	$(RECSYS) bench e2e --artifacts $(ARTIFACTS) --data $(DATA) --out $(ARTIFACTS)/bench/e2e.json
 	$(RECSYS) bench rank --artifacts $(ARTIFACTS) --data $(DATA) --out $(ARTIFACTS)/bench/rank.json
 	$(RECSYS) bench cpu --artifacts $(ARTIFACTS) --data $(DATA) --out $(ARTIFACTS)/bench/cpu.json
-	$(RECSYS) bench ann --bundle $(ARTIFACTS)/synthetic/recall --out $(ARTIFACTS)/bench/ann.json
+	$(RECSYS) bench ann --bundle $(BENCH_BUNDLE) --out $(ARTIFACTS)/bench/ann.json
 	$(RECSYS) bench report --bench $(ARTIFACTS)/bench --readme README.md
 
 # Prepare data, train quickly, export both bundles, start recall, rank and gateway; Ctrl-C stops all.
