@@ -125,6 +125,7 @@ def test_the_grpc_hop_floor_is_reported_with_the_cascades_share(tmp_path: Path):
     (bench / "cpu.json").write_text(json.dumps(cpu))
     body = bench_report.render(bench, tmp_path)
     assert "12,000-byte messages: server 0.60 + client 0.50 ms" in body
+    assert "grpc 1.x, asyncio loop" in body  # reports before the loop was recorded: the standard one
     assert "~2.8 ms of its CPU is this floor" in body  # 0.6 public + 2 x (0.6 + 0.5)
 
 

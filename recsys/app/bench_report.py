@@ -169,7 +169,8 @@ def cpu_section(report: dict) -> list[str]:
         lines += [
             "",
             f"The floor of one gRPC hop here (`python -m recsys.app.grpc_floor`: an echo server doing "
-            f"nothing, {hops[0]['rate']:.0f} calls/s, grpc {hops[0]['grpc']}): {floors} of CPU per call. "
+            f"nothing, {hops[0]['rate']:.0f} calls/s, grpc {hops[0]['grpc']}, "
+            f"{hops[0].get('event_loop', 'asyncio')} loop): {floors} of CPU per call. "
             f"A served request makes one public call and two internal hops, so ~{cascade:.1f} ms of its "
             "CPU is this floor, whatever the services do.",
         ]

@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from recsys.app.grpc_floor import measure as measure_hop
 from recsys.timing import machine_info, report_json
 
 HISTORY_LENGTH = 50
@@ -188,8 +189,6 @@ def main(argv: list[str] | None = None) -> int:
         sqlite_path = Path(workdir) / "history.sqlite3"
         seed_history_store(dataset, sqlite_path, HISTORY_LENGTH)
         results = asyncio.run(measure(args, recall_dir, rank_dir, dataset, sqlite_path))
-    from recsys.app.grpc_floor import measure as measure_hop
-
     hops = [
         measure_hop(args.hop_rate, args.hop_seconds, int(size)) for size in args.hop_bytes.split(",") if size
     ]

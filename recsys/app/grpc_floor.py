@@ -9,7 +9,8 @@ floor says how much of a request no Python-level optimisation of the services ca
 starts ``python -m recsys.app.grpc_floor --serve`` (a ``grpc.aio`` server whose one unary method
 returns its request) in its own process, sends ``rate`` calls a second on the schedule (latency is
 not the point here, CPU is), and prints JSON: CPU-milliseconds per call of the server process
-(from /proc) and of the client (``time.process_time``), with the same gRPC version the services use.
+(from /proc) and of the client (``time.process_time``), with the gRPC version and the event loop
+the services use (``recsys.serving.bootstrap.run_event_loop``: uvloop when installed).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any
 
 import grpc
 
+from recsys.serving.bootstrap import run_event_loop
 from recsys.timing import process_cpu_seconds
 
 SERVICE, METHOD = "recsys.bench.Echo", "Echo"
@@ -71,9 +73,9 @@ def measure(rate: float, seconds: float, size: int) -> dict[str, Any]:
     try:
         assert server.stdout is not None
         port = int(server.stdout.readline())
-        asyncio.run(send(port, rate, 1.0, size))  # warm both ends before counting
+        run_event_loop(send(port, rate, 1.0, size))  # warm both ends before counting
         server_before = process_cpu_seconds(server.pid)
-        calls, client_cpu = asyncio.run(send(port, rate, seconds, size, warmup=0))
+        calls, client_cpu = run_event_loop(send(port, rate, seconds, size, warmup=0))
         server_cpu = process_cpu_seconds(server.pid) - server_before
     finally:
         server.terminate()
@@ -86,7 +88,17 @@ def measure(rate: float, seconds: float, size: int) -> dict[str, Any]:
         "server_cpu_ms_per_call": round(server_cpu * 1000 / calls, 3),
         "client_cpu_ms_per_call": round(client_cpu * 1000 / calls, 3),
         "grpc": grpc.__version__,
+        "event_loop": event_loop_name(),
     }
+
+
+def event_loop_name() -> str:
+    """The loop ``run_event_loop`` runs on here: ``uvloop`` or ``asyncio``."""
+
+    async def name() -> str:
+        return type(asyncio.get_running_loop()).__module__.split(".")[0]
+
+    return run_event_loop(name())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bytes", type=int, default=12000, help="request (and response) size")
     args = parser.parse_args(argv)
     if args.serve:
-        asyncio.run(serve())
+        run_event_loop(serve())
         return 0
     print(json.dumps(measure(args.rate, args.seconds, args.bytes)))
     return 0
