@@ -123,13 +123,13 @@ class GatewayServer:
 async def serve(
     config: GatewayConfig,
     registry: CollectorRegistry | None = None,
-    backends: tuple[Any, Any] | None = None,
+    backends: tuple[Any | None, Any | None] | None = None,
 ) -> GatewayServer:
     """Start the gateway; returns once it is SERVING (with recall's catalog when recall is up).
 
-    ``backends`` replaces the gRPC stubs of recall and rank by objects with the same methods
-    (the in-process backends of ``recsys.app.inprocess``); by default they are channels to
-    ``config.recall_address`` / ``config.rank_address``."""
+    ``backends`` (recall, rank) replaces the gRPC stubs by objects with the same methods (the
+    in-process backends of ``recsys.app.inprocess``); a None in it, or no ``backends``, is that
+    service over gRPC at ``config.recall_address(es)`` / ``config.rank_address``."""
     registry = new_registry() if registry is None else registry
     reload_errors = Counter(
         "recsys_scenario_reload_errors",
@@ -150,11 +150,11 @@ async def serve(
         sqlite_synchronous=config.sqlite_synchronous,
         retention_s=config.dedupe_retention_hours * 3600,
     )
-    channels: list[grpc.aio.Channel] = []
-    if backends is None:
-        recall, rank, channels = open_backends(config, registry)
-    else:
-        recall, rank = backends
+    local_recall, local_rank = backends or (None, None)
+    recall, rank, channels = open_backends(
+        config, registry, recall=local_recall is None, rank=local_rank is None
+    )
+    recall, rank = local_recall or recall, local_rank or rank
     pipeline = Pipeline(
         recall=recall,
         rank=rank,
@@ -258,12 +258,15 @@ def start_http(
 
 
 def open_backends(
-    config: GatewayConfig, registry: CollectorRegistry | None = None
+    config: GatewayConfig, registry: CollectorRegistry | None = None, recall: bool = True, rank: bool = True
 ) -> tuple[
-    recall_pb2_grpc.RecallServiceStub | ShardedRecall, rank_pb2_grpc.RankServiceStub, list[grpc.aio.Channel]
+    recall_pb2_grpc.RecallServiceStub | ShardedRecall | None,
+    rank_pb2_grpc.RankServiceStub | None,
+    list[grpc.aio.Channel],
 ]:
     """gRPC stubs for recall (a fan-out over its shards when sharded) and rank (TLS when
-    configured) and the channels to close."""
+    configured) and the channels to close; None for a service not asked for (``recall`` /
+    ``rank`` False: it runs in this process)."""
     credentials = None
     if config.downstream_tls_ca is not None:
         serving = config.serving
@@ -274,17 +277,25 @@ def open_backends(
     # round_robin spreads calls over every pod behind a headless Service (dns:/// addresses);
     # the default pick_first would pin each gateway to one recall and one rank pod.
     balanced = (("grpc.lb_policy_name", "round_robin"),)
-    rank_channel = open_channel(
-        config.rank_address, credentials=credentials, max_message_bytes=max_bytes, options=balanced
-    )
-    rank = rank_pb2_grpc.RankServiceStub(rank_channel)
-    if config.recall_addresses:  # one channel per shard (each a StatefulSet pod), fanned out
+    channels: list[grpc.aio.Channel] = []
+    rank_stub = recall_stub = None
+    if rank:
+        rank_channel = open_channel(
+            config.rank_address, credentials=credentials, max_message_bytes=max_bytes, options=balanced
+        )
+        channels.append(rank_channel)
+        rank_stub = rank_pb2_grpc.RankServiceStub(rank_channel)
+    if recall and config.recall_addresses:  # one channel per shard (each a StatefulSet pod), fanned out
         recall_channels = [
             open_channel(address, credentials=credentials, max_message_bytes=max_bytes)
             for address in config.recall_addresses
         ]
-        return ShardedRecall.connect(recall_channels, registry), rank, [*recall_channels, rank_channel]
-    recall_channel = open_channel(
-        config.recall_address, credentials=credentials, max_message_bytes=max_bytes, options=balanced
-    )
-    return recall_pb2_grpc.RecallServiceStub(recall_channel), rank, [recall_channel, rank_channel]
+        channels.extend(recall_channels)
+        recall_stub = ShardedRecall.connect(recall_channels, registry)
+    elif recall:
+        recall_channel = open_channel(
+            config.recall_address, credentials=credentials, max_message_bytes=max_bytes, options=balanced
+        )
+        channels.append(recall_channel)
+        recall_stub = recall_pb2_grpc.RecallServiceStub(recall_channel)
+    return recall_stub, rank_stub, channels

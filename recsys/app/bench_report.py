@@ -48,8 +48,10 @@ def e2e_section(report: dict, plot: str | None) -> list[str]:
         f"`{report['command']}` — {_machine(report)}; load generator in its own process on the same "
         f"cores, Poisson arrivals, latency from each request's scheduled send, {settings['users']} "
         f"known users, {settings['deadline_ms']:g} ms client deadline, {settings['duration_s']:g} s "
-        "per rate; the two stacks measured alternately at each rate. CPU = CPU time of every "
+        "per rate; the stacks measured alternately at each rate. CPU = CPU time of every "
         "service process per request (the load generator excluded).",
+        "",
+        *[f"- {name}: {what}" for name, what in settings.get("stacks", {}).items()],
         "",
         "| stack | scenario | rate req/s | p50 ms | p95 ms | p99 ms | errors | degraded | CPU ms/req |",
         "|---|---|---|---|---|---|---|---|---|",

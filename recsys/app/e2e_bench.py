@@ -44,6 +44,14 @@ BARS = {
 }
 
 
+STACKS = {
+    "grpc": "recall, rank, gateway: three processes on loopback, as `make run` starts them",
+    "inprocess": "one process: the gateway with in-process recall and rank (recsys.app.inprocess)",
+    "rank_in_gateway": "two processes: recall, and the gateway with the ranker in-process "
+    "(recsys.app.inprocess --rank-bundle): one internal hop",
+}
+
+
 @dataclass
 class Stack:
     """One way of running the cascade: its processes and the gateway they answer on."""
@@ -78,7 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--artifacts", type=Path, default=Path("artifacts"))
     parser.add_argument("--rates", default=DEFAULT_RATES, help="arrival rates to sweep, req/s")
     parser.add_argument("--scenarios", default="home,item_detail")
-    parser.add_argument("--stacks", default="grpc,inprocess", help="grpc (3 processes), inprocess (1)")
+    parser.add_argument(
+        "--stacks",
+        default="grpc,inprocess",
+        help="comma list of: " + ", ".join(f"{name} ({what})" for name, what in STACKS.items()),
+    )
     parser.add_argument("--duration", type=float, default=10.0, help="measured seconds per rate")
     parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds per rate")
     parser.add_argument("--users", type=int, default=1000, help="known users the requests are for")
@@ -112,6 +124,9 @@ def start_stacks(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, Sta
     taken: set[int] = set()
     stacks: dict[str, Stack] = {}
     wanted = args.stacks.split(",")
+    unknown = set(wanted) - set(STACKS)
+    if unknown:
+        raise SystemExit(f"recsys bench e2e: unknown stacks {sorted(unknown)}; known: {list(STACKS)}")
     if "grpc" in wanted:
         recall = Service(
             "recall", "recall_service", pick_port(0, taken), pick_port(0, taken),
@@ -134,6 +149,18 @@ def start_stacks(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, Sta
             logs / "inprocess.log",
         )  # fmt: skip
         stacks["inprocess"] = Stack("inprocess", [single], single)
+    if "rank_in_gateway" in wanted:
+        remote_recall = Service(
+            "recall", "recall_service", pick_port(0, taken), pick_port(0, taken),
+            ["--bundle", str(recall_dir)], logs / "rank_in_gateway-recall.log",
+        )  # fmt: skip
+        gateway_with_rank = Service(
+            "gateway", "recsys.app.inprocess", pick_port(0, taken), pick_port(0, taken),
+            ["--rank-bundle", str(rank_dir), *gateway_args, "--recall-address", remote_recall.address],
+            logs / "rank_in_gateway.log",
+        )  # fmt: skip
+        services = [remote_recall, gateway_with_rank]
+        stacks["rank_in_gateway"] = Stack("rank_in_gateway", services, gateway_with_rank)
     try:
         for stack in stacks.values():
             stack.start()
@@ -315,11 +342,7 @@ def main(argv: list[str] | None = None) -> int:
             "users": args.users,
             "deadline_ms": args.deadline_ms,
             "saturation": f"no errors, <= 1% degraded, p99 <= {args.saturation_p99_ms:g} ms",
-            "stacks": {
-                "grpc": "recall, rank, gateway: three processes on loopback, as `make run` starts them",
-                "inprocess": "one process: the gateway with in-process recall and rank "
-                "(recsys.app.inprocess)",
-            },
+            "stacks": {name: STACKS[name] for name in names},
             "load_generator": "recsys.app.loadgen in its own process on the same machine",
         },
         "bars": BARS,

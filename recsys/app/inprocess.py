@@ -1,12 +1,17 @@
-"""The cascade in one process: the gateway with in-process recall and rank backends (no gRPC hops).
+"""The gateway with recall and/or rank in its own process (no gRPC hop to them).
 
 :class:`LocalRecall` and :class:`LocalRank` have the methods of the gRPC stubs the gateway's
 pipeline calls, but run the recall and rank servicers' own code (validation, micro-batcher,
 engine / runtime, packed answers) in this process. The gateway therefore runs the very same
 pipeline either way, which is what ``recsys bench e2e`` compares to measure what the gRPC hops
-cost; it is also a one-process deployment for small shops:
+cost. Two deployments come out of it:
 
+    # the whole cascade in one process (a small shop)
     python -m recsys.app.inprocess --recall-bundle DIR --rank-bundle DIR [gateway flags ...]
+    # the ranker inside the gateway, recall (sharded or not) over gRPC: one hop fewer
+    python -m recsys.app.inprocess --rank-bundle DIR --recall-address HOST:PORT [gateway flags ...]
+
+A service whose bundle is not given is called over gRPC at the gateway's address for it.
 """
 
 from __future__ import annotations
@@ -103,51 +108,61 @@ class LocalRank:
         return await _call(lambda deadline: self.servicer.rank(request, deadline), timeout)
 
 
+async def load_recall(config: RecallConfig, registry: CollectorRegistry) -> LocalRecall:
+    """Load the recall bundle, build its servicer (batcher, metrics) and warm it up."""
+    engine = await asyncio.to_thread(RecallEngine.load, config.bundle, config.device, config.threads)
+    recall = build_recall_servicer(engine, config, registry)
+    await warm_up_recall(recall)
+    return LocalRecall(recall)
+
+
+async def load_rank(config: RankConfig, registry: CollectorRegistry) -> LocalRank:
+    """Load the rank bundle, build its servicer (batcher, metrics) and warm it up."""
+    runtime = await asyncio.to_thread(RankRuntime.load, config.bundle, config.device, config.threads)
+    rank = RankServicer(runtime, registry, config.max_batch, config.max_wait_ms, config.max_queue)
+    await warm_up_rank(rank)
+    return LocalRank(rank)
+
+
 async def load_backends(
     recall_config: RecallConfig, rank_config: RankConfig, registry: CollectorRegistry
 ) -> tuple[LocalRecall, LocalRank]:
-    """Load both bundles, build their servicers (batchers, metrics) and warm them up."""
-    engine = await asyncio.to_thread(
-        RecallEngine.load, recall_config.bundle, recall_config.device, recall_config.threads
-    )
-    runtime = await asyncio.to_thread(
-        RankRuntime.load, rank_config.bundle, rank_config.device, rank_config.threads
-    )
-    recall = build_recall_servicer(engine, recall_config, registry)
-    rank = RankServicer(
-        runtime, registry, rank_config.max_batch, rank_config.max_wait_ms, rank_config.max_queue
-    )
-    await warm_up_recall(recall)
-    await warm_up_rank(rank)
-    return LocalRecall(recall), LocalRank(rank)
+    """Both services in this process."""
+    return await load_recall(recall_config, registry), await load_rank(rank_config, registry)
 
 
 async def serve_inprocess(
     config: GatewayConfig,
-    recall_bundle: Path,
-    rank_bundle: Path,
+    recall_bundle: Path | None,
+    rank_bundle: Path | None,
     registry: CollectorRegistry | None = None,
     device: str = "auto",
 ) -> GatewayServer:
-    """The gateway serving with in-process recall and rank (defaults of their configs)."""
+    """The gateway serving with in-process recall and/or rank (defaults of their configs); the
+    one whose bundle is None is called over gRPC as ``config`` says."""
+    if recall_bundle is None and rank_bundle is None:
+        raise ValueError("serve_inprocess needs a recall bundle, a rank bundle or both")
     registry = new_registry() if registry is None else registry
     serving = ServingConfig()
-    backends = await load_backends(
-        RecallConfig(serving=serving, bundle=recall_bundle, device=device),
-        RankConfig(serving=serving, bundle=rank_bundle, device=device),
-        registry,
-    )
-    return await serve(config, registry, backends=backends)
+    recall = rank = None
+    if recall_bundle is not None:
+        recall_config = RecallConfig(serving=serving, bundle=recall_bundle, device=device)
+        recall = await load_recall(recall_config, registry)
+    if rank_bundle is not None:
+        rank = await load_rank(RankConfig(serving=serving, bundle=rank_bundle, device=device), registry)
+    return await serve(config, registry, backends=(recall, rank))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m recsys.app.inprocess", description=__doc__.splitlines()[0]
     )
-    parser.add_argument("--recall-bundle", type=Path, required=True)
-    parser.add_argument("--rank-bundle", type=Path, required=True)
+    parser.add_argument("--recall-bundle", type=Path, help="recall in this process (else over gRPC)")
+    parser.add_argument("--rank-bundle", type=Path, help="rank in this process (else over gRPC)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "gpu"))
     args, gateway_argv = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    if args.recall_bundle is None and args.rank_bundle is None:
+        parser.error("give --recall-bundle, --rank-bundle or both")
     config = GatewayConfig.from_args(gateway_argv)
     configure_logging("gateway", config.serving.log_level)
 
