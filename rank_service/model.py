@@ -175,19 +175,6 @@ class EncoderLayer(nn.Module):
         return x + self.dropout(self.ffn(self.ffn_norm(x)))
 
 
-def _draw_embeddings(tables: list[nn.Embedding], generator: torch.Generator | None = None) -> None:
-    """N(0, 0.02) weights, the padding row (id 0) zero; drawn on the CPU from ``generator`` when
-    given (the same draw in every data-parallel process), else from torch's global generator."""
-    with torch.no_grad():
-        for table in tables:
-            if generator is None:
-                nn.init.normal_(table.weight, std=0.02)
-            else:
-                drawn = torch.randn(table.weight.shape, generator=generator) * 0.02
-                table.weight.copy_(drawn.to(table.weight.device))
-            table.weight[0].zero_()
-
-
 class Ranker(nn.Module):
     """Scores [B, N] candidates against [B, L] histories (see the module docstring)."""
 
@@ -222,20 +209,15 @@ class Ranker(nn.Module):
             nn.GELU(),
             nn.Linear(dim, 1),
         )
-        _draw_embeddings([self.item_embedding, self.attribute_embedding])
+        nn.init.normal_(self.item_embedding.weight, std=0.02)
+        nn.init.normal_(self.attribute_embedding.weight, std=0.02)
         if config.frozen_item_ids:
             self.item_embedding.weight.requires_grad_(False)
             self.item_gain = nn.Parameter(torch.ones(()))
         nn.init.normal_(self.no_history, std=0.02)
-
-    def reset_item_embeddings(self, seed: int) -> list[nn.Parameter]:
-        """Draw the item id (unless fixed) and attribute embeddings afresh from ``seed``; returns
-        the parameters redrawn (their optimizer state is stale)."""
-        tables = [self.attribute_embedding]
-        if not self.config.frozen_item_ids:
-            tables.insert(0, self.item_embedding)
-        _draw_embeddings(tables, torch.Generator().manual_seed(seed))
-        return [table.weight for table in tables]
+        with torch.no_grad():
+            self.item_embedding.weight[0].zero_()
+            self.attribute_embedding.weight[0].zero_()
 
     # -- item representation -------------------------------------------------------------
     def compute_item_table(self) -> Tensor:

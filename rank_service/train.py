@@ -117,11 +117,6 @@ class RankTrainConfig:
     # is worth having: the validation interactions are each user's most recent ones.
     refit_with_validation: bool = False
     holdout_recall: bool = True  # train on a recall bundle that has not seen the targets
-    # Redraw the item id and attribute embeddings (and drop their optimizer state) at the start of
-    # every epoch after the first, the rest of the ranker keeps training: the "one-epoch"
-    # overfitting of id embeddings without giving up later epochs for the other layers (MEDA, Fan
-    # et al. 2024, "Multi-Epoch learning with Data Augmentation for deep CTR models").
-    reset_embeddings_each_epoch: bool = False
     # training: at most ``epochs`` epochs; early stopping (``patience``) normally ends it first
     epochs: int = 30
     batch_size: int = 128  # lists per optimizer step, over all processes together
@@ -554,7 +549,6 @@ def train_model(
     model, scorer, train_module, optimizer, average = new_model(dataset, split, source, config, context)
     best_state, best_valid = None, {"NDCG@10": -1.0}
     for epoch in range(1, config.epochs + 1):
-        start_epoch(model, optimizer, config, epoch)
         mean_loss = fit_epoch(
             train_module, scorer, optimizer, examples, dataset, config, context, rng, precision, average
         )
@@ -623,14 +617,6 @@ def new_model(
     return model, TorchScorer(model, context.device), data_parallel(model, context), optimizer, average
 
 
-def start_epoch(model: Ranker, optimizer: torch.optim.Optimizer, config: RankTrainConfig, epoch: int) -> None:
-    """Before ``epoch`` (1-based): with ``reset_embeddings_each_epoch``, from the second epoch on,
-    fresh item embeddings (the same in every process) whose optimizer state starts over."""
-    if config.reset_embeddings_each_epoch and epoch > 1:
-        for parameter in model.reset_item_embeddings(config.seed * 1000 + epoch):
-            optimizer.state.pop(parameter, None)
-
-
 def refit_with_validation(
     dataset: Dataset,
     split: LeaveOneOutSplit,
@@ -652,7 +638,6 @@ def refit_with_validation(
     rng = np.random.default_rng(config.seed)
     precision = resolve_precision(config.precision, context.device)
     for epoch in range(1, epochs + 1):
-        start_epoch(model, optimizer, config, epoch)
         loss = fit_epoch(
             train_module, scorer, optimizer, combined, dataset, config, context, rng, precision, average
         )
@@ -857,11 +842,6 @@ def parse_arguments(argv: list[str] | None = None) -> tuple[argparse.Namespace, 
         default=None,
         help="after early stopping, export a ranker retrained for the selected epochs on training + "
         "validation-target lists (never test items)",
-    )
-    parser.add_argument(
-        "--reset-embeddings-each-epoch",
-        action=argparse.BooleanOptionalAction,
-        help="redraw the item id and attribute embeddings before every epoch after the first",
     )
     parser.add_argument(
         "--pretrained-item-ids",

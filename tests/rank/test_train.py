@@ -274,65 +274,11 @@ def test_every_training_flag_reaches_the_config():
 
     _, config = parse_arguments(
         ["--refit-with-validation", "--prefixes-per-user", "2", "--eval-users", "5", "--candidates", "40",
-         "--pretrained-item-ids", "--weight-average-decay", "0.5", "--time-guard-hours", "2", "--seed", "3",
-         "--reset-embeddings-each-epoch"]
+         "--pretrained-item-ids", "--weight-average-decay", "0.5", "--time-guard-hours", "2", "--seed", "3"]
     )  # fmt: skip
-    assert config.refit_with_validation and config.pretrained_item_ids and config.reset_embeddings_each_epoch
+    assert config.refit_with_validation and config.pretrained_item_ids
     assert (config.prefixes_per_user, config.eval_users, config.seed) == (2, 5, 3)
     assert config.train_candidates == config.pipeline_candidates == 40
     assert config.weight_average_decay == 0.5 and config.time_guard_s == 7200.0
     _, default = parse_arguments([])
     assert not default.refit_with_validation and default == RankTrainConfig.default()
-
-
-def test_embeddings_are_redrawn_before_every_epoch_after_the_first_with_fresh_optimizer_state(
-    synthetic_dataset,
-):
-    """reset_embeddings_each_epoch: from epoch 2 on the item id and attribute embeddings start
-    again (the same draw for the same seed in every process, padding rows zero) and their AdamW
-    moments with them; every other layer keeps its weights and optimizer state."""
-    import dataclasses
-
-    import torch
-
-    from rank_service.train import build_model, start_epoch, train_model
-    from recsys.training import adamw
-
-    config = dataclasses.replace(RankTrainConfig.tiny(), reset_embeddings_each_epoch=True)
-    split = LeaveOneOutSplit(synthetic_dataset)
-    models = [build_model(synthetic_dataset, split, config) for _ in range(2)]
-    optimizers = [adamw(model.parameters(), 1e-2, 0.0) for model in models]
-    for rank, (model, optimizer) in enumerate(zip(models, optimizers, strict=True)):
-        torch.manual_seed(rank)  # each process draws its own dropout masks and global randoms
-        loss = sum(parameter.square().sum() for parameter in model.parameters())
-        loss.backward()
-        optimizer.step()
-    model, optimizer = models[0], optimizers[0]
-    embeddings = [model.item_embedding.weight, model.attribute_embedding.weight]
-    before = {name: weights.detach().clone() for name, weights in model.named_parameters()}
-    start_epoch(model, optimizer, config, epoch=1)  # the first epoch trains what it was given
-    assert all(torch.equal(before[name], weights) for name, weights in model.named_parameters())
-
-    for each_model, each_optimizer in zip(models, optimizers, strict=True):
-        start_epoch(each_model, each_optimizer, config, epoch=2)
-    for name, weights in model.named_parameters():
-        redrawn = name in ("item_embedding.weight", "attribute_embedding.weight")
-        assert torch.equal(before[name], weights) != redrawn, name
-        assert (len(optimizer.state[weights]) == 0) == redrawn, name
-        if redrawn:  # every process draws the same embeddings
-            torch.testing.assert_close(weights, dict(models[1].named_parameters())[name])
-    for table in embeddings:
-        table = table.detach()
-        assert not table[0].any() and 0.015 < float(table[1:].std()) < 0.025  # N(0, 0.02), padding 0
-
-    off = dataclasses.replace(config, reset_embeddings_each_epoch=False)
-    kept = model.item_embedding.weight.detach().clone()
-    start_epoch(model, optimizer, off, epoch=3)
-    assert torch.equal(kept, model.item_embedding.weight)
-    # training runs with it end to end (selection, then the refit, both redraw)
-    trained = train_model(
-        synthetic_dataset,
-        StubCandidates(synthetic_dataset),
-        dataclasses.replace(config, epochs=2, patience=2, refit_with_validation=True),
-    )
-    assert trained.epochs_run == 2 and trained.refit["epochs"] == trained.best_epoch
