@@ -45,13 +45,19 @@ def parse_trial(text: str) -> tuple[str, dict[str, Any]]:
     return name or "default", overrides
 
 
+def log_as(trial: str) -> None:
+    """Log this process's records under ``trial``'s name (replacing the previous trial's: a pool
+    worker runs several trials one after the other)."""
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {trial}: %(message)s", force=True)
+
+
 def run_trial(data: str, name: str, overrides: dict[str, Any], threads: int = 1) -> dict[str, Any]:
     """Train one configuration; its validation and test metrics (u2i over the full catalog)."""
     from recall_service.train import RecallTrainConfig, RecallValidator, train_model
     from recsys.data.loaders import load_dataset
     from recsys.data.split import LeaveOneOutSplit
 
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {name}: %(message)s")
+    log_as(name)
     dataset = load_dataset(Path(data))
     config = dataclasses.replace(RecallTrainConfig.default(), threads=threads, **overrides)
     started = time.perf_counter()
