@@ -687,6 +687,14 @@ def holdout_recall_dir(bundle_dir: Path, held_out: int = 1) -> Path:
     return bundle_dir.parent / f"{bundle_dir.name}-holdout-recall{suffix}"
 
 
+def holdout_training(bundle_dir: Path, held_out: int = 1) -> dict:
+    """The training record (what stopped it, epochs, seconds, seed, ...) of the held-out recall
+    bundle that has not seen each user's last ``held_out`` training items."""
+    manifest = holdout_recall_dir(bundle_dir, held_out) / "manifest.json"
+    train = json.loads(manifest.read_text()).get("train", {})
+    return {"held_out": held_out, **{k: v for k, v in train.items() if k != "best_valid"}}
+
+
 def holdout_candidates(
     dataset: Dataset,
     bundle_dir: Path,
@@ -743,7 +751,7 @@ def build_bundle(
     bundle_dir = Path(bundle_dir)
     context = init_distributed(config.device)
     served = load_candidates(Path(recall_bundle_dir), config) if source is None else None
-    holdout_train: dict = {}
+    holdout_trains: list[dict] = []
     earlier_sources: list[CandidateSource] = []
     if source is None:
         if config.holdout_recall:
@@ -754,8 +762,9 @@ def build_bundle(
                 holdout_candidates(dataset, bundle_dir, config, context, held_out=j)
                 for j in range(2, max(1, config.prefixes_per_user) + 1)
             ]
-            manifest = holdout_recall_dir(bundle_dir) / "manifest.json"
-            holdout_train = json.loads(manifest.read_text()).get("train", {})
+            holdout_trains = [
+                holdout_training(bundle_dir, j) for j in range(1, max(1, config.prefixes_per_user) + 1)
+            ]
         else:
             source = served
     result = train_model(dataset, source, config, context, earlier_sources)
@@ -776,7 +785,9 @@ def build_bundle(
             # the exported model: trained afresh for best_epoch epochs with the validation lists
             "refit": result.refit,
             # what stopped the held-out recall bundle's training, its epochs, seconds, seed, ...
-            "holdout_recall": {k: v for k, v in holdout_train.items() if k != "best_valid"},
+            "holdout_recall": holdout_trains[0] if holdout_trains else {},
+            # the same for the bundles of the earlier prefixes (prefixes_per_user > 1), j = 2, 3, ...
+            "holdout_recall_earlier": holdout_trains[1:],
         },
     }
     if not context.is_main:

@@ -69,7 +69,8 @@ TRAINING_FIELDS = (
 
 def training_records(artifacts_dir: Path) -> dict[str, dict]:
     """How each evaluated bundle was trained (what stopped it, epochs, seconds, threads, seed),
-    read from the manifests under ``artifacts_dir``; the ranker's held-out recall bundle too."""
+    read from the manifests under ``artifacts_dir``; the ranker's held-out recall bundles too
+    (``rank_holdout_recall``, and ``rank_holdout_recall_2``, ... with several training prefixes)."""
     records: dict[str, dict] = {}
     for kind in ("recall", "rank"):
         manifest = artifacts_dir / kind / "manifest.json"
@@ -81,11 +82,11 @@ def training_records(artifacts_dir: Path) -> dict[str, dict]:
         if refit:  # the exported ranker was retrained for the selected epochs with validation lists
             records[kind]["refit_epochs"] = refit["epochs"]
             records[kind]["refit_seconds"] = refit["seconds"]
-        holdout = train.get("holdout_recall") or {}
-        if holdout:
-            records["rank_holdout_recall"] = {
-                field: holdout[field] for field in TRAINING_FIELDS if field in holdout
-            }
+        held_out_bundles = [train.get("holdout_recall") or {}, *train.get("holdout_recall_earlier", [])]
+        for position, holdout in enumerate(held_out_bundles, start=1):
+            if holdout:  # the first keeps its name; an earlier prefix's bundle j is "..._j"
+                name = "rank_holdout_recall" if position == 1 else f"rank_holdout_recall_{position}"
+                records[name] = {field: holdout[field] for field in TRAINING_FIELDS if field in holdout}
     return records
 
 

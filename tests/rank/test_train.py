@@ -282,3 +282,35 @@ def test_every_training_flag_reaches_the_config():
     assert config.weight_average_decay == 0.5 and config.time_guard_s == 7200.0
     _, default = parse_arguments([])
     assert not default.refit_with_validation and default == RankTrainConfig.default()
+
+
+def test_manifest_and_eval_record_every_held_out_bundles_training(synthetic_dataset, recall_bundle, tmp_path):
+    """With two training prefixes the ranker learns from two held-out recall bundles: the rank
+    manifest records both trainings, and the eval JSON's ``training`` block names each."""
+    import dataclasses
+    import json
+    import shutil
+
+    from rank_service.train import build_bundle, holdout_dataset, holdout_recall_dir
+    from recsys.app.eval import training_records
+
+    rank_dir = tmp_path / "rank"
+    split = LeaveOneOutSplit(synthetic_dataset)
+    for held_out, seconds in ((1, 11.0), (2, 22.0)):  # stand-ins, already built on the right data
+        folder = holdout_recall_dir(rank_dir, held_out)
+        shutil.copytree(recall_bundle, folder)
+        manifest = json.loads((folder / "manifest.json").read_text())
+        manifest["data_fingerprint"] = holdout_dataset(synthetic_dataset, split, held_out).fingerprint()
+        manifest["train"] = {**manifest["train"], "train_seconds": seconds, "best_valid": {"HR@10": 0.1}}
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+    config = dataclasses.replace(RankTrainConfig.tiny(), holdout_recall=True, prefixes_per_user=2, epochs=1)
+    build_bundle(synthetic_dataset, recall_bundle, rank_dir, config)
+
+    train = json.loads((rank_dir / "manifest.json").read_text())["train"]
+    assert train["holdout_recall"]["held_out"] == 1 and train["holdout_recall"]["train_seconds"] == 11.0
+    assert [b["held_out"] for b in train["holdout_recall_earlier"]] == [2]
+    assert train["holdout_recall_earlier"][0]["train_seconds"] == 22.0
+    assert "best_valid" not in train["holdout_recall"]
+    records = training_records(tmp_path)
+    assert records["rank_holdout_recall"]["train_seconds"] == 11.0
+    assert records["rank_holdout_recall_2"]["train_seconds"] == 22.0
