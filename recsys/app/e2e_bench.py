@@ -127,40 +127,26 @@ def start_stacks(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, Sta
     unknown = set(wanted) - set(STACKS)
     if unknown:
         raise SystemExit(f"recsys bench e2e: unknown stacks {sorted(unknown)}; known: {list(STACKS)}")
+
+    def service(name: str, module: str, service_args: list[str], log_name: str) -> Service:
+        return Service(name, module, pick_port(0, taken), pick_port(0, taken), service_args, logs / log_name)
+
+    recall_args, rank_args = ["--bundle", str(recall_dir)], ["--bundle", str(rank_dir)]
     if "grpc" in wanted:
-        recall = Service(
-            "recall", "recall_service", pick_port(0, taken), pick_port(0, taken),
-            ["--bundle", str(recall_dir)], logs / "recall.log",
-        )  # fmt: skip
-        rank = Service(
-            "rank", "rank_service", pick_port(0, taken), pick_port(0, taken),
-            ["--bundle", str(rank_dir)], logs / "rank.log",
-        )  # fmt: skip
-        gateway = Service(
-            "gateway", "gateway", pick_port(0, taken), pick_port(0, taken),
-            [*gateway_args, "--recall-address", recall.address, "--rank-address", rank.address],
-            logs / "gateway.log",
-        )  # fmt: skip
+        recall = service("recall", "recall_service", recall_args, "recall.log")
+        rank = service("rank", "rank_service", rank_args, "rank.log")
+        remote = ["--recall-address", recall.address, "--rank-address", rank.address]
+        gateway = service("gateway", "gateway", [*gateway_args, *remote], "gateway.log")
         stacks["grpc"] = Stack("grpc", [recall, rank, gateway], gateway)
     if "inprocess" in wanted:
-        single = Service(
-            "inprocess", "recsys.app.inprocess", pick_port(0, taken), pick_port(0, taken),
-            ["--recall-bundle", str(recall_dir), "--rank-bundle", str(rank_dir), *gateway_args],
-            logs / "inprocess.log",
-        )  # fmt: skip
+        local = ["--recall-bundle", str(recall_dir), "--rank-bundle", str(rank_dir)]
+        single = service("inprocess", "recsys.app.inprocess", [*local, *gateway_args], "inprocess.log")
         stacks["inprocess"] = Stack("inprocess", [single], single)
     if "rank_in_gateway" in wanted:
-        remote_recall = Service(
-            "recall", "recall_service", pick_port(0, taken), pick_port(0, taken),
-            ["--bundle", str(recall_dir)], logs / "rank_in_gateway-recall.log",
-        )  # fmt: skip
-        gateway_with_rank = Service(
-            "gateway", "recsys.app.inprocess", pick_port(0, taken), pick_port(0, taken),
-            ["--rank-bundle", str(rank_dir), *gateway_args, "--recall-address", remote_recall.address],
-            logs / "rank_in_gateway.log",
-        )  # fmt: skip
-        services = [remote_recall, gateway_with_rank]
-        stacks["rank_in_gateway"] = Stack("rank_in_gateway", services, gateway_with_rank)
+        recall = service("recall", "recall_service", recall_args, "rank_in_gateway-recall.log")
+        mixed = ["--rank-bundle", str(rank_dir), "--recall-address", recall.address]
+        gateway = service("gateway", "recsys.app.inprocess", [*mixed, *gateway_args], "rank_in_gateway.log")
+        stacks["rank_in_gateway"] = Stack("rank_in_gateway", [recall, gateway], gateway)
     try:
         for stack in stacks.values():
             stack.start()
@@ -315,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
                         runs[name][scenario].append(result)
                         latency = result["latency_ms"]
                         print(
-                            f"{name:<9} {scenario:<11} {rate:>5.0f} req/s: "
+                            f"{name:<15} {scenario:<11} {rate:>5.0f} req/s: "
                             f"p50 {latency['p50']:.1f} p99 {latency['p99']:.1f} ms, "
                             f"errors {result['errors']}, "
                             f"degraded {result['degraded_share']:.1%}, "
