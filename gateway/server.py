@@ -154,7 +154,8 @@ async def serve(
     recall, rank, channels = open_backends(
         config, registry, recall=local_recall is None, rank=local_rank is None
     )
-    recall, rank = local_recall or recall, local_rank or rank
+    recall = recall if local_recall is None else local_recall
+    rank = rank if local_rank is None else local_rank
     pipeline = Pipeline(
         recall=recall,
         rank=rank,

@@ -146,3 +146,12 @@ def test_an_ann_row_no_peer_reaches_says_how_far_each_peer_got(tmp_path: Path):
     (bench / "ann.json").write_text(json.dumps(ann))
     body = bench_report.render(bench, tmp_path)
     assert "| exact, 1.000, 8,000 | none reaches the target (best recall: hnswlib 0.680) | met |" in body
+
+
+def test_e2e_bench_refuses_an_unknown_stack_before_building_anything(tmp_path):
+    from recsys.app.e2e_bench import build_parser, start_stacks
+
+    args = build_parser().parse_args(["--artifacts", str(tmp_path / "artifacts"), "--stacks", "grpc,nope"])
+    with pytest.raises(SystemExit, match="unknown stacks \\['nope'\\]; known: \\['grpc', 'inprocess', "):
+        start_stacks(args, tmp_path)
+    assert not (tmp_path / "artifacts").exists()

@@ -101,7 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def start_stacks(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, Stack], Path, Path, Path]:
-    """Bundles, seeded history, token and both stacks (started); returns stacks, token, users, items."""
+    """Bundles, seeded history, token and the stacks asked for (started); returns stacks, token,
+    users, items."""
+    wanted = args.stacks.split(",")
+    unknown = set(wanted) - set(STACKS)
+    if unknown:  # before minutes of bundle building
+        raise SystemExit(f"recsys bench e2e: unknown stacks {sorted(unknown)}; known: {list(STACKS)}")
     recall_dir, rank_dir, dataset = build_bundles(args.data, args.artifacts, quick=True)
     root = recall_dir.parent
     sqlite_path = root / "bench-history.sqlite3"
@@ -123,10 +128,6 @@ def start_stacks(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, Sta
     logs = root / "logs" / "bench"
     taken: set[int] = set()
     stacks: dict[str, Stack] = {}
-    wanted = args.stacks.split(",")
-    unknown = set(wanted) - set(STACKS)
-    if unknown:
-        raise SystemExit(f"recsys bench e2e: unknown stacks {sorted(unknown)}; known: {list(STACKS)}")
 
     def service(name: str, module: str, service_args: list[str], log_name: str) -> Service:
         return Service(name, module, pick_port(0, taken), pick_port(0, taken), service_args, logs / log_name)
