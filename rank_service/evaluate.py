@@ -44,11 +44,13 @@ def evaluate_pipeline(
 ) -> dict[str, float]:
     """Metrics of recall top-``k`` (the bundle's training K by default) re-ranked by the runtime."""
     from rank_service.train import eval_lists, pipeline_metrics
+    from recall_service.evaluate import tables_for_phase
 
     runtime = RankRuntime.load(rank_dir, device="cpu", threads=threads)
     # pipeline_offline is the bundle mix: top-K as the ranker was validated on it, else 200
     k = k or int(runtime.manifest.get("train", {}).get("config", {}).get("pipeline_candidates") or 200)
     source = RecallCandidates.load(recall_dir, threads=threads)
+    tables_for_phase(source.engine, dataset, split, phase)
     users = split.eval_users
     started = time.perf_counter()
     lists = eval_lists(dataset, split, source, phase, users, k)

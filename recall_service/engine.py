@@ -285,6 +285,14 @@ class RecallEngine:
         self.shard_index, self.shard_count, self.item_range = index, count, (start, end)
         self._filter_cache.clear()
 
+    def use_interaction_tables(self, covisit: CovisitTable, popularity: PopularityTable) -> None:
+        """Answer from these co-visitation and popularity tables instead of the bundle's (offline
+        evaluation of the validation phase: tables that have not counted the validation items)."""
+        if covisit.num_items != self.num_items or len(popularity.counts) != self.num_items:
+            raise ValueError(f"tables for {covisit.num_items} items, the bundle has {self.num_items}")
+        self.covisit, self.popularity = covisit, popularity
+        self._filter_cache.clear()  # its popularity orders came from the old table
+
     def check_sizes(self, bundle_dir: Path) -> None:
         """Raise BundleError naming the file whose row count disagrees with ``items.txt``."""
         num_items = self.num_items

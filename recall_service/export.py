@@ -31,7 +31,7 @@ from recall_service.index import (
     default_index_factory,
     tune_index,
 )
-from recall_service.sources import PopularityTable, build_covisit_table
+from recall_service.sources import interaction_tables
 from recsys.bundle import new_version, write_manifest
 from recsys.data.dataset import Dataset
 from recsys.data.split import LeaveOneOutSplit
@@ -82,6 +82,21 @@ def export_user_tower(model: TwoTowerModel, path: Path) -> None:
             verbose=False,
         )
     program.save(str(path), external_data=False)
+
+
+TABLES_EXCLUDE_TEST = "each user's test item"  # the manifest's word for what the tables did not count
+
+
+def covisit_settings(config: RecallTrainConfig) -> dict[str, float]:
+    """The co-visitation settings the manifest records (and tables are rebuilt from)."""
+    return {
+        "window": config.covisit_window,
+        "backward_weight": config.covisit_backward_weight,
+        "popularity_exponent": config.covisit_popularity_exponent,
+        "neighbours": config.covisit_neighbours,
+        "recent_items": config.covisit_recent_items,
+        "recency_decay": config.covisit_recency_decay,
+    }
 
 
 def holdout_sequences(dataset: Dataset) -> list[np.ndarray]:
@@ -157,20 +172,6 @@ def export_bundle(
         del index
         dataset.items.save(staging / "items.txt")
 
-        sequences = holdout_sequences(dataset)
-        build_covisit_table(
-            sequences,
-            dataset.num_items,
-            window=config.covisit_window,
-            backward_weight=config.covisit_backward_weight,
-            popularity_exponent=config.covisit_popularity_exponent,
-            top_m=config.covisit_neighbours,
-        ).save(staging)
-        counts = (
-            np.bincount(np.concatenate(sequences), minlength=dataset.num_items)
-            if sequences
-            else np.zeros(dataset.num_items, np.int64)
-        )
         catalog = dataset.catalog
         category = (
             np.full(dataset.num_items, -1, np.int64)
@@ -187,7 +188,15 @@ def export_bundle(
             if catalog.bid is None
             else np.nan_to_num(np.asarray(catalog.bid, dtype=np.float32))
         )
-        PopularityTable.build(counts, category, len(catalog.category_names)).save(staging)
+        covisit, popularity = interaction_tables(
+            holdout_sequences(dataset),
+            dataset.num_items,
+            category,
+            len(catalog.category_names),
+            covisit_settings(config),
+        )
+        covisit.save(staging)
+        popularity.save(staging)
         np.save(staging / "item_category.npy", category)
         np.save(staging / "item_brand.npy", brand)
         np.save(staging / "item_bid.npy", bid)
@@ -222,16 +231,9 @@ def export_bundle(
                     + (" L2-normalised" if model.normalised else " (raw inner product with item vectors)")
                 ],
             },
-            covisit={
-                "window": config.covisit_window,
-                "backward_weight": config.covisit_backward_weight,
-                "popularity_exponent": config.covisit_popularity_exponent,
-                "neighbours": config.covisit_neighbours,
-                "recent_items": config.covisit_recent_items,
-                "recency_decay": config.covisit_recency_decay,
-            },
+            covisit=covisit_settings(config),
             default_sources=config.default_sources,
-            tables_exclude="each user's test item",
+            tables_exclude=TABLES_EXCLUDE_TEST,
             train=train_info or {},
             **_item_text_manifest(model),
         )

@@ -6,7 +6,7 @@ arrays; serving loads them and answers batched queries without any model.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -182,3 +182,29 @@ class PopularityTable:
             category_indptr=np.load(folder / "popularity_category_indptr.npy"),
             category_items=np.load(folder / "popularity_category_items.npy"),
         )
+
+
+def interaction_tables(
+    sequences: Sequence[np.ndarray],
+    num_items: int,
+    item_category: np.ndarray,
+    num_categories: int,
+    covisit: Mapping[str, float],
+) -> tuple[CovisitTable, PopularityTable]:
+    """The co-visitation and popularity tables of a recall bundle counted over ``sequences``,
+    with ``covisit`` settings as the bundle manifest records them (window, backward_weight,
+    popularity_exponent, neighbours)."""
+    table = build_covisit_table(
+        sequences,
+        num_items,
+        window=int(covisit["window"]),
+        backward_weight=float(covisit["backward_weight"]),
+        popularity_exponent=float(covisit["popularity_exponent"]),
+        top_m=int(covisit["neighbours"]),
+    )
+    counts = (
+        np.bincount(np.concatenate(sequences), minlength=num_items)
+        if len(sequences)
+        else np.zeros(num_items, np.int64)
+    )
+    return table, PopularityTable.build(counts, np.asarray(item_category, np.int64), num_categories)

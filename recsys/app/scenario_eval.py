@@ -17,13 +17,15 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from rank_service.config import RankConfig
 from recall_service.config import RecallConfig
+from recall_service.engine import RecallEngine
+from recall_service.evaluate import tables_for_phase
 from recsys.app.inprocess import load_backends
 from recsys.data.dataset import Dataset
 from recsys.data.split import LeaveOneOutSplit, Phase
@@ -98,7 +100,15 @@ class OfflinePipeline:
         self.scenarios = load_scenarios(scenarios_path)
 
     @classmethod
-    async def load(cls, recall_dir: Path, rank_dir: Path, scenarios_path: Path) -> OfflinePipeline:
+    async def load(
+        cls,
+        recall_dir: Path,
+        rank_dir: Path,
+        scenarios_path: Path,
+        prepare_recall: Callable[[RecallEngine], None] | None = None,
+    ) -> OfflinePipeline:
+        """Both bundles in process; ``prepare_recall`` adjusts the recall engine before the
+        pipeline reads its catalog (the validation phase's training-only tables)."""
         registry = new_registry(False)
         serving = ServingConfig()
         recall, rank = await load_backends(
@@ -106,6 +116,8 @@ class OfflinePipeline:
             RankConfig(serving=serving, bundle=rank_dir, device="cpu"),
             registry,
         )
+        if prepare_recall is not None:
+            prepare_recall(recall.servicer.engine)
         pipeline = Pipeline(recall, rank, None, ScenarioMetrics(registry), max_history_length=1000)
         if not await pipeline.refresh_catalog():
             raise RuntimeError("the in-process recall backend did not serve its catalog")
@@ -163,7 +175,12 @@ async def evaluate_scenarios(
 ) -> dict[str, dict]:
     """``{scenario: metrics}`` of what each scenario serves (``{scenario/arm: metrics}`` for each
     arm of a scenario that runs an experiment), through the compiled scenario the gateway runs."""
-    offline = await OfflinePipeline.load(recall_dir, rank_dir, scenarios_path)
+    offline = await OfflinePipeline.load(
+        recall_dir,
+        rank_dir,
+        scenarios_path,
+        prepare_recall=lambda engine: tables_for_phase(engine, dataset, split, phase),
+    )
     catalog = offline.pipeline.catalog
     assert catalog is not None
     check_catalog_is_dataset(dataset, catalog.item_ids)
