@@ -1,9 +1,10 @@
 """`recsys bench e2e`: the cascade under open-loop load, as users feel it, printed as JSON with plots.
 
 Starts the three services the way `make run` does (recall, rank, gateway as separate processes on
-loopback) AND the same cascade in one process (``recsys.app.inprocess``: the gateway with in-process
-recall and rank, no gRPC hops), then sweeps arrival rates from low to saturation. At each rate
-the two stacks are measured one after the other in alternating order (ABBA...), each by an
+loopback), the same cascade in one process (``recsys.app.inprocess``: the gateway with in-process
+recall and rank, no gRPC hops) and the two-process deployment (recall, and the gateway with the
+ranker in-process: one internal hop), then sweeps arrival rates from low to saturation. At each
+rate the stacks are measured one after the other, the order reversed at every step, each by an
 open-loop Poisson load generator in its own process (``recsys.app.loadgen``: latency from the
 scheduled send time). Per stack, scenario and rate: p50/p95/p99, errors, degraded share, and the
 CPU seconds each service process used per request (from /proc, the source of
@@ -88,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--scenarios", default="home,item_detail")
     parser.add_argument(
         "--stacks",
-        default="grpc,inprocess",
+        default=",".join(STACKS),
         help="comma list of: " + ", ".join(f"{name} ({what})" for name, what in STACKS.items()),
     )
     parser.add_argument("--duration", type=float, default=10.0, help="measured seconds per rate")
