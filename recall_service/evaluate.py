@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from recall_service.engine import RecallEngine, RecallQuery
-from recall_service.export import TABLES_EXCLUDE_TEST, covisit_settings
+from recall_service.export import covisit_settings
 from recall_service.sources import interaction_tables
 from recsys.bundle import MANIFEST
 from recsys.data.dataset import Dataset
@@ -72,11 +72,11 @@ def stage_queries(
 
 def tables_for_phase(engine: RecallEngine, dataset: Dataset, split: LeaveOneOutSplit, phase: Phase) -> None:
     """Make ``engine`` answer ``phase`` without seeing its targets. A bundle counts co-visitation
-    and popularity over everything but each user's test item (right for the test phase), so for
-    the validation phase each target's own transition from the item before it would be in the
-    table (Beauty's served home: HR@10 0.51 instead of ~0.10). There the tables are rebuilt from
-    the training items alone, with the bundle's settings."""
-    if phase != "valid" or engine.manifest.get("tables_exclude") != TABLES_EXCLUDE_TEST:
+    and popularity over everything but each user's test item (``tables_exclude`` in its manifest;
+    right for the test phase), so for the validation phase each target's own transition from the
+    item before it would be in the table (Beauty's served home: HR@10 0.51 instead of ~0.12).
+    There the tables are rebuilt from the training items alone, with the bundle's settings."""
+    if phase != "valid":
         return
     from recall_service.train import RecallTrainConfig
 
