@@ -757,14 +757,11 @@ def build_bundle(
         if config.holdout_recall:
             # one held-out bundle per training prefix: the lists whose target is the j-th last
             # training item come from a bundle that has seen none of the last j
-            source = holdout_candidates(dataset, bundle_dir, config, context)
-            earlier_sources = [
-                holdout_candidates(dataset, bundle_dir, config, context, held_out=j)
-                for j in range(2, max(1, config.prefixes_per_user) + 1)
+            held_out = range(1, max(1, config.prefixes_per_user) + 1)
+            source, *earlier_sources = [
+                holdout_candidates(dataset, bundle_dir, config, context, held_out=j) for j in held_out
             ]
-            holdout_trains = [
-                holdout_training(bundle_dir, j) for j in range(1, max(1, config.prefixes_per_user) + 1)
-            ]
+            holdout_trains = [holdout_training(bundle_dir, j) for j in held_out]
         else:
             source = served
     result = train_model(dataset, source, config, context, earlier_sources)
