@@ -116,10 +116,18 @@ def gateway_config(tmp_path: Path, recall_address: str, rank_address: str, **ove
 
 
 @pytest.fixture
-async def fake_stack(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[FakeStack]:
+def fake_stack_overrides() -> dict:
+    """Config overrides every ``fake_stack`` in a module gets (redefine this fixture in the module)."""
+    return {}
+
+
+@pytest.fixture
+async def fake_stack(
+    tmp_path: Path, request: pytest.FixtureRequest, fake_stack_overrides: dict
+) -> AsyncIterator[FakeStack]:
     """The real gateway in front of fake recall and rank servers; override config with
-    ``@pytest.mark.parametrize("fake_stack", [{...}], indirect=True)``."""
-    overrides = getattr(request, "param", {}) or {}
+    ``@pytest.mark.parametrize("fake_stack", [{...}], indirect=True)`` or ``fake_stack_overrides``."""
+    overrides = {**fake_stack_overrides, **(getattr(request, "param", {}) or {})}
     recall = FakeServer(FakeRecall(), recall_pb2_grpc.add_RecallServiceServicer_to_server)
     rank = FakeServer(FakeRank(), rank_pb2_grpc.add_RankServiceServicer_to_server)
     await recall.start()
