@@ -69,6 +69,10 @@ class GatewayConfig:
     default_deadline_ms: float = 1000.0  # cap when a caller sends no deadline
     reload_interval_s: float = 2.0  # how often the scenario file's mtime is checked
     downstream_tls_ca: Path | None = None  # set: TLS to recall/rank, verified against this CA
+    # Calls out at once to recall and to rank (each); the requests that arrive meanwhile go out
+    # together as one batch call when one returns (recsys/serving/batch_calls.py). 0 = one call
+    # per request. With several recall/rank pods, at least their number keeps every pod busy.
+    downstream_in_flight: int = 1
     # Bearer tokens and their scopes (recsys/serving/auth.py). Without a tokens file the gateway
     # refuses to start unless allow_unauthenticated is set (it then logs a warning); with one,
     # allow_unauthenticated is ignored.
@@ -102,6 +106,8 @@ class GatewayConfig:
             raise ConfigError(f"dedupe_retention_hours: must be > 0, got {self.dedupe_retention_hours}")
         if self.max_in_flight < 1:
             raise ConfigError(f"max_in_flight: must be >= 1, got {self.max_in_flight}")
+        if not 0 <= self.downstream_in_flight <= 1024:
+            raise ConfigError(f"downstream_in_flight: must be in 0..1024, got {self.downstream_in_flight}")
         if not self.default_deadline_ms > 0:
             raise ConfigError(f"default_deadline_ms: must be > 0, got {self.default_deadline_ms}")
         if not self.reload_interval_s > 0:
@@ -152,6 +158,7 @@ class GatewayConfig:
                 default_deadline_ms=args.default_deadline_ms,
                 reload_interval_s=args.reload_interval_s,
                 downstream_tls_ca=Path(args.downstream_tls_ca) if args.downstream_tls_ca else None,
+                downstream_in_flight=args.downstream_in_flight,
                 auth_tokens_file=Path(args.auth_tokens_file) if args.auth_tokens_file else None,
                 allow_unauthenticated=args.allow_unauthenticated,
                 http_enabled=args.http,
@@ -217,6 +224,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("--default-deadline-ms", "RECSYS_DEFAULT_DEADLINE_MS", float, "deadline when the caller sets none")
     add("--reload-interval-s", "RECSYS_RELOAD_INTERVAL_S", float, "scenario file poll interval")
     add("--downstream-tls-ca", "RECSYS_DOWNSTREAM_TLS_CA", str, "CA to verify recall/rank TLS with")
+    add(
+        "--downstream-in-flight",
+        "RECSYS_DOWNSTREAM_IN_FLIGHT",
+        int,
+        "calls out at once to recall and to rank; requests arriving meanwhile go in one batch call "
+        "(0 = a call per request; with several pods, at least their number)",
+    )
     add(
         "--auth-tokens-file",
         "RECSYS_AUTH_TOKENS_FILE",

@@ -6,10 +6,11 @@ import asyncio
 import contextlib
 import logging
 import socket
+from collections.abc import Callable
 from typing import Any
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from gateway.config import GatewayConfig
 from gateway.history import HistoryStore, open_history_store
@@ -20,6 +21,7 @@ from gateway.scenarios import ScenarioRegistry
 from gateway.servicer import GatewayServicer
 from recsys.scenario.pipeline import CATALOG_TIMEOUT_S, Pipeline
 from recsys.serving.auth import AccessPolicy, BearerAuthInterceptor, TokenFile
+from recsys.serving.batch_calls import CoalescedStub
 from recsys.serving.bootstrap import (
     HEALTH_SERVICE_NAME,
     REFLECTION_SERVICE_NAME,
@@ -29,8 +31,8 @@ from recsys.serving.bootstrap import (
     start_server,
 )
 from recsys.serving.config import DEFAULT_MAX_MESSAGE_BYTES
-from recsys.serving.metrics import bundle_info, new_registry
-from recsys.v1 import gateway_pb2, gateway_pb2_grpc, rank_pb2_grpc, recall_pb2_grpc
+from recsys.serving.metrics import bundle_info, get_or_create, new_registry
+from recsys.v1 import gateway_pb2, gateway_pb2_grpc, rank_pb2, rank_pb2_grpc, recall_pb2, recall_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -261,13 +263,14 @@ def start_http(
 def open_backends(
     config: GatewayConfig, registry: CollectorRegistry | None = None, recall: bool = True, rank: bool = True
 ) -> tuple[
-    recall_pb2_grpc.RecallServiceStub | ShardedRecall | None,
-    rank_pb2_grpc.RankServiceStub | None,
+    recall_pb2_grpc.RecallServiceStub | ShardedRecall | CoalescedStub | None,
+    rank_pb2_grpc.RankServiceStub | CoalescedStub | None,
     list[grpc.aio.Channel],
 ]:
     """gRPC stubs for recall (a fan-out over its shards when sharded) and rank (TLS when
     configured) and the channels to close; None for a service not asked for (``recall`` /
-    ``rank`` False: it runs in this process)."""
+    ``rank`` False: it runs in this process). With ``config.downstream_in_flight`` > 0 the
+    unsharded Recall and Rank calls are coalesced into batch calls under load."""
     credentials = None
     if config.downstream_tls_ca is not None:
         serving = config.serving
@@ -286,6 +289,16 @@ def open_backends(
         )
         channels.append(rank_channel)
         rank_stub = rank_pb2_grpc.RankServiceStub(rank_channel)
+        if config.downstream_in_flight > 0:
+            rank_stub = CoalescedStub(
+                rank_stub,
+                "Rank",
+                "RankBatch",
+                rank_pb2.RankBatchRequest,
+                config.downstream_in_flight,
+                service="rank",
+                on_call=downstream_call_size(registry, "rank"),
+            )
     if recall and config.recall_addresses:  # one channel per shard (each a StatefulSet pod), fanned out
         recall_channels = [
             open_channel(address, credentials=credentials, max_message_bytes=max_bytes)
@@ -299,4 +312,34 @@ def open_backends(
         )
         channels.append(recall_channel)
         recall_stub = recall_pb2_grpc.RecallServiceStub(recall_channel)
+        if config.downstream_in_flight > 0:
+            recall_stub = CoalescedStub(
+                recall_stub,
+                "Recall",
+                "RecallBatch",
+                recall_pb2.RecallBatchRequest,
+                config.downstream_in_flight,
+                service="recall",
+                on_call=downstream_call_size(registry, "recall"),
+            )
     return recall_stub, rank_stub, channels
+
+
+def downstream_call_size(registry: CollectorRegistry | None, service: str) -> Callable[[int], None] | None:
+    """``recsys_gateway_downstream_call_requests{service}``'s observe: requests per call to
+    ``service`` (1 = a plain call; more = a batch call of the requests that queued meanwhile)."""
+    if registry is None:
+        return None
+    name = "recsys_gateway_downstream_call_requests"
+    histogram = get_or_create(
+        registry,
+        name,
+        lambda: Histogram(
+            name,
+            "Requests per call to recall or rank (batch calls under load)",
+            ["service"],
+            buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64),
+            registry=registry,
+        ),
+    )
+    return histogram.labels(service=service).observe

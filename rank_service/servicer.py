@@ -2,7 +2,9 @@
 
 The request carries catalog indices and recall's per-source scores as packed arrays (see
 protos/recsys/v1/rank.proto); decoding is a few ``np.frombuffer`` calls and the answer one
-``float32`` array in request order, whatever the number of candidates.
+``float32`` array in request order, whatever the number of candidates. ``RankBatch`` answers
+several such requests of one caller in one call, each as its own ``Rank``
+(:mod:`recsys.serving.batch_calls`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from prometheus_client import CollectorRegistry, Histogram
 from rank_service.features import SOURCES
 from rank_service.runtime import RankQuery, RankRuntime
 from recsys.data.dataset import EventType
+from recsys.serving.batch_calls import answer_batch
 from recsys.serving.batching import (
     DEFAULT_MAX_QUEUE,
     BatcherMetrics,
@@ -230,6 +233,16 @@ class RankServicer(rank_pb2_grpc.RankServiceServicer):
     ) -> rank_pb2.RankResponse:
         # CatalogMismatch and the batcher's refusals are StatusErrors: grpc_method answers their code.
         return await self.rank(request, call_deadline(context))
+
+    @grpc_method
+    async def RankBatch(
+        self, request: rank_pb2.RankBatchRequest, context: grpc.aio.ServicerContext
+    ) -> rank_pb2.RankBatchResponse:
+        # Each request answered as its own Rank call (its own status); the batcher gets them together.
+        responses, statuses = await answer_batch(
+            request.requests, request.budgets_ms, call_deadline(context), self.rank, rank_pb2.RankResponse
+        )
+        return rank_pb2.RankBatchResponse(responses=responses, statuses=statuses)
 
 
 def service_name() -> str:

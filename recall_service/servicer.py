@@ -2,12 +2,14 @@
 
 ``Recall`` speaks catalog indices (see protos/recsys/v1/recall.proto): decoding a request is a few
 ``np.frombuffer`` calls and encoding the answer a few ``tobytes``, whatever the number of
-candidates. A request with ``source_lists`` (a fan-out over recall shards) is answered each
-source's list unmerged instead (:mod:`recsys.recall_merge`). ``GetCatalog`` streams the catalog
-(ids, attributes, popularity order) the indices refer to, so the gateway can translate to and
-from external item ids; every shard serves the whole catalog. ``UserProfile`` (the gateway's
-GetUserProfile) answers the category and brand centroids nearest the user embedding: the same
-batcher and batched user-tower run as Recall, the centroids held by the served bundle's engine.
+candidates. ``RecallBatch`` answers several such requests of one caller in one call, each as its
+own ``Recall`` (:mod:`recsys.serving.batch_calls`). A request with ``source_lists`` (a fan-out
+over recall shards) is answered each source's list unmerged instead (:mod:`recsys.recall_merge`).
+``GetCatalog`` streams the catalog (ids, attributes, popularity order) the indices refer to, so
+the gateway can translate to and from external item ids; every shard serves the whole catalog.
+``UserProfile`` (the gateway's GetUserProfile) answers the category and brand centroids nearest
+the user embedding: the same batcher and batched user-tower run as Recall, the centroids held by
+the served bundle's engine.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from recall_service.ann_quality import AnnQualityMonitor
 from recall_service.engine import SOURCES, CandidateList, NearestAttributes, RecallEngine, RecallQuery
 from recsys.data.dataset import EventType
 from recsys.recall_merge import SourceLists, candidates_response, source_lists_response
+from recsys.serving.batch_calls import answer_batch
 from recsys.serving.batching import MicroBatcher, call_deadline
 from recsys.serving.metrics import get_or_create
 from recsys.serving.reload import BundleWatcher
@@ -252,6 +255,20 @@ class RecallServicer(recall_pb2_grpc.RecallServiceServicer):
     ) -> recall_pb2.RecallResponse:
         # CatalogMismatch and the batcher's refusals are StatusErrors: grpc_method answers their code.
         return await self.recall(request, call_deadline(context))
+
+    @grpc_method
+    async def RecallBatch(
+        self, request: recall_pb2.RecallBatchRequest, context: grpc.aio.ServicerContext
+    ) -> recall_pb2.RecallBatchResponse:
+        # Each request answered as its own Recall call (its own status); the batcher gets them together.
+        responses, statuses = await answer_batch(
+            request.requests,
+            request.budgets_ms,
+            call_deadline(context),
+            self.recall,
+            recall_pb2.RecallResponse,
+        )
+        return recall_pb2.RecallBatchResponse(responses=responses, statuses=statuses)
 
     def to_profile_job(
         self, request: recall_pb2.UserProfileRequest, model: RecallModel | None = None

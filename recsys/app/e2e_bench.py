@@ -47,6 +47,8 @@ BARS = {
 
 STACKS = {
     "grpc": "recall, rank, gateway: three processes on loopback, as `make run` starts them",
+    "grpc_per_call": "the same three processes, the gateway making one call per request to recall "
+    "and to rank (--downstream-in-flight 0: no batch calls)",
     "inprocess": "one process: the gateway with in-process recall and rank (recsys.app.inprocess)",
     "rank_in_gateway": "two processes: recall, and the gateway with the ranker in-process "
     "(recsys.app.inprocess --rank-bundle): one internal hop",
@@ -140,6 +142,13 @@ def start_stacks(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, Sta
         remote = ["--recall-address", recall.address, "--rank-address", rank.address]
         gateway = service("gateway", "gateway", [*gateway_args, *remote], "gateway.log")
         stacks["grpc"] = Stack("grpc", [recall, rank, gateway], gateway)
+    if "grpc_per_call" in wanted:
+        recall = service("recall", "recall_service", recall_args, "per_call-recall.log")
+        rank = service("rank", "rank_service", rank_args, "per_call-rank.log")
+        remote = ["--recall-address", recall.address, "--rank-address", rank.address]
+        per_call = [*gateway_args, *remote, "--downstream-in-flight", "0"]
+        gateway = service("gateway", "gateway", per_call, "per_call-gateway.log")
+        stacks["grpc_per_call"] = Stack("grpc_per_call", [recall, rank, gateway], gateway)
     if "inprocess" in wanted:
         local = ["--recall-bundle", str(recall_dir), "--rank-bundle", str(rank_dir)]
         single = service("inprocess", "recsys.app.inprocess", [*local, *gateway_args], "inprocess.log")

@@ -221,6 +221,39 @@ async def test_the_offline_scenario_evaluator_serves_exactly_what_the_gateway_se
         await offline.close()
 
 
+async def test_concurrent_requests_share_batch_calls_and_get_the_answers_they_get_alone(
+    stack, stub, synthetic_dataset
+):
+    """The gateway coalesces the recall and rank calls of concurrent requests into batch calls
+    (downstream_in_flight 1 by default): every answer is the one the request gets on its own."""
+    dataset = synthetic_dataset
+    requests = []
+    for user in range(24):
+        scenario = ("home", "item_detail", "cart")[user % 3]
+        history = user_history(dataset, user)[:8]
+        items = [history[-1].item_id] if scenario != "home" else []
+        requests.append(recommend(scenario, user=f"batch-{user}", n=10, items=items, history=history))
+    alone = [await stub.Recommend(request, timeout=10) for request in requests]
+    registry = stack.gateway.running.registry
+
+    def requests_in_batch_calls(service: str) -> float:
+        labels = {"service": service}
+        total = registry.get_sample_value("recsys_gateway_downstream_call_requests_sum", labels) or 0.0
+        calls = registry.get_sample_value("recsys_gateway_downstream_call_requests_count", labels) or 0.0
+        return total - calls  # 0 while every call carries one request
+
+    before = {service: requests_in_batch_calls(service) for service in ("recall", "rank")}
+    together = await asyncio.gather(*(stub.Recommend(request, timeout=10) for request in requests))
+    for service in ("recall", "rank"):
+        assert requests_in_batch_calls(service) > before[service], f"no batch call to {service}"
+    for single, batched in zip(alone, together, strict=True):
+        assert not batched.degraded, batched.degraded_reasons
+        assert ids(batched) == ids(single)
+        np.testing.assert_allclose(
+            [item.score for item in batched.items], [item.score for item in single.items], atol=1e-5
+        )
+
+
 async def test_a_cart_event_changes_the_next_cart_recommendation_sqlite(stub, synthetic_dataset):
     await check_event_then_recommend(stub, synthetic_dataset, "loop-sqlite")
 

@@ -203,3 +203,61 @@ async def test_bad_fields_are_invalid_argument_naming_the_field(server, rank_bun
         await stub.Rank(request)
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert error.value.details().startswith(f"{field}:")
+
+
+async def test_a_batch_call_answers_each_request_as_its_own_call(server, rank_bundle):
+    running, stub, _ = server
+    items = catalog(rank_bundle)
+    requests = [
+        request_for(items[20 + i : 30 + 3 * i], items[i : i + i % 5], catalog_ids=items) for i in range(5)
+    ]
+    requests[2].catalog = "0" * 64  # another catalog: its own FAILED_PRECONDITION
+    requests[3].scenario = "checkout"  # invalid: its own INVALID_ARGUMENT naming the field
+    batches_before = running.registry.get_sample_value("recsys_rank_batch_size_count")
+    reply = await stub.RankBatch(rank_pb2.RankBatchRequest(requests=requests))
+    batches = running.registry.get_sample_value("recsys_rank_batch_size_count") - batches_before
+    codes = [status.code for status in reply.statuses]
+    assert codes == [
+        0,
+        0,
+        grpc.StatusCode.FAILED_PRECONDITION.value[0],
+        grpc.StatusCode.INVALID_ARGUMENT.value[0],
+        0,
+    ]
+    assert reply.statuses[3].message.startswith("requests[3].scenario:")
+    assert batches == 1  # the valid requests reached the ranker together
+    for position in (0, 1, 4):
+        alone = await stub.Rank(requests[position])
+        assert np.allclose(scores_of(reply.responses[position]), scores_of(alone), atol=1e-5)
+        assert reply.responses[position].model_version == alone.model_version
+    assert not reply.responses[2].scores and not reply.responses[3].scores
+
+
+@pytest.mark.parametrize(
+    ("budgets", "count", "field"),
+    [
+        ((), 0, "requests"),
+        ((), 257, "requests"),
+        ((5.0,), 2, "budgets_ms"),
+        ((5.0, -1.0), 2, "budgets_ms[1]"),
+    ],
+)
+async def test_a_malformed_batch_is_invalid_argument_naming_the_field(
+    server, rank_bundle, budgets, count, field
+):
+    _, stub, _ = server
+    items = catalog(rank_bundle)
+    one = request_for(items[:5], items[5:7], catalog_ids=items)
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await stub.RankBatch(rank_pb2.RankBatchRequest(requests=[one] * count, budgets_ms=budgets))
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.value.details().startswith(f"{field}:")
+
+
+async def test_a_request_whose_budget_is_spent_is_dropped_unrun(server, rank_bundle):
+    _, stub, _ = server
+    items = catalog(rank_bundle)
+    one = request_for(items[:5], items[5:7], catalog_ids=items)
+    reply = await stub.RankBatch(rank_pb2.RankBatchRequest(requests=[one, one], budgets_ms=[0.0, 5000.0]))
+    assert [status.code for status in reply.statuses] == [grpc.StatusCode.DEADLINE_EXCEEDED.value[0], 0]
+    assert len(scores_of(reply.responses[1])) == 5

@@ -295,3 +295,40 @@ def test_serving_modules_never_import_torch() -> None:
         "assert not loaded, loaded\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])
+
+
+async def test_a_batch_call_answers_each_request_as_its_own_call(server, synthetic_dataset) -> None:
+    running, stub, _, catalog = server
+    requests = [
+        request(catalog, history=history(synthetic_dataset, user, 3 + user), k=12, scenario="home")
+        for user in range(4)
+    ]
+    requests[1].k = 0  # invalid: its own INVALID_ARGUMENT naming the field
+    batches_before = metric(running, "recsys_recall_batch_size_count")
+    reply = await stub.RecallBatch(recall_pb2.RecallBatchRequest(requests=requests, budgets_ms=[5000.0] * 4))
+    batches = metric(running, "recsys_recall_batch_size_count") - batches_before
+    assert [status.code for status in reply.statuses] == [0, grpc.StatusCode.INVALID_ARGUMENT.value[0], 0, 0]
+    assert reply.statuses[1].message.startswith("requests[1].k:")
+    assert batches == 1  # the valid requests reached the engine together
+    for position in (0, 2, 3):
+        alone, batched = await stub.Recall(requests[position]), reply.responses[position]
+        assert (batched.items, batched.sources, batched.source_flags) == (
+            alone.items,
+            alone.sources,
+            alone.source_flags,
+        )
+        np.testing.assert_allclose(  # the user tower batched with others: float noise only
+            np.frombuffer(batched.scores, "<f4"), np.frombuffer(alone.scores, "<f4"), atol=1e-5
+        )
+        assert (batched.model_version, batched.catalog) == (alone.model_version, alone.catalog)
+    assert not reply.responses[1].items
+
+
+async def test_a_malformed_recall_batch_is_invalid_argument(server) -> None:
+    _, stub, _, catalog = server
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await stub.RecallBatch(
+            recall_pb2.RecallBatchRequest(requests=[request(catalog)], budgets_ms=[1.0, 2.0])
+        )
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.value.details().startswith("budgets_ms:")
