@@ -208,7 +208,9 @@ class CallCoalescer(Generic[Request, Response]):
         try:
             if self._on_call is not None:
                 self._on_call(len(members))
-            if len(members) == 1 or not self.batch_supported:
+            if len(members) == 1:
+                await self._send_single(members[0])
+            elif not self.batch_supported:
                 await asyncio.gather(*(self._send_single(member) for member in members))
             else:
                 await self._send_batch(members)

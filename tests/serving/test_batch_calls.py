@@ -17,13 +17,15 @@ OK = common_pb2.CallStatus(code=0)
 
 
 class FakeService:
-    """A stub's plain and batch methods; ``gate`` (when set) holds every call until it opens."""
+    """A stub's plain and batch methods; ``gate`` (when set) holds every call until it opens,
+    ``batch_gate`` (when set) the batch calls instead."""
 
     def __init__(self) -> None:
         self.single_calls: list[tuple[str, float | None]] = []
         self.batch_calls: list[SimpleNamespace] = []
         self.batch_timeouts: list[float | None] = []
         self.gate: asyncio.Event | None = None
+        self.batch_gate: asyncio.Event | None = None
         self.batch_error: grpc.aio.AioRpcError | None = None
         self.statuses: dict[str, common_pb2.CallStatus] = {}  # request -> its status in a batch
         self.short_answer = False
@@ -37,8 +39,9 @@ class FakeService:
     async def batch(self, batch_request: SimpleNamespace, timeout: float | None = None, metadata=None):
         self.batch_calls.append(batch_request)
         self.batch_timeouts.append(timeout)
-        if self.gate is not None:
-            await self.gate.wait()
+        gate = self.batch_gate or self.gate
+        if gate is not None:
+            await gate.wait()
         if self.batch_error is not None:
             raise self.batch_error
         requests = batch_request.requests[:-1] if self.short_answer else batch_request.requests
@@ -155,9 +158,9 @@ async def test_a_request_ends_at_its_own_deadline_while_its_batch_is_still_out()
     short = asyncio.ensure_future(calls("short", timeout=0.3))
     long = asyncio.ensure_future(calls("long", timeout=5))
     await settle_loop()
-    service.gate.set()  # r0 returns; the batch [short, long] goes out ...
+    service.batch_gate = asyncio.Event()
+    service.gate.set()  # r0 returns; the batch [short, long] goes out and stays out
     await first
-    service.gate.clear()  # ... and stays out
     await settle_loop()
     assert [call.requests for call in service.batch_calls] == [["short", "long"]]
     short_budget, long_budget = service.batch_calls[0].budgets_ms
@@ -168,7 +171,7 @@ async def test_a_request_ends_at_its_own_deadline_while_its_batch_is_still_out()
         await short
     assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert asyncio.get_running_loop().time() - started < 1.0  # not after the call's 5 s
-    service.gate.set()
+    service.batch_gate.set()
     assert await long == "answer to long"
 
 
