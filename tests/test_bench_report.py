@@ -27,24 +27,34 @@ def e2e_report() -> dict:
     runs = {
         "grpc": {"home": [run(50, 20), run(200, 30, cpu=6.0), run(400, 300, errors=3)]},
         "inprocess": {"home": [run(50, 10), run(200, 15, cpu=4.0), run(400, 60)]},
+        "grpc_per_call": {"home": [run(50, 20), run(200, 60, cpu=7.5), run(400, 900, errors=40)]},
     }
     return {
         "command": "recsys bench e2e",
         "machine": MACHINE,
         "settings": {"users": 1000, "deadline_ms": 500, "duration_s": 10, "saturation": "x"},
         "runs": runs,
-        "summary": summarise(runs, ["grpc", "inprocess"], ["home"], 100.0),
+        "summary": summarise(runs, ["grpc", "inprocess", "grpc_per_call"], ["home"], 100.0),
     }
 
 
 def test_saturation_is_the_highest_rate_meeting_every_criterion():
     summary = e2e_report()["summary"]
-    assert summary["saturation_rps"] == {"grpc": {"home": 200}, "inprocess": {"home": 400}}
+    assert summary["saturation_rps"] == {
+        "grpc": {"home": 200},
+        "inprocess": {"home": 400},
+        "grpc_per_call": {"home": 200},
+    }
     assert not passes(run(100, 50, degraded=0.02), 100.0)
     bars = summary["bars"]
     assert not bars["home_at_200"]["met"] and bars["home_at_200"]["p99_ms"] == 30
     assert bars["cpu_ms_per_request_at_200"] == {"value": 6.0, "met": False}
     assert summary["grpc_over_inprocess"]["home"]["200"]["cpu_per_request"] == 1.5
+    assert summary["grpc_over_grpc_per_call"]["home"]["200"] == {
+        "p50": 0.5,
+        "p99": 0.5,
+        "cpu_per_request": 0.8,
+    }
 
 
 def test_the_readme_section_is_replaced_between_its_markers(tmp_path: Path):
@@ -60,6 +70,8 @@ def test_the_readme_section_is_replaced_between_its_markers(tmp_path: Path):
     assert "old numbers" not in text and text.endswith("## Next\n")
     assert "| grpc | home | 200 | 10.0 | 20.0 | 30.0 | 0 | 0.0% | 6.00 |" in text
     assert "| CPU per request at 200 req/s | <= 4 ms | 6.00 ms | **not met** |" in text
+    assert "batch calls (grpc over grpc_per_call, same run, same rates): home 50 req/s CPU 1.00x" in text
+    assert "home 200 req/s CPU 0.80x, p50 0.50x, p99 0.50x" in text
     assert "Test CPU, 2 cores" in text
 
 
@@ -152,6 +164,8 @@ def test_e2e_bench_refuses_an_unknown_stack_before_building_anything(tmp_path):
     from recsys.app.e2e_bench import build_parser, start_stacks
 
     args = build_parser().parse_args(["--artifacts", str(tmp_path / "artifacts"), "--stacks", "grpc,nope"])
-    with pytest.raises(SystemExit, match="unknown stacks \\['nope'\\]; known: \\['grpc', 'inprocess', "):
+    with pytest.raises(
+        SystemExit, match="unknown stacks \\['nope'\\]; known: \\['grpc', 'grpc_per_call', 'inprocess', "
+    ):
         start_stacks(args, tmp_path)
     assert not (tmp_path / "artifacts").exists()

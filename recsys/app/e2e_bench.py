@@ -196,6 +196,26 @@ def passes(result: dict, p99_ms: float) -> bool:
     )
 
 
+def ratios_between(runs: dict, stack: str, other: str, scenarios: list[str]) -> dict:
+    """scenario -> rate -> ``stack``'s p50, p99 and CPU per request over ``other``'s at that rate."""
+    ratios: dict = {}
+    for scenario in scenarios:
+        ratios[scenario] = {}
+        theirs = {run["rate"]: run for run in runs.get(other, {}).get(scenario, [])}
+        for run in runs.get(stack, {}).get(scenario, []):
+            base = theirs.get(run["rate"])
+            if base is None:
+                continue
+            ratios[scenario][f"{run['rate']:g}"] = {
+                "p50": round(run["latency_ms"]["p50"] / max(base["latency_ms"]["p50"], 1e-9), 2),
+                "p99": round(run["latency_ms"]["p99"] / max(base["latency_ms"]["p99"], 1e-9), 2),
+                "cpu_per_request": round(
+                    run["cpu_ms_per_request"]["total"] / max(base["cpu_ms_per_request"]["total"], 1e-9), 2
+                ),
+            }
+    return ratios
+
+
 def summarise(runs: dict, stacks: list[str], scenarios: list[str], p99_ms: float) -> dict:
     """Saturation per stack and scenario, the issue's bars, and the gRPC/in-process ratios."""
     saturation = {
@@ -213,22 +233,10 @@ def summarise(runs: dict, stacks: list[str], scenarios: list[str], p99_ms: float
     def at(stack: str, scenario: str, rate: float) -> dict | None:
         return next((r for r in runs.get(stack, {}).get(scenario, []) if r["rate"] == rate), None)
 
-    ratios = {}
-    for scenario in scenarios:
-        ratios[scenario] = {}
-        for grpc_run in runs.get("grpc", {}).get(scenario, []):
-            local = at("inprocess", scenario, grpc_run["rate"])
-            if local is None:
-                continue
-            ratios[scenario][f"{grpc_run['rate']:g}"] = {
-                "p50": round(grpc_run["latency_ms"]["p50"] / max(local["latency_ms"]["p50"], 1e-9), 2),
-                "p99": round(grpc_run["latency_ms"]["p99"] / max(local["latency_ms"]["p99"], 1e-9), 2),
-                "cpu_per_request": round(
-                    grpc_run["cpu_ms_per_request"]["total"] / max(local["cpu_ms_per_request"]["total"], 1e-9),
-                    2,
-                ),
-            }
+    ratios = ratios_between(runs, "grpc", "inprocess", scenarios)
     summary["grpc_over_inprocess"] = ratios
+    if "grpc_per_call" in runs:  # what the gateway's batch calls buy, in the same run
+        summary["grpc_over_grpc_per_call"] = ratios_between(runs, "grpc", "grpc_per_call", scenarios)
     home = at("grpc", "home", 200)
     if home is not None:
         ratio = ratios.get("home", {}).get("200", {})
