@@ -175,6 +175,16 @@ class CallCoalescer(Generic[Request, Response]):
     ) -> Response:
         if not self.batch_supported:  # an older service: plain calls, none held back
             return await self._single(request, timeout=timeout, metadata=metadata)
+        if self._in_flight < self.max_in_flight and not self._queue:
+            # A free slot and nobody waiting: the plain call, in the caller's own task.
+            self._in_flight += 1
+            try:
+                if self._on_call is not None:
+                    self._on_call(1)
+                return await self._single(request, timeout=timeout, metadata=metadata)
+            finally:
+                self._in_flight -= 1
+                self._dispatch()
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Response] = loop.create_future()
         pending = Pending(request, future, None if timeout is None else loop.time() + timeout, metadata)
