@@ -14,6 +14,9 @@ requests together too.
 its own would be answered, with its own status (an invalid request gets ``INVALID_ARGUMENT`` naming
 ``requests[i].<field>``); the call's own status is an error only for a malformed batch.
 
+A batch call carries its first request's metadata (its trace context): the others' spans are
+not linked to the recall or rank work done for them.
+
 A service without the batch method (an older version during a rolling upgrade) answers
 ``UNIMPLEMENTED``: the coalescer then sends that batch's requests, and every later one, as plain
 calls, and logs it once.
@@ -224,6 +227,13 @@ class CallCoalescer(Generic[Request, Response]):
                 await asyncio.gather(*(self._send_single(member) for member in members))
             else:
                 await self._send_batch(members)
+        except asyncio.CancelledError:  # shutdown: the callers learn it now, not at their deadline
+            for member in members:
+                settle(
+                    member.future,
+                    error=rpc_error(grpc.StatusCode.CANCELLED, f"{self.service} call cancelled"),
+                )
+            raise
         except Exception as error:  # never leave a caller waiting
             log.exception("%s batch call failed unexpectedly", self.service)
             for member in members:

@@ -250,3 +250,21 @@ def test_each_request_ends_at_its_budget_never_past_the_call() -> None:
         with pytest.raises(InvalidArgument) as error:
             member_deadlines(count, budgets, None, 0.0)
         assert error.value.field == field
+
+
+async def test_callers_of_a_cancelled_batch_call_learn_it_at_once() -> None:
+    service = FakeService()
+    calls = coalescer(service)
+    first = await occupy(service, calls)
+    waiting = [asyncio.ensure_future(calls(f"r{n}", timeout=30)) for n in (1, 2)]
+    await settle_loop()
+    service.batch_gate = asyncio.Event()
+    service.gate.set()
+    await first
+    await settle_loop()
+    assert len(service.batch_calls) == 1
+    for task in list(calls._tasks):  # what a loop shutting down does to the call's task
+        task.cancel()
+    for result in await asyncio.wait_for(asyncio.gather(*waiting, return_exceptions=True), 1):
+        assert isinstance(result, grpc.aio.AioRpcError) and result.code() == grpc.StatusCode.CANCELLED
+    assert calls.in_flight == 0
