@@ -288,17 +288,9 @@ def open_backends(
             config.rank_address, credentials=credentials, max_message_bytes=max_bytes, options=balanced
         )
         channels.append(rank_channel)
-        rank_stub = rank_pb2_grpc.RankServiceStub(rank_channel)
-        if config.downstream_in_flight > 0:
-            rank_stub = CoalescedStub(
-                rank_stub,
-                "Rank",
-                "RankBatch",
-                rank_pb2.RankBatchRequest,
-                config.downstream_in_flight,
-                service="rank",
-                on_call=downstream_call_size(registry, "rank"),
-            )
+        rank_stub = batched(
+            rank_pb2_grpc.RankServiceStub(rank_channel), "Rank", rank_pb2.RankBatchRequest, config, registry
+        )
     if recall and config.recall_addresses:  # one channel per shard (each a StatefulSet pod), fanned out
         recall_channels = [
             open_channel(address, credentials=credentials, max_message_bytes=max_bytes)
@@ -311,18 +303,37 @@ def open_backends(
             config.recall_address, credentials=credentials, max_message_bytes=max_bytes, options=balanced
         )
         channels.append(recall_channel)
-        recall_stub = recall_pb2_grpc.RecallServiceStub(recall_channel)
-        if config.downstream_in_flight > 0:
-            recall_stub = CoalescedStub(
-                recall_stub,
-                "Recall",
-                "RecallBatch",
-                recall_pb2.RecallBatchRequest,
-                config.downstream_in_flight,
-                service="recall",
-                on_call=downstream_call_size(registry, "recall"),
-            )
+        recall_stub = batched(
+            recall_pb2_grpc.RecallServiceStub(recall_channel),
+            "Recall",
+            recall_pb2.RecallBatchRequest,
+            config,
+            registry,
+        )
     return recall_stub, rank_stub, channels
+
+
+def batched(
+    stub: Any,
+    method: str,
+    batch_request_type: type,
+    config: GatewayConfig,
+    registry: CollectorRegistry | None,
+) -> Any:
+    """``stub`` whose ``method`` goes out in ``<method>Batch`` calls under load (a
+    :class:`CoalescedStub`), or ``stub`` itself with ``config.downstream_in_flight`` 0."""
+    if config.downstream_in_flight <= 0:
+        return stub
+    service = method.lower()
+    return CoalescedStub(
+        stub,
+        method,
+        f"{method}Batch",
+        batch_request_type,
+        config.downstream_in_flight,
+        service=service,
+        on_call=downstream_call_size(registry, service),
+    )
 
 
 def downstream_call_size(registry: CollectorRegistry | None, service: str) -> Callable[[int], None] | None:

@@ -68,6 +68,13 @@ async def settle_loop() -> None:
         await asyncio.sleep(0)
 
 
+async def queue(calls: CallCoalescer, *requests: str, timeout: float = 5) -> list[asyncio.Future]:
+    """Calls for ``requests``, started and left waiting."""
+    waiting = [asyncio.ensure_future(calls(request, timeout=timeout)) for request in requests]
+    await settle_loop()
+    return waiting
+
+
 async def occupy(service: FakeService, calls: CallCoalescer) -> asyncio.Task:
     """A first request whose plain call stays out until ``service.gate`` opens."""
     service.gate = asyncio.Event()
@@ -90,8 +97,7 @@ async def test_requests_arriving_while_a_call_is_out_go_together_in_one_batch_ca
     service, sizes = FakeService(), []
     calls = coalescer(service, sizes)
     first = await occupy(service, calls)
-    waiting = [asyncio.ensure_future(calls(f"r{n}", timeout=5)) for n in (1, 2, 3)]
-    await settle_loop()
+    waiting = await queue(calls, "r1", "r2", "r3")
     assert calls.queued == 3 and not service.batch_calls  # nothing sent past the in-flight limit
     service.gate.set()
     assert await first == "answer to r0"
@@ -120,8 +126,7 @@ async def test_each_request_of_a_batch_gets_its_own_status() -> None:
     )
     calls = coalescer(service)
     first = await occupy(service, calls)
-    waiting = [asyncio.ensure_future(calls(f"r{n}", timeout=5)) for n in (1, 2, 3)]
-    await settle_loop()
+    waiting = await queue(calls, "r1", "r2", "r3")
     service.gate.set()
     await first
     results = await asyncio.gather(*waiting, return_exceptions=True)
@@ -140,8 +145,7 @@ async def test_a_failed_batch_call_fails_each_of_its_requests(failure: str) -> N
         service.short_answer = True
     calls = coalescer(service)
     first = await occupy(service, calls)
-    waiting = [asyncio.ensure_future(calls(f"r{n}", timeout=5)) for n in (1, 2)]
-    await settle_loop()
+    waiting = await queue(calls, "r1", "r2")
     service.gate.set()
     await first
     for result in await asyncio.gather(*waiting, return_exceptions=True):
@@ -155,9 +159,8 @@ async def test_a_request_ends_at_its_own_deadline_while_its_batch_is_still_out()
     service = FakeService()
     calls = coalescer(service)
     first = await occupy(service, calls)
-    short = asyncio.ensure_future(calls("short", timeout=0.3))
-    long = asyncio.ensure_future(calls("long", timeout=5))
-    await settle_loop()
+    (short,) = await queue(calls, "short", timeout=0.3)
+    (long,) = await queue(calls, "long")
     service.batch_gate = asyncio.Event()
     service.gate.set()  # r0 returns; the batch [short, long] goes out and stays out
     await first
@@ -194,9 +197,7 @@ async def test_a_cancelled_caller_is_left_out_of_the_next_call() -> None:
     service = FakeService()
     calls = coalescer(service)
     first = await occupy(service, calls)
-    gone = asyncio.ensure_future(calls("gone", timeout=5))
-    kept = asyncio.ensure_future(calls("kept", timeout=5))
-    await settle_loop()
+    gone, kept = await queue(calls, "gone", "kept")
     gone.cancel()
     service.gate.set()
     await first
@@ -209,15 +210,13 @@ async def test_a_service_without_the_batch_method_gets_plain_calls_from_then_on(
     service.batch_error = rpc_error(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
     calls = coalescer(service)
     first = await occupy(service, calls)
-    waiting = [asyncio.ensure_future(calls(f"r{n}", timeout=5)) for n in (1, 2)]
-    await settle_loop()
+    waiting = await queue(calls, "r1", "r2")
     service.gate.set()
     await first
     assert await asyncio.gather(*waiting) == ["answer to r1", "answer to r2"]
     assert not calls.batch_supported
     service.gate = asyncio.Event()
-    later = [asyncio.ensure_future(calls(f"r{n}", timeout=5)) for n in (3, 4, 5)]
-    await settle_loop()
+    later = await queue(calls, "r3", "r4", "r5")
     assert calls.queued == 0  # none held back behind another call
     service.gate.set()
     assert await asyncio.gather(*later) == ["answer to r3", "answer to r4", "answer to r5"]
@@ -229,8 +228,7 @@ async def test_max_batch_caps_the_requests_of_one_call() -> None:
     service, sizes = FakeService(), []
     calls = coalescer(service, sizes, max_batch=2)
     first = await occupy(service, calls)
-    waiting = [asyncio.ensure_future(calls(f"r{n}", timeout=5)) for n in range(1, 6)]
-    await settle_loop()
+    waiting = await queue(calls, *(f"r{n}" for n in range(1, 6)), timeout=5)
     service.gate.set()
     await first
     assert len(await asyncio.gather(*waiting)) == 5
@@ -256,8 +254,7 @@ async def test_callers_of_a_cancelled_batch_call_learn_it_at_once() -> None:
     service = FakeService()
     calls = coalescer(service)
     first = await occupy(service, calls)
-    waiting = [asyncio.ensure_future(calls(f"r{n}", timeout=30)) for n in (1, 2)]
-    await settle_loop()
+    waiting = await queue(calls, "r1", "r2", timeout=30)
     service.batch_gate = asyncio.Event()
     service.gate.set()
     await first
