@@ -52,10 +52,10 @@ def test_default_factory_is_exact_for_small_catalogs_and_ivf_for_large() -> None
     assert default_index_factory(12_101) == "Flat"
     assert default_index_factory(100_000) == "Flat"
     # ~8 sqrt(N) lists, rounded to a power of two.
-    assert default_index_factory(100_001) == "IVF2048,Flat"
-    assert default_index_factory(200_000) == "IVF4096,Flat"
-    assert default_index_factory(1_000_000) == "IVF8192,Flat"
-    assert default_index_factory(10**9) == "IVF65536,Flat"
+    assert default_index_factory(100_001) == "IVF2048,SQ8"
+    assert default_index_factory(200_000) == "IVF4096,SQ8"
+    assert default_index_factory(1_000_000) == "IVF8192,SQ8"
+    assert default_index_factory(10**9) == "IVF65536,SQ8"
 
 
 def test_tuning_picks_the_smallest_nprobe_reaching_the_target() -> None:
