@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 from recsys.recall_merge import candidates_response, merge_shards, source_lists_from_response
 from recsys.serving.metrics import get_or_create
-from recsys.serving.validation import InvalidArgument
+from recsys.serving.validation import InvalidArgument, rpc_error
 from recsys.v1 import recall_pb2, recall_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -35,9 +35,7 @@ SHARD_MISCONFIGURED = "recall_shard_misconfigured"
 
 def unavailable(details: str) -> grpc.aio.AioRpcError:
     """The error a recall stub raises for an unreachable server."""
-    return grpc.aio.AioRpcError(
-        grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), details=details
-    )
+    return rpc_error(grpc.StatusCode.UNAVAILABLE, details)
 
 
 def _code(error: BaseException) -> str:

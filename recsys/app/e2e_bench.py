@@ -136,19 +136,20 @@ def start_stacks(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, Sta
         return Service(name, module, pick_port(0, taken), pick_port(0, taken), service_args, logs / log_name)
 
     recall_args, rank_args = ["--bundle", str(recall_dir)], ["--bundle", str(rank_dir)]
+
+    def three_processes(name: str, log_prefix: str, extra_gateway_args: list[str]) -> Stack:
+        recall = service("recall", "recall_service", recall_args, f"{log_prefix}recall.log")
+        rank = service("rank", "rank_service", rank_args, f"{log_prefix}rank.log")
+        remote = ["--recall-address", recall.address, "--rank-address", rank.address]
+        gateway_command = [*gateway_args, *remote, *extra_gateway_args]
+        gateway = service("gateway", "gateway", gateway_command, f"{log_prefix}gateway.log")
+        return Stack(name, [recall, rank, gateway], gateway)
+
     if "grpc" in wanted:
-        recall = service("recall", "recall_service", recall_args, "recall.log")
-        rank = service("rank", "rank_service", rank_args, "rank.log")
-        remote = ["--recall-address", recall.address, "--rank-address", rank.address]
-        gateway = service("gateway", "gateway", [*gateway_args, *remote], "gateway.log")
-        stacks["grpc"] = Stack("grpc", [recall, rank, gateway], gateway)
+        stacks["grpc"] = three_processes("grpc", "", [])
     if "grpc_per_call" in wanted:
-        recall = service("recall", "recall_service", recall_args, "per_call-recall.log")
-        rank = service("rank", "rank_service", rank_args, "per_call-rank.log")
-        remote = ["--recall-address", recall.address, "--rank-address", rank.address]
-        per_call = [*gateway_args, *remote, "--downstream-in-flight", "0"]
-        gateway = service("gateway", "gateway", per_call, "per_call-gateway.log")
-        stacks["grpc_per_call"] = Stack("grpc_per_call", [recall, rank, gateway], gateway)
+        per_call = ["--downstream-in-flight", "0"]  # no batch calls
+        stacks["grpc_per_call"] = three_processes("grpc_per_call", "per_call-", per_call)
     if "inprocess" in wanted:
         local = ["--recall-bundle", str(recall_dir), "--rank-bundle", str(rank_dir)]
         single = service("inprocess", "recsys.app.inprocess", [*local, *gateway_args], "inprocess.log")

@@ -44,15 +44,11 @@ from recsys.serving.bootstrap import run_event_loop, run_until_signal
 from recsys.serving.config import ServingConfig
 from recsys.serving.logging import configure_logging
 from recsys.serving.metrics import new_registry
-from recsys.serving.validation import InvalidArgument, StatusError
+from recsys.serving.validation import InvalidArgument, StatusError, rpc_error
 from recsys.v1 import rank_pb2, recall_pb2
 
 log = logging.getLogger(__name__)
 Response = TypeVar("Response")
-
-
-def _rpc_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
-    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
 
 
 async def _call(work: Callable[[float | None], Awaitable[Response]], timeout: float | None) -> Response:
@@ -63,11 +59,11 @@ async def _call(work: Callable[[float | None], Awaitable[Response]], timeout: fl
     try:
         return await asyncio.wait_for(work(deadline), timeout)
     except TimeoutError:
-        raise _rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded") from None
+        raise rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded") from None
     except InvalidArgument as error:
-        raise _rpc_error(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
+        raise rpc_error(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
     except StatusError as error:  # a catalog mismatch, a shed or expired batch request
-        raise _rpc_error(error.status, str(error)) from None
+        raise rpc_error(error.status, str(error)) from None
 
 
 class LocalRecall:

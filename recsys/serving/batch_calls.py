@@ -33,7 +33,7 @@ from typing import Any, Generic, TypeVar
 
 import grpc
 
-from recsys.serving.validation import InvalidArgument, StatusError, require
+from recsys.serving.validation import InvalidArgument, StatusError, require, rpc_error
 from recsys.v1 import common_pb2
 
 log = logging.getLogger(__name__)
@@ -113,11 +113,6 @@ async def answer_batch(
 
 
 # -- the caller's side --------------------------------------------------------------------------
-def rpc_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
-    """The status error a gRPC stub raises, for a request answered inside a batch."""
-    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
-
-
 @dataclass
 class Pending(Generic[Request, Response]):
     """A request waiting for (or inside) a call, and who waits for its answer."""

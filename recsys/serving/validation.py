@@ -38,6 +38,12 @@ class StatusError(Exception):
     status: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE
 
 
+def rpc_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
+    """The status error a gRPC stub raises with ``code``, for answers that did not come from a
+    call of their own (an in-process backend, one request of a batch call, a fan-out)."""
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
+
+
 class InvalidArgument(Exception):
     """A request field is invalid. ``str(error)`` is ``"<field>: <reason>"``."""
 

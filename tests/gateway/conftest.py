@@ -10,6 +10,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -101,6 +102,19 @@ class FakeStack:
     @property
     def fake_rank(self) -> FakeRank:
         return self.rank.servicer
+
+
+def stretch_budgets(node: Any, factor: float) -> Any:
+    """A copy of a scenario document with every ``timeout_ms`` multiplied by ``factor`` (tests
+    that assert behaviour must not turn a starved CI core into a degraded answer)."""
+    if isinstance(node, dict):
+        return {
+            key: value * factor if key == "timeout_ms" else stretch_budgets(value, factor)
+            for key, value in node.items()
+        }
+    if isinstance(node, list):
+        return [stretch_budgets(value, factor) for value in node]
+    return node
 
 
 def gateway_config(tmp_path: Path, recall_address: str, rank_address: str, **overrides) -> GatewayConfig:

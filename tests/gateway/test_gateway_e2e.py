@@ -21,23 +21,12 @@ from gateway.config import DEFAULT_SCENARIOS, GatewayConfig
 from gateway.server import serve
 from recsys.scenario.spec import ScenarioConfigError
 from recsys.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+from tests.gateway.conftest import stretch_budgets
 from tests.stack import RunningStack, loopback_serving, running_stack
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
 
 OFFLINE_K = 50
-
-
-def _stretch_budgets(node, factor: int):
-    """A copy of a scenario document with every ``timeout_ms`` multiplied by ``factor``."""
-    if isinstance(node, dict):
-        return {
-            key: value * factor if key == "timeout_ms" else _stretch_budgets(value, factor)
-            for key, value in node.items()
-        }
-    if isinstance(node, list):
-        return [_stretch_budgets(value, factor) for value in node]
-    return node
 
 
 def scenarios_with_offline_check(path: Path) -> Path:
@@ -46,7 +35,7 @@ def scenarios_with_offline_check(path: Path) -> Path:
     Every budget is stretched 10x: these tests assert behaviour, and a busy 2-core CI machine must
     not turn a slow first call into a degraded (fallback) answer.
     """
-    document = _stretch_budgets(yaml.safe_load(DEFAULT_SCENARIOS.read_text()), factor=10)
+    document = stretch_budgets(yaml.safe_load(DEFAULT_SCENARIOS.read_text()), factor=10)
     document["scenarios"]["offline_check"] = {
         "model_scenario": "home",
         "timeout_ms": 5000,

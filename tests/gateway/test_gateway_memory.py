@@ -13,7 +13,7 @@ import yaml
 
 from gateway.config import DEFAULT_SCENARIOS
 from recsys.v1 import common_pb2, gateway_pb2
-from tests.gateway.conftest import FakeStack
+from tests.gateway.conftest import FakeStack, stretch_budgets
 
 pytestmark = pytest.mark.integration
 
@@ -24,24 +24,13 @@ RSS_GROWTH_BOUND_MB = 25.0  # allocator slack and metric children, not per-reque
 BUDGET_SCALE = 20  # memory is measured here, not latency: a starved CI core must not trip a stage deadline
 
 
-def scaled_budgets(node: object) -> object:
-    """The scenario document with every ``timeout_ms`` multiplied by BUDGET_SCALE."""
-    if isinstance(node, dict):
-        return {
-            key: value * BUDGET_SCALE if key == "timeout_ms" else scaled_budgets(value)
-            for key, value in node.items()
-        }
-    if isinstance(node, list):
-        return [scaled_budgets(value) for value in node]
-    return node
-
-
 @pytest.fixture
 def fake_stack_overrides(tmp_path: Path) -> dict:
     """Every shipped scenario, its stages unchanged, with budgets a stalled event loop cannot exceed
     (the full path must answer every call: a degraded answer would skip the code under test)."""
     scenarios = tmp_path / "scenarios.yaml"
-    scenarios.write_text(yaml.safe_dump(scaled_budgets(yaml.safe_load(DEFAULT_SCENARIOS.read_text()))))
+    shipped = yaml.safe_load(DEFAULT_SCENARIOS.read_text())
+    scenarios.write_text(yaml.safe_dump(stretch_budgets(shipped, BUDGET_SCALE)))
     return {"scenarios_path": scenarios, "default_deadline_ms": 1000.0 * BUDGET_SCALE}
 
 

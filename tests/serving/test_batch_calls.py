@@ -9,8 +9,8 @@ from types import SimpleNamespace
 import grpc
 import pytest
 
-from recsys.serving.batch_calls import CallCoalescer, member_deadlines, rpc_error
-from recsys.serving.validation import InvalidArgument
+from recsys.serving.batch_calls import CallCoalescer, member_deadlines
+from recsys.serving.validation import InvalidArgument, rpc_error
 from recsys.v1 import common_pb2
 
 OK = common_pb2.CallStatus(code=0)
