@@ -73,6 +73,9 @@ class GatewayConfig:
     # together as one batch call when one returns (recsys/serving/batch_calls.py). 0 = one call
     # per request. With several recall/rank pods, at least their number keeps every pod busy.
     downstream_in_flight: int = 1
+    # The longest a request waits behind those calls: then what is queued goes out anyway, past
+    # the limit, so one stalled call cannot hold the others until their deadlines. 0 = no bound.
+    downstream_max_hold_ms: float = 0.0
     # Bearer tokens and their scopes (recsys/serving/auth.py). Without a tokens file the gateway
     # refuses to start unless allow_unauthenticated is set (it then logs a warning); with one,
     # allow_unauthenticated is ignored.
@@ -108,6 +111,10 @@ class GatewayConfig:
             raise ConfigError(f"max_in_flight: must be >= 1, got {self.max_in_flight}")
         if not 0 <= self.downstream_in_flight <= 1024:
             raise ConfigError(f"downstream_in_flight: must be in 0..1024, got {self.downstream_in_flight}")
+        if not 0.0 <= self.downstream_max_hold_ms <= 10_000.0:  # also rejects NaN
+            raise ConfigError(
+                f"downstream_max_hold_ms: must be in 0..10000 ms, got {self.downstream_max_hold_ms}"
+            )
         if not self.default_deadline_ms > 0:
             raise ConfigError(f"default_deadline_ms: must be > 0, got {self.default_deadline_ms}")
         if not self.reload_interval_s > 0:
@@ -159,6 +166,7 @@ class GatewayConfig:
                 reload_interval_s=args.reload_interval_s,
                 downstream_tls_ca=Path(args.downstream_tls_ca) if args.downstream_tls_ca else None,
                 downstream_in_flight=args.downstream_in_flight,
+                downstream_max_hold_ms=args.downstream_max_hold_ms,
                 auth_tokens_file=Path(args.auth_tokens_file) if args.auth_tokens_file else None,
                 allow_unauthenticated=args.allow_unauthenticated,
                 http_enabled=args.http,
@@ -230,6 +238,13 @@ def build_parser() -> argparse.ArgumentParser:
         int,
         "calls out at once to recall and to rank; requests arriving meanwhile go in one batch call "
         "(0 = a call per request; with several pods, at least their number)",
+    )
+    add(
+        "--downstream-max-hold-ms",
+        "RECSYS_DOWNSTREAM_MAX_HOLD_MS",
+        float,
+        "longest a request waits behind those calls before it goes out anyway, past the limit "
+        "(0 = until a call returns)",
     )
     add(
         "--auth-tokens-file",

@@ -325,6 +325,7 @@ def batched(
     if config.downstream_in_flight <= 0:
         return stub
     service = method.lower()
+    hold_ms = config.downstream_max_hold_ms
     return CoalescedStub(
         stub,
         method,
@@ -333,6 +334,8 @@ def batched(
         config.downstream_in_flight,
         service=service,
         on_call=downstream_call_size(registry, service),
+        max_hold_s=hold_ms / 1000.0 if hold_ms > 0 else None,
+        on_release=downstream_releases(registry, service),
     )
 
 
@@ -354,3 +357,22 @@ def downstream_call_size(registry: CollectorRegistry | None, service: str) -> Ca
         ),
     )
     return histogram.labels(service=service).observe
+
+
+def downstream_releases(registry: CollectorRegistry | None, service: str) -> Callable[[], None] | None:
+    """``recsys_gateway_downstream_released_calls_total{service}``'s inc: batch calls sent past
+    the in-flight limit because their requests had waited ``downstream_max_hold_ms``."""
+    if registry is None:
+        return None
+    name = "recsys_gateway_downstream_released_calls"
+    counter = get_or_create(
+        registry,
+        name,
+        lambda: Counter(
+            name,
+            "Calls to recall or rank sent past the in-flight limit after requests waited the max hold",
+            ["service"],
+            registry=registry,
+        ),
+    )
+    return counter.labels(service=service).inc

@@ -17,6 +17,11 @@ its own would be answered, with its own status (an invalid request gets ``INVALI
 A batch call carries its first request's metadata (its trace context): the others' spans are
 not linked to the recall or rank work done for them.
 
+A stalled call must not hold the queue until every deadline: with ``max_hold_s`` set, requests
+that have waited that long behind the calls out go out anyway, as one extra batch call past the
+limit (a release, counted by ``on_release``); the next request that queues behind the limit
+starts the clock again. Without it, queued requests wait for a call to return (or their deadline).
+
 A service without the batch method (an older version during a rolling upgrade) answers
 ``UNIMPLEMENTED``: the coalescer then sends that batch's requests, and every later one, as plain
 calls, and logs it once.
@@ -133,7 +138,10 @@ class CallCoalescer(Generic[Request, Response]):
     budgets_ms)`` builds its request; its response has ``responses`` and ``statuses`` (one per
     request). Awaiting a call gives the request's own response, or raises the
     ``grpc.aio.AioRpcError`` a plain call would have raised (DEADLINE_EXCEEDED at the request's
-    own timeout, even while its batch is still out)."""
+    own timeout, even while its batch is still out).
+
+    ``max_hold_s`` (None: no bound): the longest a request waits behind ``max_in_flight`` calls
+    before what is queued goes out past the limit (``on_release`` is called for each such call)."""
 
     def __init__(
         self,
@@ -144,17 +152,24 @@ class CallCoalescer(Generic[Request, Response]):
         max_batch: int = 64,
         service: str = "downstream",
         on_call: Callable[[int], None] | None = None,
+        max_hold_s: float | None = None,
+        on_release: Callable[[], None] | None = None,
     ):
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
         if not 1 <= max_batch <= MAX_BATCH_REQUESTS:
             raise ValueError(f"max_batch must be in 1..{MAX_BATCH_REQUESTS}, got {max_batch}")
+        if max_hold_s is not None and not (math.isfinite(max_hold_s) and max_hold_s > 0):
+            raise ValueError(f"max_hold_s must be > 0 seconds or None, got {max_hold_s}")
         self._single, self._batch, self._batch_request = single, batch, batch_request
         self.max_in_flight, self.max_batch = max_in_flight, max_batch
+        self.max_hold_s = max_hold_s
         self.service = service
         self._on_call = on_call  # called with each call's number of requests
+        self._on_release = on_release  # called for each call sent past the limit (max_hold_s)
         self._queue: list[Pending[Request, Response]] = []
         self._in_flight = 0
+        self._hold_timer: asyncio.TimerHandle | None = None
         self.batch_supported = True
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -190,6 +205,8 @@ class CallCoalescer(Generic[Request, Response]):
             pending.timer = loop.call_at(pending.deadline, self._expire, future)
         self._queue.append(pending)
         self._dispatch()
+        if self._queue and self._hold_timer is None and self.max_hold_s is not None:
+            self._hold_timer = loop.call_later(self.max_hold_s, self._release)
         try:
             return await future
         finally:
@@ -203,14 +220,30 @@ class CallCoalescer(Generic[Request, Response]):
     def _dispatch(self) -> None:
         """Send what is queued while fewer than ``max_in_flight`` calls are out."""
         while self._queue and self._in_flight < self.max_in_flight:
-            taken, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
-            live = [pending for pending in taken if not pending.future.done()]  # expired or cancelled
-            if not live:
-                continue
-            self._in_flight += 1
-            task = asyncio.ensure_future(self._send(live))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._send_next()
+        if not self._queue and self._hold_timer is not None:
+            self._hold_timer.cancel()
+            self._hold_timer = None
+
+    def _release(self) -> None:
+        """``max_hold_s`` passed with requests still queued behind the calls out: send them
+        anyway (a call per ``max_batch`` requests), past the limit."""
+        self._hold_timer = None
+        while self._queue:
+            if self._send_next() and self._on_release is not None:
+                self._on_release()
+
+    def _send_next(self) -> bool:
+        """Send the next ``max_batch`` queued requests that still wait; False if none did."""
+        taken, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
+        live = [pending for pending in taken if not pending.future.done()]  # expired or cancelled
+        if not live:
+            return False
+        self._in_flight += 1
+        task = asyncio.ensure_future(self._send(live))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return True
 
     async def _send(self, members: list[Pending[Request, Response]]) -> None:
         try:
@@ -311,6 +344,8 @@ class CoalescedStub:
         max_in_flight: int,
         service: str,
         on_call: Callable[[int], None] | None = None,
+        max_hold_s: float | None = None,
+        on_release: Callable[[], None] | None = None,
     ):
         self._stub = stub
         self.coalescer: CallCoalescer[Any, Any] = CallCoalescer(
@@ -320,6 +355,8 @@ class CoalescedStub:
             max_in_flight,
             service=service,
             on_call=on_call,
+            max_hold_s=max_hold_s,
+            on_release=on_release,
         )
         setattr(self, method, self.coalescer)
 

@@ -885,6 +885,9 @@ def test_gateway_limits_are_the_code_defaults_and_shed_before_the_rpc_cap(
     assert int(env["RECSYS_MAX_CONCURRENT_RPCS"]) == GATEWAY_MAX_CONCURRENT_RPCS
     assert int(env["RECSYS_MAX_MESSAGE_BYTES"]) == GATEWAY_MAX_MESSAGE_BYTES
     assert int(env["RECSYS_MAX_IN_FLIGHT"]) < int(env["RECSYS_MAX_CONCURRENT_RPCS"])
+    assert float(env["RECSYS_DOWNSTREAM_MAX_HOLD_MS"]) == GatewayConfig.downstream_max_hold_ms
+    held = gateway_env(manifests(render({"gateway": {"config": {"downstreamMaxHoldMs": 12.5}}})))
+    assert held["RECSYS_DOWNSTREAM_MAX_HOLD_MS"] == "12.5"
     for component in COMPONENTS:
         env = env_of(deployment(rendered["default"], component)["spec"]["template"]["spec"]["containers"][0])
         assert (env["RECSYS_MAX_CONNECTION_AGE_S"], env["RECSYS_MAX_CONNECTION_AGE_GRACE_S"]) == ("60", "10")

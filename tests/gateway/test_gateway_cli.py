@@ -9,10 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from prometheus_client import CollectorRegistry
 
 from gateway import bench, query
 from gateway.config import GatewayConfig
+from gateway.server import batched
 from recsys.serving.auth import TOKEN_ENV, write_tokens_file
+from recsys.v1 import recall_pb2
 from tests.gateway.conftest import TEST_TOKEN, FakeStack
 
 
@@ -144,6 +147,30 @@ def test_gateway_config_reads_env_and_flags_and_rejects_bad_values(
     with pytest.raises(SystemExit):
         GatewayConfig.from_args([])
     assert "RECSYS_MAX_IN_FLIGHT: invalid value 'many'" in capsys.readouterr().err
+    monkeypatch.delenv("RECSYS_MAX_IN_FLIGHT")
+    assert GatewayConfig.from_args([]).downstream_max_hold_ms == 0.0  # no bound by default
+    monkeypatch.setenv("RECSYS_DOWNSTREAM_MAX_HOLD_MS", "12.5")
+    assert GatewayConfig.from_args([]).downstream_max_hold_ms == 12.5
+    for bad in ("-1", "nan", "20000"):
+        with pytest.raises(SystemExit):
+            GatewayConfig.from_args(["--downstream-max-hold-ms", bad])
+        assert "downstream_max_hold_ms: must be in 0..10000 ms" in capsys.readouterr().err
+
+
+def test_the_max_hold_reaches_the_coalesced_calls_and_their_releases_are_counted(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    monkeypatch.setenv("RECSYS_ALLOW_UNAUTHENTICATED", "1")
+    stub = type("Stub", (), {"Recall": None, "RecallBatch": None})()
+    registry = CollectorRegistry()
+    config = GatewayConfig.from_args(["--downstream-max-hold-ms", "15"])
+    coalescer = batched(stub, "Recall", recall_pb2.RecallBatchRequest, config, registry).Recall
+    assert coalescer.max_hold_s == pytest.approx(0.015)
+    coalescer._on_release()
+    labels = {"service": "recall"}
+    assert registry.get_sample_value("recsys_gateway_downstream_released_calls_total", labels) == 1.0
+    unbounded = batched(stub, "Recall", recall_pb2.RecallBatchRequest, GatewayConfig.from_args([]), registry)
+    assert unbounded.Recall.max_hold_s is None  # 0 ms: queued requests wait for a call to return
 
 
 def test_gateway_needs_a_tokens_file_or_the_explicit_opt_out(

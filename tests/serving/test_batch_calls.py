@@ -265,3 +265,42 @@ async def test_callers_of_a_cancelled_batch_call_learn_it_at_once() -> None:
     for result in await asyncio.wait_for(asyncio.gather(*waiting, return_exceptions=True), 1):
         assert isinstance(result, grpc.aio.AioRpcError) and result.code() == grpc.StatusCode.CANCELLED
     assert calls.in_flight == 0
+
+
+async def test_requests_held_past_max_hold_go_out_while_a_stalled_call_is_still_out() -> None:
+    service, releases = FakeService(), []
+    calls = coalescer(service, max_hold_s=0.05, on_release=lambda: releases.append(1))
+    first = await occupy(service, calls)  # stalls until the gate opens
+    service.batch_gate = asyncio.Event()
+    service.batch_gate.set()  # batch calls answer at once
+    waiting = await queue(calls, "r1", "r2")
+    assert calls.queued == 2  # held behind the stalled call for now
+    answers = await asyncio.wait_for(asyncio.gather(*waiting), timeout=3)
+    assert answers == ["answer to r1", "answer to r2"] and not first.done()
+    assert [call.requests for call in service.batch_calls] == [["r1", "r2"]] and releases == [1]
+    # The next requests held behind the limit start the clock again (two: a lone one would go as a
+    # plain call, which this fake stalls too).
+    later = await queue(calls, "r3", "r4")
+    assert calls.queued == 2
+    assert await asyncio.wait_for(asyncio.gather(*later), timeout=3) == ["answer to r3", "answer to r4"]
+    assert releases == [1, 1] and not first.done()
+    service.gate.set()
+    assert await first == "answer to r0"
+
+
+async def test_a_call_that_returns_within_max_hold_takes_the_queue_without_a_release() -> None:
+    service, releases = FakeService(), []
+    calls = coalescer(service, max_hold_s=0.2, on_release=lambda: releases.append(1))
+    first = await occupy(service, calls)
+    waiting = await queue(calls, "r1", "r2")
+    service.gate.set()
+    await first
+    assert await asyncio.gather(*waiting) == ["answer to r1", "answer to r2"]
+    await asyncio.sleep(0.3)  # past the hold: its timer was cancelled with the queue emptied
+    assert releases == [] and [call.requests for call in service.batch_calls] == [["r1", "r2"]]
+
+
+@pytest.mark.parametrize("hold", [0.0, -1.0, float("nan")])
+def test_max_hold_must_be_a_positive_time(hold: float) -> None:
+    with pytest.raises(ValueError, match="max_hold_s must be > 0"):
+        coalescer(FakeService(), max_hold_s=hold)
