@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from recsys.app import bench_report
-from recsys.app.e2e_bench import passes, summarise
+from recsys.app.e2e_bench import combine_repeats, passes, summarise
 
 MACHINE = {"cpu": "Test CPU", "cores": 2, "python": "3.11"}
 
@@ -169,3 +169,51 @@ def test_e2e_bench_refuses_an_unknown_stack_before_building_anything(tmp_path):
     ):
         start_stacks(args, tmp_path)
     assert not (tmp_path / "artifacts").exists()
+
+
+def repeat_result(p50: float, p99: float, cpu: float, errors: int = 0, outcomes: dict | None = None) -> dict:
+    return {
+        "rate": 200.0,
+        "requests": 100,
+        "sent": 100,
+        "achieved_rps": 200.0,
+        "errors": errors,
+        "error_share": errors / 100,
+        "degraded_share": 0.0,
+        "degraded_reasons": {},
+        "outcomes": outcomes or {"ok": 100},
+        "loadgen_cpu_ms_per_request": 0.8,
+        "latency_ms": {"p50": p50, "p99": p99},
+        "cpu_ms_per_request": {"recall": cpu / 2, "gateway": cpu / 2, "total": cpu},
+    }
+
+
+def test_repeated_runs_report_their_medians_and_keep_each_repeat():
+    combined = combine_repeats(
+        [
+            repeat_result(10, 50, 6.0),
+            repeat_result(30, 200, 7.0, errors=4, outcomes={"ok": 96, "DEADLINE_EXCEEDED": 4}),
+            repeat_result(20, 70, 6.5),
+        ]
+    )
+    assert combined["latency_ms"] == {"p50": 20, "p99": 70}
+    assert combined["cpu_ms_per_request"] == {"recall": 3.25, "gateway": 3.25, "total": 6.5}
+    assert combined["errors"] == 0 and passes(combined, 100.0)  # one bad repeat of three
+    assert combined["outcomes"] == {"ok": 296, "DEADLINE_EXCEEDED": 4}  # nothing dropped
+    assert [r["p99"] for r in combined["repeats"]] == [50, 200, 70]
+    assert combine_repeats([repeat_result(10, 50, 6.0)]) == repeat_result(10, 50, 6.0)
+
+
+def test_the_readme_table_shows_the_range_of_repeated_runs(tmp_path: Path):
+    report = e2e_report()
+    report["settings"]["repeats"] = 3
+    grpc_200 = report["runs"]["grpc"]["home"][1]
+    grpc_200["repeats"] = [
+        {"p50": 10, "p99": p99, "errors": 0, "degraded_share": 0.0, "cpu_ms_per_request": cpu}
+        for p99, cpu in ((30.0, 6.0), (25.5, 5.5), (41.0, 6.75))
+    ]
+    lines = bench_report.e2e_section(report, None)
+    assert "| grpc | home | 200 | 10.0 | 20.0 | 30.0 (25.5-41.0) | 0 | 0.0% | 6.00 (5.50-6.75) |" in lines
+    assert any(
+        "3 times each: medians, p99 and CPU with their range over the repeats" in line for line in lines
+    )

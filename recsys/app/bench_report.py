@@ -40,6 +40,15 @@ def _machine(report: dict) -> str:
     )
 
 
+def _spread(run: dict, key: str, form: str) -> str:
+    """' (min-max)' of ``key`` over a run's repeats; '' for a single run."""
+    repeats = run.get("repeats") or []
+    if len(repeats) < 2:
+        return ""
+    values = [repeat[key] for repeat in repeats]
+    return f" ({form.format(min(values))}-{form.format(max(values))})"
+
+
 def e2e_section(report: dict, plot: str | None) -> list[str]:
     settings = report["settings"]
     lines = [
@@ -48,8 +57,13 @@ def e2e_section(report: dict, plot: str | None) -> list[str]:
         f"`{report['command']}` — {_machine(report)}; load generator in its own process on the same "
         f"cores, Poisson arrivals, latency from each request's scheduled send, {settings['users']} "
         f"known users, {settings['deadline_ms']:g} ms client deadline, {settings['duration_s']:g} s "
-        "per rate; the stacks measured alternately at each rate. CPU = CPU time of every "
-        "service process per request (the load generator excluded).",
+        "per rate; the stacks measured alternately at each rate"
+        + (
+            f", {settings['repeats']} times each: medians, p99 and CPU with their range over the repeats"
+            if settings.get("repeats", 1) > 1
+            else ""
+        )
+        + ". CPU = CPU time of every service process per request (the load generator excluded).",
         "",
         *[f"- {name}: {what}" for name, what in settings.get("stacks", {}).items()],
         "",
@@ -60,10 +74,13 @@ def e2e_section(report: dict, plot: str | None) -> list[str]:
         for scenario, runs in by_scenario.items():
             for run in runs:
                 latency = run["latency_ms"]
+                p99 = f"{latency['p99']:.1f}" + _spread(run, "p99", "{:.1f}")
+                cpu = f"{run['cpu_ms_per_request']['total']:.2f}" + _spread(
+                    run, "cpu_ms_per_request", "{:.2f}"
+                )
                 lines.append(
                     f"| {stack} | {scenario} | {run['rate']:g} | {latency['p50']:.1f} | {latency['p95']:.1f} "
-                    f"| {latency['p99']:.1f} | {run['errors']} | {run['degraded_share']:.1%} "
-                    f"| {run['cpu_ms_per_request']['total']:.2f} |"
+                    f"| {p99} | {run['errors']:g} | {run['degraded_share']:.1%} | {cpu} |"
                 )
     summary = report["summary"]
     lines += ["", f"Saturation ({settings['saturation']}): " + "; ".join(
@@ -105,7 +122,7 @@ def e2e_section(report: dict, plot: str | None) -> list[str]:
             "| bar (issue 11) | target | measured | |",
             "|---|---|---|---|",
             f"| `home` at 200 req/s | p99 <= 25 ms, no errors, <= 1% degraded | p99 {home['p99_ms']:.1f} ms, "
-            f"{home['errors']} errors, {home['degraded_share']:.1%} degraded | {mark(home['met'])} |",
+            f"{home['errors']:g} errors, {home['degraded_share']:.1%} degraded | {mark(home['met'])} |",
             f"| CPU per request at 200 req/s | <= 4 ms | {cpu['value']:.2f} ms | {mark(cpu['met'])} |",
             f"| saturation (`home`) | >= 400 req/s | {saturation['value']:g} req/s "
             f"| {mark(saturation['met'])} |",

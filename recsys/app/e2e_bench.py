@@ -4,12 +4,15 @@ Starts the three services the way `make run` does (recall, rank, gateway as sepa
 loopback), the same cascade in one process (``recsys.app.inprocess``: the gateway with in-process
 recall and rank, no gRPC hops) and the two-process deployment (recall, and the gateway with the
 ranker in-process: one internal hop), then sweeps arrival rates from low to saturation. At each
-rate the stacks are measured one after the other, the order reversed at every step, each by an
+rate the stacks are measured one after the other, ``--repeats`` times, the order reversed at
+every turn (ABBA), each by an
 open-loop Poisson load generator in its own process (``recsys.app.loadgen``: latency from the
 scheduled send time). Per stack, scenario and rate: p50/p95/p99, errors, degraded share, and the
 CPU seconds each service process used per request (from /proc, the source of
-``process_cpu_seconds_total``). A stack's sweep stops at its first rate that misses the
-saturation criteria (no errors, <= 1% degraded, p99 <= --saturation-p99-ms).
+``process_cpu_seconds_total``): the median over the repeats, each repeat's own figures kept
+(``repeats``), since this host drifts by tens of percent within minutes. A stack's sweep stops
+at its first rate whose medians miss the saturation criteria (no errors, <= 1% degraded, p99 <=
+--saturation-p99-ms).
 
     recsys bench e2e --artifacts artifacts --out artifacts/bench/e2e.json
 """
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -96,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--duration", type=float, default=10.0, help="measured seconds per rate")
     parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds per rate")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="runs per stack and rate, interleaved; medians reported"
+    )
     parser.add_argument("--users", type=int, default=1000, help="known users the requests are for")
     parser.add_argument("--deadline-ms", type=float, default=500.0, help="client deadline")
     parser.add_argument("--saturation-p99-ms", type=float, default=100.0)
@@ -189,6 +196,60 @@ def measure(
     per_service = {name: round((after[name] - before[name]) * 1000 / sent, 3) for name in after}
     result["cpu_ms_per_request"] = {**per_service, "total": round(sum(per_service.values()), 3)}
     return result
+
+
+def combine_repeats(results: list[dict]) -> dict:
+    """One entry for the runs of one stack, scenario and rate: the median of each figure over the
+    repeats (latency percentiles, errors, shares, CPU per service), every outcome counted over all
+    of them (``outcomes``, ``degraded_reasons``), and each repeat's own p50/p99/errors/degraded/CPU
+    (``repeats``)."""
+    if len(results) == 1:
+        return results[0]
+
+    def median(values: list[float]) -> float:
+        return round(float(statistics.median(values)), 4)
+
+    combined = dict(results[0])
+    for key in ("requests", "sent", "achieved_rps", "errors", "error_share", "degraded_share"):
+        combined[key] = median([r[key] for r in results])
+    combined["loadgen_cpu_ms_per_request"] = median([r["loadgen_cpu_ms_per_request"] for r in results])
+    combined["latency_ms"] = {
+        key: median([r["latency_ms"][key] for r in results]) for key in results[0]["latency_ms"]
+    }
+    combined["cpu_ms_per_request"] = {
+        key: median([r["cpu_ms_per_request"][key] for r in results])
+        for key in results[0]["cpu_ms_per_request"]
+    }
+    outcomes: dict[str, int] = {}
+    reasons: dict[str, int] = {}
+    for result in results:
+        for outcome, count in result["outcomes"].items():
+            outcomes[outcome] = outcomes.get(outcome, 0) + count
+        for reason, count in result.get("degraded_reasons", {}).items():
+            reasons[reason] = reasons.get(reason, 0) + count
+    combined["outcomes"], combined["degraded_reasons"] = outcomes, reasons
+    combined["repeats"] = [
+        {
+            "p50": r["latency_ms"]["p50"],
+            "p99": r["latency_ms"]["p99"],
+            "errors": r["errors"],
+            "degraded_share": r["degraded_share"],
+            "cpu_ms_per_request": r["cpu_ms_per_request"]["total"],
+        }
+        for r in results
+    ]
+    return combined
+
+
+def report_progress(name: str, scenario: str, rate: float, result: dict) -> None:
+    latency = result["latency_ms"]
+    print(
+        f"{name:<15} {scenario:<11} {rate:>5.0f} req/s: "
+        f"p50 {latency['p50']:.1f} p99 {latency['p99']:.1f} ms, errors {result['errors']}, "
+        f"degraded {result['degraded_share']:.1%}, CPU {result['cpu_ms_per_request']['total']:.2f} ms/req",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def passes(result: dict, p99_ms: float) -> bool:
@@ -301,7 +362,10 @@ def plot(report: dict, path: Path) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.repeats < 1:
+        parser.error(f"--repeats must be >= 1, got {args.repeats}")
     rates = [float(r) for r in args.rates.split(",") if r]
     scenarios = [s for s in args.scenarios.split(",") if s]
     started = time.monotonic()
@@ -312,23 +376,20 @@ def main(argv: list[str] | None = None) -> int:
         try:
             for scenario in scenarios:
                 saturated: set[str] = set()
-                for step, rate in enumerate(rates):
-                    order = names if step % 2 == 0 else names[::-1]  # ABBA: neither always goes first
-                    for name in order:
-                        if name in saturated:
-                            continue
-                        result = measure(stacks[name], scenario, rate, args, token, users, items)
+                turn = 0
+                for rate in rates:
+                    live = [name for name in names if name not in saturated]
+                    measured: dict[str, list[dict]] = {name: [] for name in live}
+                    for _ in range(args.repeats):
+                        order = live if turn % 2 == 0 else live[::-1]  # ABBA: neither always goes first
+                        turn += 1
+                        for name in order:
+                            result = measure(stacks[name], scenario, rate, args, token, users, items)
+                            measured[name].append(result)
+                            report_progress(name, scenario, rate, result)
+                    for name in live:
+                        result = combine_repeats(measured[name])
                         runs[name][scenario].append(result)
-                        latency = result["latency_ms"]
-                        print(
-                            f"{name:<15} {scenario:<11} {rate:>5.0f} req/s: "
-                            f"p50 {latency['p50']:.1f} p99 {latency['p99']:.1f} ms, "
-                            f"errors {result['errors']}, "
-                            f"degraded {result['degraded_share']:.1%}, "
-                            f"CPU {result['cpu_ms_per_request']['total']:.2f} ms/req",
-                            file=sys.stderr,
-                            flush=True,
-                        )
                         if not passes(result, args.saturation_p99_ms):
                             saturated.add(name)
                     if len(saturated) == len(names):
@@ -345,6 +406,7 @@ def main(argv: list[str] | None = None) -> int:
             "scenarios": scenarios,
             "duration_s": args.duration,
             "warmup_s": args.warmup,
+            "repeats": args.repeats,
             "users": args.users,
             "deadline_ms": args.deadline_ms,
             "saturation": f"no errors, <= 1% degraded, p99 <= {args.saturation_p99_ms:g} ms",
