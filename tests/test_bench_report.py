@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from recsys.app import bench_report
@@ -171,37 +172,56 @@ def test_e2e_bench_refuses_an_unknown_stack_before_building_anything(tmp_path):
     assert not (tmp_path / "artifacts").exists()
 
 
-def repeat_result(p50: float, p99: float, cpu: float, errors: int = 0, outcomes: dict | None = None) -> dict:
+def repeat_result(
+    latencies: list[float], cpu: float, errors: int = 0, outcomes: dict | None = None, sent: int = 100
+) -> dict:
     return {
         "rate": 200.0,
-        "requests": 100,
-        "sent": 100,
+        "requests": len(latencies),
+        "sent": sent,
         "achieved_rps": 200.0,
         "errors": errors,
-        "error_share": errors / 100,
+        "error_share": errors / len(latencies),
         "degraded_share": 0.0,
         "degraded_reasons": {},
-        "outcomes": outcomes or {"ok": 100},
+        "outcomes": outcomes or {"ok": len(latencies)},
         "loadgen_cpu_ms_per_request": 0.8,
-        "latency_ms": {"p50": p50, "p99": p99},
+        "latency_ms": {
+            "p50": float(np.percentile(latencies, 50)),
+            "p99": float(np.percentile(latencies, 99)),
+        },
+        "latency_samples_ms": latencies,
         "cpu_ms_per_request": {"recall": cpu / 2, "gateway": cpu / 2, "total": cpu},
     }
 
 
-def test_repeated_runs_report_their_medians_and_keep_each_repeat():
+def test_repeated_runs_pool_their_requests_and_keep_each_repeat():
+    fast = [10.0] * 100
+    slow = [10.0] * 90 + [500.0] * 10  # one bad repeat: its tail is the pooled tail
     combined = combine_repeats(
         [
-            repeat_result(10, 50, 6.0),
-            repeat_result(30, 200, 7.0, errors=4, outcomes={"ok": 96, "DEADLINE_EXCEEDED": 4}),
-            repeat_result(20, 70, 6.5),
+            repeat_result(fast, 6.0),
+            repeat_result(slow, 7.0, errors=4, outcomes={"ok": 96, "DEADLINE_EXCEEDED": 4}, sent=200),
+            repeat_result(fast, 6.5, sent=100),
         ]
     )
-    assert combined["latency_ms"] == {"p50": 20, "p99": 70}
-    assert combined["cpu_ms_per_request"] == {"recall": 3.25, "gateway": 3.25, "total": 6.5}
-    assert combined["errors"] == 0 and passes(combined, 100.0)  # one bad repeat of three
-    assert combined["outcomes"] == {"ok": 296, "DEADLINE_EXCEEDED": 4}  # nothing dropped
-    assert [r["p99"] for r in combined["repeats"]] == [50, 200, 70]
-    assert combine_repeats([repeat_result(10, 50, 6.0)]) == repeat_result(10, 50, 6.0)
+    assert combined["latency_ms"]["p50"] == 10.0 and combined["latency_ms"]["p99"] == 500.0
+    assert combined["latency_ms"]["max"] == 500.0
+    assert combined["cpu_ms_per_request"]["total"] == round((6.0 * 100 + 7.0 * 200 + 6.5 * 100) / 400, 3)
+    assert combined["errors"] == 4 and not passes(combined, 1000.0)  # any repeat's error counts
+    assert combined["error_share"] == round(4 / 300, 4) and combined["requests"] == 300
+    assert combined["outcomes"] == {"ok": 296, "DEADLINE_EXCEEDED": 4}
+    assert [r["p99"] for r in combined["repeats"]] == [10.0, 500.0, 10.0]
+    assert "latency_samples_ms" not in combined
+    single = combine_repeats([repeat_result(fast, 6.0)])
+    assert "latency_samples_ms" not in single and single["latency_ms"]["p99"] == 10.0
+
+
+def test_repeats_without_samples_report_the_median_of_each_percentile():
+    runs = [repeat_result([float(v)] * 10, 6.0) for v in (10, 30, 20)]
+    for run in runs:
+        del run["latency_samples_ms"]
+    assert combine_repeats(runs)["latency_ms"] == {"p50": 20.0, "p99": 20.0}
 
 
 def test_the_readme_table_shows_the_range_of_repeated_runs(tmp_path: Path):
@@ -214,6 +234,4 @@ def test_the_readme_table_shows_the_range_of_repeated_runs(tmp_path: Path):
     ]
     lines = bench_report.e2e_section(report, None)
     assert "| grpc | home | 200 | 10.0 | 20.0 | 30.0 (25.5-41.0) | 0 | 0.0% | 6.00 (5.50-6.75) |" in lines
-    assert any(
-        "3 times each: medians, p99 and CPU with their range over the repeats" in line for line in lines
-    )
+    assert any("3 times each, their requests pooled" in line for line in lines)

@@ -59,7 +59,7 @@ def e2e_section(report: dict, plot: str | None) -> list[str]:
         f"known users, {settings['deadline_ms']:g} ms client deadline, {settings['duration_s']:g} s "
         "per rate; the stacks measured alternately at each rate"
         + (
-            f", {settings['repeats']} times each: medians, p99 and CPU with their range over the repeats"
+            f", {settings['repeats']} times each, their requests pooled (p99 and CPU: each repeat's range)"
             if settings.get("repeats", 1) > 1
             else ""
         )

@@ -9,10 +9,10 @@ every turn (ABBA), each by an
 open-loop Poisson load generator in its own process (``recsys.app.loadgen``: latency from the
 scheduled send time). Per stack, scenario and rate: p50/p95/p99, errors, degraded share, and the
 CPU seconds each service process used per request (from /proc, the source of
-``process_cpu_seconds_total``): the median over the repeats, each repeat's own figures kept
-(``repeats``), since this host drifts by tens of percent within minutes. A stack's sweep stops
-at its first rate whose medians miss the saturation criteria (no errors, <= 1% degraded, p99 <=
---saturation-p99-ms).
+``process_cpu_seconds_total``): every request of every repeat pooled (one bad repeat shows in
+the p99 and the errors), each repeat's own figures kept (``repeats``), since this host drifts by
+tens of percent within minutes. A stack's sweep stops at its first rate that misses the
+saturation criteria (no errors, <= 1% degraded, p99 <= --saturation-p99-ms).
 
     recsys bench e2e --artifacts artifacts --out artifacts/bench/e2e.json
 """
@@ -29,6 +29,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
+from recsys.app.loadgen import latency_summary
 from recsys.app.run import (
     HISTORY_LENGTH,
     SERVING_TIMEOUT_S,
@@ -101,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--duration", type=float, default=10.0, help="measured seconds per rate")
     parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds per rate")
     parser.add_argument(
-        "--repeats", type=int, default=3, help="runs per stack and rate, interleaved; medians reported"
+        "--repeats", type=int, default=3, help="runs per stack and rate, interleaved, then pooled"
     )
     parser.add_argument("--users", type=int, default=1000, help="known users the requests are for")
     parser.add_argument("--deadline-ms", type=float, default=500.0, help="client deadline")
@@ -184,7 +187,7 @@ def measure(
         sys.executable, "-m", "recsys.app.loadgen", "--gateway", stack.gateway.address,
         "--token-file", str(token), "--rate", str(rate), "--duration", str(args.duration),
         "--warmup", str(args.warmup), "--scenario", scenario, "--users", str(users),
-        "--items", str(items), "--deadline-ms", str(args.deadline_ms),
+        "--items", str(items), "--deadline-ms", str(args.deadline_ms), "--samples",
     ]  # fmt: skip
     before = stack.cpu_seconds()
     done = subprocess.run(command, capture_output=True, text=True, check=False)
@@ -199,33 +202,46 @@ def measure(
 
 
 def combine_repeats(results: list[dict]) -> dict:
-    """One entry for the runs of one stack, scenario and rate: the median of each figure over the
-    repeats (latency percentiles, errors, shares, CPU per service), every outcome counted over all
-    of them (``outcomes``, ``degraded_reasons``), and each repeat's own p50/p99/errors/degraded/CPU
-    (``repeats``)."""
-    if len(results) == 1:
-        return results[0]
+    """One entry for the runs of one stack, scenario and rate, their requests pooled: latency
+    percentiles over every measured request of every repeat (``latency_samples_ms``; the median
+    of each percentile for runs without samples), errors, outcomes and degraded reasons summed,
+    shares over all requests, CPU per request over all requests sent; each repeat's own
+    p50/p99/errors/degraded/CPU kept in ``repeats``. The samples themselves are dropped."""
+    runs = [{key: value for key, value in r.items() if key != "latency_samples_ms"} for r in results]
+    if len(runs) == 1:
+        return runs[0]
+    combined = dict(runs[0])
+    requests = sum(r["requests"] for r in runs)
+    sent = [r["sent"] for r in runs]
+    combined["requests"], combined["sent"] = requests, sum(sent)
+    combined["errors"] = sum(r["errors"] for r in runs)
+    combined["achieved_rps"] = round(float(statistics.median(r["achieved_rps"] for r in runs)), 1)
 
-    def median(values: list[float]) -> float:
-        return round(float(statistics.median(values)), 4)
+    def per_sent(values: list[float]) -> float:
+        return round(sum(v * n for v, n in zip(values, sent, strict=True)) / max(sum(sent), 1), 3)
 
-    combined = dict(results[0])
-    for key in ("requests", "sent", "achieved_rps", "errors", "error_share", "degraded_share"):
-        combined[key] = median([r[key] for r in results])
-    combined["loadgen_cpu_ms_per_request"] = median([r["loadgen_cpu_ms_per_request"] for r in results])
-    combined["latency_ms"] = {
-        key: median([r["latency_ms"][key] for r in results]) for key in results[0]["latency_ms"]
-    }
+    combined["error_share"] = round(combined["errors"] / requests, 4) if requests else 0.0
+    degraded = sum(r["degraded_share"] * r["requests"] for r in runs)
+    combined["degraded_share"] = round(degraded / requests, 4) if requests else 0.0
+    combined["loadgen_cpu_ms_per_request"] = per_sent([r["loadgen_cpu_ms_per_request"] for r in runs])
     combined["cpu_ms_per_request"] = {
-        key: median([r["cpu_ms_per_request"][key] for r in results])
-        for key in results[0]["cpu_ms_per_request"]
+        key: per_sent([r["cpu_ms_per_request"][key] for r in runs]) for key in runs[0]["cpu_ms_per_request"]
     }
+    samples = [r.get("latency_samples_ms") for r in results]
+    if all(s is not None for s in samples):
+        pooled = np.concatenate([np.asarray(s, dtype=np.float64) for s in samples])
+        combined["latency_ms"] = latency_summary(pooled)
+    else:
+        combined["latency_ms"] = {
+            key: round(float(statistics.median(r["latency_ms"][key] for r in runs)), 3)
+            for key in runs[0]["latency_ms"]
+        }
     outcomes: dict[str, int] = {}
     reasons: dict[str, int] = {}
-    for result in results:
-        for outcome, count in result["outcomes"].items():
+    for run in runs:
+        for outcome, count in run["outcomes"].items():
             outcomes[outcome] = outcomes.get(outcome, 0) + count
-        for reason, count in result.get("degraded_reasons", {}).items():
+        for reason, count in run.get("degraded_reasons", {}).items():
             reasons[reason] = reasons.get(reason, 0) + count
     combined["outcomes"], combined["degraded_reasons"] = outcomes, reasons
     combined["repeats"] = [
@@ -236,7 +252,7 @@ def combine_repeats(results: list[dict]) -> dict:
             "degraded_share": r["degraded_share"],
             "cpu_ms_per_request": r["cpu_ms_per_request"]["total"],
         }
-        for r in results
+        for r in runs
     ]
     return combined
 

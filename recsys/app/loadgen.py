@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--deadline-ms", type=float, default=500.0, help="client deadline per request")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--samples", action="store_true", help="also print every measured latency (latency_samples_ms)"
+    )
+    parser.add_argument(
         "--scenarios-file", type=Path, default=DEFAULT_SCENARIOS_FILE, help="the gateway's scenario file"
     )
     return parser
@@ -125,11 +128,7 @@ async def run(args: argparse.Namespace) -> dict:
     measured = sum(outcomes.values())
     values = np.asarray(latencies, dtype=np.float64) * 1000
     errors = measured - outcomes["ok"] - outcomes["degraded"]
-
-    def percentile(q: float) -> float:
-        return round(float(np.percentile(values, q)), 3) if len(values) else 0.0
-
-    return {
+    result = {
         "scenario": args.scenario,
         "rate": args.rate,
         "duration_s": args.duration,
@@ -141,14 +140,25 @@ async def run(args: argparse.Namespace) -> dict:
         "error_share": round(errors / measured, 4) if measured else 0.0,
         "degraded_share": round(outcomes["degraded"] / measured, 4) if measured else 0.0,
         "degraded_reasons": dict(reasons),
-        "latency_ms": {
-            "p50": percentile(50),
-            "p95": percentile(95),
-            "p99": percentile(99),
-            "max": round(float(values.max()), 3) if len(values) else 0.0,
-            "mean": round(float(values.mean()), 3) if len(values) else 0.0,
-        },
+        "latency_ms": latency_summary(values),
         "loadgen_cpu_ms_per_request": round(cpu_used * 1000 / max(len(offsets), 1), 3),
+    }
+    if args.samples:
+        result["latency_samples_ms"] = np.round(values, 3).tolist()
+    return result
+
+
+def latency_summary(values_ms: np.ndarray) -> dict[str, float]:
+    """p50/p95/p99/max/mean of latencies in milliseconds (zeros when there are none)."""
+    if not len(values_ms):
+        return {"p50": 0.0, "p95": 0.0, "p99": 0.0, "max": 0.0, "mean": 0.0}
+    p50, p95, p99 = np.percentile(values_ms, (50, 95, 99))
+    return {
+        "p50": round(float(p50), 3),
+        "p95": round(float(p95), 3),
+        "p99": round(float(p99), 3),
+        "max": round(float(np.max(values_ms)), 3),
+        "mean": round(float(np.mean(values_ms)), 3),
     }
 
 
