@@ -6,16 +6,15 @@ import asyncio
 import contextlib
 import logging
 import socket
-from collections.abc import Callable
 from typing import Any
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter
 
 from gateway.config import GatewayConfig
 from gateway.history import HistoryStore, open_history_store
 from gateway.http_api import HttpApi, HttpServer, bind_socket
-from gateway.metrics import GatewayMetrics
+from gateway.metrics import GatewayMetrics, downstream_call_size, downstream_releases
 from gateway.recall_fanout import ShardedRecall
 from gateway.scenarios import ScenarioRegistry
 from gateway.servicer import GatewayServicer
@@ -31,7 +30,7 @@ from recsys.serving.bootstrap import (
     start_server,
 )
 from recsys.serving.config import DEFAULT_MAX_MESSAGE_BYTES
-from recsys.serving.metrics import bundle_info, get_or_create, new_registry
+from recsys.serving.metrics import bundle_info, new_registry
 from recsys.v1 import gateway_pb2, gateway_pb2_grpc, rank_pb2, rank_pb2_grpc, recall_pb2, recall_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -337,42 +336,3 @@ def batched(
         max_hold_s=hold_ms / 1000.0 if hold_ms > 0 else None,
         on_release=downstream_releases(registry, service),
     )
-
-
-def downstream_call_size(registry: CollectorRegistry | None, service: str) -> Callable[[int], None] | None:
-    """``recsys_gateway_downstream_call_requests{service}``'s observe: requests per call to
-    ``service`` (1 = a plain call; more = a batch call of the requests that queued meanwhile)."""
-    if registry is None:
-        return None
-    name = "recsys_gateway_downstream_call_requests"
-    histogram = get_or_create(
-        registry,
-        name,
-        lambda: Histogram(
-            name,
-            "Requests per call to recall or rank (batch calls under load)",
-            ["service"],
-            buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64),
-            registry=registry,
-        ),
-    )
-    return histogram.labels(service=service).observe
-
-
-def downstream_releases(registry: CollectorRegistry | None, service: str) -> Callable[[], None] | None:
-    """``recsys_gateway_downstream_released_calls_total{service}``'s inc: batch calls sent past
-    the in-flight limit because their requests had waited ``downstream_max_hold_ms``."""
-    if registry is None:
-        return None
-    name = "recsys_gateway_downstream_released_calls"
-    counter = get_or_create(
-        registry,
-        name,
-        lambda: Counter(
-            name,
-            "Calls to recall or rank sent past the in-flight limit after requests waited the max hold",
-            ["service"],
-            registry=registry,
-        ),
-    )
-    return counter.labels(service=service).inc

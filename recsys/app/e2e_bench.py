@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -236,14 +237,12 @@ def combine_repeats(results: list[dict]) -> dict:
             key: round(float(statistics.median(r["latency_ms"][key] for r in runs)), 3)
             for key in runs[0]["latency_ms"]
         }
-    outcomes: dict[str, int] = {}
-    reasons: dict[str, int] = {}
+    outcomes: Counter[str] = Counter()
+    reasons: Counter[str] = Counter()
     for run in runs:
-        for outcome, count in run["outcomes"].items():
-            outcomes[outcome] = outcomes.get(outcome, 0) + count
-        for reason, count in run.get("degraded_reasons", {}).items():
-            reasons[reason] = reasons.get(reason, 0) + count
-    combined["outcomes"], combined["degraded_reasons"] = outcomes, reasons
+        outcomes.update(run["outcomes"])
+        reasons.update(run.get("degraded_reasons", {}))
+    combined["outcomes"], combined["degraded_reasons"] = dict(outcomes), dict(reasons)
     combined["repeats"] = [
         {
             "p50": r["latency_ms"]["p50"],

@@ -44,7 +44,7 @@ from recsys.serving.bootstrap import run_event_loop, run_until_signal
 from recsys.serving.config import ServingConfig
 from recsys.serving.logging import configure_logging
 from recsys.serving.metrics import new_registry
-from recsys.serving.validation import InvalidArgument, StatusError, rpc_error
+from recsys.serving.validation import EXPECTED_ERRORS, error_status, rpc_error
 from recsys.v1 import rank_pb2, recall_pb2
 
 log = logging.getLogger(__name__)
@@ -60,10 +60,8 @@ async def _call(work: Callable[[float | None], Awaitable[Response]], timeout: fl
         return await asyncio.wait_for(work(deadline), timeout)
     except TimeoutError:
         raise rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded") from None
-    except InvalidArgument as error:
-        raise rpc_error(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from None
-    except StatusError as error:  # a catalog mismatch, a shed or expired batch request
-        raise rpc_error(error.status, str(error)) from None
+    except EXPECTED_ERRORS as error:  # a bad field, a catalog mismatch, a shed or expired request
+        raise rpc_error(*error_status(error)) from None
 
 
 class LocalRecall:

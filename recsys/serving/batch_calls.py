@@ -38,7 +38,14 @@ from typing import Any, Generic, TypeVar
 
 import grpc
 
-from recsys.serving.validation import InvalidArgument, StatusError, require, rpc_error
+from recsys.serving.validation import (
+    EXPECTED_ERRORS,
+    MAX_DETAILS_CHARS,
+    InvalidArgument,
+    error_status,
+    require,
+    rpc_error,
+)
 from recsys.v1 import common_pb2
 
 log = logging.getLogger(__name__)
@@ -84,14 +91,14 @@ async def answer_member(
     """``handle(request, deadline)``'s answer, or its error as this request's own status."""
     try:
         return await handle(request, deadline), common_pb2.CallStatus(code=OK)
-    except InvalidArgument as error:
-        code, message = grpc.StatusCode.INVALID_ARGUMENT, f"requests[{position}].{error}"
-    except StatusError as error:  # catalog mismatch, shed, expired while queued
-        code, message = error.status, str(error)
+    except EXPECTED_ERRORS as error:  # a bad field; a catalog mismatch, shed, expired while queued
+        code, message = error_status(error)
+        if isinstance(error, InvalidArgument):  # named within the batch
+            message = f"requests[{position}].{message}"[:MAX_DETAILS_CHARS]
     except Exception:
         log.exception("unhandled error in a batch call's request", extra={"position": position})
         code, message = grpc.StatusCode.INTERNAL, "internal error"
-    return None, common_pb2.CallStatus(code=code.value[0], message=message[:1024])
+    return None, common_pb2.CallStatus(code=code.value[0], message=message)
 
 
 async def answer_batch(

@@ -53,6 +53,16 @@ class InvalidArgument(Exception):
         self.reason = reason
 
 
+EXPECTED_ERRORS = (InvalidArgument, StatusError)  # refusals a handler raises on purpose
+
+
+def error_status(error: InvalidArgument | StatusError) -> tuple[grpc.StatusCode, str]:
+    """The status every transport answers an expected error with: INVALID_ARGUMENT naming the
+    field, or a StatusError's own code; details cut to MAX_DETAILS_CHARS."""
+    code = grpc.StatusCode.INVALID_ARGUMENT if isinstance(error, InvalidArgument) else error.status
+    return code, str(error)[:MAX_DETAILS_CHARS]
+
+
 def shorten(value: str, limit: int = MAX_ECHO_CHARS) -> str:
     """``repr(value)`` for an error message, cut to about ``limit`` characters (the length noted)."""
     text = repr(value)
@@ -123,14 +133,17 @@ def grpc_method(handler: Handler) -> Handler:
         context: grpc.aio.ServicerContext = args[-1]
         try:
             return await handler(*args)
-        except InvalidArgument as error:
-            logger.debug(
-                "invalid argument",
-                extra={"method": handler.__qualname__, "field": error.field, "request_id": _request_id(args)},
-            )
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error)[:MAX_DETAILS_CHARS])
-        except StatusError as error:
-            await context.abort(error.status, str(error)[:MAX_DETAILS_CHARS])
+        except EXPECTED_ERRORS as error:
+            if isinstance(error, InvalidArgument):
+                logger.debug(
+                    "invalid argument",
+                    extra={
+                        "method": handler.__qualname__,
+                        "field": error.field,
+                        "request_id": _request_id(args),
+                    },
+                )
+            await context.abort(*error_status(error))
         except grpc.aio.AbortError:
             raise
         except Exception:
