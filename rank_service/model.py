@@ -23,6 +23,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rank_service.features import NUM_CANDIDATE_FEATURES, NUM_EVENT_TYPES
+from recsys.training import keep_mask
+
+
+class Dropout(nn.Dropout):
+    """``nn.Dropout`` with the CPU mask of :func:`recsys.training.keep_mask` (GPUs keep the fused
+    kernel); the identity outside training (the exported graph has no trace of it)."""
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        if not self.training or not 0.0 < self.p < 1.0 or hidden.device.type != "cpu":
+            return super().forward(hidden)
+        return hidden * keep_mask(hidden.shape, self.p) * (1.0 / (1.0 - self.p))
 
 
 @dataclass
@@ -136,7 +147,7 @@ class Attention(nn.Module):
         self.key = nn.Linear(dim, dim)
         self.value = nn.Linear(dim, dim)
         self.out = nn.Linear(dim, dim)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.fused = False
 
     def forward(self, queries: Tensor, keys: Tensor, key_mask: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -165,9 +176,9 @@ class EncoderLayer(nn.Module):
         self.attention = Attention(dim, heads, dropout)
         self.ffn_norm = nn.LayerNorm(dim)
         self.ffn = nn.Sequential(
-            nn.Linear(dim, 2 * dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(2 * dim, dim)
+            nn.Linear(dim, 2 * dim), nn.GELU(), Dropout(dropout), nn.Linear(2 * dim, dim)
         )
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
         normed = self.attention_norm(x)
@@ -193,7 +204,7 @@ class Ranker(nn.Module):
         self.no_history = nn.Parameter(torch.zeros(1, 1, dim))
         self.scenario_embedding = nn.Embedding(config.num_scenarios, dim)
         self.input_norm = nn.LayerNorm(dim)
-        self.input_dropout = nn.Dropout(config.dropout)
+        self.input_dropout = Dropout(config.dropout)
         self.layers = nn.ModuleList(
             EncoderLayer(dim, config.heads, config.dropout) for _ in range(config.layers)
         )
@@ -204,7 +215,7 @@ class Ranker(nn.Module):
         self.mlp = nn.Sequential(
             nn.Linear(5 * dim, mlp_width),
             nn.GELU(),
-            nn.Dropout(config.dropout),
+            Dropout(config.dropout),
             nn.Linear(mlp_width, dim),
             nn.GELU(),
             nn.Linear(dim, 1),

@@ -33,11 +33,10 @@ from __future__ import annotations
 
 import os
 
-# torch's OpenMP runtime reads OMP_WAIT_POLICY once, when torch is first imported. Threads that
-# sleep at a barrier instead of spinning keep training usable on a busy host (2 cores with one
-# other busy process: ~35-55 ms per Beauty step instead of 90-1,000; idle host: ~30 vs ~21 ms,
-# docs/EXPERIMENTS.md). OMP_WAIT_POLICY=ACTIVE in the environment wins on a dedicated host.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# OpenMP waiting, read once when torch loads: a short spin, then sleep (recsys.training
+# TRAINING_OPENMP_ENV, the same values); the environment's own OMP_WAIT_POLICY wins.
+if "OMP_WAIT_POLICY" not in os.environ:
+    os.environ.update(OMP_WAIT_POLICY="PASSIVE", GOMP_SPINCOUNT="10000")
 
 import argparse
 import copy
@@ -64,6 +63,7 @@ from recsys.scenario.config import DEFAULT_SCENARIOS_FILE, load_scenarios
 from recsys.training import (
     DEFAULT_TIME_GUARD_S,
     DistributedContext,
+    ThreadGovernor,
     TrainingRun,
     WeightAverage,
     adamw,
@@ -443,13 +443,16 @@ def fit_epoch(
     rng: np.random.Generator,
     precision: str,
     average: WeightAverage | None = None,
+    governor: ThreadGovernor | None = None,
 ) -> float:
-    """One pass over ``examples`` in shuffled global batches; returns the mean batch loss."""
+    """One pass over ``examples`` in shuffled global batches; returns the mean batch loss
+    (``governor`` picks each step's threads)."""
     device = context.torch_device()
     train_module.train()
     order = rng.permutation(len(examples.users))
     total, batches = 0.0, 0
-    for start in range(0, len(order), config.batch_size):
+    starts = range(0, len(order), config.batch_size)
+    for start in starts if governor is None else governor.run(starts):
         global_rows = order[start : start + config.batch_size]
         if len(global_rows) < context.world_size:
             continue  # a tail batch too small to give every process a list
@@ -550,7 +553,17 @@ def train_model(
     best_state, best_valid = None, {"NDCG@10": -1.0}
     for epoch in range(1, config.epochs + 1):
         mean_loss = fit_epoch(
-            train_module, scorer, optimizer, examples, dataset, config, context, rng, precision, average
+            train_module,
+            scorer,
+            optimizer,
+            examples,
+            dataset,
+            config,
+            context,
+            rng,
+            precision,
+            average,
+            run.governor,
         )
         live_state = None
         if average is not None:  # validate (and keep) the averaged weights

@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import os
 
-# torch's OpenMP runtime reads OMP_WAIT_POLICY once, when torch is first imported. Threads that
-# sleep at a barrier instead of spinning keep training usable on a busy host (2 cores with one
-# other busy process: ~35-55 ms per Beauty step instead of 90-1,000; idle host: ~30 vs ~21 ms,
-# docs/EXPERIMENTS.md). OMP_WAIT_POLICY=ACTIVE in the environment wins on a dedicated host.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# OpenMP waiting, read once when torch loads: a short spin, then sleep (recsys.training
+# TRAINING_OPENMP_ENV, the same values); the environment's own OMP_WAIT_POLICY wins.
+if "OMP_WAIT_POLICY" not in os.environ:
+    os.environ.update(OMP_WAIT_POLICY="PASSIVE", GOMP_SPINCOUNT="10000")
 
 import argparse
 import copy
@@ -52,6 +51,7 @@ from recsys.evaluation.protocol import metrics_from_ranks
 from recsys.training import (
     DEFAULT_TIME_GUARD_S,
     DistributedContext,
+    ThreadGovernor,
     TrainingRun,
     WeightAverage,
     adamw,
@@ -561,10 +561,11 @@ def train_one_epoch(
     average: WeightAverage | None = None,
     context: DistributedContext | None = None,
     precision: str = "fp32",
+    governor: ThreadGovernor | None = None,
 ) -> float:
     """One pass over the windows in length-bucketed global batches of ``batch_size``, each split
     across the processes; returns the mean loss. ``objective`` is a :class:`RecallObjective`,
-    or the DistributedDataParallel module wrapping one."""
+    or the DistributedDataParallel module wrapping one; ``governor`` picks each step's threads."""
     context = context or DistributedContext()
     objective.train()
     device = context.torch_device()
@@ -574,7 +575,8 @@ def train_one_epoch(
     window_weight = (present if windows.weights is None else windows.weights * present).sum(axis=1)
     max_length = windows.items.shape[1]
     losses = []
-    for global_batch in length_bucketed_batches(windows.lengths, batch_size, rng):
+    global_batches = length_bucketed_batches(windows.lengths, batch_size, rng)
+    for global_batch in global_batches if governor is None else governor.run(global_batches):
         if len(global_batch) < context.world_size:
             continue  # a tail batch too small to give every process a window
         batch = shard(global_batch, context)
@@ -779,7 +781,7 @@ def train_model(
     average = WeightAverage(model, config.weight_average_decay) if config.weight_average_decay > 0 else None
     for epoch in range(1, config.epochs + 1):
         mean_loss = train_one_epoch(
-            objective, optimizer, windows, config.batch_size, rng, average, context, precision
+            objective, optimizer, windows, config.batch_size, rng, average, context, precision, run.governor
         )
         live_state = None
         if average is not None:  # validate (and keep) the averaged weights
@@ -807,7 +809,16 @@ def train_model(
     model.eval()
     if config.refit_with_validation:
         model = _refit(
-            dataset, split, config, shape, attributes, text_arrays, run.best_epoch, context, precision
+            dataset,
+            split,
+            config,
+            shape,
+            attributes,
+            text_arrays,
+            run.best_epoch,
+            context,
+            precision,
+            run.governor,
         )
     model = model.cpu()
     log.info(
@@ -840,6 +851,7 @@ def _refit(
     epochs: int,
     context: DistributedContext,
     precision: str,
+    governor: ThreadGovernor | None = None,
 ) -> TwoTowerModel:
     """Retrain from the same seed for ``epochs`` on training + validation items (not test)."""
     log.info("refit: %d epochs on training + validation items", epochs)
@@ -859,7 +871,7 @@ def _refit(
     )
     for epoch in range(1, epochs + 1):
         loss = train_one_epoch(
-            objective, optimizer, windows, config.batch_size, rng, None, context, precision
+            objective, optimizer, windows, config.batch_size, rng, None, context, precision, governor
         )
         log.info("refit epoch %d/%d loss %.4f", epoch, epochs, loss)
     return model.eval()

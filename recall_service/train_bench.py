@@ -9,7 +9,7 @@ Variants (each its own copy of one initial model, AdamW and weight average):
   validation encodes every user at the full 50-item width.
 - ``new``: ``recall_service.train``: one item table per step (sparse attribute mean) shared by both
   towers, no scale for the inner product, the catalog logits in bf16 where the CPU has native bf16,
-  the ``rand_like`` dropout mask, fused AdamW; validation on histories bucketed by length with
+  the random-bit dropout mask (``recsys.training.keep_mask``), fused AdamW; validation on histories bucketed by length with
   inputs and masks built once.
 
 Both run in one process after ``recsys.training.reuse_freed_memory`` (which the trainers call):
@@ -25,11 +25,10 @@ from __future__ import annotations
 
 import os
 
-# torch's OpenMP runtime reads OMP_WAIT_POLICY once, when torch is first imported. Threads that
-# sleep at a barrier instead of spinning keep training usable on a busy host (2 cores with one
-# other busy process: ~35-55 ms per Beauty step instead of 90-1,000; idle host: ~30 vs ~21 ms,
-# docs/EXPERIMENTS.md). OMP_WAIT_POLICY=ACTIVE in the environment wins on a dedicated host.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# OpenMP waiting, read once when torch loads: a short spin, then sleep (recsys.training
+# TRAINING_OPENMP_ENV, the same values); the environment's own OMP_WAIT_POLICY wins.
+if "OMP_WAIT_POLICY" not in os.environ:
+    os.environ.update(OMP_WAIT_POLICY="PASSIVE", GOMP_SPINCOUNT="10000")
 
 import argparse
 import copy

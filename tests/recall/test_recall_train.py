@@ -246,6 +246,50 @@ def test_training_run_records_what_stopped_it(caplog: pytest.LogCaptureFixture) 
     assert "TIME GUARD" in caplog.text  # logged when it fires
 
 
+def test_training_steps_drop_to_the_cores_the_host_gives_and_probe_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """While the threads wait on the run queue for a CPU (a busy host), the steps up to the next
+    probe run on fewer threads; each probe runs on all of them again; an idle host keeps them."""
+    import torch
+
+    from recsys import training
+
+    clock = {"wall": 0.0, "wait": 0.0}
+    monkeypatch.setattr(training.time, "perf_counter", lambda: clock["wall"])
+    monkeypatch.setattr(training, "run_queue_wait_seconds", lambda: clock["wait"])
+    threads_before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)  # whatever the count before, the first probe runs on all threads
+        governor = training.ThreadGovernor(2, probe_steps=2, every=5)
+        assert governor.enabled
+        seen = []
+        for step in governor.run(range(12)):
+            seen.append(torch.get_num_threads())
+            clock["wall"] += 0.1
+            # Busy host during the first probe (2 threads x 0.1 s, 0.08 s of it waiting), idle after.
+            clock["wait"] += 0.08 if step < 2 else 0.0
+        assert seen == [2, 2, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2]
+        assert governor.record() == {"steps": 12, "reduced_thread_steps": 3}
+
+        one = training.ThreadGovernor(1)  # nothing to take away from one thread
+        assert not one.enabled and list(one.run(range(3))) == [0, 1, 2]
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def test_run_queue_wait_is_read_from_the_kernel_where_it_reports_it() -> None:
+    import os
+
+    from recsys.training import run_queue_wait_seconds
+
+    wait = run_queue_wait_seconds()
+    if not os.path.exists("/proc/self/task"):
+        assert wait is None
+    else:
+        assert wait is not None and wait >= 0.0
+
+
 def test_training_uses_every_core_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
     from recall_service.train import RecallTrainConfig
     from recsys.training import available_cores, resolve_threads
@@ -268,6 +312,7 @@ def test_recall_bundle_manifest_records_the_training_run(recall_bundle) -> None:
     assert 1 <= train["best_epoch"] <= train["epochs_run"] <= train["max_epochs"]
     assert train["threads"] >= 1 and train["processes"] == 1 and train["seed"] == 7
     assert train["train_seconds"] > 0 and train["device"] == "cpu"
+    assert 0 <= train["reduced_thread_steps"] <= train["steps"] and train["steps"] > 0
 
 
 @pytest.mark.gpu
