@@ -85,7 +85,7 @@ async def measure(
     args: argparse.Namespace, recall_dir: Path, rank_dir: Path, dataset: Any, sqlite_path: Path
 ) -> dict[str, Any]:
     from gateway.config import GatewayConfig
-    from recsys.app.inprocess import serve_inprocess
+    from recsys.app.inprocess import local_configs, serve_inprocess
     from recsys.serving.config import ServingConfig
     from recsys.v1 import gateway_pb2
 
@@ -96,7 +96,7 @@ async def measure(
         http_enabled=False,
         allow_unauthenticated=True,  # servicer called directly: no interceptor runs anyway
     )
-    gateway = await serve_inprocess(config, recall_dir, rank_dir)
+    gateway = await serve_inprocess(config, *local_configs(recall_dir, rank_dir))
     try:
         scenarios = gateway.servicer.scenarios()
         users = dataset.users.ids[: args.users]

@@ -11,7 +11,13 @@ cost. Two deployments come out of it:
     # the ranker inside the gateway, recall (sharded or not) over gRPC: one hop fewer
     python -m recsys.app.inprocess --rank-bundle DIR --recall-address HOST:PORT [gateway flags ...]
 
-A service whose bundle is not given is called over gRPC at the gateway's address for it.
+A service whose bundle is not given is called over gRPC at the gateway's address for it. Each
+in-process stage takes its service's settings under its own prefix, flag or variable:
+``--rank-threads`` / ``RECSYS_RANK_THREADS``, ``--rank-max-batch``, ``--rank-max-wait-ms``,
+``--rank-max-queue``, ``--rank-bundle-poll-s`` (and ``--recall-*`` alike; ``RECSYS_RANK_BUNDLE`` for
+the bundle), and swaps in a new bundle version the way its own service does (a versions folder's
+``current`` link or a rewritten manifest, loaded, verified and warmed before it serves). The Helm
+chart runs the ranker this way with ``rank.inGateway: true``.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import asyncio
 import logging
 import signal
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -31,19 +37,22 @@ from prometheus_client import CollectorRegistry
 from gateway.config import GatewayConfig
 from gateway.server import GatewayServer, serve
 from rank_service.config import RankConfig
-from rank_service.runtime import RankRuntime
+from rank_service.server import bundle_watcher as rank_bundle_watcher
+from rank_service.server import load_model as load_rank_model
 from rank_service.server import warm_up as warm_up_rank
 from rank_service.servicer import RankServicer
 from recall_service.config import RecallConfig
-from recall_service.engine import RecallEngine
 from recall_service.server import build_servicer as build_recall_servicer
+from recall_service.server import bundle_watcher as recall_bundle_watcher
+from recall_service.server import load_model as load_recall_model
 from recall_service.server import warm_up as warm_up_recall
 from recall_service.servicer import RecallServicer
 from recsys.scenario.spec import ScenarioConfigError
 from recsys.serving.bootstrap import run_event_loop, run_until_signal
-from recsys.serving.config import ServingConfig
+from recsys.serving.config import DEVICES, ConfigError, env_default
 from recsys.serving.logging import configure_logging
-from recsys.serving.metrics import new_registry
+from recsys.serving.metrics import bundle_info, new_registry
+from recsys.serving.reload import Stoppable, load_bundle
 from recsys.serving.validation import EXPECTED_ERRORS, error_status, rpc_error
 from recsys.v1 import rank_pb2, recall_pb2
 
@@ -103,18 +112,25 @@ class LocalRank:
 
 
 async def load_recall(config: RecallConfig, registry: CollectorRegistry) -> LocalRecall:
-    """Load the recall bundle, build its servicer (batcher, metrics) and warm it up."""
-    engine = await asyncio.to_thread(RecallEngine.load, config.bundle, config.device, config.threads)
-    recall = build_recall_servicer(engine, config, registry)
+    """Load the recall bundle (a versions folder's ``current`` one), build its servicer (batcher,
+    metrics), warm it up and attach the watcher that hot-swaps new versions (started by
+    :func:`watch_bundles`)."""
+    model, served = await load_bundle(config.bundle, lambda directory: load_recall_model(directory, config))
+    bundle_info(registry, "recall", "recall", model.version)
+    recall = build_recall_servicer(model, config, registry)
     await warm_up_recall(recall)
+    recall.bundle_watcher = recall_bundle_watcher(recall, config, registry, served)
     return LocalRecall(recall)
 
 
 async def load_rank(config: RankConfig, registry: CollectorRegistry) -> LocalRank:
-    """Load the rank bundle, build its servicer (batcher, metrics) and warm it up."""
-    runtime = await asyncio.to_thread(RankRuntime.load, config.bundle, config.device, config.threads)
-    rank = RankServicer(runtime, registry, config.max_batch, config.max_wait_ms, config.max_queue)
+    """Load the rank bundle, build its servicer (batcher, metrics), warm it up and attach the
+    watcher that hot-swaps new versions (started by :func:`watch_bundles`)."""
+    model, served = await load_bundle(config.bundle, lambda directory: load_rank_model(directory, config))
+    bundle_info(registry, "rank", "rank", model.version)
+    rank = RankServicer(model, registry, config.max_batch, config.max_wait_ms, config.max_queue)
     await warm_up_rank(rank)
+    rank.bundle_watcher = rank_bundle_watcher(rank, config, registry, served)
     return LocalRank(rank)
 
 
@@ -125,43 +141,79 @@ async def load_backends(
     return await load_recall(recall_config, registry), await load_rank(rank_config, registry)
 
 
+def watch_bundles(backends: Sequence[LocalRecall | LocalRank | None], running: Stoppable) -> None:
+    """Start each in-process stage's bundle watcher (polling until ``running`` stops)."""
+    for backend in backends:
+        if backend is not None and backend.servicer.bundle_watcher is not None:
+            backend.servicer.bundle_watcher.start(running)
+
+
 async def serve_inprocess(
     config: GatewayConfig,
-    recall_bundle: Path | None,
-    rank_bundle: Path | None,
+    recall: RecallConfig | None,
+    rank: RankConfig | None,
     registry: CollectorRegistry | None = None,
-    device: str = "auto",
 ) -> GatewayServer:
-    """The gateway serving with in-process recall and/or rank (defaults of their configs); the
-    one whose bundle is None is called over gRPC as ``config`` says."""
-    if recall_bundle is None and rank_bundle is None:
+    """The gateway serving with in-process recall and/or rank; the stage whose config is None is
+    called over gRPC as ``config`` says. Each in-process stage swaps in new bundle versions as
+    its own service does (``bundle_poll_s``)."""
+    if recall is None and rank is None:
         raise ValueError("serve_inprocess needs a recall bundle, a rank bundle or both")
     registry = new_registry() if registry is None else registry
-    serving = ServingConfig()
-    recall = rank = None
-    if recall_bundle is not None:
-        recall_config = RecallConfig(serving=serving, bundle=recall_bundle, device=device)
-        recall = await load_recall(recall_config, registry)
-    if rank_bundle is not None:
-        rank = await load_rank(RankConfig(serving=serving, bundle=rank_bundle, device=device), registry)
-    return await serve(config, registry, backends=(recall, rank))
+    local_recall = None if recall is None else await load_recall(recall, registry)
+    local_rank = None if rank is None else await load_rank(rank, registry)
+    gateway = await serve(config, registry, backends=(local_recall, local_rank))
+    watch_bundles((local_recall, local_rank), gateway.running)
+    return gateway
+
+
+def local_configs(
+    recall_bundle: Path | None, rank_bundle: Path | None, device: str = "auto"
+) -> tuple[RecallConfig | None, RankConfig | None]:
+    """In-process configs with each service's defaults for the given bundles (None: over gRPC)."""
+    return (
+        None if recall_bundle is None else RecallConfig.embedded(recall_bundle, device),
+        None if rank_bundle is None else RankConfig.embedded(rank_bundle, device),
+    )
+
+
+def parse_args(argv: Sequence[str]) -> tuple[RecallConfig | None, RankConfig | None, GatewayConfig]:
+    """The in-process stages' configs (None: that stage over gRPC) and the gateway's, from flags
+    and RECSYS_* variables; a bad or missing setting exits with a usage error naming it."""
+    parser = argparse.ArgumentParser(
+        prog="python -m recsys.app.inprocess", description=__doc__.splitlines()[0], allow_abbrev=False
+    )
+    RecallConfig.add_embedded_arguments(parser)
+    RankConfig.add_embedded_arguments(parser)
+    try:
+        device = env_default("RECSYS_DEVICE", "auto")
+    except ConfigError as error:
+        parser.error(str(error))
+    parser.add_argument(
+        "--device",
+        default=device,
+        choices=DEVICES,
+        help=f"where in-process models run (env RECSYS_DEVICE; now {device})",
+    )
+    args, gateway_argv = parser.parse_known_args(list(argv))
+    try:
+        recall = RecallConfig.from_embedded_args(args, args.device)
+        rank = RankConfig.from_embedded_args(args, args.device)
+    except ConfigError as error:
+        parser.error(str(error))
+    if recall is None and rank is None:
+        parser.error(
+            "give --recall-bundle, --rank-bundle or both (env RECSYS_RECALL_BUNDLE, RECSYS_RANK_BUNDLE)"
+        )
+    return recall, rank, GatewayConfig.from_args(gateway_argv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m recsys.app.inprocess", description=__doc__.splitlines()[0]
-    )
-    parser.add_argument("--recall-bundle", type=Path, help="recall in this process (else over gRPC)")
-    parser.add_argument("--rank-bundle", type=Path, help="rank in this process (else over gRPC)")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "gpu"))
-    args, gateway_argv = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
-    if args.recall_bundle is None and args.rank_bundle is None:
-        parser.error("give --recall-bundle, --rank-bundle or both")
-    config = GatewayConfig.from_args(gateway_argv)
+    recall, rank, config = parse_args(sys.argv[1:] if argv is None else argv)
     configure_logging("gateway", config.serving.log_level)
 
     async def run() -> None:
-        gateway = await serve_inprocess(config, args.recall_bundle, args.rank_bundle, device=args.device)
+        gateway = await serve_inprocess(config, recall, rank)
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGHUP, gateway.reload_scenarios)
         try:

@@ -233,6 +233,8 @@ def serving_config_from_args(args: argparse.Namespace) -> ServingConfig:
 
 
 DEVICES = ("auto", "cpu", "gpu")
+# The model settings an embedded stage takes from its prefixed flags (ModelServingConfig fields).
+EMBEDDED_SETTINGS = ("max_batch", "max_wait_ms", "threads", "max_queue", "bundle_poll_s")
 ModelConfigT = TypeVar("ModelConfigT", bound="ModelServingConfig")
 
 
@@ -296,26 +298,78 @@ class ModelServingConfig:
                     f"{cls.component} bundle folder (or a folder of versions with a `current` link)",
                 ),
                 ("device", str, defaults["device"], "where the model (and index) run"),
-                ("max_batch", int, defaults["max_batch"], "most requests per model run"),
-                (
-                    "max_wait_ms",
-                    float,
-                    defaults["max_wait_ms"],
-                    "longest an idle batcher waits for companions (0 = dispatch at once)",
-                ),
-                ("threads", int, defaults["threads"], "Faiss/ONNX Runtime compute threads"),
-                ("max_queue", int, defaults["max_queue"], "requests waiting beyond this are shed"),
-                (
-                    "bundle_poll_s",
-                    float,
-                    defaults["bundle_poll_s"],
-                    "seconds between checks for a new bundle version to hot-swap (0 = never)",
-                ),
+                *cls._compute_settings(""),
             ]
             add_env_arguments(group, settings, choices={"device": DEVICES})
         except ConfigError as error:
             parser.error(str(error))
         return parser
+
+    @classmethod
+    def _compute_settings(cls, prefix: str) -> list[tuple[str, type, Any, str]]:
+        """(name, cast, default, help) of batching, threads and bundle watching, names prefixed."""
+        defaults = {f.name: f.default for f in fields(cls)}
+        return [
+            (f"{prefix}max_batch", int, defaults["max_batch"], "most requests per model run"),
+            (
+                f"{prefix}max_wait_ms",
+                float,
+                defaults["max_wait_ms"],
+                "longest an idle batcher waits for companions (0 = dispatch at once)",
+            ),
+            (f"{prefix}threads", int, defaults["threads"], "Faiss/ONNX Runtime compute threads"),
+            (f"{prefix}max_queue", int, defaults["max_queue"], "requests waiting beyond this are shed"),
+            (
+                f"{prefix}bundle_poll_s",
+                float,
+                defaults["bundle_poll_s"],
+                "seconds between checks for a new bundle version to hot-swap (0 = never)",
+            ),
+        ]
+
+    @classmethod
+    def add_embedded_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """Flags for this stage's model served inside another process (the gateway's):
+        ``--<component>-bundle`` (unset: the stage is called over gRPC) and
+        ``--<component>-max-batch/-max-wait-ms/-threads/-max-queue/-bundle-poll-s``, each
+        defaulting to its ``RECSYS_<COMPONENT>_*`` variable, then to the service's own default."""
+        prefix = f"{cls.component}_"
+        group = parser.add_argument_group(
+            f"{cls.component} in this process (flags override RECSYS_{cls.component.upper()}_* variables)"
+        )
+        try:
+            bundle = (
+                f"{prefix}bundle",
+                _optional_path,
+                None,
+                f"{cls.component} bundle served in this process (unset: {cls.component} over gRPC)",
+            )
+            add_env_arguments(group, [bundle, *cls._compute_settings(prefix)])
+        except ConfigError as error:
+            parser.error(str(error))
+
+    @classmethod
+    def from_embedded_args(
+        cls: type[ModelConfigT], args: argparse.Namespace, device: str = "auto"
+    ) -> ModelConfigT | None:
+        """The config of :meth:`add_embedded_arguments`' flags; None without a bundle. Raises
+        ConfigError when invalid."""
+        prefix = f"{cls.component}_"
+        bundle = getattr(args, f"{prefix}bundle")
+        if bundle is None:
+            return None
+        return cls.embedded(
+            bundle,
+            device,
+            **{name: getattr(args, f"{prefix}{name}") for name in EMBEDDED_SETTINGS},
+        )
+
+    @classmethod
+    def embedded(
+        cls: type[ModelConfigT], bundle: Path, device: str = "auto", **settings: Any
+    ) -> ModelConfigT:
+        """A config for this stage served inside another process: no server settings of its own."""
+        return cls(serving=ServingConfig(), bundle=bundle, device=device, **settings)
 
     @classmethod
     def from_args(cls: type[ModelConfigT], argv: Sequence[str] | None = None) -> ModelConfigT:
