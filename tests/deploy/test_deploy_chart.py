@@ -24,6 +24,7 @@ from tests.deploy.chart import (
     RELEASE,
     REPO_ROOT,
     Manifest,
+    deep_merge,
     find,
     helm_sdk,
     kinds,
@@ -117,6 +118,12 @@ INGRESS_GRPC_AND_ROUTE = {
     }
 }
 
+# The ranker inside the gateway's pods, the gateway sized for both.
+RANK_IN_GATEWAY = {
+    "rank": {"inGateway": True, "config": {"maxBatch": 32}},
+    "gateway": {"resources": {"requests": {"cpu": "1500m", "memory": "1Gi"}, "limits": {"memory": "2Gi"}}},
+}
+
 # name -> (values, API versions the "cluster" announces)
 OTLP_ENDPOINT = "http://otel-collector.observability:4317"
 COMBINATIONS: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
@@ -173,6 +180,11 @@ COMBINATIONS: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
             "gateway": {"recallAddress": "recall.ml:50051", "rankAddress": "rank.ml:50052"},
             "networkPolicy": {"extraEgress": EXTERNAL_MODELS_EGRESS},
         },
+        (),
+    ),
+    "rank-in-gateway": (RANK_IN_GATEWAY, ()),
+    "rank-in-gateway-claim": (
+        deep_merge(RANK_IN_GATEWAY, {"rank": {"bundle": {"existingClaim": "recsys-bundles"}}}),
         (),
     ),
     "auth-existing-secret": ({"gateway": {"auth": {"existingSecret": "shop-tokens"}}}, ()),
@@ -329,6 +341,17 @@ def test_values_schema_rejects_misspelled_keys() -> None:
         ),
         ({"gateway": {"grpcRoute": {"enabled": True}}}, None),  # no API: skipped, no parentRefs needed
         ({"recall": {"enabled": False}}, "recallAddress is required"),
+        ({"rank": {"inGateway": True, "enabled": False}}, "rank.inGateway needs rank.enabled"),
+        (
+            {
+                "rank": {"inGateway": True},
+                "gateway": {"rankAddress": "rank.ml:50052"},
+                "networkPolicy": {"egress": {"enabled": False}},
+            },
+            "contradict each other",
+        ),
+        ({"rank": {"inGateway": True, "gpu": {"enabled": True}}}, "set rank.gpu.enabled: false"),
+        ({"recall": {"inGateway": True}}, "only the ranker runs inside the gateway"),
         ({"redis": {"enabled": True, "externalUrl": "redis://r:6379/0"}}, "not both"),
         ({"redis": {"externalUrl": "redis://r:6379/0"}}, "not both"),  # Redis in-cluster by default
     ],
@@ -1272,3 +1295,55 @@ def test_prometheus_rule_runbook_links_can_point_at_your_copy() -> None:
         r["annotations"]["runbook_url"] for g in rule["spec"]["groups"] for r in g["rules"] if "alert" in r
     ]
     assert links and all(link.startswith("https://wiki.example/recsys-runbook#") for link in links)
+
+
+def test_rank_in_gateway_runs_the_ranker_in_the_gateway_pods_from_its_own_bundle(
+    rendered: dict[str, list[Manifest]],
+) -> None:
+    """rank.inGateway: no rank workload, Service or policy; the gateway pods run
+    recsys.app.inprocess on the serving image, fetch rank's bundle (its version rolls them) and
+    take rank.config as RECSYS_RANK_*; their egress no longer reaches rank pods."""
+    objects = rendered["rank-in-gateway"]
+    assert not [m for m in objects if m.name.startswith(f"{FULLNAME}-rank")]
+    gateway = deployment(objects, "gateway")
+    template = gateway["spec"]["template"]
+    (container,) = template["spec"]["containers"]
+    assert container["command"] == ["python", "-m", "recsys.app.inprocess"]
+    default_rank = deployment(rendered["default"], "rank")["spec"]["template"]["spec"]["containers"][0]
+    assert container["image"] == default_rank["image"], "the serving image (ONNX Runtime), not the gateway's"
+    env = env_of(container)
+    bundle = BUNDLE_VALUES["rank"]["bundle"]
+    assert "RECSYS_RANK_ADDRESS" not in env
+    assert {name: env[name] for name in env if name.startswith("RECSYS_RANK_")} == {
+        "RECSYS_RANK_BUNDLE": "/bundles/rank",
+        "RECSYS_RANK_THREADS": "1",  # "auto": the gateway's 1500m CPU request rounded down
+        "RECSYS_RANK_MAX_BATCH": "32",
+        "RECSYS_RANK_MAX_WAIT_MS": "0",
+        "RECSYS_RANK_MAX_QUEUE": "256",
+    }
+    assert env["RECSYS_DEVICE"] == "cpu"
+    (fetch,) = template["spec"]["initContainers"]
+    assert fetch_args(fetch) == {
+        "--url": f"{BUNDLE_STORE}/rank/{bundle['version']}.tar",
+        "--version": bundle["version"],
+        "--sha256": bundle["sha256"],
+        "--dest": "/bundles/rank",
+    }
+    assert fetch["image"] == container["image"]
+    mount = next(m for m in container["volumeMounts"] if m["name"] == "bundle")
+    assert mount == {"name": "bundle", "mountPath": "/bundles/rank", "readOnly": True}
+    assert template["metadata"]["annotations"]["recsys/rank-bundle-version"] == bundle["version"]
+    newer = {"rank": {"bundle": {"version": "rank-20261202T060000", "sha256": "3" * 64}}}
+    rolled = deployment(manifests(render(deep_merge(RANK_IN_GATEWAY, newer))), "gateway")["spec"]["template"]
+    assert rolled["metadata"]["annotations"]["recsys/rank-bundle-version"] == "rank-20261202T060000"
+    # The gateway's egress reaches recall and Redis, no rank pods.
+    policy = find(objects, "NetworkPolicy", f"{FULLNAME}-gateway")
+    peers = json.dumps(policy["spec"]["egress"])
+    assert '"app.kubernetes.io/component": "recall"' in peers
+    assert '"app.kubernetes.io/component": "rank"' not in peers
+
+    claimed = deployment(rendered["rank-in-gateway-claim"], "gateway")["spec"]["template"]["spec"]
+    assert "initContainers" not in claimed  # a claim is mounted, not fetched
+    (claimed_container,) = claimed["containers"]
+    mount = next(m for m in claimed_container["volumeMounts"] if m["name"] == "bundle")
+    assert mount["subPath"] == f"rank/{bundle['version']}" and mount["readOnly"] is True

@@ -63,53 +63,13 @@ spec:
         {{- with $values.podAnnotations }}
         {{- toYaml . | nindent 8 }}
         {{- end }}
-        # The served bundle: a new version changes the pod template, so the pods roll, and
-        # `helm rollback` restores the previous version with the previous values.
-        recsys/bundle-version: {{ $source.version | quote }}
-        recsys/bundle-source: {{ $source.url | quote }}
-        {{- with $source.sha256 }}
-        recsys/bundle-sha256: {{ . | quote }}
-        {{- end }}
+        {{- include "recsys.bundleAnnotations" (dict "source" $source "prefix" "recsys/bundle") | nindent 8 }}
     spec:
       {{- include "recsys.podSecurity" $root | nindent 6 }}
       terminationGracePeriodSeconds: {{ $values.terminationGracePeriodSeconds }}
       {{- if ne $source.mode "claim" }}
       initContainers:
-        # Fetches <store>/<name>/<version>.tar (or the url), checks its sha256, the manifest's
-        # version and every file's digest, and unpacks it into the pod's own emptyDir.
-        - name: fetch-bundle
-          image: {{ $image | quote }}
-          imagePullPolicy: {{ $root.Values.image.pullPolicy }}
-          command:
-            - python
-            - /opt/recsys/fetch/fetch_bundle.py
-            - --url
-            - {{ $source.url | quote }}
-            - --version
-            - {{ $source.version | quote }}
-            - --sha256
-            - {{ $source.sha256 | quote }}
-            - --dest
-            - {{ $bundlePath | quote }}
-          env:
-            # Cloud SDKs write caches and config under $HOME; the root filesystem is read-only.
-            - name: HOME
-              value: /tmp
-            {{- with $root.Values.bundles.env }}
-            {{- toYaml . | nindent 12 }}
-            {{- end }}
-          securityContext:
-            {{- toYaml $root.Values.securityContext | nindent 12 }}
-          resources:
-            {{- toYaml $root.Values.bundles.resources | nindent 12 }}
-          volumeMounts:
-            - name: bundle
-              mountPath: {{ $bundlePath }}
-            - name: fetch-script
-              mountPath: /opt/recsys/fetch
-              readOnly: true
-            - name: tmp
-              mountPath: /tmp
+        {{- include "recsys.fetchBundleContainer" (dict "root" $root "source" $source "image" $image "path" $bundlePath) | nindent 8 }}
       {{- end }}
       containers:
         - name: {{ $component }}
@@ -141,13 +101,7 @@ spec:
           resources:
             {{- toYaml $resources | nindent 12 }}
           volumeMounts:
-            - name: bundle
-              mountPath: {{ $bundlePath }}
-              readOnly: true
-              {{- if eq $source.mode "claim" }}
-              # This version's folder only: publishing another version never changes it.
-              subPath: {{ $source.subPath }}
-              {{- end }}
+            {{- include "recsys.bundleMount" (dict "source" $source "path" $bundlePath) | nindent 12 }}
             - name: tmp
               mountPath: /tmp
             {{- include "recsys.tlsVolumeMounts" $ctx | nindent 12 }}
@@ -155,18 +109,7 @@ spec:
             {{- toYaml . | nindent 12 }}
             {{- end }}
       volumes:
-        - name: bundle
-          {{- if eq $source.mode "claim" }}
-          persistentVolumeClaim:
-            claimName: {{ $values.bundle.existingClaim }}
-            readOnly: true
-          {{- else }}
-          emptyDir:
-            sizeLimit: {{ $values.bundle.sizeLimit }}
-        - name: fetch-script
-          configMap:
-            name: {{ $fullname }}-fetch-bundle
-          {{- end }}
+        {{- include "recsys.bundleVolumes" (dict "root" $root "source" $source "values" $values) | nindent 8 }}
         - name: tmp
           emptyDir:
             sizeLimit: 256Mi
@@ -207,4 +150,83 @@ spec:
 ---
 {{ . }}
 {{- end }}
+{{- end }}
+
+{{/* The pod annotations of a served bundle (prefix "recsys/bundle" -> recsys/bundle-version,
+-source, -sha256): a new version changes the pod template, so the pods roll, and `helm rollback`
+restores the previous version with the previous values. */}}
+{{- define "recsys.bundleAnnotations" -}}
+{{ .prefix }}-version: {{ .source.version | quote }}
+{{ .prefix }}-source: {{ .source.url | quote }}
+{{- with .source.sha256 }}
+{{ $.prefix }}-sha256: {{ . | quote }}
+{{- end }}
+{{- end }}
+
+{{/* The init container that fetches a bundle into the pod (not for claim sources): called as
+(dict "root" $ "source" <recsys.bundleSource> "image" <image> "path" /bundles/<component>). */}}
+{{- define "recsys.fetchBundleContainer" -}}
+{{- $root := .root }}
+# Fetches <store>/<name>/<version>.tar (or the url), checks its sha256, the manifest's
+# version and every file's digest, and unpacks it into the pod's own emptyDir.
+- name: fetch-bundle
+  image: {{ .image | quote }}
+  imagePullPolicy: {{ $root.Values.image.pullPolicy }}
+  command:
+    - python
+    - /opt/recsys/fetch/fetch_bundle.py
+    - --url
+    - {{ .source.url | quote }}
+    - --version
+    - {{ .source.version | quote }}
+    - --sha256
+    - {{ .source.sha256 | quote }}
+    - --dest
+    - {{ .path | quote }}
+  env:
+    # Cloud SDKs write caches and config under $HOME; the root filesystem is read-only.
+    - name: HOME
+      value: /tmp
+    {{- with $root.Values.bundles.env }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+  securityContext:
+    {{- toYaml $root.Values.securityContext | nindent 4 }}
+  resources:
+    {{- toYaml $root.Values.bundles.resources | nindent 4 }}
+  volumeMounts:
+    - name: bundle
+      mountPath: {{ .path }}
+    - name: fetch-script
+      mountPath: /opt/recsys/fetch
+      readOnly: true
+    - name: tmp
+      mountPath: /tmp
+{{- end }}
+
+{{/* The serving container's read-only mount of the bundle at .path. */}}
+{{- define "recsys.bundleMount" -}}
+- name: bundle
+  mountPath: {{ .path }}
+  readOnly: true
+  {{- if eq .source.mode "claim" }}
+  # This version's folder only: publishing another version never changes it.
+  subPath: {{ .source.subPath }}
+  {{- end }}
+{{- end }}
+
+{{/* The bundle volume (the claim, or an emptyDir the fetch container fills) and the fetch script. */}}
+{{- define "recsys.bundleVolumes" -}}
+- name: bundle
+  {{- if eq .source.mode "claim" }}
+  persistentVolumeClaim:
+    claimName: {{ .values.bundle.existingClaim }}
+    readOnly: true
+  {{- else }}
+  emptyDir:
+    sizeLimit: {{ .values.bundle.sizeLimit }}
+- name: fetch-script
+  configMap:
+    name: {{ include "recsys.fullname" .root }}-fetch-bundle
+  {{- end }}
 {{- end }}
