@@ -181,6 +181,14 @@ def autocast(device: str, precision: str) -> AbstractContextManager:
 TRAINING_OPENMP_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "10000"}
 
 
+def openmp_threads_spin() -> bool:
+    """Whether this process's OpenMP threads spin between parallel regions (libgomp's reading of
+    the environment: everything but ``OMP_WAIT_POLICY=PASSIVE`` without a ``GOMP_SPINCOUNT``)."""
+    policy = os.environ.get("OMP_WAIT_POLICY", "").strip().upper()
+    spin = os.environ.get("GOMP_SPINCOUNT", "").strip()
+    return policy != "PASSIVE" or spin not in ("", "0")
+
+
 def run_queue_wait_seconds() -> float | None:
     """Seconds this process's threads have spent runnable but waiting for a CPU (the kernel's
     schedstat, summed over threads); None where the kernel does not report it."""
@@ -207,9 +215,10 @@ class ThreadGovernor:
     Every ``every`` steps (the first included) the next ``probe_steps`` run on all threads; if the
     process's threads waited on the run queue for more than ``max_wait_share`` of that time, the
     steps up to the next probe run on the share of the threads that did get a CPU (at least one).
-    With threads that spin a little between parallel regions (:data:`TRAINING_OPENMP_ENV`) one
+    With threads that spin between parallel regions (:data:`TRAINING_OPENMP_ENV`, or ACTIVE) one
     thread of a pair waiting for a core holds the other back at every region, so a busy host is
-    better served by fewer threads. Results of a step depend slightly on the thread count (the
+    better served by fewer threads; threads that sleep at once (plain PASSIVE) lose little there,
+    and the governor stays off for them. Results of a step depend slightly on the thread count (the
     order of sums), so a seed reproduces a run exactly only when no step was moved:
     :attr:`reduced_steps` counts those that were, and the bundle manifest records it."""
 
@@ -221,7 +230,7 @@ class ThreadGovernor:
         self.max_wait_share = max_wait_share
         self.steps = 0
         self.reduced_steps = 0
-        self.enabled = threads > 1 and run_queue_wait_seconds() is not None
+        self.enabled = threads > 1 and openmp_threads_spin() and run_queue_wait_seconds() is not None
         self._probe: tuple[float, float] | None = None
 
     def run(self, batches: Iterable[Any]) -> Iterator[Any]:

@@ -255,6 +255,7 @@ def test_training_steps_drop_to_the_cores_the_host_gives_and_probe_again(
 
     from recsys import training
 
+    monkeypatch.setattr(training, "openmp_threads_spin", lambda: True)
     clock = {"wall": 0.0, "wait": 0.0}
     monkeypatch.setattr(training.time, "perf_counter", lambda: clock["wall"])
     monkeypatch.setattr(training, "run_queue_wait_seconds", lambda: clock["wait"])
@@ -276,6 +277,41 @@ def test_training_steps_drop_to_the_cores_the_host_gives_and_probe_again(
         assert not one.enabled and list(one.run(range(3))) == [0, 1, 2]
     finally:
         torch.set_num_threads(threads_before)
+
+
+def test_trainers_spin_briefly_unless_the_environment_says_and_govern_only_spinning_threads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Importing a trainer sets recsys.training.TRAINING_OPENMP_ENV before torch loads, unless
+    OMP_WAIT_POLICY is already set; the governor acts only where threads spin."""
+    import os
+    import subprocess
+    import sys
+
+    from recsys import training
+
+    probe = (
+        "import os, recall_service.train, rank_service.train; "
+        "print(os.environ.get('OMP_WAIT_POLICY'), os.environ.get('GOMP_SPINCOUNT'))"
+    )
+    clean = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    for extra, expected in (
+        ({}, " ".join(training.TRAINING_OPENMP_ENV.values())),
+        ({"OMP_WAIT_POLICY": "ACTIVE"}, "ACTIVE None"),
+    ):
+        out = subprocess.run(
+            [sys.executable, "-c", probe], env={**clean, **extra}, capture_output=True, text=True, check=True
+        )
+        assert out.stdout.split("\n")[-2] == expected
+
+    for policy, spin, spins in (("PASSIVE", None, False), ("PASSIVE", "10000", True), ("ACTIVE", None, True)):
+        monkeypatch.setenv("OMP_WAIT_POLICY", policy)
+        if spin is None:
+            monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+        else:
+            monkeypatch.setenv("GOMP_SPINCOUNT", spin)
+        assert training.openmp_threads_spin() is spins
+        assert training.ThreadGovernor(2).enabled is (spins and training.run_queue_wait_seconds() is not None)
 
 
 def test_run_queue_wait_is_read_from_the_kernel_where_it_reports_it() -> None:
