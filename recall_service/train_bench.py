@@ -9,8 +9,10 @@ Variants (each its own copy of one initial model, AdamW and weight average):
   validation encodes every user at the full 50-item width.
 - ``new``: ``recall_service.train``: one item table per step (sparse attribute mean) shared by both
   towers, no scale for the inner product, the catalog logits in bf16 where the CPU has native bf16,
-  the random-bit dropout mask (``recsys.training.keep_mask``), fused AdamW; validation on histories bucketed by length with
-  inputs and masks built once.
+  the random-bit dropout mask (``recsys.training.keep_mask``), fused AdamW; validation on
+  histories bucketed by length with inputs and masks built once. Both run under the trainers'
+  OpenMP setting (a short spin, ``recsys.training.TRAINING_OPENMP_ENV``) unless the environment
+  sets ``OMP_WAIT_POLICY``.
 
 Both run in one process after ``recsys.training.reuse_freed_memory`` (which the trainers call):
 large freed buffers are reused instead of page-faulted in again, which speeds up both paths.
