@@ -64,6 +64,8 @@ TRAINING_FIELDS = (
     "device",
     "precision",
     "seed",
+    "steps",
+    "reduced_thread_steps",
 )
 
 
