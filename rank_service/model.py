@@ -23,17 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rank_service.features import NUM_CANDIDATE_FEATURES, NUM_EVENT_TYPES
-from recsys.training import keep_mask
-
-
-class Dropout(nn.Dropout):
-    """``nn.Dropout`` with the CPU mask of :func:`recsys.training.keep_mask` (GPUs keep the fused
-    kernel); the identity outside training (the exported graph has no trace of it)."""
-
-    def forward(self, hidden: Tensor) -> Tensor:
-        if not self.training or not 0.0 < self.p < 1.0 or hidden.device.type != "cpu":
-            return super().forward(hidden)
-        return hidden * keep_mask(hidden.shape, self.p) * (1.0 / (1.0 - self.p))
+from recsys.torch_layers import Dropout
 
 
 @dataclass

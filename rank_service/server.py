@@ -43,15 +43,23 @@ def bundle_watcher(
     )
 
 
+async def load_servicer(config: RankConfig, registry: CollectorRegistry) -> RankServicer:
+    """The servicer over ``config.bundle`` (a versions folder's ``current`` one), with its bundle
+    watcher attached, not started (also used in-process, no gRPC)."""
+    model, served = await load_bundle(config.bundle, lambda directory: load_model(directory, config))
+    servicer = RankServicer(model, registry, config.max_batch, config.max_wait_ms, config.max_queue)
+    bundle_info(registry, "rank", "rank", model.version)
+    servicer.bundle_watcher = bundle_watcher(servicer, config, registry, served)
+    return servicer
+
+
 async def serve(config: RankConfig, registry: CollectorRegistry | None = None) -> RunningServer:
     """Load and warm the runtime, then start the server; health is SERVING once a request has
     gone through the micro-batcher (the same path as a real call), and stays SERVING through
     bundle swaps (``config.bundle_poll_s``)."""
     registry = new_registry() if registry is None else registry
-    model, served = await load_bundle(config.bundle, lambda directory: load_model(directory, config))
-    servicer = RankServicer(model, registry, config.max_batch, config.max_wait_ms, config.max_queue)
-    bundle_info(registry, "rank", "rank", model.version)
-    watcher = bundle_watcher(servicer, config, registry, served)
+    servicer = await load_servicer(config, registry)
+    model = servicer.model
 
     def register(server: grpc.aio.Server) -> list[str]:
         rank_pb2_grpc.add_RankServiceServicer_to_server(servicer, server)
@@ -61,8 +69,7 @@ async def serve(config: RankConfig, registry: CollectorRegistry | None = None) -
     running = await start_server(
         config.serving, service="rank", register=register, warmup=lambda: warm_up(servicer), registry=registry
     )
-    servicer.bundle_watcher = watcher
-    watcher.start(running)
+    servicer.bundle_watcher.start(running)
     return running
 
 

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recsys.training import keep_mask
+from recsys.torch_layers import Dropout
 
 
 @dataclass
@@ -80,16 +80,6 @@ class TwoTowerShape:
     # Zero the id embedding of items without training interactions (their text and attributes
     # alone make their vector).
     mask_unseen_ids: bool = False
-
-
-class Dropout(nn.Dropout):
-    """``nn.Dropout`` with the CPU mask of :func:`recsys.training.keep_mask` (GPUs keep the fused
-    kernel); the identity outside training (the exported graph has no trace of it)."""
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        if not self.training or not 0.0 < self.p < 1.0 or hidden.device.type != "cpu":
-            return super().forward(hidden)
-        return hidden * keep_mask(hidden.shape, self.p) * (1.0 / (1.0 - self.p))
 
 
 class CausalSelfAttentionBlock(nn.Module):

@@ -92,14 +92,21 @@ def load_model(directory: Path, config: RecallConfig) -> RecallModel:
     return RecallModel(RecallEngine.load(directory, config.device, config.threads, config.shard))
 
 
+async def load_servicer(config: RecallConfig, registry: CollectorRegistry) -> RecallServicer:
+    """The servicer over ``config.bundle`` (a versions folder's ``current`` one), with its bundle
+    watcher attached, not started (also used in-process, no gRPC)."""
+    model, served = await load_bundle(config.bundle, lambda directory: load_model(directory, config))
+    bundle_info(registry, "recall", "recall", model.version)
+    servicer = build_servicer(model, config, registry)
+    servicer.bundle_watcher = bundle_watcher(servicer, config, registry, served)
+    return servicer
+
+
 async def serve(config: RecallConfig, registry: CollectorRegistry | None = None) -> RunningServer:
     """Start the recall service; health turns SERVING after the bundle is loaded and warmed up,
     and stays SERVING through bundle swaps (``config.bundle_poll_s``)."""
     registry = new_registry() if registry is None else registry
-    model, served = await load_bundle(config.bundle, lambda directory: load_model(directory, config))
-    bundle_info(registry, "recall", "recall", model.version)
-    servicer = build_servicer(model, config, registry)
-    watcher = bundle_watcher(servicer, config, registry, served)
+    servicer = await load_servicer(config, registry)
 
     def register(server: grpc.aio.Server) -> list[str]:
         recall_pb2_grpc.add_RecallServiceServicer_to_server(servicer, server)
@@ -112,8 +119,7 @@ async def serve(config: RecallConfig, registry: CollectorRegistry | None = None)
         warmup=lambda: warm_up(servicer),
         registry=registry,
     )
-    servicer.bundle_watcher = watcher
-    watcher.start(running)
+    servicer.bundle_watcher.start(running)
     if servicer.ann_quality is not None:
         servicer.ann_quality.close_with(running)
     return running

@@ -9,7 +9,7 @@ Variants (each its own copy of one initial model, AdamW and weight average):
   validation encodes every user at the full 50-item width.
 - ``new``: ``recall_service.train``: one item table per step (sparse attribute mean) shared by both
   towers, no scale for the inner product, the catalog logits in bf16 where the CPU has native bf16,
-  the random-bit dropout mask (``recsys.training.keep_mask``), fused AdamW; validation on
+  the random-bit dropout mask (``recsys.torch_layers.keep_mask``), fused AdamW; validation on
   histories bucketed by length with inputs and masks built once. Both run under the trainers'
   OpenMP setting (a short spin, ``recsys.training.TRAINING_OPENMP_ENV``) unless the environment
   sets ``OMP_WAIT_POLICY``.
@@ -46,7 +46,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from recall_service.model import Dropout, TwoTowerModel
+from recall_service.model import TwoTowerModel
 from recall_service.train import (
     RecallObjective,
     RecallTrainConfig,
@@ -64,6 +64,7 @@ from recsys.data.dataset import Dataset
 from recsys.data.split import LeaveOneOutSplit
 from recsys.evaluation.protocol import evaluate_scorer
 from recsys.timing import report_json
+from recsys.torch_layers import Dropout
 from recsys.training import (
     WeightAverage,
     adamw,

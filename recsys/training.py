@@ -280,20 +280,6 @@ class ThreadGovernor:
         return {"steps": self.steps, "reduced_thread_steps": self.reduced_steps}
 
 
-def keep_mask(shape: Sequence[int], drop: float) -> torch.Tensor:
-    """CPU bool mask of ``shape`` for dropout, each element True with probability 1 - ``drop``
-    (``drop`` in steps of 2^-15): 15 uniform bits per element, four elements from each 63-bit int64
-    draw. ~3-4x cheaper than ``rand_like`` and ~10x than the ``bernoulli_`` CPU kernel, which
-    was a seventh of a recall training step."""
-    import math
-
-    import torch
-
-    count = math.prod(shape)
-    bits = torch.empty(-(-count // 4), dtype=torch.int64).random_()  # uniform on [0, 2^63)
-    return (bits.view(torch.int16)[:count].view(*shape) & 0x7FFF) >= round(drop * 32768)
-
-
 def configure_threads(threads: int) -> int:
     """Set torch's intra-op threads (``threads`` or, when 0, :func:`default_threads`) and keep large
     freed buffers for reuse (:func:`reuse_freed_memory`); returns the thread count."""

@@ -37,22 +37,19 @@ from prometheus_client import CollectorRegistry
 from gateway.config import GatewayConfig
 from gateway.server import GatewayServer, serve
 from rank_service.config import RankConfig
-from rank_service.server import bundle_watcher as rank_bundle_watcher
-from rank_service.server import load_model as load_rank_model
+from rank_service.server import load_servicer as load_rank_servicer
 from rank_service.server import warm_up as warm_up_rank
 from rank_service.servicer import RankServicer
 from recall_service.config import RecallConfig
-from recall_service.server import build_servicer as build_recall_servicer
-from recall_service.server import bundle_watcher as recall_bundle_watcher
-from recall_service.server import load_model as load_recall_model
+from recall_service.server import load_servicer as load_recall_servicer
 from recall_service.server import warm_up as warm_up_recall
 from recall_service.servicer import RecallServicer
 from recsys.scenario.spec import ScenarioConfigError
 from recsys.serving.bootstrap import run_event_loop, run_until_signal
 from recsys.serving.config import DEVICES, ConfigError, env_default
 from recsys.serving.logging import configure_logging
-from recsys.serving.metrics import bundle_info, new_registry
-from recsys.serving.reload import Stoppable, load_bundle
+from recsys.serving.metrics import new_registry
+from recsys.serving.reload import Stoppable
 from recsys.serving.validation import EXPECTED_ERRORS, error_status, rpc_error
 from recsys.v1 import rank_pb2, recall_pb2
 
@@ -112,25 +109,18 @@ class LocalRank:
 
 
 async def load_recall(config: RecallConfig, registry: CollectorRegistry) -> LocalRecall:
-    """Load the recall bundle (a versions folder's ``current`` one), build its servicer (batcher,
-    metrics), warm it up and attach the watcher that hot-swaps new versions (started by
-    :func:`watch_bundles`)."""
-    model, served = await load_bundle(config.bundle, lambda directory: load_recall_model(directory, config))
-    bundle_info(registry, "recall", "recall", model.version)
-    recall = build_recall_servicer(model, config, registry)
+    """The recall service's servicer (batcher, metrics, bundle watcher; started by
+    :func:`watch_bundles`), warmed up."""
+    recall = await load_recall_servicer(config, registry)
     await warm_up_recall(recall)
-    recall.bundle_watcher = recall_bundle_watcher(recall, config, registry, served)
     return LocalRecall(recall)
 
 
 async def load_rank(config: RankConfig, registry: CollectorRegistry) -> LocalRank:
-    """Load the rank bundle, build its servicer (batcher, metrics), warm it up and attach the
-    watcher that hot-swaps new versions (started by :func:`watch_bundles`)."""
-    model, served = await load_bundle(config.bundle, lambda directory: load_rank_model(directory, config))
-    bundle_info(registry, "rank", "rank", model.version)
-    rank = RankServicer(model, registry, config.max_batch, config.max_wait_ms, config.max_queue)
+    """The rank service's servicer (batcher, metrics, bundle watcher; started by
+    :func:`watch_bundles`), warmed up."""
+    rank = await load_rank_servicer(config, registry)
     await warm_up_rank(rank)
-    rank.bundle_watcher = rank_bundle_watcher(rank, config, registry, served)
     return LocalRank(rank)
 
 

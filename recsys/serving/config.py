@@ -233,8 +233,6 @@ def serving_config_from_args(args: argparse.Namespace) -> ServingConfig:
 
 
 DEVICES = ("auto", "cpu", "gpu")
-# The model settings an embedded stage takes from its prefixed flags (ModelServingConfig fields).
-EMBEDDED_SETTINGS = ("max_batch", "max_wait_ms", "threads", "max_queue", "bundle_poll_s")
 ModelConfigT = TypeVar("ModelConfigT", bound="ModelServingConfig")
 
 
@@ -358,11 +356,8 @@ class ModelServingConfig:
         bundle = getattr(args, f"{prefix}bundle")
         if bundle is None:
             return None
-        return cls.embedded(
-            bundle,
-            device,
-            **{name: getattr(args, f"{prefix}{name}") for name in EMBEDDED_SETTINGS},
-        )
+        settings = {name: getattr(args, f"{prefix}{name}") for name, *_ in cls._compute_settings("")}
+        return cls.embedded(bundle, device, **settings)
 
     @classmethod
     def embedded(

@@ -208,7 +208,7 @@ def test_validator_computes_the_protocols_metrics(synthetic_dataset) -> None:
 def test_fast_dropout_keeps_the_law_and_is_the_identity_in_eval() -> None:
     import torch
 
-    from recall_service.model import Dropout
+    from recsys.torch_layers import Dropout
 
     torch.manual_seed(0)
     dropout = Dropout(0.3)
