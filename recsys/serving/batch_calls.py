@@ -291,6 +291,8 @@ class CallCoalescer(Generic[Request, Response]):
 
     async def _send_batch(self, members: list[Pending[Request, Response]]) -> None:
         members = [m for m in members if not m.future.done()]
+        if not members:  # every request expired or was cancelled since the call was queued
+            return
         timeouts = [remaining(m.deadline) for m in members]
         # The call lasts as long as its longest-lived request (each still ends at its own deadline).
         call_timeout = None if any(t is None for t in timeouts) else max(timeouts)  # type: ignore[type-var]

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import grpc
 import pytest
 
-from recsys.serving.batch_calls import CallCoalescer, member_deadlines
+from recsys.serving.batch_calls import CallCoalescer, Pending, member_deadlines
 from recsys.serving.validation import InvalidArgument, rpc_error
 from recsys.v1 import common_pb2
 
@@ -106,6 +106,23 @@ async def test_requests_arriving_while_a_call_is_out_go_together_in_one_batch_ca
     assert sizes == [1, 3]
     budgets = service.batch_calls[0].budgets_ms
     assert len(budgets) == 3 and all(4000 < budget <= 5000 for budget in budgets)
+
+
+async def test_a_batch_whose_requests_all_ended_before_it_went_out_sends_nothing(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Between being taken off the queue and going out, every request of a batch may expire or be
+    # cancelled (a client gone at shutdown): nothing is sent, nothing logged as a failure.
+    service = FakeService()
+    calls = coalescer(service)
+    loop = asyncio.get_running_loop()
+    members = [Pending(f"r{n}", loop.create_future(), loop.time() + 5, None) for n in range(2)]
+    for member in members:
+        member.future.cancel()
+    calls._in_flight += 1  # as _send_next counts the call it starts
+    await calls._send(members)
+    assert not service.batch_calls and not service.single_calls and calls.in_flight == 0
+    assert "failed unexpectedly" not in caplog.text
 
 
 async def test_more_in_flight_calls_are_sent_before_any_request_waits() -> None:
