@@ -62,30 +62,39 @@ def diversify(
     """Greedy caps: fill the top ``top_n`` in order, deferring items whose category or brand is
     already at its cap; deferred items follow, in their original order. Items without a category
     (or brand) are not capped on it."""
-    categories = catalog.item_category[candidates.items].tolist()
-    brands = catalog.item_brand[candidates.items].tolist()
-    no_cap = len(candidates) + 1
+    count = len(candidates)
+    no_cap = count + 1
     category_cap = no_cap if max_per_category is None else max_per_category
     brand_cap = no_cap if max_per_brand is None else max_per_brand
     top: list[int] = []
     deferred: list[int] = []
     per_category: dict[int, int] = {}
     per_brand: dict[int, int] = {}
-    position = 0
-    for position, (category, brand) in enumerate(zip(categories, brands, strict=True)):
-        if len(top) >= top_n:
-            break
-        if (category >= 0 and per_category.get(category, 0) >= category_cap) or (
-            brand >= 0 and per_brand.get(brand, 0) >= brand_cap
+    scanned = 0  # candidates looked at: the top fills long before the end of a long list
+    chunk = max(4 * top_n, 64)
+    while scanned < count and len(top) < top_n:
+        items = candidates.items[scanned : scanned + chunk]
+        categories = catalog.item_category[items].tolist()
+        brands = catalog.item_brand[items].tolist()
+        for position, category, brand in zip(
+            range(scanned, scanned + len(items)), categories, brands, strict=True
         ):
-            deferred.append(position)
-            continue
-        top.append(position)
-        per_category[category] = per_category.get(category, 0) + 1
-        per_brand[brand] = per_brand.get(brand, 0) + 1
-    else:
-        position = len(candidates)
-    order = np.asarray(top + deferred + list(range(position, len(candidates))), dtype=np.int64)
+            if len(top) >= top_n:
+                break
+            scanned = position + 1
+            if (category >= 0 and per_category.get(category, 0) >= category_cap) or (
+                brand >= 0 and per_brand.get(brand, 0) >= brand_cap
+            ):
+                deferred.append(position)
+                continue
+            top.append(position)
+            per_category[category] = per_category.get(category, 0) + 1
+            per_brand[brand] = per_brand.get(brand, 0) + 1
+    if not deferred:  # nothing moved
+        return candidates
+    order = np.concatenate(
+        [np.asarray(top + deferred, dtype=np.int64), np.arange(scanned, count, dtype=np.int64)]
+    )
     return candidates.take(order)
 
 
