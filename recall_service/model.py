@@ -100,20 +100,28 @@ class CausalSelfAttentionBlock(nn.Module):
         self.dropout = Dropout(dropout)
 
     def forward(
-        self, hidden: torch.Tensor, allowed: torch.Tensor, bias: torch.Tensor | None = None
+        self,
+        hidden: torch.Tensor,
+        allowed: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        last_only: bool = False,
     ) -> torch.Tensor:
         """``hidden`` [B, S, D]; ``allowed`` [B, 1, S, S] bool (query row may attend key column);
-        ``bias`` [B, H, S, S] added to the attention logits."""
+        ``bias`` [B, H, S, S] added to the attention logits. ``last_only``: the output of the last
+        position alone, [B, 1, D] (every position is still a key and a value)."""
         batch, length, dim = hidden.shape
         attention_input = hidden if self.post_norm else self.norm_attention(hidden)
         qkv = self.qkv(attention_input).view(batch, length, 3, self.heads, self.head_dim)
         query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, S, Dh]
+        if last_only:
+            query, allowed, hidden = query[:, :, -1:], allowed[:, :, -1:], hidden[:, -1:]
+            bias = None if bias is None else bias[:, :, -1:]
         scores = query @ key.transpose(-1, -2) / math.sqrt(self.head_dim)
         if bias is not None:
             scores = scores + bias
         scores = scores.masked_fill(~allowed, -1e9)
         attention = self.dropout(torch.softmax(scores, dim=-1))
-        context = (attention @ value).transpose(1, 2).reshape(batch, length, dim)
+        context = (attention @ value).transpose(1, 2).reshape(batch, query.shape[2], dim)
         if self.post_norm:
             hidden = self.norm_attention(hidden + self.dropout(self.attention_out(context)))
             return self.norm_feed_forward(hidden + self.dropout(self.feed_forward(hidden)))
@@ -377,14 +385,19 @@ class TwoTowerModel(nn.Module):
         return self.item_vectors(torch.arange(1, self.shape.num_items + 1))
 
     def encode(
-        self, items: torch.Tensor, events: torch.Tensor, item_table: torch.Tensor | None = None
+        self,
+        items: torch.Tensor,
+        events: torch.Tensor,
+        item_table: torch.Tensor | None = None,
+        last_only: bool = False,
     ) -> torch.Tensor:
         """Hidden states [B, S + 1, D]: the start token sits just before each row's oldest item.
 
         ``items``/``events`` are [B, S] left-padded (0 = padding), newest last; the last column of
         the result is therefore always the newest item, or the start token for an empty history.
         ``item_table`` (training, validation): read item representations from it instead of
-        pooling each token's attributes (the serving graph's way).
+        pooling each token's attributes (the serving graph's way). ``last_only``: [B, 1, D], the
+        newest position alone (the last block computes nothing else: what validation needs).
         """
         length = items.shape[1]
         padded_items = torch.cat([torch.zeros_like(items[:, :1]), items], dim=1)  # [B, S + 1]
@@ -414,8 +427,9 @@ class TwoTowerModel(nn.Module):
         if self.relative_bias is not None:
             distance = (positions.unsqueeze(2) - positions.unsqueeze(1)).clamp(0, self.shape.max_length)
             bias = self.relative_bias(distance).permute(0, 3, 1, 2)  # [B, H, S + 1, S + 1]
-        for block in self.blocks:
-            hidden = block(hidden, allowed, bias)
+        last_block = len(self.blocks) - 1
+        for index, block in enumerate(self.blocks):
+            hidden = block(hidden, allowed, bias, last_only=last_only and index == last_block)
         return hidden if self.shape.post_norm else self.output_norm(hidden)
 
     def user_head(self, hidden: torch.Tensor, scenarios: torch.Tensor) -> torch.Tensor:
@@ -425,7 +439,7 @@ class TwoTowerModel(nn.Module):
 
     def forward(self, items: torch.Tensor, events: torch.Tensor, scenarios: torch.Tensor) -> torch.Tensor:
         """User tower for serving: [B, D] user vectors after the newest history position."""
-        hidden = self.encode(items, events)[:, -1]
+        hidden = self.encode(items, events, last_only=True)[:, -1]
         return self.user_head(hidden, scenarios)
 
 

@@ -470,8 +470,9 @@ class RecallValidator:
 
     The padded histories, history masks and targets are built once; each call encodes the users
     in batches of similar history length (trimmed padding: left padding never changes the newest
-    position's output) and ranks every item by the model's fp32 scores, the history excluded and
-    ties counted against the target, exactly as ``recsys.evaluation.protocol.target_ranks``.
+    position's output; the last block computes the newest position alone) and ranks every item
+    by the model's fp32 scores, the history excluded and ties counted against the target, exactly
+    as ``recsys.evaluation.protocol.target_ranks``.
     """
 
     def __init__(
@@ -539,7 +540,7 @@ class RecallValidator:
             width = max(int(self.lengths[batch].max()), 1)
             items = self.items[batch, -width:].to(device)
             events = self.events[batch, -width:].to(device)
-            hidden = model.encode(items, events, table)[:, -1]
+            hidden = model.encode(items, events, table, last_only=True)[:, -1]
             users = model.user_head(hidden, self.scenarios[batch].to(device)).float()
             targets = self.targets[batch].to(device)
             # history (row, item) pairs are sorted by row: each chunk's are one slice
