@@ -134,7 +134,9 @@ class LegacyScorer:
             )
         items = torch.as_tensor(np.stack([r[0] for r in rows]))
         events = torch.as_tensor(np.stack([r[1] for r in rows]))
-        user_vectors = self.model(items, events, torch.as_tensor(np.asarray(scenario_rows, dtype=np.int64)))
+        scenarios = torch.as_tensor(np.asarray(scenario_rows, dtype=np.int64))
+        # the full encoding, as before the last block computed the newest position alone
+        user_vectors = self.model.user_head(self.model.encode(items, events)[:, -1], scenarios)
         vectors = legacy_item_features(self.model, torch.arange(1, self.model.shape.num_items + 1))
         scale = self.model.scale() if self.model.normalised else torch.ones(())
         return (scale * (user_vectors @ vectors.T)).numpy()
