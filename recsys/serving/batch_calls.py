@@ -253,7 +253,12 @@ class CallCoalescer(Generic[Request, Response]):
         return True
 
     async def _send(self, members: list[Pending[Request, Response]]) -> None:
+        # Requests may have expired or been cancelled since they were taken off the queue (a
+        # client gone at shutdown): only the others go out, and no call at all if none is left.
+        members = [member for member in members if not member.future.done()]
         try:
+            if not members:
+                return
             if self._on_call is not None:
                 self._on_call(len(members))
             if len(members) == 1:
@@ -290,9 +295,6 @@ class CallCoalescer(Generic[Request, Response]):
             settle(member.future, response)
 
     async def _send_batch(self, members: list[Pending[Request, Response]]) -> None:
-        members = [m for m in members if not m.future.done()]
-        if not members:  # every request expired or was cancelled since the call was queued
-            return
         timeouts = [remaining(m.deadline) for m in members]
         # The call lasts as long as its longest-lived request (each still ends at its own deadline).
         call_timeout = None if any(t is None for t in timeouts) else max(timeouts)  # type: ignore[type-var]

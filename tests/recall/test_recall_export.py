@@ -113,6 +113,19 @@ def test_onnx_user_tower_handles_ragged_batches(exported) -> None:
     assert np.abs(got[0] - got[1]).max() > 1e-3
 
 
+def test_encoding_only_the_newest_position_gives_its_full_encoding(exported) -> None:
+    """The serving graph and validation compute the last block for the newest position alone."""
+    model, _ = exported
+    items = torch.tensor([[0, 0, 0, 0], [0, 0, 3, 7], [5, 6, 7, 8]])  # empty, short, full histories
+    events = (items > 0).long()
+    with torch.no_grad():
+        table = model.item_table()
+        full = model.encode(items, events, table)
+        newest = model.encode(items, events, table, last_only=True)
+    assert newest.shape == (3, 1, 16)
+    torch.testing.assert_close(newest, full[:, -1:], rtol=1e-5, atol=1e-5)
+
+
 def test_bundle_index_holds_exactly_the_item_vectors(recall_bundle: Path) -> None:
     manifest = json.loads((recall_bundle / "manifest.json").read_text())
     vectors = np.load(recall_bundle / "item_vectors.npy")

@@ -88,35 +88,6 @@ def test_full_softmax_is_plain_cross_entropy_over_every_item(make_dataset) -> No
     )
 
 
-@pytest.mark.parametrize("post_norm", [False, True])
-def test_encoding_only_the_newest_position_gives_its_full_encoding(post_norm: bool) -> None:
-    import torch
-
-    from recall_service.model import TwoTowerModel, TwoTowerShape
-
-    torch.manual_seed(0)
-    shape = TwoTowerShape(
-        num_items=30,
-        num_attributes=3,
-        max_attributes=1,
-        num_scenarios=1,
-        dim=16,
-        heads=2,
-        layers=2,
-        post_norm=post_norm,
-        relative_positions=True,
-    )
-    model = TwoTowerModel(shape, np.zeros((31, 1), dtype=np.int64)).eval()
-    items = torch.tensor([[0, 0, 0, 0], [0, 0, 3, 7], [5, 6, 7, 8]])  # empty, short, full histories
-    events = (items > 0).long()
-    with torch.no_grad():
-        table = model.item_table()
-        full = model.encode(items, events, table)
-        newest = model.encode(items, events, table, last_only=True)
-    assert newest.shape == (3, 1, 16)
-    torch.testing.assert_close(newest, full[:, -1:], rtol=1e-5, atol=1e-5)
-
-
 def test_weight_average_follows_the_model_at_its_decay() -> None:
     import torch
 
