@@ -210,6 +210,7 @@ async def serve(
             warmup=warmup,
             registry=registry,
             interceptors=[auth] if auth is not None else [],
+            grow_receive_window=False,  # untrusted callers, kilobyte requests: see start_server
         )
     except BaseException:
         if http_socket is not None:

@@ -268,6 +268,7 @@ async def start_server(
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     *,
     wait_for_warmup: bool = True,
+    grow_receive_window: bool = True,
 ) -> RunningServer:
     """Start a gRPC server for ``service`` ("recall" | "rank" | "gateway").
 
@@ -282,6 +283,13 @@ async def start_server(
     outside the one that answers unparseable requests INVALID_ARGUMENT (so an authentication
     interceptor answers first). Calls beyond ``config.max_concurrent_rpcs`` are refused by gRPC
     with RESOURCE_EXHAUSTED before any interceptor runs, so they are not in the metrics.
+
+    ``grow_receive_window=False`` turns off gRPC's bandwidth-delay probing, which otherwise grows
+    each connection's flow-control window to megabytes: a caller could then make the server buffer
+    that much of a message it refuses for its size (40 concurrent 15 MiB calls against a 4 MiB
+    limit: 10-165 MiB of peak memory growth with probing, ~1 MiB without). For a server whose callers
+    are untrusted and whose requests are small (the public gateway); the internal services keep
+    it for their large batch messages.
 
     Tracing is set up here (``recsys.serving.tracing.setup_tracing``): on when
     ``OTEL_EXPORTER_OTLP_ENDPOINT`` is set, each call then gets a server span continuing the
@@ -304,6 +312,7 @@ async def start_server(
             *connection_age_options(config),
             # a second process on the same port must fail to bind, not silently share it
             ("grpc.so_reuseport", 0),
+            *([] if grow_receive_window else [("grpc.http2.bdp_probe", 0)]),
         ],
         maximum_concurrent_rpcs=config.max_concurrent_rpcs,
     )
