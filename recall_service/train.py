@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from recall_service.model import TwoTowerModel, TwoTowerShape
+from recall_service.softmax_loss import LogitsBuffer, softmax_cross_entropy
 from recall_service.text import (
     DEFAULT_BUCKETS,
     TEXT_MODES,
@@ -339,6 +340,7 @@ class SampledSoftmaxLoss:
         logq_correction: bool = True,
         low_precision: bool = False,
         seen_only: bool = False,
+        fused_on_cpu: bool = True,
     ):
         counts = item_counts.astype(np.float64) + 1.0
         self.popularity = torch.as_tensor(counts / counts.sum(), dtype=torch.float32)
@@ -351,6 +353,11 @@ class SampledSoftmaxLoss:
         # [num_items] True where an item may be a candidate; None = every item
         self.seen = np.asarray(item_counts) > 0 if seen_only else None
         self._unseen_columns: dict[torch.device, torch.Tensor] = {}
+        # On a CPU the loss and its gradient are computed in one block reused every step
+        # (recall_service.softmax_loss: a fragmenting heap otherwise grows with the catalog);
+        # ``fused_on_cpu=False`` keeps autograd's path there too (benchmarks, tests).
+        self.fused_on_cpu = fused_on_cpu
+        self.buffer = LogitsBuffer()
 
     def __call__(
         self,
@@ -370,6 +377,22 @@ class SampledSoftmaxLoss:
         if item_table is None:
             item_table = model.item_table(model.shape.id_dropout if model.training else 0.0)
         vectors = model.candidate_vectors(item_table)
+        fused = users.device.type == "cpu" and self.fused_on_cpu
+        if fused and model.normalised:  # the temperature on the rows: the same logits
+            users = model.scale() * users
+        if self.full_softmax and fused:
+            masked = self._unseen(users.device) if self.seen is not None else None
+            return softmax_cross_entropy(
+                users,
+                vectors,
+                positives - 1,
+                self.buffer,
+                weights,
+                normaliser,
+                None,
+                masked,
+                self.low_precision,
+            )
         if self.full_softmax:
             logits = model.scaled(catalog_logits(users, vectors, self.low_precision))
             if self.seen is not None:
@@ -382,13 +405,29 @@ class SampledSoftmaxLoss:
             extra = extra[self.seen[extra - 1]]
         extra = np.setdiff1d(extra, in_batch.cpu().numpy())
         candidates = torch.cat([in_batch, torch.as_tensor(extra, dtype=torch.long, device=in_batch.device)])
-        logits = model.scaled(catalog_logits(users, vectors[candidates - 1], self.low_precision))
+        labels = torch.searchsorted(in_batch, positives)
+        log_q = None
         if self.logq_correction:
             # Probability that each candidate was drawn: expected in-batch occurrences + uniform draws.
-            popularity = self.popularity.to(logits.device)[candidates - 1]
+            popularity = self.popularity.to(users.device)[candidates - 1]
             sample_probability = len(positives) * popularity + self.uniform_negatives / self.num_items
-            logits = logits - torch.log(sample_probability)
-        labels = torch.searchsorted(in_batch, positives)
+            log_q = torch.log(sample_probability)
+        if fused:
+            bias = None if log_q is None else -log_q
+            return softmax_cross_entropy(
+                users,
+                vectors[candidates - 1],
+                labels,
+                self.buffer,
+                weights,
+                normaliser,
+                bias,
+                None,
+                self.low_precision,
+            )
+        logits = model.scaled(catalog_logits(users, vectors[candidates - 1], self.low_precision))
+        if log_q is not None:
+            logits = logits - log_q
         return weighted_loss(F.cross_entropy(logits, labels, reduction="none"), weights, normaliser)
 
     def _unseen(self, device: torch.device) -> torch.Tensor:
@@ -482,7 +521,7 @@ class RecallValidator:
         users: np.ndarray,
         max_length: int,
         phase: Phase = "valid",
-        batch_size: int = 1024,
+        batch_size: int = 256,  # users encoded at once: ~75 MB of activations at width 50
     ):
         self.num_items = dataset.num_items
         histories = [split.history(int(user), phase) for user in users]
@@ -535,8 +574,11 @@ class RecallValidator:
         # between the product and the count (~1.6 MB of fp32 scores: 3x faster than a whole batch
         # at Beauty's 12,101 items; the same scores, bit for bit).
         chunk = max(8, min(256, 400_000 // max(self.num_items, 1))) if device.type == "cpu" else 1 << 30
-        ranks = []
-        for batch, (mask_rows, mask_items) in zip(self.batches, self.history_masks, strict=True):
+        # Widest batches first: the narrower ones then fit in the memory those freed instead of
+        # growing the heap (glibc's, kept by reuse_freed_memory) pass after pass.
+        ranks: list[list[torch.Tensor]] = [[] for _ in self.batches]
+        for batch_index in reversed(range(len(self.batches))):
+            batch, (mask_rows, mask_items) = self.batches[batch_index], self.history_masks[batch_index]
             width = max(int(self.lengths[batch].max()), 1)
             items = self.items[batch, -width:].to(device)
             events = self.events[batch, -width:].to(device)
@@ -552,9 +594,11 @@ class RecallValidator:
                 scores[(mask_rows[lo:hi] - start).to(device), mask_items[lo:hi].to(device)] = -torch.inf
                 target_scores = scores[torch.arange(stop - start, device=device), targets[start:stop]]
                 at_least = (scores >= target_scores[:, None]).sum(dim=1) - 1
-                ranks.append(torch.where(torch.isfinite(target_scores), at_least, self.num_items).cpu())
+                rank = torch.where(torch.isfinite(target_scores), at_least, self.num_items)
+                ranks[batch_index].append(rank.cpu())
         model.train(was_training)
-        return torch.cat(ranks).numpy().astype(np.float64) if ranks else np.zeros(0)
+        in_order = [chunk for batch_ranks in ranks for chunk in batch_ranks]
+        return torch.cat(in_order).numpy().astype(np.float64) if in_order else np.zeros(0)
 
     def __call__(self, model: TwoTowerModel, ks: tuple[int, ...] = (10, 50)) -> dict[str, float]:
         if not len(self):  # a process with no share of the users (more processes than users)

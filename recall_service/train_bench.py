@@ -13,6 +13,9 @@ Variants (each its own copy of one initial model, AdamW and weight average):
   histories bucketed by length with inputs and masks built once. Both run under the trainers'
   OpenMP setting (a short spin, ``recsys.training.TRAINING_OPENMP_ENV``) unless the environment
   sets ``OMP_WAIT_POLICY``.
+- ``new_autograd_loss``: ``new`` with the catalog softmax through autograd (matmul, cross-entropy
+  and their backward) instead of ``recall_service.softmax_loss``'s one reused buffer: what that
+  buffer is worth per step (``loss_in_one_buffer_step_speedup``).
 
 Both run in one process after ``recsys.training.reuse_freed_memory`` (which the trainers call):
 large freed buffers are reused instead of page-faulted in again, which speeds up both paths.
@@ -228,11 +231,21 @@ def run_bench(data: Path, rounds: int, steps: int, threads: int, validation_roun
     precision = resolve_precision(config.precision, "cpu")
     new_loss = SampledSoftmaxLoss(counts, config.uniform_negatives, rng, low_precision=precision == "bf16")
     fp32_loss = SampledSoftmaxLoss(counts, config.uniform_negatives, rng, low_precision=False)
+    autograd_loss = SampledSoftmaxLoss(
+        counts, config.uniform_negatives, rng, low_precision=precision == "bf16", fused_on_cpu=False
+    )
 
     variants = [
         Variant("legacy", model, config, threads, lambda m, b: legacy_loss(m, windows, b)),
         Variant("new", model, config, threads, lambda m, b: new_step_loss(m, windows, b, new_loss)),
         Variant("legacy_1_thread", model, config, 1, lambda m, b: legacy_loss(m, windows, b)),
+        Variant(
+            "new_autograd_loss",
+            model,
+            config,
+            threads,
+            lambda m, b: new_step_loss(m, windows, b, autograd_loss),
+        ),
     ]
     warmup = batches[:3]
     for variant in variants:
@@ -311,6 +324,7 @@ def run_bench(data: Path, rounds: int, steps: int, threads: int, validation_roun
         "step_speedup_same_threads": round(step_ms["legacy"] / step_ms["new"], 2),
         "step_speedup_vs_old_default_1_thread": round(step_ms["legacy_1_thread"] / step_ms["new"], 2),
         "step_cpu_time_ratio_same_threads": round(cpu_ms["legacy"] / cpu_ms["new"], 2),
+        "loss_in_one_buffer_step_speedup": round(step_ms["new_autograd_loss"] / step_ms["new"], 2),
         "validation_seconds": {
             name: [round(s, 2) for s in seconds] for name, seconds in validation_seconds.items()
         },
