@@ -597,7 +597,7 @@ class RecallValidator:
                 rank = torch.where(torch.isfinite(target_scores), at_least, self.num_items)
                 ranks[batch_index].append(rank.cpu())
         model.train(was_training)
-        in_order = [chunk for batch_ranks in ranks for chunk in batch_ranks]
+        in_order = [part for batch_ranks in ranks for part in batch_ranks]
         return torch.cat(in_order).numpy().astype(np.float64) if in_order else np.zeros(0)
 
     def __call__(self, model: TwoTowerModel, ks: tuple[int, ...] = (10, 50)) -> dict[str, float]:
