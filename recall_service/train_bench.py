@@ -38,7 +38,6 @@ if "OMP_WAIT_POLICY" not in os.environ:
 import argparse
 import copy
 import logging
-import platform
 import statistics
 import sys
 import time
@@ -66,7 +65,7 @@ from recall_service.train import (
 from recsys.data.dataset import Dataset
 from recsys.data.split import LeaveOneOutSplit
 from recsys.evaluation.protocol import evaluate_scorer
-from recsys.timing import report_json
+from recsys.timing import machine_info, report_json
 from recsys.torch_layers import Dropout
 from recsys.training import (
     WeightAverage,
@@ -304,12 +303,11 @@ def run_bench(data: Path, rounds: int, steps: int, threads: int, validation_roun
         "bench": "recall training step and validation, old (pre-issue-14) vs new code, interleaved",
         "command": "python -m recall_service.train_bench " + " ".join(sys.argv[1:]),
         "machine": {
-            "cpu": platform.processor() or platform.machine(),
+            **machine_info(),
             "cores": available_cores(),
             "native_bf16": cpu_has_native_bf16(),
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
             "torch": torch.__version__,
-            "python": platform.python_version(),
         },
         "data": {"name": dataset.name, "windows": len(windows.lengths), "items": dataset.num_items},
         "setup": {

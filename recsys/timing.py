@@ -121,19 +121,40 @@ def report_json(report: object, out: Path | None = None) -> None:
     print(text)
 
 
+# The /proc/cpuinfo flags that decide how fast this code's numeric kernels run: the widest
+# vector unit and the low-precision matmul units (bf16 training pays only with the last three).
+VECTOR_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
+def cpu_description(cpuinfo: str) -> dict[str, object]:
+    """The CPU's model name, family/model/stepping and :data:`VECTOR_FLAGS` it has, read from the
+    text of /proc/cpuinfo (a virtual machine's model name alone, e.g. "AMD EPYC", hides which
+    generation ran the benchmark)."""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        if not line.strip():
+            break  # the first processor's block describes them all
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    flags = set(fields.get("flags", "").split())
+    identity = "/".join(fields.get(key, "?") for key in ("cpu family", "model", "stepping"))
+    return {
+        "cpu": fields.get("model name", ""),
+        "cpu_family_model_stepping": identity,
+        "vector_flags": [flag for flag in VECTOR_FLAGS if flag in flags],
+    }
+
+
 def machine_info() -> dict[str, object]:
     """What every benchmark JSON records about the machine it ran on."""
-    cpu = platform.processor() or platform.machine()
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+        description = cpu_description(Path("/proc/cpuinfo").read_text())
     except OSError:
-        pass
+        description = {}
     return {
         "platform": platform.platform(),
-        "cpu": cpu,
+        **description,
+        "cpu": description.get("cpu") or platform.processor() or platform.machine(),
         "cores": os.cpu_count(),
         "python": sys.version.split()[0],
     }

@@ -235,3 +235,34 @@ def test_the_readme_table_shows_the_range_of_repeated_runs(tmp_path: Path):
     lines = bench_report.e2e_section(report, None)
     assert "| grpc | home | 200 | 10.0 | 20.0 | 30.0 (25.5-41.0) | 0 | 0.0% | 6.00 (5.50-6.75) |" in lines
     assert any("3 times each, their requests pooled" in line for line in lines)
+
+
+ZEN1_CPUINFO = """processor\t: 0
+vendor_id\t: AuthenticAMD
+cpu family\t: 23
+model\t\t: 1
+model name\t: AMD EPYC
+stepping\t: 2
+flags\t\t: fpu sse2 avx fma avx2 bmi2 sha_ni
+
+processor\t: 1
+model name\t: Another CPU
+flags\t\t: avx512f avx512_bf16
+"""
+
+
+def test_the_machine_record_names_the_cpu_generation_and_its_vector_units(tmp_path: Path):
+    from recsys.timing import cpu_description
+
+    description = cpu_description(ZEN1_CPUINFO)
+    assert description == {
+        "cpu": "AMD EPYC",
+        "cpu_family_model_stepping": "23/1/2",
+        "vector_flags": ["avx2", "fma"],  # the first processor's block only; no bf16 units
+    }
+    cpu = {"command": "recsys bench cpu", "machine": {**MACHINE, **description}, "scenarios": {}}
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    (bench / "cpu.json").write_text(json.dumps(cpu))
+    body = bench_report.render(bench, tmp_path)
+    assert "AMD EPYC (family/model/stepping 23/1/2), avx2 fma, 2 cores" in body

@@ -35,9 +35,11 @@ def _load(path: Path) -> dict | None:
 
 def _machine(report: dict) -> str:
     machine = report.get("machine", {})
-    return (
-        f"{machine.get('cpu', '?')}, {machine.get('cores', '?')} cores, Python {machine.get('python', '?')}"
-    )
+    identity = machine.get("cpu_family_model_stepping")
+    flags = machine.get("vector_flags")
+    cpu = machine.get("cpu", "?") + (f" (family/model/stepping {identity})" if identity else "")
+    isa = f", {' '.join(flags)}" if flags else ""
+    return f"{cpu}{isa}, {machine.get('cores', '?')} cores, Python {machine.get('python', '?')}"
 
 
 def _spread(run: dict, key: str, form: str) -> str:
