@@ -58,8 +58,13 @@ buf:
 system-deps:
 	@bash scripts/install-system-deps.sh
 
+# The suite on TEST_WORKERS processes (pytest-xdist; each test file stays on one worker, so its
+# module fixtures are built once): run in one process it keeps about one of two cores busy (its
+# CPU time ~ its wall time). TEST_WORKERS=0 runs it in this process.
+TEST_WORKERS ?= 2
 test: install system-deps buf
-	RECSYS_BUF_AGAINST=$(BUF_AGAINST) $(PY) -m pytest -m "not slow and not gpu" -q
+	RECSYS_BUF_AGAINST=$(BUF_AGAINST) $(PY) -m pytest -m "not slow and not gpu" -q \
+		$(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile,-p no:xdist)
 
 test-slow: install
 	$(PY) -m pytest -m "slow" -q
