@@ -114,6 +114,20 @@ def take_under_quotas(
     return np.asarray(chosen, dtype=np.int64)
 
 
+def interleave(lists: dict[str, SourceList], quotas: dict[str, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Every source's items in merge order, with the index of the source of each: by rank relative
+    to the source's quota ((rank + 1) / quota, so a source with twice the quota comes twice as
+    often), ties in :data:`SOURCES` order."""
+    names = [s for s in SOURCES if s in lists and len(lists[s].items)]
+    if not names:
+        return _EMPTY_IDS, np.zeros(0, dtype=np.int64)
+    items = np.concatenate([lists[s].items for s in names])
+    source_ids = np.concatenate([np.full(len(lists[s].items), SOURCE_INDEX[s]) for s in names])
+    keys = np.concatenate([(np.arange(len(lists[s].items)) + 1.0) / quotas[s] for s in names])
+    order = np.lexsort((source_ids, keys))
+    return items[order], source_ids[order]
+
+
 def merge_sources(
     lists: dict[str, SourceList],
     quotas: dict[str, int],
@@ -123,17 +137,10 @@ def merge_sources(
     """Interleave sources by rank relative to their quota, de-duplicate, cap each source at its
     quota, cut at k, then top up from ``fill`` (the popularity order under the same filters,
     without excluded items; a callable is only called when short) while under k."""
-    names = [s for s in SOURCES if s in lists and len(lists[s].items)]
-    if names:
-        items = np.concatenate([lists[s].items for s in names])
-        source_ids = np.concatenate([np.full(len(lists[s].items), SOURCE_INDEX[s]) for s in names])
-        keys = np.concatenate([(np.arange(len(lists[s].items)) + 1.0) / quotas[s] for s in names])
-        order = np.lexsort((source_ids, keys))
-        items, source_ids = items[order], source_ids[order]
+    items, source_ids = interleave(lists, quotas)
+    if len(items):
         chosen = take_under_quotas(items, source_ids, quotas, k)
         items, source_ids = items[chosen], source_ids[chosen]
-    else:
-        items, source_ids = _EMPTY_IDS, np.zeros(0, dtype=np.int64)
     merged = len(items)
     fill_scores = np.zeros(0, np.float32)
     if fill is not None and merged < k:

@@ -140,7 +140,8 @@ def cpu_description(cpuinfo: str) -> dict[str, object]:
     identity = "/".join(fields.get(key, "?") for key in ("cpu family", "model", "stepping"))
     return {
         "cpu": fields.get("model name", ""),
-        "cpu_family_model_stepping": identity,
+        # absent where /proc/cpuinfo has no x86 family (e.g. ARM)
+        "cpu_family_model_stepping": identity if "cpu family" in fields else "",
         "vector_flags": [flag for flag in VECTOR_FLAGS if flag in flags],
     }
 

@@ -260,6 +260,8 @@ def test_the_machine_record_names_the_cpu_generation_and_its_vector_units(tmp_pa
         "cpu_family_model_stepping": "23/1/2",
         "vector_flags": ["avx2", "fma"],  # the first processor's block only; no bf16 units
     }
+    arm = cpu_description("processor\t: 0\nmodel name\t: ARMv8 Processor\nFeatures\t: fp asimd\n")
+    assert arm == {"cpu": "ARMv8 Processor", "cpu_family_model_stepping": "", "vector_flags": []}
     cpu = {"command": "recsys bench cpu", "machine": {**MACHINE, **description}, "scenarios": {}}
     bench = tmp_path / "bench"
     bench.mkdir()

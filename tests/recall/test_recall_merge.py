@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from recsys.recall_merge import take_under_quotas
+from recsys.recall_merge import SourceList, interleave, take_under_quotas
 from recsys.sources import RECALL_SOURCES, SOURCE_INDEX
 
 
@@ -28,16 +28,14 @@ def one_pass(items: np.ndarray, source_ids: np.ndarray, quotas: dict[str, int], 
     return chosen
 
 
-def merge_order(rng: np.random.Generator, quotas: dict[str, int], catalog: int, slack: int):
-    """Each source's list (its quota plus slack, items drawn from a small catalog so that they
-    overlap), interleaved by rank relative to quota as merge_sources does."""
-    names = list(quotas)
-    lengths = {s: int(rng.integers(0, quotas[s] + slack + 1)) for s in names}
-    items = np.concatenate([rng.integers(0, catalog, lengths[s]) for s in names])
-    sources = np.concatenate([np.full(lengths[s], SOURCE_INDEX[s]) for s in names])
-    keys = np.concatenate([(np.arange(lengths[s]) + 1.0) / max(quotas[s], 1e-9) for s in names])
-    order = np.lexsort((sources, keys))
-    return items[order], sources[order]
+def source_lists(rng: np.random.Generator, quotas: dict[str, int], catalog: int, slack: int):
+    """Each source's list: up to its quota plus slack, items drawn from a small catalog so that the
+    sources overlap (and repeat items within a list)."""
+    lists = {}
+    for name, quota in quotas.items():
+        length = int(rng.integers(0, quota + slack + 1))
+        lists[name] = SourceList(rng.integers(0, catalog, length), np.zeros(length, np.float32))
+    return lists
 
 
 @pytest.mark.parametrize("catalog", [15, 60, 1000])
@@ -45,8 +43,10 @@ def test_the_quota_pass_takes_what_one_pass_in_merge_order_takes(catalog: int) -
     rng = np.random.default_rng(catalog)
     names = RECALL_SOURCES[:3]
     for _ in range(400):
-        quotas = {s: int(rng.integers(0, 40)) for s in names}
-        items, sources = merge_order(rng, quotas, catalog, slack=int(rng.integers(0, 30)))
+        quotas = {s: int(rng.integers(1, 40)) for s in names}
+        quotas[names[int(rng.integers(0, 3))]] = int(rng.integers(0, 2))  # a source at 0 or 1
+        with np.errstate(divide="ignore"):  # a zero quota ranks its source last (key inf)
+            items, sources = interleave(source_lists(rng, quotas, catalog, int(rng.integers(0, 30))), quotas)
         for k in (1, 7, 30, 200):
             expected = one_pass(items, sources, quotas, k)
             assert take_under_quotas(items, sources, quotas, k).tolist() == expected, (quotas, k)
