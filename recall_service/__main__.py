@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from recsys.grpc_env import apply_serving_defaults
+
+apply_serving_defaults()  # before anything below imports grpc
+
 import sys
 
 from recall_service.config import from_args

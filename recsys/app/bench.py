@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from recsys.app import load_entry
+from recsys.grpc_env import apply_serving_defaults
 from recsys.timing import report_json
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,9 @@ TOOLS: dict[str, str] = {"report": "recsys.app.bench_report:main"}
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # The benchmarks' own gRPC clients (and the load generators they start) talk the way the
+    # services do; a no-op when something imported grpc already.
+    apply_serving_defaults()
     choices = [*BENCHMARKS, *TOOLS, "all"]
     if not argv or argv[0] not in choices:
         print(f"usage: recsys bench {{{','.join(choices)}}} [ARGS...]", file=sys.stderr)

@@ -7,10 +7,11 @@ floor says how much of a request no Python-level optimisation of the services ca
     python -m recsys.app.grpc_floor --rate 200 --seconds 5 --bytes 12000
 
 starts ``python -m recsys.app.grpc_floor --serve`` (a ``grpc.aio`` server whose one unary method
-returns its request) in its own process, sends ``rate`` calls a second on the schedule (latency is
+returns its request) in its own process, with the services' gRPC settings (``recsys.grpc_env``;
+the client has them when run through ``recsys bench``), sends ``rate`` calls a second on the schedule (latency is
 not the point here, CPU is), and prints JSON: CPU-milliseconds per call of the server process
-(from /proc) and of the client (``time.process_time``), with the gRPC version and the event loop
-the services use (``recsys.serving.bootstrap.run_event_loop``: uvloop when installed).
+(from /proc) and of the client (``time.process_time``), with the gRPC version, the server's
+``GRPC_EXPERIMENTS`` and the event loop the services use (``recsys.serving.bootstrap.run_event_loop``: uvloop when installed).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import time
@@ -25,6 +27,7 @@ from typing import Any
 
 import grpc
 
+from recsys.grpc_env import GRPC_EXPERIMENTS_VARIABLE, SERVING_GRPC_EXPERIMENTS
 from recsys.serving.bootstrap import run_event_loop
 from recsys.timing import process_cpu_seconds
 
@@ -67,8 +70,13 @@ async def send(port: int, rate: float, seconds: float, size: int, warmup: int = 
 
 def measure(rate: float, seconds: float, size: int) -> dict[str, Any]:
     """One echo hop's CPU per call at ``rate`` calls/s with ``size``-byte requests and responses."""
+    environment = dict(os.environ)  # the server runs with the services' gRPC settings
+    environment.setdefault(GRPC_EXPERIMENTS_VARIABLE, SERVING_GRPC_EXPERIMENTS)
     server = subprocess.Popen(
-        [sys.executable, "-m", "recsys.app.grpc_floor", "--serve"], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-m", "recsys.app.grpc_floor", "--serve"],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=environment,
     )
     try:
         assert server.stdout is not None
@@ -88,6 +96,7 @@ def measure(rate: float, seconds: float, size: int) -> dict[str, Any]:
         "server_cpu_ms_per_call": round(server_cpu * 1000 / calls, 3),
         "client_cpu_ms_per_call": round(client_cpu * 1000 / calls, 3),
         "grpc": grpc.__version__,
+        "grpc_experiments": environment[GRPC_EXPERIMENTS_VARIABLE],
         "event_loop": event_loop_name(),
     }
 

@@ -22,6 +22,10 @@ chart runs the ranker this way with ``rank.inGateway: true``.
 
 from __future__ import annotations
 
+from recsys.grpc_env import apply_serving_defaults
+
+apply_serving_defaults()  # before anything below imports grpc
+
 import argparse
 import asyncio
 import logging
