@@ -8,10 +8,11 @@ floor says how much of a request no Python-level optimisation of the services ca
 
 starts ``python -m recsys.app.grpc_floor --serve`` (a ``grpc.aio`` server whose one unary method
 returns its request) in its own process, with the services' gRPC settings (``recsys.grpc_env``;
-the client has them when run through ``recsys bench``), sends ``rate`` calls a second on the schedule (latency is
-not the point here, CPU is), and prints JSON: CPU-milliseconds per call of the server process
-(from /proc) and of the client (``time.process_time``), with the gRPC version, the server's
-``GRPC_EXPERIMENTS`` and the event loop the services use (``recsys.serving.bootstrap.run_event_loop``: uvloop when installed).
+the client has them when run through ``recsys bench``), sends ``rate`` calls a second on the
+schedule (latency is not the point here, CPU is), and prints JSON: CPU-milliseconds per call of
+the server process (from /proc) and of the client (``time.process_time``), with the gRPC version,
+the server's ``GRPC_EXPERIMENTS`` and the event loop the services use
+(``recsys.serving.bootstrap.run_event_loop``: uvloop when installed).
 """
 
 from __future__ import annotations
