@@ -94,3 +94,45 @@ def test_grpc_honours_the_default_its_calls_use_the_iomgr_tcp_endpoints():
     engine = fresh_python(code, GRPC_TRACE="tcp", GRPC_VERBOSITY="debug", GRPC_EXPERIMENTS="")
     assert engine.returncode == 0, engine.stderr[-2000:]
     assert "notify_on_read" not in engine.stderr
+
+
+def test_mutual_tls_works_on_the_serving_io_path(certificates):
+    # TLS is tested in-process elsewhere, where pytest's grpc runs gRPC's default I/O path; the
+    # services run the serving default, so the handshake is checked on it too.
+    code = (
+        "from recsys.grpc_env import apply_serving_defaults\n"
+        "apply_serving_defaults()\n"
+        "import asyncio, grpc, sys\n"
+        "ca, cert, key, client_cert, client_key = (open(p, 'rb').read() for p in sys.argv[1:6])\n"
+        "async def main():\n"
+        "    server = grpc.aio.server()\n"
+        "    credentials = grpc.ssl_server_credentials([(key, cert)], ca, require_client_auth=True)\n"
+        "    port = server.add_secure_port('127.0.0.1:0', credentials)\n"
+        "    await server.start()\n"
+        "    client = grpc.ssl_channel_credentials(ca, client_key, client_cert)\n"
+        "    async with grpc.aio.secure_channel(f'127.0.0.1:{port}', client) as channel:\n"
+        "        try:\n"
+        "            await channel.unary_unary('/x.Y/Z')(b'', timeout=10)\n"
+        "        except grpc.aio.AioRpcError as error:\n"
+        "            print(error.code().name)\n"
+        "    await server.stop(None)\n"
+        "asyncio.run(main())\n"
+    )
+    paths = [
+        certificates.ca_cert,
+        certificates.server_cert,
+        certificates.server_key,
+        certificates.client_cert,
+        certificates.client_key,
+    ]
+    environment = {k: v for k, v in os.environ.items() if k != grpc_env.GRPC_EXPERIMENTS_VARIABLE}
+    done = subprocess.run(
+        [sys.executable, "-c", code, *map(str, paths)],
+        capture_output=True,
+        text=True,
+        env={**environment, "GRPC_TRACE": "tcp", "GRPC_VERBOSITY": "debug"},
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "UNIMPLEMENTED"  # handshake done, method unknown
+    assert "notify_on_read" in done.stderr
