@@ -90,20 +90,18 @@ def e2e_section(report: dict, plot: str | None) -> list[str]:
         for stack, by_scenario in summary["saturation_rps"].items()
         for scenario, rate in by_scenario.items()
     ) + "."]  # fmt: skip
-    batched = summary.get("grpc_over_grpc_per_call", {})
-    pairs = [
-        f"{scenario} {rate} req/s CPU {ratio['cpu_per_request']:.2f}x, p50 {ratio['p50']:.2f}x, "
-        f"p99 {ratio['p99']:.2f}x"
-        for scenario, by_rate in batched.items()
-        for rate, ratio in by_rate.items()
-    ]
-    if pairs:
-        lines += [
-            "",
-            "The gateway's batch calls (grpc over grpc_per_call, same run, same rates): "
-            + "; ".join(pairs)
-            + ".",
+    for key, what in (
+        ("grpc_over_grpc_per_call", "The gateway's batch calls (grpc over grpc_per_call"),
+        ("grpc_over_grpc_event_engine", "The services' gRPC I/O setting (grpc over grpc_event_engine"),
+    ):
+        pairs = [
+            f"{scenario} {rate} req/s CPU {ratio['cpu_per_request']:.2f}x, p50 {ratio['p50']:.2f}x, "
+            f"p99 {ratio['p99']:.2f}x"
+            for scenario, by_rate in summary.get(key, {}).items()
+            for rate, ratio in by_rate.items()
         ]
+        if pairs:
+            lines += ["", f"{what}, same run, same rates): " + "; ".join(pairs) + "."]
     bars = summary.get("bars")
     if bars:
         home = bars["home_at_200"]

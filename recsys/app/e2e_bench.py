@@ -42,6 +42,7 @@ from recsys.app.run import (
     pick_port,
     seed_history_store,
 )
+from recsys.grpc_env import GRPC_EXPERIMENTS_VARIABLE
 from recsys.timing import machine_info, process_cpu_seconds
 
 DEFAULT_RATES = "50,100,200,300,400,500,600,800"
@@ -60,7 +61,11 @@ STACKS = {
     "inprocess": "one process: the gateway with in-process recall and rank (recsys.app.inprocess)",
     "rank_in_gateway": "two processes: recall, and the gateway with the ranker in-process "
     "(recsys.app.inprocess --rank-bundle): one internal hop",
+    "grpc_event_engine": "the same three processes on gRPC's default I/O (EventEngine; GRPC_EXPERIMENTS "
+    "empty) instead of the services' setting (recsys.grpc_env)",
 }
+# What `--stacks` runs unless told: every stack but the one that only checks a gRPC setting.
+DEFAULT_STACKS = "grpc,grpc_per_call,inprocess,rank_in_gateway"
 
 
 @dataclass
@@ -99,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--scenarios", default="home,item_detail")
     parser.add_argument(
         "--stacks",
-        default=",".join(STACKS),
+        default=DEFAULT_STACKS,
         help="comma list of: " + ", ".join(f"{name} ({what})" for name, what in STACKS.items()),
     )
     parser.add_argument("--duration", type=float, default=10.0, help="measured seconds per rate")
@@ -143,17 +148,23 @@ def start_stacks(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, Sta
     taken: set[int] = set()
     stacks: dict[str, Stack] = {}
 
-    def service(name: str, module: str, service_args: list[str], log_name: str) -> Service:
-        return Service(name, module, pick_port(0, taken), pick_port(0, taken), service_args, logs / log_name)
+    def service(
+        name: str, module: str, service_args: list[str], log_name: str, env: dict[str, str] | None = None
+    ) -> Service:
+        return Service(
+            name, module, pick_port(0, taken), pick_port(0, taken), service_args, logs / log_name, env or {}
+        )
 
     recall_args, rank_args = ["--bundle", str(recall_dir)], ["--bundle", str(rank_dir)]
 
-    def three_processes(name: str, log_prefix: str, extra_gateway_args: list[str]) -> Stack:
-        recall = service("recall", "recall_service", recall_args, f"{log_prefix}recall.log")
-        rank = service("rank", "rank_service", rank_args, f"{log_prefix}rank.log")
+    def three_processes(
+        name: str, log_prefix: str, extra_gateway_args: list[str], env: dict[str, str] | None = None
+    ) -> Stack:
+        recall = service("recall", "recall_service", recall_args, f"{log_prefix}recall.log", env)
+        rank = service("rank", "rank_service", rank_args, f"{log_prefix}rank.log", env)
         remote = ["--recall-address", recall.address, "--rank-address", rank.address]
         gateway_command = [*gateway_args, *remote, *extra_gateway_args]
-        gateway = service("gateway", "gateway", gateway_command, f"{log_prefix}gateway.log")
+        gateway = service("gateway", "gateway", gateway_command, f"{log_prefix}gateway.log", env)
         return Stack(name, [recall, rank, gateway], gateway)
 
     if "grpc" in wanted:
@@ -161,6 +172,9 @@ def start_stacks(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, Sta
     if "grpc_per_call" in wanted:
         per_call = ["--downstream-in-flight", "0"]  # no batch calls
         stacks["grpc_per_call"] = three_processes("grpc_per_call", "per_call-", per_call)
+    if "grpc_event_engine" in wanted:
+        engine = {GRPC_EXPERIMENTS_VARIABLE: ""}  # empty: gRPC's own defaults
+        stacks["grpc_event_engine"] = three_processes("grpc_event_engine", "event_engine-", [], engine)
     if "inprocess" in wanted:
         local = ["--recall-bundle", str(recall_dir), "--rank-bundle", str(rank_dir)]
         single = service("inprocess", "recsys.app.inprocess", [*local, *gateway_args], "inprocess.log")
@@ -314,6 +328,8 @@ def summarise(runs: dict, stacks: list[str], scenarios: list[str], p99_ms: float
     summary["grpc_over_inprocess"] = ratios
     if "grpc_per_call" in runs:  # what the gateway's batch calls buy, in the same run
         summary["grpc_over_grpc_per_call"] = ratios_between(runs, "grpc", "grpc_per_call", scenarios)
+    if "grpc_event_engine" in runs:  # what the services' gRPC I/O setting buys, in the same run
+        summary["grpc_over_grpc_event_engine"] = ratios_between(runs, "grpc", "grpc_event_engine", scenarios)
     home = at("grpc", "home", 200)
     if home is not None:
         ratio = ratios.get("home", {}).get("200", {})

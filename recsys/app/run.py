@@ -59,6 +59,7 @@ class Service:
     metrics_port: int
     args: list[str]
     log_path: Path
+    env: dict[str, str] = field(default_factory=dict)  # set over this process's environment
     process: subprocess.Popen | None = None
     _log_file: IO[bytes] | None = field(default=None, repr=False)
 
@@ -83,7 +84,11 @@ class Service:
         ]
         # Own session: Ctrl-C reaches only this process, which stops the children in order.
         self.process = subprocess.Popen(
-            command, stdout=self._log_file, stderr=subprocess.STDOUT, start_new_session=True
+            command,
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, **self.env} if self.env else None,
         )
 
     def alive(self) -> bool:

@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from gateway import query
-from recsys.app.run import pick_port
+from recsys.app.run import Service, pick_port
 from recsys.data.prepare import dataset_artifacts, prepare_dataset
 
 pytestmark = pytest.mark.integration
@@ -31,6 +31,19 @@ def test_pick_port_prefers_the_default_and_avoids_taken_ports():
     first = pick_port(0, taken)
     assert first in taken
     assert pick_port(first, taken) != first
+
+
+def test_a_service_process_gets_its_own_environment_over_ours(tmp_path, monkeypatch):
+    monkeypatch.setenv("RECSYS_PROBE_VARIABLE", "GRPC_EXPERIMENTS")
+    monkeypatch.setenv("GRPC_EXPERIMENTS", "inherited")
+    logs = {}
+    for name, env in (("own", {"GRPC_EXPERIMENTS": ""}), ("inherited", {})):
+        service = Service(name, "tests.gateway.env_probe", 0, 0, [], tmp_path / f"{name}.log", env)
+        service.start()
+        assert service.process is not None and service.process.wait(timeout=60) == 0
+        service.stop()
+        logs[name] = (tmp_path / f"{name}.log").read_text().strip()
+    assert logs == {"own": "GRPC_EXPERIMENTS=''", "inherited": "GRPC_EXPERIMENTS='inherited'"}
 
 
 def test_recsys_run_serves_all_three_and_stops_them_on_sigterm(
