@@ -835,6 +835,7 @@ def parse_arguments(argv: list[str] | None = None) -> tuple[argparse.Namespace, 
     parser.add_argument("--learning-rate", type=float, help="override the learning rate")
     parser.add_argument("--weight-decay", type=float, help="override the AdamW weight decay")
     parser.add_argument("--dropout", type=float, help="override the dropout")
+    parser.add_argument("--batch-size", type=int, help="override the lists per optimizer step")
     parser.add_argument("--mlp-width", type=int, help="override the first MLP layer's width")
     parser.add_argument("--eval-users", type=int, help="validation users for early stopping (0 = all)")
     parser.add_argument(
