@@ -18,12 +18,13 @@ ENTRY_POINTS = [
 ]
 
 
-def fresh_python(code: str, **env: str) -> subprocess.CompletedProcess[str]:
-    """``code`` in a new interpreter whose environment has no GRPC_EXPERIMENTS unless given."""
+def fresh_python(code: str, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """``code`` (with ``args``) in a new interpreter whose environment has no GRPC_EXPERIMENTS
+    unless given."""
     environment = {k: v for k, v in os.environ.items() if k != grpc_env.GRPC_EXPERIMENTS_VARIABLE}
     environment.update(env)
     return subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=environment, timeout=120
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, env=environment, timeout=120
     )
 
 
@@ -125,14 +126,7 @@ def test_mutual_tls_works_on_the_serving_io_path(certificates):
         certificates.client_cert,
         certificates.client_key,
     ]
-    environment = {k: v for k, v in os.environ.items() if k != grpc_env.GRPC_EXPERIMENTS_VARIABLE}
-    done = subprocess.run(
-        [sys.executable, "-c", code, *map(str, paths)],
-        capture_output=True,
-        text=True,
-        env={**environment, "GRPC_TRACE": "tcp", "GRPC_VERBOSITY": "debug"},
-        timeout=120,
-    )
+    done = fresh_python(code, *map(str, paths), GRPC_TRACE="tcp", GRPC_VERBOSITY="debug")
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "UNIMPLEMENTED"  # handshake done, method unknown
     assert "notify_on_read" in done.stderr
