@@ -28,7 +28,7 @@ from typing import Any
 
 import grpc
 
-from recsys.grpc_env import GRPC_EXPERIMENTS_VARIABLE, SERVING_GRPC_EXPERIMENTS
+from recsys.grpc_env import GRPC_EXPERIMENTS_VARIABLE, serving_setting
 from recsys.serving.bootstrap import run_event_loop
 from recsys.timing import process_cpu_seconds
 
@@ -71,8 +71,8 @@ async def send(port: int, rate: float, seconds: float, size: int, warmup: int = 
 
 def measure(rate: float, seconds: float, size: int) -> dict[str, Any]:
     """One echo hop's CPU per call at ``rate`` calls/s with ``size``-byte requests and responses."""
-    environment = dict(os.environ)  # the server runs with the services' gRPC settings
-    environment.setdefault(GRPC_EXPERIMENTS_VARIABLE, SERVING_GRPC_EXPERIMENTS)
+    # the server runs with the services' gRPC settings
+    environment = {**os.environ, GRPC_EXPERIMENTS_VARIABLE: serving_setting(os.environ)}
     server = subprocess.Popen(
         [sys.executable, "-m", "recsys.app.grpc_floor", "--serve"],
         stdout=subprocess.PIPE,
