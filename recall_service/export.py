@@ -38,7 +38,7 @@ from recsys.data.split import LeaveOneOutSplit
 from recsys.training import resolve_threads
 
 if TYPE_CHECKING:
-    from recall_service.model import TwoTowerModel
+    from recall_service.model import TowerEnsemble, TwoTowerModel
     from recall_service.train import RecallTrainConfig
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ ONNX_FILE = "user_tower.onnx"
 ONNX_OPSET = 18
 
 
-def export_user_tower(model: TwoTowerModel, path: Path) -> None:
+def export_user_tower(model: TwoTowerModel | TowerEnsemble, path: Path) -> None:
     """Export the user tower to ONNX with dynamic batch and sequence axes (dynamo exporter)."""
     import torch
 
@@ -112,7 +112,7 @@ def holdout_sequences(dataset: Dataset) -> list[np.ndarray]:
     ]
 
 
-def _item_text_manifest(model: TwoTowerModel) -> dict:
+def _item_text_manifest(model: TwoTowerModel | TowerEnsemble) -> dict:
     """The manifest's ``item_text`` block; nothing for a model without text (unchanged manifest)."""
     shape = model.shape
     if shape.text == "off" and not shape.mask_unseen_ids:
@@ -133,7 +133,7 @@ def _names_or_empty(names: list[str]) -> str:
 
 
 def export_bundle(
-    model: TwoTowerModel,
+    model: TwoTowerModel | TowerEnsemble,
     dataset: Dataset,
     bundle_dir: Path,
     config: RecallTrainConfig,
@@ -215,6 +215,8 @@ def export_bundle(
             scenarios=list(dataset.scenario_names),
             metric="inner_product",
             similarity=model.shape.similarity,
+            # models whose vectors sit side by side in item_vectors.npy and the graph's output
+            ensemble_members=len(getattr(model, "members", [model])),
             index_factory=factory,
             **tuning.searcher_settings(config.nprobe, config.ef_search),
             index_tuning=tuning.to_manifest(),

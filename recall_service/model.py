@@ -24,6 +24,10 @@ noise (only pushed away as a negative), so a cold item is what its attributes an
 
 Ids: items are ``dense + 1`` (0 = padding), attributes ``dense + 1`` (0 = padding).
 
+Ensemble (:class:`TowerEnsemble`, ``RecallTrainConfig.ensemble``): models trained apart from
+their own seeds, exported as one graph whose user vector is theirs side by side, against item
+vectors side by side: the index's inner product is the sum of their scores.
+
 Training computes every item's representation once per step (:meth:`TwoTowerModel.item_table`:
 the attribute mean as one sparse [items x attributes] product instead of an [items x attributes x
 dim] gather) and reads both towers from that table; the exported serving graph keeps the per-token
@@ -443,10 +447,60 @@ class TwoTowerModel(nn.Module):
         return self.user_head(hidden, scenarios)
 
 
+class TowerEnsemble(nn.Module):
+    """Two-tower models trained apart (each from its own seed) served as one model: the user vector
+    is the members' user vectors side by side, the item vector the members' item vectors side by
+    side, so the inner product the index ranks by is the sum of the members' own scores. An
+    ensemble at the price of a wider vector: one ONNX graph, one index, nothing new in serving.
+
+    It has what export and validation read of a :class:`TwoTowerModel`: ``shape`` (the first
+    member's; ``dim`` is a member's width, the vectors are ``len(members)`` times it),
+    ``normalised``, ``forward``, ``all_item_vectors`` and ``frozen_text``."""
+
+    def __init__(self, members: list[TwoTowerModel]):
+        super().__init__()
+        if len(members) < 2:
+            raise ValueError(f"an ensemble needs at least 2 members, got {len(members)}")
+        first = members[0].shape
+        for member in members[1:]:
+            other = member.shape
+            if (other.num_items, other.max_length, other.similarity) != (
+                first.num_items,
+                first.max_length,
+                first.similarity,
+            ):
+                raise ValueError("ensemble members must share the catalog, max_length and similarity")
+        self.members = nn.ModuleList(members)
+
+    @property
+    def shape(self) -> TwoTowerShape:
+        return self.members[0].shape
+
+    @property
+    def normalised(self) -> bool:
+        """Whether each member's part of a vector is L2-normalised (the whole has norm sqrt(K))."""
+        return self.members[0].normalised
+
+    def forward(self, items: torch.Tensor, events: torch.Tensor, scenarios: torch.Tensor) -> torch.Tensor:
+        """[B, K * D]: the members' user vectors side by side."""
+        return torch.cat([member(items, events, scenarios) for member in self.members], dim=-1)
+
+    def all_item_vectors(self) -> torch.Tensor:
+        """[num_items, K * D]: the members' item vectors side by side (dense id order)."""
+        return torch.cat([member.all_item_vectors() for member in self.members], dim=-1)
+
+    @contextlib.contextmanager
+    def frozen_text(self) -> Iterator[None]:
+        with contextlib.ExitStack() as stack:
+            for member in self.members:
+                stack.enter_context(member.frozen_text())
+            yield
+
+
 class UserTowerForExport(nn.Module):
     """The serving graph: (items int64 [B, S], events int64 [B, S], scenario int64 [B]) -> [B, D]."""
 
-    def __init__(self, model: TwoTowerModel):
+    def __init__(self, model: TwoTowerModel | TowerEnsemble):
         super().__init__()
         self.model = model
 

@@ -26,7 +26,7 @@ if "OMP_WAIT_POLICY" not in os.environ:
 import argparse
 import copy
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recall_service.model import TwoTowerModel, TwoTowerShape
+from recall_service.model import TowerEnsemble, TwoTowerModel, TwoTowerShape
 from recall_service.softmax_loss import LogitsBuffer, softmax_cross_entropy
 from recall_service.text import (
     DEFAULT_BUCKETS,
@@ -118,6 +118,12 @@ class RecallTrainConfig:
     # training on validation items; on Beauty it lifts test u2i HR@10 from 0.074 to 0.090.
     refit_with_validation: bool = False
     seed: int = 7
+    # Two-tower models trained one after the other, member k from seed ``seed + 1000 k``, each stopped
+    # on validation, then served as one (recall_service.model.TowerEnsemble: vectors side by side,
+    # the index ranks by the sum of their scores). 1 = a single model. Beauty (docs/EXPERIMENTS.md):
+    # 2 members lift u2i (valid HR@10 0.1070 -> 0.1141, test 0.0844 -> 0.0880) but not the served
+    # home that the ranker makes of it (valid 0.1185 -> 0.1176), for twice the recall training.
+    ensemble: int = 1
     threads: int = 0  # torch threads per process (0 = every core, shared by this host's processes)
     device: str = "auto"  # "auto" (the GPU when there is one), "cpu" or "cuda"
     # "auto": bf16 autocast on a GPU; on a CPU with native bf16, the catalog logits matmul in bf16
@@ -494,7 +500,7 @@ class RecallObjective(nn.Module):
 
 @dataclass
 class TrainResult:
-    model: TwoTowerModel
+    model: TwoTowerModel | TowerEnsemble
     epochs_run: int
     best_epoch: int
     best_valid: dict[str, float]
@@ -563,13 +569,20 @@ class RecallValidator:
         return len(self.users)
 
     @torch.no_grad()
-    def ranks(self, model: TwoTowerModel) -> np.ndarray:
+    def ranks(self, model: TwoTowerModel | TowerEnsemble) -> np.ndarray:
         """0-based full-catalog rank of each user's target (``self.users`` order)."""
         was_training = model.training
         model.eval()
-        device = model.item_attributes.device
-        table = model.item_table()
-        vectors = model.candidate_vectors(table).float()
+        # An ensemble scores by the inner product of its members' vectors side by side (what its
+        # index ranks by); one model keeps its own logits (the cosine temperature ranks alike).
+        members = list(model.members) if isinstance(model, TowerEnsemble) else [model]
+        scaled = model.scaled if isinstance(model, TwoTowerModel) else (lambda scores: scores)
+        device = members[0].item_attributes.device
+        tables = [member.item_table() for member in members]
+        vectors = torch.cat(
+            [member.candidate_vectors(table).float() for member, table in zip(members, tables, strict=True)],
+            dim=1,
+        )
         # Users scored a few rows at a time on a CPU, so that each chunk's scores stay in cache
         # between the product and the count (~1.6 MB of fp32 scores: 3x faster than a whole batch
         # at Beauty's 12,101 items; the same scores, bit for bit).
@@ -582,14 +595,20 @@ class RecallValidator:
             width = max(int(self.lengths[batch].max()), 1)
             items = self.items[batch, -width:].to(device)
             events = self.events[batch, -width:].to(device)
-            hidden = model.encode(items, events, table, last_only=True)[:, -1]
-            users = model.user_head(hidden, self.scenarios[batch].to(device)).float()
+            scenarios = self.scenarios[batch].to(device)
+            users = torch.cat(
+                [
+                    member.user_head(member.encode(items, events, table, last_only=True)[:, -1], scenarios)
+                    for member, table in zip(members, tables, strict=True)
+                ],
+                dim=1,
+            ).float()
             targets = self.targets[batch].to(device)
             # history (row, item) pairs are sorted by row: each chunk's are one slice
             bounds = np.searchsorted(mask_rows.numpy(), np.arange(0, len(batch) + chunk, chunk))
             for index, start in enumerate(range(0, len(batch), chunk)):
                 stop = min(start + chunk, len(batch))
-                scores = model.scaled(users[start:stop] @ vectors.T)
+                scores = scaled(users[start:stop] @ vectors.T)
                 lo, hi = int(bounds[index]), int(bounds[index + 1])
                 scores[(mask_rows[lo:hi] - start).to(device), mask_items[lo:hi].to(device)] = -torch.inf
                 target_scores = scores[torch.arange(stop - start, device=device), targets[start:stop]]
@@ -600,7 +619,9 @@ class RecallValidator:
         in_order = [part for batch_ranks in ranks for part in batch_ranks]
         return torch.cat(in_order).numpy().astype(np.float64) if in_order else np.zeros(0)
 
-    def __call__(self, model: TwoTowerModel, ks: tuple[int, ...] = (10, 50)) -> dict[str, float]:
+    def __call__(
+        self, model: TwoTowerModel | TowerEnsemble, ks: tuple[int, ...] = (10, 50)
+    ) -> dict[str, float]:
         if not len(self):  # a process with no share of the users (more processes than users)
             return {"users": 0}
         return metrics_from_ranks(self.ranks(model), ks)
@@ -777,6 +798,13 @@ def build_for_training(
     return model, optimizer, wrap_for_training(model, loss_fn, context)
 
 
+# Member k of an ensemble trains from seed ``seed + ENSEMBLE_SEED_STRIDE * k``: runs with nearby
+# seeds (1, 2, 3 for the README's spread) share no member.
+ENSEMBLE_SEED_STRIDE = 1000
+# What stopped an ensemble's training: the first of these that stopped any member.
+STOP_REASONS_BY_WEIGHT = ("time_guard", "max_epochs", "early_stop")
+
+
 def train_model(
     dataset: Dataset,
     config: RecallTrainConfig,
@@ -784,7 +812,73 @@ def train_model(
     text_encoder: TitleEncoder | None = None,
 ) -> TrainResult:
     """Train the two towers; returns the best model on validation HR@10 (on the CPU).
-    ``text_encoder`` replaces the sentence model of ``config.text_model`` (tests)."""
+    ``text_encoder`` replaces the sentence model of ``config.text_model`` (tests).
+
+    With ``config.ensemble`` K > 1: K models, member k trained (and early-stopped) on its own from
+    seed ``config.seed + ENSEMBLE_SEED_STRIDE * k``, returned as one :class:`TowerEnsemble`; the
+    result's ``best_valid`` is the ensemble's, its ``run`` record sums the members' epochs, steps
+    and seconds, takes the weightiest stop reason (time guard, then max epochs, then early
+    stopping) and lists each member's own record under ``members``."""
+    if config.ensemble <= 1:
+        return train_single_model(dataset, config, context, text_encoder)
+    context = context or init_distributed(config.device)
+    results = []
+    for member in range(config.ensemble):
+        seed = config.seed + ENSEMBLE_SEED_STRIDE * member
+        log.info("recall ensemble: member %d of %d (seed %d)", member + 1, config.ensemble, seed)
+        member_config = replace(config, seed=seed, ensemble=1)
+        results.append(train_single_model(dataset, member_config, context, text_encoder))
+    model = TowerEnsemble([result.model for result in results]).eval()
+    split = LeaveOneOutSplit(dataset)
+    eval_users = split.eval_users
+    if config.eval_users and len(eval_users) > config.eval_users:
+        rng = np.random.default_rng(config.seed)
+        eval_users = np.sort(rng.choice(eval_users, size=config.eval_users, replace=False))
+    validator = RecallValidator(dataset, split, shard(eval_users, context), config.max_length)
+    valid = gather_metrics(validator(model), context)
+    runs = [result.run for result in results]
+    stop_reason = next(
+        reason for reason in STOP_REASONS_BY_WEIGHT if any(run["stop_reason"] == reason for run in runs)
+    )
+    record = {
+        **runs[0],
+        "stop_reason": stop_reason,
+        "epochs_run": sum(run["epochs_run"] for run in runs),
+        "best_epoch": max(run["best_epoch"] for run in runs),
+        "train_seconds": round(sum(result.train_seconds for result in results), 1),
+        "steps": sum(run.get("steps", 0) for run in runs),
+        "reduced_thread_steps": sum(run.get("reduced_thread_steps", 0) for run in runs),
+        "seed": config.seed,
+        "ensemble": config.ensemble,
+        "members": runs,
+    }
+    log.info(
+        "recall ensemble of %d: valid HR@10 %.4f NDCG@10 %.4f HR@50 %.4f (members: %s)",
+        config.ensemble,
+        valid["HR@10"],
+        valid["NDCG@10"],
+        valid["HR@50"],
+        ", ".join(f"{result.best_valid['HR@10']:.4f}" for result in results),
+    )
+    return TrainResult(
+        model,
+        record["epochs_run"],
+        record["best_epoch"],
+        valid,
+        sum(result.train_seconds for result in results),
+        [{"member": index, **entry} for index, result in enumerate(results) for entry in result.history],
+        config.refit_with_validation,
+        record,
+    )
+
+
+def train_single_model(
+    dataset: Dataset,
+    config: RecallTrainConfig,
+    context: DistributedContext | None = None,
+    text_encoder: TitleEncoder | None = None,
+) -> TrainResult:
+    """One two-tower model (:func:`train_model` without the ensemble)."""
     context = context or init_distributed(config.device)
     threads = configure_threads(config.threads)
     precision = resolve_precision(config.precision, context.device)
@@ -934,9 +1028,12 @@ def _refit(
 def save_checkpoint(result: TrainResult, config: RecallTrainConfig, path: Path) -> None:
     """Training-side checkpoint (state dict + shape + config); serving never reads it."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    members = list(result.model.members) if isinstance(result.model, TowerEnsemble) else [result.model]
     torch.save(
         {
-            "state_dict": result.model.state_dict(),
+            "state_dict": members[0].state_dict(),
+            # an ensemble's other members (the same shape: only their seeds differ)
+            "member_state_dicts": [member.state_dict() for member in members[1:]],
             "shape": asdict(result.model.shape),
             "config": asdict(config),
             "train": _train_info(result),
@@ -945,11 +1042,14 @@ def save_checkpoint(result: TrainResult, config: RecallTrainConfig, path: Path) 
     )
 
 
-def load_checkpoint(path: Path) -> tuple[TwoTowerModel, RecallTrainConfig, dict]:
-    """Rebuild the model saved by :func:`save_checkpoint`."""
+def load_checkpoint(path: Path) -> tuple[TwoTowerModel | TowerEnsemble, RecallTrainConfig, dict]:
+    """Rebuild the model (or ensemble) saved by :func:`save_checkpoint`."""
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     shape = TwoTowerShape(**checkpoint["shape"])
-    model = TwoTowerModel.from_state_dict(shape, checkpoint["state_dict"])
+    model: TwoTowerModel | TowerEnsemble = TwoTowerModel.from_state_dict(shape, checkpoint["state_dict"])
+    others = checkpoint.get("member_state_dicts") or []
+    if others:
+        model = TowerEnsemble([model, *(TwoTowerModel.from_state_dict(shape, state) for state in others)])
     model.eval()
     # Fields this version no longer has (e.g. the old minutes-scale time_limit_s) are dropped.
     known = set(RecallTrainConfig.__dataclass_fields__)
@@ -1031,6 +1131,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--patience", type=int, help="epochs without a validation gain before stopping")
     parser.add_argument("--seed", type=int, help="random seed (recorded in the bundle)")
+    parser.add_argument(
+        "--ensemble",
+        type=int,
+        help="two-tower models trained from seeds seed, seed + 1000, ..., served as one",
+    )
     parser.add_argument("--threads", type=int, help="torch threads per process (0 = every core)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="training device")
     parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), help="training precision")
@@ -1047,7 +1152,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet_exporter_logs()
 
     config = RecallTrainConfig.quick() if args.quick else RecallTrainConfig.default()
-    for name in ("epochs", "patience", "seed", "threads", "device", "precision", "index_factory"):
+    for name in ("epochs", "patience", "seed", "ensemble", "threads", "device", "precision", "index_factory"):
         if getattr(args, name) is not None:
             setattr(config, name, getattr(args, name))
     if args.time_guard_hours is not None:
