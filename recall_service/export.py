@@ -128,6 +128,14 @@ def _item_text_manifest(model: TwoTowerModel | TowerEnsemble) -> dict:
     }
 
 
+def user_vector_note(model: TwoTowerModel | TowerEnsemble) -> str:
+    """What the manifest says of the graph's user vectors (an ensemble's are its members' side by
+    side: each member's part is normalised, not the whole)."""
+    if not model.normalised:
+        return " (raw inner product with item vectors)"
+    return " (each member's part L2-normalised)" if hasattr(model, "members") else " L2-normalised"
+
+
 def _names_or_empty(names: list[str]) -> str:
     return "".join(f"{name}\n" for name in names)
 
@@ -228,10 +236,7 @@ def export_bundle(
                     "events[B,S] int64",
                     "scenario[B] int64",
                 ],
-                "outputs": [
-                    "user_vectors[B,D] float32"
-                    + (" L2-normalised" if model.normalised else " (raw inner product with item vectors)")
-                ],
+                "outputs": ["user_vectors[B,D] float32" + user_vector_note(model)],
             },
             covisit=covisit_settings(config),
             default_sources=config.default_sources,

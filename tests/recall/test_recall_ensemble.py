@@ -190,3 +190,18 @@ def test_the_recall_engine_serves_an_ensemble_bundle(ensemble_training, syntheti
             for m in loaded.members
         ).numpy()
     np.testing.assert_allclose(result.scores, summed[result.items], atol=1e-4)
+
+
+def test_the_manifest_says_how_an_ensembles_user_vectors_are_normalised() -> None:
+    from recall_service.export import user_vector_note
+
+    cosine = dataclasses.replace(SHAPE, similarity="cosine", post_norm=False)
+    single, *_ = _members(1, cosine)
+    assert user_vector_note(single) == " L2-normalised"
+    ensemble = TowerEnsemble(_members(2, cosine))
+    assert user_vector_note(ensemble) == " (each member's part L2-normalised)"
+    with torch.no_grad():  # the whole vector has norm sqrt(2), each half norm 1
+        users = ensemble(torch.tensor([[0, 3, 4]]), torch.tensor([[0, 1, 1]]), torch.tensor([0]))
+    halves = users.reshape(1, 2, SHAPE.dim).norm(dim=-1)
+    torch.testing.assert_close(halves, torch.ones(1, 2))
+    assert user_vector_note(TowerEnsemble(_members(2))) == " (raw inner product with item vectors)"
