@@ -42,6 +42,9 @@ class RankerConfig:
     # The item id embeddings are fixed vectors (the recall model's item vectors, set by training)
     # times one learned gain, instead of free per-item parameters.
     frozen_item_ids: bool = False
+    # False: items are their attributes alone (no per-item id embedding): the id-level signal
+    # reaches the ranker only through the recall sources' scores and the popularity feature.
+    item_ids: bool = True
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -231,6 +234,8 @@ class Ranker(nn.Module):
 
     def item_ids(self, embedded: Tensor) -> Tensor:
         """The id part of item representations (scaled by the learned gain when frozen)."""
+        if not self.config.item_ids:
+            return torch.zeros_like(embedded)
         return embedded * self.item_gain if self.config.frozen_item_ids else embedded
 
     def set_item_vectors(self, vectors: np.ndarray) -> None:

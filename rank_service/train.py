@@ -98,6 +98,9 @@ class RankTrainConfig:
     # Item id embeddings fixed to the training candidates' recall model's item vectors (times a
     # learned gain) instead of learned per item from the ranker's few thousand lists.
     pretrained_item_ids: bool = False
+    # False: no item id embeddings, items are their attributes (ids reach the ranker through the
+    # recall sources' scores and popularity).
+    item_ids: bool = True
     # candidates
     # 0: each list is what the served scenario's recall stage sends to rank (its sources, quotas,
     # k, seeds and exclusions, cut to the rank stage's max_candidates: the compiled scenario of
@@ -424,6 +427,7 @@ def build_model(dataset: Dataset, split: LeaveOneOutSplit, config: RankTrainConf
         dropout=config.dropout,
         mlp_width=config.mlp_width,
         frozen_item_ids=config.pretrained_item_ids,
+        item_ids=config.item_ids,
     )
     return Ranker(
         model_config,
@@ -869,6 +873,11 @@ def parse_arguments(argv: list[str] | None = None) -> tuple[argparse.Namespace, 
         "--pretrained-item-ids",
         action=argparse.BooleanOptionalAction,
         help="fix the item id embeddings to the training recall model's item vectors",
+    )
+    parser.add_argument(
+        "--item-ids",
+        action=argparse.BooleanOptionalAction,
+        help="learn an id embedding per item (--no-item-ids: items are their attributes alone)",
     )
     args = parser.parse_args(argv)
     config = RankTrainConfig.quick() if args.quick else RankTrainConfig.default()
