@@ -215,8 +215,11 @@ class Ranker(nn.Module):
         )
         nn.init.normal_(self.item_embedding.weight, std=0.02)
         nn.init.normal_(self.attribute_embedding.weight, std=0.02)
-        if config.frozen_item_ids:
+        if config.frozen_item_ids or not config.item_ids:
+            # fixed vectors, or none read at all: a parameter no loss reaches would also stall
+            # DistributedDataParallel, which waits for every parameter's gradient
             self.item_embedding.weight.requires_grad_(False)
+        if config.frozen_item_ids:
             self.item_gain = nn.Parameter(torch.ones(()))
         nn.init.normal_(self.no_history, std=0.02)
         with torch.no_grad():

@@ -131,9 +131,11 @@ def _item_text_manifest(model: TwoTowerModel | TowerEnsemble) -> dict:
 def user_vector_note(model: TwoTowerModel | TowerEnsemble) -> str:
     """What the manifest says of the graph's user vectors (an ensemble's are its members' side by
     side: each member's part is normalised, not the whole)."""
+    from recall_service.model import tower_members
+
     if not model.normalised:
         return " (raw inner product with item vectors)"
-    return " (each member's part L2-normalised)" if hasattr(model, "members") else " L2-normalised"
+    return " (each member's part L2-normalised)" if len(tower_members(model)) > 1 else " L2-normalised"
 
 
 def _names_or_empty(names: list[str]) -> str:
@@ -157,6 +159,8 @@ def export_bundle(
     value goes to the manifest's ``nprobe`` / ``ef_search`` and the measurement to ``index_tuning``.
     """
     import torch
+
+    from recall_service.model import tower_members
 
     bundle_dir = Path(bundle_dir)
     bundle_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -224,7 +228,7 @@ def export_bundle(
             metric="inner_product",
             similarity=model.shape.similarity,
             # models whose vectors sit side by side in item_vectors.npy and the graph's output
-            ensemble_members=len(getattr(model, "members", [model])),
+            ensemble_members=len(tower_members(model)),
             index_factory=factory,
             **tuning.searcher_settings(config.nprobe, config.ef_search),
             index_tuning=tuning.to_manifest(),

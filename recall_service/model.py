@@ -497,6 +497,11 @@ class TowerEnsemble(nn.Module):
             yield
 
 
+def tower_members(model: TwoTowerModel | TowerEnsemble) -> list[TwoTowerModel]:
+    """The two-tower models ``model`` is made of: an ensemble's members, or the model itself."""
+    return list(model.members) if isinstance(model, TowerEnsemble) else [model]
+
+
 class UserTowerForExport(nn.Module):
     """The serving graph: (items int64 [B, S], events int64 [B, S], scenario int64 [B]) -> [B, D]."""
 

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recall_service.model import TowerEnsemble, TwoTowerModel, TwoTowerShape
+from recall_service.model import TowerEnsemble, TwoTowerModel, TwoTowerShape, tower_members
 from recall_service.softmax_loss import LogitsBuffer, softmax_cross_entropy
 from recall_service.text import (
     DEFAULT_BUCKETS,
@@ -575,7 +575,7 @@ class RecallValidator:
         model.eval()
         # An ensemble scores by the inner product of its members' vectors side by side (what its
         # index ranks by); one model keeps its own logits (the cosine temperature ranks alike).
-        members = list(model.members) if isinstance(model, TowerEnsemble) else [model]
+        members = tower_members(model)
         scaled = model.scaled if isinstance(model, TwoTowerModel) else (lambda scores: scores)
         device = members[0].item_attributes.device
         tables = [member.item_table() for member in members]
@@ -798,6 +798,21 @@ def build_for_training(
     return model, optimizer, wrap_for_training(model, loss_fn, context)
 
 
+def early_stopping_validator(
+    dataset: Dataset,
+    split: LeaveOneOutSplit,
+    config: RecallTrainConfig,
+    context: DistributedContext,
+    rng: np.random.Generator,
+) -> RecallValidator:
+    """The validator training stops on: every validation user, or ``config.eval_users`` of them
+    drawn with ``rng``; this process's share of them under torchrun."""
+    eval_users = split.eval_users
+    if config.eval_users and len(eval_users) > config.eval_users:
+        eval_users = np.sort(rng.choice(eval_users, size=config.eval_users, replace=False))
+    return RecallValidator(dataset, split, shard(eval_users, context), config.max_length)
+
+
 # Member k of an ensemble trains from seed ``seed + ENSEMBLE_SEED_STRIDE * k``: runs with nearby
 # seeds (1, 2, 3 for the README's spread) share no member.
 ENSEMBLE_SEED_STRIDE = 1000
@@ -830,11 +845,7 @@ def train_model(
         results.append(train_single_model(dataset, member_config, context, text_encoder))
     model = TowerEnsemble([result.model for result in results]).eval()
     split = LeaveOneOutSplit(dataset)
-    eval_users = split.eval_users
-    if config.eval_users and len(eval_users) > config.eval_users:
-        rng = np.random.default_rng(config.seed)
-        eval_users = np.sort(rng.choice(eval_users, size=config.eval_users, replace=False))
-    validator = RecallValidator(dataset, split, shard(eval_users, context), config.max_length)
+    validator = early_stopping_validator(dataset, split, config, context, np.random.default_rng(config.seed))
     valid = gather_metrics(validator(model), context)
     runs = [result.run for result in results]
     stop_reason = next(
@@ -919,10 +930,7 @@ def train_single_model(
     model, optimizer, objective = build_for_training(
         shape, attributes, text_arrays, item_counts, config, rng, context, precision
     )
-    eval_users = split.eval_users
-    if config.eval_users and len(eval_users) > config.eval_users:
-        eval_users = np.sort(rng.choice(eval_users, size=config.eval_users, replace=False))
-    validator = RecallValidator(dataset, split, shard(eval_users, context), config.max_length)
+    validator = early_stopping_validator(dataset, split, config, context, rng)
 
     best_state, best_valid = copy.deepcopy(model.state_dict()), {"HR@10": -1.0}
     history: list[dict[str, float]] = []
@@ -1028,7 +1036,7 @@ def _refit(
 def save_checkpoint(result: TrainResult, config: RecallTrainConfig, path: Path) -> None:
     """Training-side checkpoint (state dict + shape + config); serving never reads it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    members = list(result.model.members) if isinstance(result.model, TowerEnsemble) else [result.model]
+    members = tower_members(result.model)
     torch.save(
         {
             "state_dict": members[0].state_dict(),

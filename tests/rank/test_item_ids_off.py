@@ -57,3 +57,23 @@ def test_the_command_line_turns_item_ids_off_and_the_default_keeps_them() -> Non
 
     assert parse_arguments([])[1].item_ids is True
     assert parse_arguments(["--no-item-ids"])[1].item_ids is False
+
+
+def test_without_ids_every_trained_parameter_gets_a_gradient() -> None:
+    """DistributedDataParallel waits for a gradient of every trainable parameter: the id table
+    nothing reads must not be one."""
+    from rank_service.model import Ranker
+
+    base = randomized_ranker()
+    model = Ranker(
+        replace(base.config, item_ids=False), base.item_attributes.numpy(), base.item_popularity.numpy()
+    )
+    sources = len(SOURCES)
+    features = candidate_features(
+        np.ones(3, np.float32), np.zeros((3, sources), np.float32), np.zeros((3, sources), bool)
+    )
+    batch = pack_batch([history_inputs(np.array([1, 4]), None, 12)], [0], [np.array([2, 6, 11])], [features])
+    model.train()
+    model(*(torch.from_numpy(v) for v in batch.feeds().values()))[0].logsumexp(-1).sum().backward()
+    assert not model.item_embedding.weight.requires_grad
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
