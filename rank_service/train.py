@@ -121,6 +121,12 @@ class RankTrainConfig:
     # is worth having: the validation interactions are each user's most recent ones.
     refit_with_validation: bool = False
     holdout_recall: bool = True  # train on a recall bundle that has not seen the targets
+    # Early-stop on the lists the served recall bundle gives each user's validation history (its
+    # co-visitation and popularity counted over training items only: what `recsys eval --phase
+    # valid` serves), instead of the held-out bundle's (staler by the last training item), so the
+    # epoch kept is the one that serves best. Only with holdout_recall (else both are the served
+    # bundle's).
+    served_validation: bool = True
     # training: at most ``epochs`` epochs; early stopping (``patience``) normally ends it first
     epochs: int = 30
     batch_size: int = 128  # lists per optimizer step, over all processes together
@@ -497,12 +503,14 @@ def train_model(
     config: RankTrainConfig,
     context: DistributedContext | None = None,
     earlier_sources: Sequence[CandidateSource] = (),
+    valid_source: CandidateSource | None = None,
 ) -> TrainResult:
     """Train with early stopping on validation pipeline NDCG@10; returns the best model (on the CPU).
 
     With ``earlier_sources`` (held-out recall bundles, one per earlier prefix) ``source`` gives the
     lists of each user's last training target and validation, ``earlier_sources[i]`` those whose
-    target is the (i + 2)-th last training item.
+    target is the (i + 2)-th last training item. ``valid_source`` (default ``source``) gives the
+    validation lists.
 
     Under torchrun each process trains on its share of every global batch and validates its share
     of the validation users (metrics merged across processes)."""
@@ -535,7 +543,9 @@ def train_model(
     if config.eval_users and len(valid_users) > config.eval_users:
         valid_users = np.sort(rng.choice(valid_users, config.eval_users, replace=False))
     valid_users = shard(valid_users, context)
-    valid_lists = eval_lists(dataset, split, source, "valid", valid_users, config.pipeline_candidates or None)
+    valid_lists = eval_lists(
+        dataset, split, valid_source or source, "valid", valid_users, config.pipeline_candidates or None
+    )
     recall_valid = gather_metrics(
         pipeline_metrics(
             dataset,
@@ -755,6 +765,17 @@ def load_candidates(bundle_dir: Path, config: RankTrainConfig) -> RecallCandidat
     return RecallCandidates.load(bundle_dir, threads=resolve_threads(config.threads), scenarios=scenarios)
 
 
+def served_validation_source(dataset: Dataset, bundle_dir: Path, config: RankTrainConfig) -> RecallCandidates:
+    """The served recall bundle at ``bundle_dir`` answering the validation phase as `recsys eval
+    --phase valid` does: co-visitation and popularity counted over training items only (its own
+    tables count each validation item's transition from the item before it)."""
+    from recall_service.evaluate import tables_for_phase
+
+    candidates = load_candidates(bundle_dir, config)
+    tables_for_phase(candidates.engine, dataset, LeaveOneOutSplit(dataset), "valid")
+    return candidates
+
+
 def build_bundle(
     dataset: Dataset,
     recall_bundle_dir: Path,
@@ -771,8 +792,11 @@ def build_bundle(
     served = load_candidates(Path(recall_bundle_dir), config) if source is None else None
     holdout_trains: list[dict] = []
     earlier_sources: list[CandidateSource] = []
+    valid_source: CandidateSource | None = None
     if source is None:
         if config.holdout_recall:
+            if config.served_validation:
+                valid_source = served_validation_source(dataset, Path(recall_bundle_dir), config)
             # one held-out bundle per training prefix: the lists whose target is the j-th last
             # training item come from a bundle that has seen none of the last j
             held_out = range(1, max(1, config.prefixes_per_user) + 1)
@@ -782,7 +806,7 @@ def build_bundle(
             holdout_trains = [holdout_training(bundle_dir, j) for j in held_out]
         else:
             source = served
-    result = train_model(dataset, source, config, context, earlier_sources)
+    result = train_model(dataset, source, config, context, earlier_sources, valid_source)
     metadata = {
         "recall_bundle_version": served.version
         if served is not None
@@ -879,6 +903,12 @@ def parse_arguments(argv: list[str] | None = None) -> tuple[argparse.Namespace, 
         "--item-ids",
         action=argparse.BooleanOptionalAction,
         help="learn an id embedding per item (--no-item-ids: items are their attributes alone)",
+    )
+    parser.add_argument(
+        "--served-validation",
+        action=argparse.BooleanOptionalAction,
+        help="early-stop on the served recall bundle's validation lists (--no-served-validation: "
+        "on the held-out bundle's)",
     )
     args = parser.parse_args(argv)
     config = RankTrainConfig.quick() if args.quick else RankTrainConfig.default()

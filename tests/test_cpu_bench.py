@@ -7,7 +7,9 @@ import itertools
 import threading
 import time
 
-from recsys.app.cpu_bench import thread_cpu_seconds, top_functions
+import pytest
+
+from recsys.app.cpu_bench import build_parser, thread_cpu_seconds, top_functions
 
 
 def add_up(count: int) -> int:
@@ -52,3 +54,10 @@ def test_top_functions_rank_own_cpu_per_request():
     assert rows[0]["function"].endswith(" add_up") and rows[0]["calls_per_request"] == 1.0
     assert rows[0]["own_share"] > 0.3 and rows[0]["own_us_per_request"] > 1_000
     assert all(a["own_share"] >= b["own_share"] for a, b in itertools.pairwise(rows))
+
+
+def test_counts_are_checked_on_the_command_line():
+    assert build_parser().parse_args(["--profile-requests", "0"]).profile_requests == 0
+    for flag, value in (("--requests", "0"), ("--warmup", "-1"), ("--profile-requests", "-5")):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([flag, value])

@@ -138,16 +138,20 @@ async def measure(
                 for thread in threads_after
                 if threads_after[thread] - threads_before.get(thread, 0.0) > 0
             }
-            profile = cProfile.Profile(time.thread_time)  # the loop thread's CPU time, not its waits
-            profile.enable()
-            await run(args.profile_requests)
-            profile.disable()
             results[name] = {
                 "cpu_ms_per_request": round(cpu * 1000 / args.requests, 3),
                 "wall_ms_per_request": round(wall * 1000 / args.requests, 3),
                 "cpu_ms_per_request_by_thread": dict(sorted(per_thread.items(), key=lambda kv: -kv[1])),
-                "top_functions_event_loop": top_functions(profile, args.top, args.profile_requests),
+                "top_functions_event_loop": [],
             }
+            if args.profile_requests:  # 0: no cProfile pass (e.g. under an outside profiler)
+                profile = cProfile.Profile(time.thread_time)  # the loop thread's CPU, not its waits
+                profile.enable()
+                await run(args.profile_requests)
+                profile.disable()
+                results[name]["top_functions_event_loop"] = top_functions(
+                    profile, args.top, args.profile_requests
+                )
             print(
                 f"{name}: {results[name]['cpu_ms_per_request']:.2f} ms CPU per request "
                 f"({', '.join(f'{t} {v:.2f}' for t, v in per_thread.items())})",
@@ -159,16 +163,35 @@ async def measure(
     return results
 
 
+def count_at_least(minimum: int):
+    """An argparse type: an integer >= ``minimum`` (a usage error otherwise, not a traceback)."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="recsys bench cpu", description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="synthetic", help="'synthetic' or a dataset folder")
     parser.add_argument("--artifacts", type=Path, default=Path("artifacts"))
     parser.add_argument("--scenarios", default="home,item_detail")
-    parser.add_argument("--requests", type=int, default=2000, help="measured requests per scenario")
-    parser.add_argument("--warmup", type=int, default=300)
-    parser.add_argument("--profile-requests", type=int, default=500, help="requests under cProfile")
-    parser.add_argument("--top", type=int, default=20, help="functions listed per scenario")
-    parser.add_argument("--users", type=int, default=1000)
+    parser.add_argument(
+        "--requests", type=count_at_least(1), default=2000, help="measured requests per scenario"
+    )
+    parser.add_argument("--warmup", type=count_at_least(0), default=300)
+    parser.add_argument(
+        "--profile-requests",
+        type=count_at_least(0),
+        default=500,
+        help="requests under cProfile (0 = none, e.g. under an outside profiler)",
+    )
+    parser.add_argument("--top", type=count_at_least(1), default=20, help="functions listed per scenario")
+    parser.add_argument("--users", type=count_at_least(1), default=1000)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--hop-rate", type=float, default=200.0, help="echo calls/s of the gRPC hop floor")
     parser.add_argument("--hop-seconds", type=float, default=5.0, help="measured seconds per hop size")

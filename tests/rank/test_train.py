@@ -314,3 +314,63 @@ def test_manifest_and_eval_record_every_held_out_bundles_training(synthetic_data
     records = training_records(tmp_path)
     assert records["rank_holdout_recall"]["train_seconds"] == 11.0
     assert records["rank_holdout_recall_2"]["train_seconds"] == 22.0
+
+
+@pytest.mark.parametrize("served_validation", [True, False])
+def test_early_stopping_lists_come_from_the_served_bundle_with_training_only_tables(
+    synthetic_dataset, recall_bundle, tmp_path, served_validation
+):
+    """The ranker early-stops on what the served recall bundle gives each validation history, its
+    co-visitation and popularity counted over training items (as `recsys eval --phase valid`
+    serves), or with ``served_validation`` off on the held-out bundle's lists."""
+    import dataclasses
+    import json
+    import shutil
+
+    from rank_service.train import (
+        build_bundle,
+        eval_lists,
+        holdout_dataset,
+        holdout_recall_dir,
+        load_candidates,
+        served_validation_source,
+    )
+
+    rank_dir = tmp_path / "rank"
+    split = LeaveOneOutSplit(synthetic_dataset)
+    holdout_dir = holdout_recall_dir(rank_dir)  # a stand-in: the served bundle, its own tables
+    shutil.copytree(recall_bundle, holdout_dir)
+    manifest = json.loads((holdout_dir / "manifest.json").read_text())
+    manifest["data_fingerprint"] = holdout_dataset(synthetic_dataset, split).fingerprint()
+    (holdout_dir / "manifest.json").write_text(json.dumps(manifest))
+    config = dataclasses.replace(
+        RankTrainConfig.tiny(),
+        holdout_recall=True,
+        prefixes_per_user=1,
+        epochs=1,
+        eval_users=0,
+        served_validation=served_validation,
+    )
+    build_bundle(synthetic_dataset, recall_bundle, rank_dir, config)
+    recorded = json.loads((rank_dir / "manifest.json").read_text())["train"]["valid_recall_only"]
+
+    def recall_order(source):
+        lists = eval_lists(
+            synthetic_dataset, split, source, "valid", split.eval_users, config.pipeline_candidates
+        )
+        return pipeline_metrics(
+            synthetic_dataset,
+            split,
+            "valid",
+            split.eval_users,
+            lists,
+            lambda h, e, s, lists: [-np.arange(len(c.items), dtype=np.float32) for c in lists],
+        )
+
+    served = recall_order(served_validation_source(synthetic_dataset, recall_bundle, config))
+    held_out = recall_order(load_candidates(holdout_dir, config))
+    # the stand-in's tables count each validation item's transition: it scores higher
+    assert held_out["NDCG@10"] > served["NDCG@10"]
+    expected = served if served_validation else held_out
+    assert recorded["NDCG@10"] == pytest.approx(expected["NDCG@10"])
+    assert recorded["HR@10"] == pytest.approx(expected["HR@10"])
