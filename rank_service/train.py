@@ -765,15 +765,14 @@ def load_candidates(bundle_dir: Path, config: RankTrainConfig) -> RecallCandidat
     return RecallCandidates.load(bundle_dir, threads=resolve_threads(config.threads), scenarios=scenarios)
 
 
-def served_validation_source(dataset: Dataset, bundle_dir: Path, config: RankTrainConfig) -> RecallCandidates:
-    """The served recall bundle at ``bundle_dir`` answering the validation phase as `recsys eval
+def answer_validation_phase(dataset: Dataset, served: RecallCandidates) -> RecallCandidates:
+    """``served`` (the served recall bundle), made to answer the validation phase as `recsys eval
     --phase valid` does: co-visitation and popularity counted over training items only (its own
-    tables count each validation item's transition from the item before it)."""
+    tables count each validation item's transition from the item before it). Changes ``served``."""
     from recall_service.evaluate import tables_for_phase
 
-    candidates = load_candidates(bundle_dir, config)
-    tables_for_phase(candidates.engine, dataset, LeaveOneOutSplit(dataset), "valid")
-    return candidates
+    tables_for_phase(served.engine, dataset, LeaveOneOutSplit(dataset), "valid")
+    return served
 
 
 def build_bundle(
@@ -795,8 +794,8 @@ def build_bundle(
     valid_source: CandidateSource | None = None
     if source is None:
         if config.holdout_recall:
-            if config.served_validation:
-                valid_source = served_validation_source(dataset, Path(recall_bundle_dir), config)
+            if config.served_validation:  # only its version is read otherwise
+                valid_source = answer_validation_phase(dataset, served)
             # one held-out bundle per training prefix: the lists whose target is the j-th last
             # training item come from a bundle that has seen none of the last j
             held_out = range(1, max(1, config.prefixes_per_user) + 1)

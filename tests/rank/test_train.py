@@ -328,12 +328,12 @@ def test_early_stopping_lists_come_from_the_served_bundle_with_training_only_tab
     import shutil
 
     from rank_service.train import (
+        answer_validation_phase,
         build_bundle,
         eval_lists,
         holdout_dataset,
         holdout_recall_dir,
         load_candidates,
-        served_validation_source,
     )
 
     rank_dir = tmp_path / "rank"
@@ -367,7 +367,7 @@ def test_early_stopping_lists_come_from_the_served_bundle_with_training_only_tab
             lambda h, e, s, lists: [-np.arange(len(c.items), dtype=np.float32) for c in lists],
         )
 
-    served = recall_order(served_validation_source(synthetic_dataset, recall_bundle, config))
+    served = recall_order(answer_validation_phase(synthetic_dataset, load_candidates(recall_bundle, config)))
     held_out = recall_order(load_candidates(holdout_dir, config))
     # the stand-in's tables count each validation item's transition: it scores higher
     assert held_out["NDCG@10"] > served["NDCG@10"]
