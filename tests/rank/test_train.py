@@ -274,9 +274,11 @@ def test_every_training_flag_reaches_the_config():
 
     _, config = parse_arguments(
         ["--refit-with-validation", "--prefixes-per-user", "2", "--eval-users", "5", "--candidates", "40",
-         "--pretrained-item-ids", "--weight-average-decay", "0.5", "--time-guard-hours", "2", "--seed", "3"]
+         "--pretrained-item-ids", "--weight-average-decay", "0.5", "--time-guard-hours", "2", "--seed", "3",
+         "--no-served-validation"]
     )  # fmt: skip
     assert config.refit_with_validation and config.pretrained_item_ids
+    assert not config.served_validation and RankTrainConfig.default().served_validation
     assert (config.prefixes_per_user, config.eval_users, config.seed) == (2, 5, 3)
     assert config.train_candidates == config.pipeline_candidates == 40
     assert config.weight_average_decay == 0.5 and config.time_guard_s == 7200.0
