@@ -36,3 +36,13 @@ def test_python_dash_m_recsys_runs() -> None:
     )
     assert done.returncode == 0
     assert "serve" in done.stdout
+
+
+def test_bench_counts_are_usage_errors_naming_the_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    from recsys.app import e2e_bench
+
+    with pytest.raises(SystemExit) as exit_info:
+        e2e_bench.build_parser().parse_args(["--repeats", "0"])
+    assert exit_info.value.code == 2
+    assert "--repeats: must be >= 1, got 0" in capsys.readouterr().err
+    assert e2e_bench.build_parser().parse_args(["--repeats", "2"]).repeats == 2

@@ -6,6 +6,7 @@ It imports the services and the core; nothing imports it (tests/test_layers.py c
 
 from __future__ import annotations
 
+import argparse
 import importlib
 from collections.abc import Callable
 from typing import Any
@@ -20,3 +21,16 @@ def load_entry(target: str) -> Callable[..., Any]:
     if not callable(function):
         raise AttributeError(f"{target} is not callable")
     return function
+
+
+def count_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse ``type``: an integer >= ``minimum``; anything else is a usage error naming the
+    flag (exit status 2), never a traceback later."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    return parse

@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from recsys.app import count_at_least
 from recsys.app.grpc_floor import measure as measure_hop
 from recsys.timing import machine_info, report_json
 
@@ -161,18 +162,6 @@ async def measure(
     finally:
         await gateway.stop()
     return results
-
-
-def count_at_least(minimum: int):
-    """An argparse type: an integer >= ``minimum`` (a usage error otherwise, not a traceback)."""
-
-    def parse(text: str) -> int:
-        value = int(text)
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
-        return value
-
-    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from recsys.app import count_at_least
 from recsys.app.loadgen import latency_summary
 from recsys.app.run import (
     HISTORY_LENGTH,
@@ -110,7 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--duration", type=float, default=10.0, help="measured seconds per rate")
     parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds per rate")
     parser.add_argument(
-        "--repeats", type=int, default=3, help="runs per stack and rate, interleaved, then pooled"
+        "--repeats",
+        type=count_at_least(1),
+        default=3,
+        help="runs per stack and rate, interleaved, then pooled",
     )
     parser.add_argument("--users", type=int, default=1000, help="known users the requests are for")
     parser.add_argument("--deadline-ms", type=float, default=500.0, help="client deadline")
@@ -393,10 +397,7 @@ def plot(report: dict, path: Path) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    if args.repeats < 1:
-        parser.error(f"--repeats must be >= 1, got {args.repeats}")
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     rates = [float(r) for r in args.rates.split(",") if r]
     scenarios = [s for s in args.scenarios.split(",") if s]
     started = time.monotonic()
