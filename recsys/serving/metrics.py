@@ -7,7 +7,9 @@ Registries are passed in, never global, so each server (and each test) has its o
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
+import selectors
 import socket
 import threading
 import time
@@ -40,7 +42,6 @@ LATENCY_BUCKETS = (
 )
 
 _REGISTRY_LOCK = threading.Lock()
-_SHUTDOWN_POLL_SECONDS = 0.05  # how long close() may wait for the serving thread to notice
 
 
 def new_registry(process_metrics: bool = True) -> CollectorRegistry:
@@ -266,8 +267,41 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
 
 
 class _ThreadingWsgiServer(ThreadingMixIn, WSGIServer):
+    """A WSGI server whose loop sleeps in ``select`` until a connection or :meth:`stop` arrives.
+
+    ``serve_forever`` polls (it wakes every ``poll_interval`` to look for a shutdown request): at
+    the 50 ms needed for a prompt close that cost ~2 ms of CPU a second per idle process.
+    """
+
     daemon_threads = True
     allow_reuse_address = True
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # first: a failed bind in super().__init__ calls server_close(), which closes these
+        self._wake_reader, self._wake_writer = socket.socketpair()
+        super().__init__(*args, **kwargs)
+
+    def serve_until_stopped(self) -> None:
+        """Accept and dispatch connections until :meth:`stop`; no timeouts, no polling."""
+        with selectors.DefaultSelector() as selector:
+            selector.register(self, selectors.EVENT_READ)
+            selector.register(self._wake_reader, selectors.EVENT_READ)
+            while True:
+                ready = {key.fileobj for key, _ in selector.select()}
+                if self._wake_reader in ready:
+                    return
+                if self in ready:
+                    self._handle_request_noblock()
+
+    def stop(self) -> None:
+        """Make :meth:`serve_until_stopped` return (now, or at once if it starts later)."""
+        with contextlib.suppress(OSError):  # already closed: nothing left to wake
+            self._wake_writer.send(b"x")
+
+    def server_close(self) -> None:
+        super().server_close()
+        self._wake_reader.close()
+        self._wake_writer.close()
 
 
 class _IPv6ThreadingWsgiServer(_ThreadingWsgiServer):
@@ -290,8 +324,7 @@ class MetricsHttpServer:
         )
         self.port: int = self._httpd.server_port
         self._thread = threading.Thread(
-            target=self._httpd.serve_forever,
-            kwargs={"poll_interval": _SHUTDOWN_POLL_SECONDS},
+            target=self._httpd.serve_until_stopped,
             name=f"metrics-http-{self.port}",
             daemon=True,
         )
@@ -303,6 +336,6 @@ class MetricsHttpServer:
         if self._closed:
             return
         self._closed = True
-        self._httpd.shutdown()
-        self._httpd.server_close()
+        self._httpd.stop()
         self._thread.join(timeout=5)
+        self._httpd.server_close()
