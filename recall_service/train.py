@@ -108,6 +108,9 @@ class RecallTrainConfig:
     # latest behaviour is the closest to what the user will do next. 0 = uniform weights.
     recency_boost: float = 0.0
     recency_decay: float = 0.5
+    # One training window per prefix, its newest position the only target (RecBole's loader),
+    # instead of every position of a window at once.
+    per_prefix_targets: bool = False
     # Evaluate and keep an exponential moving average of the weights (0 = the live weights).
     weight_average_decay: float = 0.0
     patience: int = 4
@@ -245,8 +248,13 @@ def build_training_windows(
     include_validation: bool = False,
     recency_boost: float = 0.0,
     recency_decay: float = 0.5,
+    per_prefix: bool = False,
 ) -> TrainingWindows:
     """Cut every training sequence into windows of at most ``max_length + 1`` targets.
+
+    ``per_prefix``: one window per prefix of at least one item instead, its newest position the
+    only target (RecBole's sequential loader: every target once, each with its own forward pass
+    and dropout masks, up to ``max_length`` items of history; no start-token target).
 
     The first window of a sequence also trains the start token (predict the first item from no
     history); later windows of long sequences drop that target, since they do have history.
@@ -269,6 +277,27 @@ def build_training_windows(
             if dataset.scenarios is None
             else np.asarray(dataset.scenarios[user][:length], dtype=np.int64)
         )
+        if per_prefix:
+            for end in range(2, length + 1):
+                start = max(0, end - span)
+                inputs = end - start - 1
+                item_row = np.zeros(max_length, dtype=np.int64)
+                event_row = np.zeros(max_length, dtype=np.int64)
+                target_row = np.zeros(span, dtype=np.int64)
+                scenario_row = np.zeros(span, dtype=np.int64)
+                weight_row = np.zeros(span, dtype=np.float32)
+                item_row[-inputs:] = sequence[start : end - 1]
+                event_row[-inputs:] = events[start : end - 1]
+                target_row[-1] = sequence[end - 1]
+                scenario_row[-1] = scenarios[end - 1]
+                weight_row[-1] = 1.0 + recency_boost * recency_decay ** float(length - end)
+                rows_items.append(item_row)
+                rows_events.append(event_row)
+                rows_targets.append(target_row)
+                rows_scenarios.append(scenario_row)
+                rows_weights.append(weight_row)
+                lengths.append(inputs)
+            continue
         for end in range(length, 0, -max_length):
             start = max(0, end - span)
             inputs = end - start - 1
@@ -473,12 +502,15 @@ def weighted_loss(
 
 class RecallObjective(nn.Module):
     """One step's loss from a batch of windows: the module DistributedDataParallel wraps (its
-    forward is what makes DDP ready to average the gradients in backward)."""
+    forward is what makes DDP ready to average the gradients in backward). ``newest_only``: the
+    windows' only targets are at their newest position (per-prefix windows), so the last block
+    computes that position alone."""
 
-    def __init__(self, model: TwoTowerModel, loss_fn: SampledSoftmaxLoss):
+    def __init__(self, model: TwoTowerModel, loss_fn: SampledSoftmaxLoss, newest_only: bool = False):
         super().__init__()
         self.model = model
         self.loss_fn = loss_fn
+        self.newest_only = newest_only
 
     def forward(
         self,
@@ -494,7 +526,12 @@ class RecallObjective(nn.Module):
         # candidates (the candidates' copy drops ids when id_dropout is on).
         table = model.item_table()
         candidate_table = table if model.shape.id_dropout <= 0 else model.item_table(model.shape.id_dropout)
-        hidden = model.encode(items, events, table)
+        if self.newest_only:
+            hidden = model.encode(items, events, table, last_only=True)
+            targets, scenarios = targets[:, -1:], scenarios[:, -1:]
+            weights = None if weights is None else weights[:, -1:]
+        else:
+            hidden = model.encode(items, events, table)
         present = targets > 0
         users = model.user_head(hidden[present], scenarios[present])
         position_weights = None if weights is None else weights[present]
@@ -769,10 +806,10 @@ def model_attributes(dataset: Dataset, config: RecallTrainConfig) -> np.ndarray:
 
 
 def wrap_for_training(
-    model: TwoTowerModel, loss_fn: SampledSoftmaxLoss, context: DistributedContext
+    model: TwoTowerModel, loss_fn: SampledSoftmaxLoss, context: DistributedContext, newest_only: bool = False
 ) -> nn.Module:
     """The step module: DistributedDataParallel over the processes when there are several."""
-    return data_parallel(RecallObjective(model, loss_fn), context)
+    return data_parallel(RecallObjective(model, loss_fn, newest_only), context)
 
 
 def build_for_training(
@@ -798,7 +835,7 @@ def build_for_training(
         low_precision=precision == "bf16",
         seen_only=shape.mask_unseen_ids,
     )
-    return model, optimizer, wrap_for_training(model, loss_fn, context)
+    return model, optimizer, wrap_for_training(model, loss_fn, context, config.per_prefix_targets)
 
 
 def early_stopping_validator(
@@ -923,6 +960,7 @@ def train_single_model(
         config.max_length,
         recency_boost=config.recency_boost,
         recency_decay=config.recency_decay,
+        per_prefix=config.per_prefix_targets,
     )
     item_counts = training_item_counts(dataset, split)
     attributes = model_attributes(dataset, config)
@@ -1023,6 +1061,7 @@ def _refit(
         include_validation=True,
         recency_boost=config.recency_boost,
         recency_decay=config.recency_decay,
+        per_prefix=config.per_prefix_targets,
     )
     counts = training_item_counts(dataset, split, include_validation=True)
     model, optimizer, objective = build_for_training(

@@ -40,6 +40,54 @@ def test_long_sequences_are_cut_into_windows_that_keep_every_target(make_dataset
     assert len(starts) == 1
 
 
+def test_per_prefix_windows_train_each_target_once_at_the_newest_position(make_dataset) -> None:
+    sequence = list(range(10))  # 8 training items, then validation (8) and test (9)
+    dataset = make_dataset([sequence, [20, 21, 22]], num_items=23)
+    windows = build_training_windows(dataset, LeaveOneOutSplit(dataset), max_length=4, per_prefix=True)
+    # user 0: prefixes of 1..7 items predict items 1..7; user 1 (train 20): no prefix with history
+    assert (windows.targets[:, :-1] == 0).all()  # only the newest position has a target
+    assert sorted((windows.targets[:, -1] - 1).tolist()) == list(range(1, 8))
+    row = int(np.flatnonzero(windows.targets[:, -1] == 7 + 1)[0])  # predicts 7 from the newest 4
+    np.testing.assert_array_equal(windows.items[row], [4, 5, 6, 7])
+    assert windows.lengths[row] == 4
+    row = int(np.flatnonzero(windows.targets[:, -1] == 1 + 1)[0])  # predicts 1 from item 0 alone
+    np.testing.assert_array_equal(windows.items[row], [0, 0, 0, 1])
+    assert windows.lengths[row] == 1
+
+
+def test_newest_only_objective_gives_the_full_encoders_loss_on_per_prefix_windows(make_dataset) -> None:
+    import torch
+
+    from recall_service.model import TwoTowerModel, TwoTowerShape
+    from recall_service.train import RecallObjective, SampledSoftmaxLoss
+
+    dataset = make_dataset([list(range(9)), [10, 11, 12, 13, 14, 15]], num_items=16)
+    windows = build_training_windows(dataset, LeaveOneOutSplit(dataset), max_length=4, per_prefix=True)
+    torch.manual_seed(0)
+    for post_norm in (False, True):
+        shape = TwoTowerShape(
+            num_items=16,
+            num_attributes=3,
+            max_attributes=1,
+            num_scenarios=1,
+            dim=8,
+            layers=2,
+            max_length=4,
+            relative_positions=True,
+            post_norm=post_norm,
+        )
+        model = TwoTowerModel(shape, np.zeros((17, 1), dtype=np.int64)).eval()  # no dropout
+
+        def loss(newest_only: bool, model: TwoTowerModel = model) -> torch.Tensor:
+            loss_fn = SampledSoftmaxLoss(np.ones(16), uniform_negatives=16, rng=np.random.default_rng(0))
+            tensors = (torch.as_tensor(a) for a in (windows.items, windows.events, windows.targets))
+            items, events, targets = tensors
+            scenarios = torch.as_tensor(windows.scenarios)
+            return RecallObjective(model, loss_fn, newest_only)(items, events, targets, scenarios, None)
+
+        torch.testing.assert_close(loss(True), loss(False))
+
+
 def test_refit_windows_add_the_validation_item_but_never_the_test_item(make_dataset) -> None:
     dataset = make_dataset([[0, 1, 2, 3, 4], [5, 6]], num_items=7)
     windows = build_training_windows(
