@@ -418,3 +418,24 @@ def test_training_finds_the_gpu_and_trains_in_mixed_precision(synthetic_dataset)
     split = LeaveOneOutSplit(synthetic_dataset)
     valid = RecallValidator(synthetic_dataset, split, split.eval_users, config.max_length)(result.model)
     assert valid["HR@10"] == pytest.approx(result.best_valid["HR@10"], abs=0.02)
+
+
+def test_per_prefix_training_learns_more_than_popularity(synthetic_dataset) -> None:
+    """The per-prefix recipe end to end on the tiny data: it trains, validates what it keeps, and
+    ranks validation targets better than popularity counted over the training items."""
+    import dataclasses
+
+    from recall_service.train import RecallTrainConfig, RecallValidator, train_model
+
+    split = LeaveOneOutSplit(synthetic_dataset)
+    config = dataclasses.replace(RecallTrainConfig.tiny(), per_prefix_targets=True, epochs=3, threads=1)
+    result = train_model(synthetic_dataset, config)
+    validator = RecallValidator(synthetic_dataset, split, split.eval_users, config.max_length)
+    assert validator(result.model)["HR@10"] == pytest.approx(result.best_valid["HR@10"], abs=1e-6)
+    counts = np.bincount(
+        np.concatenate([split.train_sequence(u) for u in range(synthetic_dataset.num_users)]),
+        minlength=synthetic_dataset.num_items,
+    )
+    popular_top10 = set(np.argsort(-counts, kind="stable")[:10].tolist())
+    popularity_hr = np.mean([int(t) in popular_top10 for t in split.targets(split.eval_users, "valid")])
+    assert result.best_valid["HR@10"] > 1.3 * popularity_hr  # 0.39 vs 0.25 when written
