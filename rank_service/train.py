@@ -127,6 +127,10 @@ class RankTrainConfig:
     # epoch kept is the one that serves best. Only with holdout_recall (else both are the served
     # bundle's).
     served_validation: bool = True
+    # Train the held-out recall bundle (and the served one, when this builds it) with
+    # RecallTrainConfig.per_prefix_targets: the held-out bundle is meant to be trained like the
+    # served one, so set this when the served bundle was (`recsys train recall --per-prefix-targets`).
+    recall_per_prefix_targets: bool = False
     # training: at most ``epochs`` epochs; early stopping (``patience``) normally ends it first
     epochs: int = 30
     batch_size: int = 128  # lists per optimizer step, over all processes together
@@ -751,6 +755,7 @@ def holdout_candidates(
         recall_config.threads = config.threads
         recall_config.seed = config.seed
         recall_config.device = config.device
+        recall_config.per_prefix_targets = config.recall_per_prefix_targets
         started = time.perf_counter()
         build_recall_bundle(holdout, holdout_dir, recall_config, context)
         log.info("holdout recall bundle %s built in %.0f s", holdout_dir, time.perf_counter() - started)
@@ -909,6 +914,12 @@ def parse_arguments(argv: list[str] | None = None) -> tuple[argparse.Namespace, 
         help="early-stop on the served recall bundle's validation lists (--no-served-validation: "
         "on the held-out bundle's)",
     )
+    parser.add_argument(
+        "--recall-per-prefix-targets",
+        action=argparse.BooleanOptionalAction,
+        help="train the held-out recall bundle with one example per prefix (as `recsys train recall "
+        "--per-prefix-targets` trained the served one)",
+    )
     args = parser.parse_args(argv)
     config = RankTrainConfig.quick() if args.quick else RankTrainConfig.default()
     for field in dataclasses.fields(RankTrainConfig):  # every flag named after a field overrides it
@@ -959,4 +970,5 @@ def ensure_recall_bundle(
             config.threads,
             config.device,
         )
+        recall_config.per_prefix_targets = config.recall_per_prefix_targets
     return build_recall_bundle(dataset, recall_dir, recall_config)

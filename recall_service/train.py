@@ -109,7 +109,10 @@ class RecallTrainConfig:
     recency_boost: float = 0.0
     recency_decay: float = 0.5
     # One training window per prefix, its newest position the only target (RecBole's loader),
-    # instead of every position of a window at once.
+    # instead of every position of a window at once. Beauty (docs/EXPERIMENTS.md): valid u2i
+    # HR@10 0.1066 -> 0.1151 (seed 7), served home better on validation for every seed, but ~6x
+    # the steps of an epoch (~4x the recall training time): a log 3x Beauty's size would no
+    # longer train within 90 minutes on 2 cores, so it is off by default until its step is cheaper.
     per_prefix_targets: bool = False
     # Evaluate and keep an exponential moving average of the weights (0 = the live weights).
     weight_average_decay: float = 0.0
@@ -190,7 +193,8 @@ class RecallTrainConfig:
         moving average of the weights. Measured on Beauty (docs/EXPERIMENTS.md, 2 cores, seed 7):
         best epoch 12, early stop at 16 (10-14 s an epoch), valid HR@10 0.1066, test u2i HR@10
         0.0809 / NDCG@10 0.0488 / HR@500 0.3986 (the pre-LN cosine two-tower with 2,048 sampled
-        negatives: valid 0.0956, test 0.0744 / 0.0418 / 0.3956)."""
+        negatives: valid 0.0956, test 0.0744 / 0.0418 / 0.3956). ``per_prefix_targets`` is better
+        (valid 0.1151, test 0.0937 / 0.0569) at ~4x the training time: see its comment."""
         return cls(
             similarity="dot",
             post_norm=True,
@@ -229,6 +233,7 @@ class TrainingWindows:
     # [W, L + 1] loss weight per target: 1 + boost * decay ** (targets after it in the user's
     # training sequence); all ones without a recency boost.
     weights: np.ndarray | None = None
+    per_prefix: bool = False  # one window per prefix: the newest position is the only target
 
 
 def item_attribute_matrix(dataset: Dataset) -> np.ndarray:
@@ -331,6 +336,7 @@ def build_training_windows(
         scenarios=np.stack(rows_scenarios),
         lengths=np.asarray(lengths, dtype=np.int64),
         weights=np.stack(rows_weights) if recency_boost > 0 else None,
+        per_prefix=per_prefix,
     )
 
 
@@ -835,7 +841,7 @@ def build_for_training(
         low_precision=precision == "bf16",
         seen_only=shape.mask_unseen_ids,
     )
-    return model, optimizer, wrap_for_training(model, loss_fn, context, config.per_prefix_targets)
+    return model, optimizer, wrap_for_training(model, loss_fn, context, newest_only=config.per_prefix_targets)
 
 
 def early_stopping_validator(
@@ -1086,7 +1092,7 @@ def save_checkpoint(result: TrainResult, config: RecallTrainConfig, path: Path) 
             "member_state_dicts": [member.state_dict() for member in members[1:]],
             "shape": asdict(result.model.shape),
             "config": asdict(config),
-            "train": _train_info(result),
+            "train": _train_info(result, config),
         },
         path,
     )
@@ -1121,14 +1127,15 @@ def build_bundle(
     result = train_model(dataset, config, context)
     bundle_dir = Path(bundle_dir)
     if context.is_main:
-        export_bundle(result.model, dataset, bundle_dir, config, train_info=_train_info(result))
+        export_bundle(result.model, dataset, bundle_dir, config, train_info=_train_info(result, config))
     barrier(context)
     return bundle_dir
 
 
-def _train_info(result: TrainResult) -> dict:
+def _train_info(result: TrainResult, config: RecallTrainConfig) -> dict:
     """The manifest's ``train`` block: what stopped training, epochs, seconds, threads, seed, ..."""
     return {
+        "per_prefix_targets": config.per_prefix_targets,
         **result.run,
         "epochs_run": result.epochs_run,
         "best_epoch": result.best_epoch,
@@ -1189,6 +1196,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, help="torch threads per process (0 = every core)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="training device")
     parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), help="training precision")
+    parser.add_argument(
+        "--per-prefix-targets",
+        action=argparse.BooleanOptionalAction,
+        help="one training example per prefix, its newest position the target (better u2i, ~4x the "
+        "training time; train the ranker with --recall-per-prefix-targets to match)",
+    )
     parser.add_argument("--time-guard-hours", type=float, help="wall-clock guard (hours)")
     parser.add_argument("--index-factory", help="Faiss index_factory string ('' = by catalog size)")
     add_text_arguments(parser)
@@ -1202,7 +1215,17 @@ def main(argv: list[str] | None = None) -> int:
     quiet_exporter_logs()
 
     config = RecallTrainConfig.quick() if args.quick else RecallTrainConfig.default()
-    for name in ("epochs", "patience", "seed", "ensemble", "threads", "device", "precision", "index_factory"):
+    for name in (
+        "epochs",
+        "patience",
+        "seed",
+        "ensemble",
+        "threads",
+        "device",
+        "precision",
+        "index_factory",
+        "per_prefix_targets",
+    ):
         if getattr(args, name) is not None:
             setattr(config, name, getattr(args, name))
     if args.time_guard_hours is not None:
@@ -1218,7 +1241,7 @@ def main(argv: list[str] | None = None) -> int:
         artifacts = dataset_artifacts(dataset, args.artifacts)
         save_checkpoint(result, config, artifacts / "checkpoints" / "recall.pt")
         bundle_dir = export_bundle(
-            result.model, dataset, artifacts / "recall", config, train_info=_train_info(result)
+            result.model, dataset, artifacts / "recall", config, train_info=_train_info(result, config)
         )
         print(
             f"recall bundle: {bundle_dir} (trained {result.train_seconds:.0f} s, {result.epochs_run} epochs, "

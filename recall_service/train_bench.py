@@ -1,5 +1,7 @@
 """`python -m recall_service.train_bench`: ms per training step and seconds per validation of the
-recall trainer, against the pre-issue-14 code path kept here, interleaved on the same batches.
+recall trainer, against the pre-issue-14 code path kept here, interleaved on the same batches
+(the default recipe's windows; with ``per_prefix_targets`` one per prefix, where the new step's
+last block computes the newest position alone and the legacy step every position).
 
 Variants (each its own copy of one initial model, AdamW and weight average):
 
@@ -204,7 +206,7 @@ def new_step_loss(
 ) -> torch.Tensor:
     width = max(int(windows.lengths[batch].max()), 1)
     weights = None if windows.weights is None else torch.as_tensor(windows.weights[batch, -(width + 1) :])
-    return RecallObjective(model, loss_fn)(
+    return RecallObjective(model, loss_fn, windows.per_prefix)(
         torch.as_tensor(windows.items[batch, -width:]),
         torch.as_tensor(windows.events[batch, -width:]),
         torch.as_tensor(windows.targets[batch, -(width + 1) :]),
@@ -220,7 +222,7 @@ def run_bench(data: Path, rounds: int, steps: int, threads: int, validation_roun
     dataset = load_dataset(data)
     config = RecallTrainConfig.default()
     split = LeaveOneOutSplit(dataset)
-    windows = build_training_windows(dataset, split, config.max_length)
+    windows = build_training_windows(dataset, split, config.max_length, per_prefix=config.per_prefix_targets)
     attributes = model_attributes(dataset, config)
     torch.manual_seed(config.seed)
     model = TwoTowerModel(model_shape(dataset, config, attributes.shape[1]), attributes)

@@ -275,15 +275,38 @@ def test_every_training_flag_reaches_the_config():
     _, config = parse_arguments(
         ["--refit-with-validation", "--prefixes-per-user", "2", "--eval-users", "5", "--candidates", "40",
          "--pretrained-item-ids", "--weight-average-decay", "0.5", "--time-guard-hours", "2", "--seed", "3",
-         "--no-served-validation"]
+         "--no-served-validation", "--recall-per-prefix-targets"]
     )  # fmt: skip
-    assert config.refit_with_validation and config.pretrained_item_ids
+    assert config.refit_with_validation and config.pretrained_item_ids and config.recall_per_prefix_targets
     assert not config.served_validation and RankTrainConfig.default().served_validation
     assert (config.prefixes_per_user, config.eval_users, config.seed) == (2, 5, 3)
     assert config.train_candidates == config.pipeline_candidates == 40
     assert config.weight_average_decay == 0.5 and config.time_guard_s == 7200.0
     _, default = parse_arguments([])
     assert not default.refit_with_validation and default == RankTrainConfig.default()
+    assert not default.recall_per_prefix_targets
+
+
+def test_held_out_recall_bundle_is_trained_with_the_recall_recipe_the_ranker_names(
+    synthetic_dataset, tmp_path, monkeypatch
+):
+    import dataclasses
+
+    import rank_service.train as rank_train
+    import recall_service.train as recall_train
+
+    built = []
+
+    def record_config(dataset, bundle_dir, config, context=None):
+        built.append(config)
+        raise RuntimeError("stop after the config")
+
+    monkeypatch.setattr(recall_train, "build_bundle", record_config)
+    for per_prefix in (False, True):
+        config = dataclasses.replace(RankTrainConfig.quick(), recall_per_prefix_targets=per_prefix, seed=5)
+        with pytest.raises(RuntimeError, match="stop after the config"):
+            rank_train.holdout_candidates(synthetic_dataset, tmp_path / f"rank{per_prefix}", config)
+        assert built[-1].per_prefix_targets is per_prefix and built[-1].seed == 5
 
 
 def test_manifest_and_eval_record_every_held_out_bundles_training(synthetic_dataset, recall_bundle, tmp_path):

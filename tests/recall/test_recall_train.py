@@ -53,6 +53,7 @@ def test_per_prefix_windows_train_each_target_once_at_the_newest_position(make_d
     row = int(np.flatnonzero(windows.targets[:, -1] == 1 + 1)[0])  # predicts 1 from item 0 alone
     np.testing.assert_array_equal(windows.items[row], [0, 0, 0, 1])
     assert windows.lengths[row] == 1
+    assert windows.per_prefix and not build_training_windows(dataset, LeaveOneOutSplit(dataset), 4).per_prefix
 
 
 def test_newest_only_objective_gives_the_full_encoders_loss_on_per_prefix_windows(make_dataset) -> None:
@@ -395,6 +396,7 @@ def test_recall_bundle_manifest_records_the_training_run(recall_bundle) -> None:
     assert train["stop_reason"] in STOP_REASONS
     assert 1 <= train["best_epoch"] <= train["epochs_run"] <= train["max_epochs"]
     assert train["threads"] >= 1 and train["processes"] == 1 and train["seed"] == 7
+    assert train["per_prefix_targets"] is False
     assert train["train_seconds"] > 0 and train["device"] == "cpu"
     assert 0 <= train["reduced_thread_steps"] <= train["steps"] and train["steps"] > 0
 
