@@ -282,28 +282,9 @@ def build_training_windows(
             if dataset.scenarios is None
             else np.asarray(dataset.scenarios[user][:length], dtype=np.int64)
         )
-        if per_prefix:
-            for end in range(2, length + 1):
-                start = max(0, end - span)
-                inputs = end - start - 1
-                item_row = np.zeros(max_length, dtype=np.int64)
-                event_row = np.zeros(max_length, dtype=np.int64)
-                target_row = np.zeros(span, dtype=np.int64)
-                scenario_row = np.zeros(span, dtype=np.int64)
-                weight_row = np.zeros(span, dtype=np.float32)
-                item_row[-inputs:] = sequence[start : end - 1]
-                event_row[-inputs:] = events[start : end - 1]
-                target_row[-1] = sequence[end - 1]
-                scenario_row[-1] = scenarios[end - 1]
-                weight_row[-1] = 1.0 + recency_boost * recency_decay ** float(length - end)
-                rows_items.append(item_row)
-                rows_events.append(event_row)
-                rows_targets.append(target_row)
-                rows_scenarios.append(scenario_row)
-                rows_weights.append(weight_row)
-                lengths.append(inputs)
-            continue
-        for end in range(length, 0, -max_length):
+        # per-prefix: the window of every prefix of >= 1 item, its earlier targets dropped below
+        ends = range(2, length + 1) if per_prefix else range(length, 0, -max_length)
+        for end in ends:
             start = max(0, end - span)
             inputs = end - start - 1
             item_row = np.zeros(max_length, dtype=np.int64)
@@ -320,14 +301,16 @@ def build_training_windows(
             weight_row[-(inputs + 1) :] = 1.0 + recency_boost * recency_decay ** ages.astype(np.float32)
             rows_weights.append(weight_row)
             scenario_row[-(inputs + 1) :] = scenarios[start:end]
-            if start > 0:
+            if per_prefix:
+                target_row[:-1] = 0  # the newest position is the only target
+            elif start > 0:
                 target_row[-(inputs + 1)] = 0  # this window has history the start token cannot see
             rows_items.append(item_row)
             rows_events.append(event_row)
             rows_targets.append(target_row)
             rows_scenarios.append(scenario_row)
             lengths.append(inputs)
-            if start == 0:
+            if start == 0 and not per_prefix:
                 break
     return TrainingWindows(
         items=np.stack(rows_items),
