@@ -24,7 +24,7 @@ BUF_VERSION := 1.75.0
 BUF := .tools/node_modules/.bin/buf
 BUF_AGAINST ?= main
 
-.PHONY: install protos buf run test test-slow lint eval eval-seeds train-bench bench data train export serve clean system-deps format gpu-check
+.PHONY: install protos buf run test test-slow lint eval eval-seeds train-bench recipe-bench bench data train export serve clean system-deps format gpu-check
 
 install: $(INSTALLED) $(STUBS)
 
@@ -60,10 +60,11 @@ system-deps:
 
 # The suite on TEST_WORKERS processes (pytest-xdist; each test file stays on one worker, so its
 # module fixtures are built once): run in one process it keeps about one of two cores busy (its
-# CPU time ~ its wall time). TEST_WORKERS=0 runs it in this process.
+# CPU time ~ its wall time). TEST_WORKERS=0 runs it in this process. The 15 slowest tests and
+# fixtures are listed at the end (the suite must stay under 10 minutes on 2 cores).
 TEST_WORKERS ?= 2
 test: install system-deps buf
-	RECSYS_BUF_AGAINST=$(BUF_AGAINST) $(PY) -m pytest -m "not slow and not gpu" -q \
+	RECSYS_BUF_AGAINST=$(BUF_AGAINST) $(PY) -m pytest -m "not slow and not gpu" -q --durations 15 \
 		$(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile,-p no:xdist)
 
 test-slow: install
@@ -99,6 +100,10 @@ eval-seeds: install
 # Recall training speed, old vs new step interleaved (JSON).
 train-bench: install
 	$(PY) -m recall_service.train_bench --data $(DATA) --out $(ARTIFACTS)/bench/train-speed.json
+
+# Seconds per recall epoch of the default recipe against the all-positions one, interleaved (JSON).
+recipe-bench: install
+	$(PY) -m recall_service.recipe_bench --data $(DATA) --out $(ARTIFACTS)/bench/recipe-speed.json
 
 # Speed, as JSON + plots in $(ARTIFACTS)/bench, then the README's Performance section from them.
 # BENCH_BUNDLE: the recall bundle whose real item vectors the ANN benchmark adds to the 1M

@@ -69,6 +69,7 @@ from recsys.training import (
     adamw,
     any_rank,
     autocast,
+    averaged_weights,
     barrier,
     configure_threads,
     data_parallel,
@@ -127,10 +128,10 @@ class RankTrainConfig:
     # epoch kept is the one that serves best. Only with holdout_recall (else both are the served
     # bundle's).
     served_validation: bool = True
-    # Train the held-out recall bundle (and the served one, when this builds it) with
-    # RecallTrainConfig.per_prefix_targets: the held-out bundle is meant to be trained like the
-    # served one, so set this when the served bundle was (`recsys train recall --per-prefix-targets`).
-    recall_per_prefix_targets: bool = False
+    # RecallTrainConfig.per_prefix_targets for the held-out recall bundle (and the served one, when
+    # this builds it). None: as the served bundle's manifest records it (the held-out bundle is
+    # meant to be trained like the served one); the recall default when this builds the served one.
+    recall_per_prefix_targets: bool | None = None
     # training: at most ``epochs`` epochs; early stopping (``patience``) normally ends it first
     epochs: int = 30
     batch_size: int = 128  # lists per optimizer step, over all processes together
@@ -584,25 +585,20 @@ def train_model(
             average,
             run.governor,
         )
-        live_state = None
-        if average is not None:  # validate (and keep) the averaged weights
-            live_state = copy.deepcopy(model.state_dict())
-            model.load_state_dict(average.state_dict(model))
-        valid = gather_metrics(
-            pipeline_metrics(dataset, split, "valid", valid_users, valid_lists, scorer.score), context
-        )
-        log.info(
-            "epoch %d: loss %.4f valid NDCG@10 %.4f HR@10 %.4f (%.0f s)",
-            epoch,
-            mean_loss,
-            valid["NDCG@10"],
-            valid["HR@10"],
-            run.elapsed(),
-        )
-        if run.update(epoch, valid["NDCG@10"]):
-            best_state, best_valid = copy.deepcopy(model.state_dict()), valid
-        if live_state is not None:
-            model.load_state_dict(live_state)
+        with averaged_weights(model, average):  # validate (and keep) the averaged weights
+            valid = gather_metrics(
+                pipeline_metrics(dataset, split, "valid", valid_users, valid_lists, scorer.score), context
+            )
+            log.info(
+                "epoch %d: loss %.4f valid NDCG@10 %.4f HR@10 %.4f (%.0f s)",
+                epoch,
+                mean_loss,
+                valid["NDCG@10"],
+                valid["HR@10"],
+                run.elapsed(),
+            )
+            if run.update(epoch, valid["NDCG@10"]):
+                best_state, best_valid = copy.deepcopy(model.state_dict()), valid
         if run.should_stop(epoch):
             break
     assert best_state is not None
@@ -746,16 +742,18 @@ def holdout_candidates(
     holdout = holdout_dataset(dataset, LeaveOneOutSplit(dataset), held_out)
     holdout_dir = holdout_recall_dir(bundle_dir, held_out)
     manifest = holdout_dir / "manifest.json"
+    recall_config = RecallTrainConfig.default()
+    if config.recall_per_prefix_targets is not None:
+        recall_config.per_prefix_targets = config.recall_per_prefix_targets
+    recorded = json.loads(manifest.read_text()) if manifest.is_file() else {}
     stale = (
-        not manifest.is_file()
-        or json.loads(manifest.read_text()).get("data_fingerprint") != holdout.fingerprint()
+        recorded.get("data_fingerprint") != holdout.fingerprint()
+        or recorded.get("train", {}).get("per_prefix_targets", False) != recall_config.per_prefix_targets
     )
     if any_rank(stale, context):
-        recall_config = RecallTrainConfig.default()
         recall_config.threads = config.threads
         recall_config.seed = config.seed
         recall_config.device = config.device
-        recall_config.per_prefix_targets = config.recall_per_prefix_targets
         started = time.perf_counter()
         build_recall_bundle(holdout, holdout_dir, recall_config, context)
         log.info("holdout recall bundle %s built in %.0f s", holdout_dir, time.perf_counter() - started)
@@ -780,6 +778,14 @@ def answer_validation_phase(dataset: Dataset, served: RecallCandidates) -> Recal
     return served
 
 
+def served_per_prefix_targets(recall_bundle_dir: Path) -> bool:
+    """Whether the recall bundle at ``recall_bundle_dir`` was trained with one example per prefix
+    (its manifest's record; a bundle from before the record was not)."""
+    manifest = recall_bundle_dir / "manifest.json"
+    train = json.loads(manifest.read_text()).get("train", {}) if manifest.is_file() else {}
+    return bool(train.get("per_prefix_targets", False))
+
+
 def build_bundle(
     dataset: Dataset,
     recall_bundle_dir: Path,
@@ -793,6 +799,10 @@ def build_bundle(
     """
     bundle_dir = Path(bundle_dir)
     context = init_distributed(config.device)
+    if config.recall_per_prefix_targets is None:  # train the held-out bundle like the served one
+        config = dataclasses.replace(
+            config, recall_per_prefix_targets=served_per_prefix_targets(Path(recall_bundle_dir))
+        )
     served = load_candidates(Path(recall_bundle_dir), config) if source is None else None
     holdout_trains: list[dict] = []
     earlier_sources: list[CandidateSource] = []
@@ -917,8 +927,8 @@ def parse_arguments(argv: list[str] | None = None) -> tuple[argparse.Namespace, 
     parser.add_argument(
         "--recall-per-prefix-targets",
         action=argparse.BooleanOptionalAction,
-        help="train the held-out recall bundle with one example per prefix (as `recsys train recall "
-        "--per-prefix-targets` trained the served one)",
+        help="train the held-out recall bundle with (--no-...: without) one example per prefix "
+        "(default: as the served recall bundle's manifest records)",
     )
     args = parser.parse_args(argv)
     config = RankTrainConfig.quick() if args.quick else RankTrainConfig.default()
@@ -970,5 +980,6 @@ def ensure_recall_bundle(
             config.threads,
             config.device,
         )
-        recall_config.per_prefix_targets = config.recall_per_prefix_targets
+        if config.recall_per_prefix_targets is not None:
+            recall_config.per_prefix_targets = config.recall_per_prefix_targets
     return build_recall_bundle(dataset, recall_dir, recall_config)

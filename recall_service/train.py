@@ -57,6 +57,7 @@ from recsys.training import (
     WeightAverage,
     adamw,
     autocast,
+    averaged_weights,
     barrier,
     configure_threads,
     data_parallel,
@@ -109,10 +110,7 @@ class RecallTrainConfig:
     recency_boost: float = 0.0
     recency_decay: float = 0.5
     # One training window per prefix, its newest position the only target (RecBole's loader),
-    # instead of every position of a window at once. Beauty (docs/EXPERIMENTS.md): valid u2i
-    # HR@10 0.1066 -> 0.1151 (seed 7), served home better on validation for every seed, for ~6x
-    # the steps of an epoch at batch 64. Off by default until its training time is measured
-    # against the default's (the issue's 30- and 90-minute bars were met without it).
+    # instead of every position of a window at once (the default recipe sets it; see default()).
     per_prefix_targets: bool = False
     # Evaluate and keep an exponential moving average of the weights (0 = the live weights).
     weight_average_decay: float = 0.0
@@ -188,19 +186,20 @@ class RecallTrainConfig:
     @classmethod
     def default(cls) -> RecallTrainConfig:
         """Beauty-sized data: the SASRec recipe (post-LN, raw inner product, dropout 0.5, exact
-        softmax over every item of a catalog up to 20k) with batch 64 for more optimizer steps, plus
-        this project's relative-position attention bias, validated (and kept) on an exponential
-        moving average of the weights. Measured on Beauty (docs/EXPERIMENTS.md, 2 cores, seed 7):
-        best epoch 12, early stop at 16 (10-14 s an epoch), valid HR@10 0.1066, test u2i HR@10
-        0.0809 / NDCG@10 0.0488 / HR@500 0.3986 (the pre-LN cosine two-tower with 2,048 sampled
-        negatives: valid 0.0956, test 0.0744 / 0.0418 / 0.3956). ``per_prefix_targets`` is better
-        (valid 0.1151, test 0.0937 / 0.0569) for ~6x the steps: see its comment."""
+        softmax over every item of a catalog up to 20k, one training example per prefix as RecBole's
+        loader feeds it) plus this project's relative-position attention bias, validated (and kept)
+        on an exponential moving average of the weights; batch 256 at lr 2e-3. Measured on Beauty
+        (docs/EXPERIMENTS.md, 2 cores, seed 7): valid HR@10 0.1167 (best epoch 11 of 15), test u2i
+        HR@10 0.0918 / NDCG@10 0.0556 / HR@500 0.4524; every window once with all its positions as
+        targets (``per_prefix_targets=False``, batch 64, its best size): valid 0.1066, test 0.0809 /
+        0.0488 / 0.3986."""
         return cls(
             similarity="dot",
             post_norm=True,
             dropout=0.5,
             uniform_negatives=20_000,
-            batch_size=64,
+            per_prefix_targets=True,
+            batch_size=256,
             learning_rate=2e-3,
             weight_average_decay=0.998,
         )
@@ -842,6 +841,56 @@ def early_stopping_validator(
     return RecallValidator(dataset, split, shard(eval_users, context), config.max_length)
 
 
+@dataclass
+class TrainingSetup:
+    """What one two-tower training steps through: its windows, the model with its optimizer, step
+    module and weight average, and the validator it stops on."""
+
+    windows: TrainingWindows
+    model: TwoTowerModel
+    optimizer: Any
+    objective: nn.Module
+    average: WeightAverage | None
+    validator: RecallValidator
+    shape: TwoTowerShape
+    attributes: np.ndarray
+    text_arrays: dict[str, np.ndarray] | None
+
+
+def prepare_training(
+    dataset: Dataset,
+    split: LeaveOneOutSplit,
+    config: RecallTrainConfig,
+    context: DistributedContext,
+    precision: str,
+    rng: np.random.Generator,
+    text_encoder: TitleEncoder | None = None,
+) -> TrainingSetup:
+    """The windows, model, optimizer, step module, weight average and validator of ``config``."""
+    windows = build_training_windows(
+        dataset,
+        split,
+        config.max_length,
+        recency_boost=config.recency_boost,
+        recency_decay=config.recency_decay,
+        per_prefix=config.per_prefix_targets,
+    )
+    item_counts = training_item_counts(dataset, split)
+    attributes = model_attributes(dataset, config)
+    text_arrays = item_text_arrays(dataset, config, text_encoder)
+    shape = model_shape(dataset, config, attributes.shape[1], text_arrays)
+    if text_arrays is not None:
+        log.info("item text: %s (%s)", shape.text, config.text_model or f"{config.text_buckets} buckets")
+    model, optimizer, objective = build_for_training(
+        shape, attributes, text_arrays, item_counts, config, rng, context, precision
+    )
+    validator = early_stopping_validator(dataset, split, config, context, rng)
+    average = WeightAverage(model, config.weight_average_decay) if config.weight_average_decay > 0 else None
+    return TrainingSetup(
+        windows, model, optimizer, objective, average, validator, shape, attributes, text_arrays
+    )
+
+
 # Member k of an ensemble trains from seed ``seed + ENSEMBLE_SEED_STRIDE * k``: runs with nearby
 # seeds (1, 2, 3 for the README's spread) share no member.
 ENSEMBLE_SEED_STRIDE = 1000
@@ -943,52 +992,38 @@ def train_single_model(
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     split = LeaveOneOutSplit(dataset)
-    windows = build_training_windows(
-        dataset,
-        split,
-        config.max_length,
-        recency_boost=config.recency_boost,
-        recency_decay=config.recency_decay,
-        per_prefix=config.per_prefix_targets,
-    )
-    item_counts = training_item_counts(dataset, split)
-    attributes = model_attributes(dataset, config)
-    text_arrays = item_text_arrays(dataset, config, text_encoder)
-    shape = model_shape(dataset, config, attributes.shape[1], text_arrays)
-    if text_arrays is not None:
-        log.info("item text: %s (%s)", shape.text, config.text_model or f"{config.text_buckets} buckets")
-    model, optimizer, objective = build_for_training(
-        shape, attributes, text_arrays, item_counts, config, rng, context, precision
-    )
-    validator = early_stopping_validator(dataset, split, config, context, rng)
+    setup = prepare_training(dataset, split, config, context, precision, rng, text_encoder)
+    model, windows, average = setup.model, setup.windows, setup.average
 
     best_state, best_valid = copy.deepcopy(model.state_dict()), {"HR@10": -1.0}
     history: list[dict[str, float]] = []
-    average = WeightAverage(model, config.weight_average_decay) if config.weight_average_decay > 0 else None
     for epoch in range(1, config.epochs + 1):
         mean_loss = train_one_epoch(
-            objective, optimizer, windows, config.batch_size, rng, average, context, precision, run.governor
+            setup.objective,
+            setup.optimizer,
+            windows,
+            config.batch_size,
+            rng,
+            average,
+            context,
+            precision,
+            run.governor,
         )
-        live_state = None
-        if average is not None:  # validate (and keep) the averaged weights
-            live_state = copy.deepcopy(model.state_dict())
-            model.load_state_dict(average.state_dict(model))
-        valid = gather_metrics(validator(model), context)
-        record = {"epoch": epoch, "loss": mean_loss, "seconds": round(run.elapsed(), 1), **valid}
-        history.append(record)
-        log.info(
-            "epoch %d loss %.4f valid HR@10 %.4f NDCG@10 %.4f HR@50 %.4f (%.0f s)",
-            epoch,
-            mean_loss,
-            valid["HR@10"],
-            valid["NDCG@10"],
-            valid["HR@50"],
-            record["seconds"],
-        )
-        if run.update(epoch, valid["HR@10"]):
-            best_state, best_valid = copy.deepcopy(model.state_dict()), valid
-        if live_state is not None:
-            model.load_state_dict(live_state)
+        with averaged_weights(model, average):  # validate (and keep) the averaged weights
+            valid = gather_metrics(setup.validator(model), context)
+            record = {"epoch": epoch, "loss": mean_loss, "seconds": round(run.elapsed(), 1), **valid}
+            history.append(record)
+            log.info(
+                "epoch %d loss %.4f valid HR@10 %.4f NDCG@10 %.4f HR@50 %.4f (%.0f s)",
+                epoch,
+                mean_loss,
+                valid["HR@10"],
+                valid["NDCG@10"],
+                valid["HR@50"],
+                record["seconds"],
+            )
+            if run.update(epoch, valid["HR@10"]):
+                best_state, best_valid = copy.deepcopy(model.state_dict()), valid
         if run.should_stop(epoch):
             break
     model.load_state_dict(best_state)
@@ -998,9 +1033,9 @@ def train_single_model(
             dataset,
             split,
             config,
-            shape,
-            attributes,
-            text_arrays,
+            setup.shape,
+            setup.attributes,
+            setup.text_arrays,
             run.best_epoch,
             context,
             precision,
@@ -1182,9 +1217,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--per-prefix-targets",
         action=argparse.BooleanOptionalAction,
-        help="one training example per prefix, its newest position the target (better u2i, ~6x the "
-        "steps per epoch at batch 64; train the ranker with --recall-per-prefix-targets to match)",
+        help="one training example per prefix, its newest position the target (the default; "
+        "--no-per-prefix-targets: every window once, all its positions targets, best at --batch-size 64)",
     )
+    parser.add_argument("--batch-size", type=int, help="training windows per optimizer step")
+    parser.add_argument("--learning-rate", type=float, help="AdamW learning rate")
     parser.add_argument("--time-guard-hours", type=float, help="wall-clock guard (hours)")
     parser.add_argument("--index-factory", help="Faiss index_factory string ('' = by catalog size)")
     add_text_arguments(parser)
@@ -1208,6 +1245,8 @@ def main(argv: list[str] | None = None) -> int:
         "precision",
         "index_factory",
         "per_prefix_targets",
+        "batch_size",
+        "learning_rate",
     ):
         if getattr(args, name) is not None:
             setattr(config, name, getattr(args, name))

@@ -18,11 +18,12 @@ Python.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -361,6 +362,21 @@ class WeightAverage:
     def state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         """``model``'s state with the averaged weights in place of the live ones."""
         return {k: self.shadow.get(k, v).clone() for k, v in model.state_dict().items()}
+
+
+@contextmanager
+def averaged_weights(model: torch.nn.Module, average: WeightAverage | None) -> Iterator[None]:
+    """``model`` holds the averaged weights inside the block (validation, keeping the best) and its
+    live ones again after it; nothing changes when ``average`` is None."""
+    if average is None:
+        yield
+        return
+    live_state = copy.deepcopy(model.state_dict())
+    model.load_state_dict(average.state_dict(model))
+    try:
+        yield
+    finally:
+        model.load_state_dict(live_state)
 
 
 def any_rank(flag: bool, context: DistributedContext) -> bool:

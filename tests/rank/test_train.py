@@ -284,7 +284,7 @@ def test_every_training_flag_reaches_the_config():
     assert config.weight_average_decay == 0.5 and config.time_guard_s == 7200.0
     _, default = parse_arguments([])
     assert not default.refit_with_validation and default == RankTrainConfig.default()
-    assert not default.recall_per_prefix_targets
+    assert default.recall_per_prefix_targets is None  # as the served recall bundle was trained
 
 
 def test_held_out_recall_bundle_is_trained_with_the_recall_recipe_the_ranker_names(
@@ -302,11 +302,53 @@ def test_held_out_recall_bundle_is_trained_with_the_recall_recipe_the_ranker_nam
         raise RuntimeError("stop after the config")
 
     monkeypatch.setattr(recall_train, "build_bundle", record_config)
-    for per_prefix in (False, True):
+    for per_prefix in (False, True, None):
         config = dataclasses.replace(RankTrainConfig.quick(), recall_per_prefix_targets=per_prefix, seed=5)
         with pytest.raises(RuntimeError, match="stop after the config"):
             rank_train.holdout_candidates(synthetic_dataset, tmp_path / f"rank{per_prefix}", config)
-        assert built[-1].per_prefix_targets is per_prefix and built[-1].seed == 5
+        expected = (
+            recall_train.RecallTrainConfig.default().per_prefix_targets if per_prefix is None else per_prefix
+        )
+        assert built[-1].per_prefix_targets is expected and built[-1].seed == 5
+
+
+def test_held_out_recall_bundle_follows_the_served_bundles_recipe_and_is_rebuilt_when_it_differs(
+    synthetic_dataset, tmp_path, monkeypatch
+):
+    """Unless the ranker names a recipe, the held-out bundle is trained as the served bundle's
+    manifest says it was; a held-out bundle of the other recipe is stale even on the same data."""
+    import dataclasses
+    import json
+
+    import rank_service.train as rank_train
+    import recall_service.train as recall_train
+
+    served = tmp_path / "recall"
+    served.mkdir()
+    for served_per_prefix in (False, True):
+        (served / "manifest.json").write_text(
+            json.dumps({"train": {"per_prefix_targets": served_per_prefix}})
+        )
+        assert rank_train.served_per_prefix_targets(served) is served_per_prefix
+    (served / "manifest.json").write_text(json.dumps({"train": {}}))  # from before the record
+    assert rank_train.served_per_prefix_targets(served) is False
+
+    held_out_dir = rank_train.holdout_recall_dir(tmp_path / "rank")
+    held_out_dir.mkdir(parents=True)
+    holdout = rank_train.holdout_dataset(synthetic_dataset, rank_train.LeaveOneOutSplit(synthetic_dataset), 1)
+    (held_out_dir / "manifest.json").write_text(
+        json.dumps({"data_fingerprint": holdout.fingerprint(), "train": {"per_prefix_targets": False}})
+    )
+    built, loaded = [], []
+    monkeypatch.setattr(
+        recall_train, "build_bundle", lambda dataset, bundle_dir, config, context=None: built.append(config)
+    )
+    monkeypatch.setattr(rank_train, "load_candidates", lambda bundle_dir, config: loaded.append(bundle_dir))
+    for per_prefix in (False, True):
+        config = dataclasses.replace(RankTrainConfig.quick(), recall_per_prefix_targets=per_prefix)
+        rank_train.holdout_candidates(synthetic_dataset, tmp_path / "rank", config)
+    assert [config.per_prefix_targets for config in built] == [True]  # the recorded recipe is reused
+    assert loaded == [held_out_dir, held_out_dir]
 
 
 def test_manifest_and_eval_record_every_held_out_bundles_training(synthetic_dataset, recall_bundle, tmp_path):

@@ -140,7 +140,7 @@ def test_full_softmax_is_plain_cross_entropy_over_every_item(make_dataset) -> No
 def test_weight_average_follows_the_model_at_its_decay() -> None:
     import torch
 
-    from recsys.training import WeightAverage
+    from recsys.training import WeightAverage, averaged_weights
 
     model = torch.nn.Linear(2, 2)
     average = WeightAverage(model, decay=0.75)
@@ -150,13 +150,18 @@ def test_weight_average_follows_the_model_at_its_decay() -> None:
     average.update()
     torch.testing.assert_close(average.state_dict(model)["weight"], start + 1.0)  # 0.75 old + 0.25 new
     torch.testing.assert_close(model.weight, start + 4.0)  # the live weights are untouched
-    # Training swaps the averaged weights in for validation and back (load_state_dict, in place):
-    # the average keeps following the live weights afterwards.
-    live = {k: v.clone() for k, v in model.state_dict().items()}
-    model.load_state_dict(average.state_dict(model))
-    model.load_state_dict(live)
+    # Training validates (and keeps) the averaged weights inside averaged_weights, which puts the
+    # live ones back after it, even when the block raises: the average keeps following them.
+    with averaged_weights(model, average):
+        torch.testing.assert_close(model.weight, start + 1.0)
+    torch.testing.assert_close(model.weight, start + 4.0)
+    with pytest.raises(RuntimeError), averaged_weights(model, average):
+        raise RuntimeError("validation failed")
+    torch.testing.assert_close(model.weight, start + 4.0)
     average.update()
     torch.testing.assert_close(average.state_dict(model)["weight"], start + 1.75)
+    with averaged_weights(model, None):  # no average: the live weights throughout
+        torch.testing.assert_close(model.weight, start + 4.0)
 
 
 def test_id_dropout_only_touches_training_item_vectors() -> None:
