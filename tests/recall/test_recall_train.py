@@ -446,3 +446,25 @@ def test_per_prefix_training_learns_more_than_popularity(synthetic_dataset) -> N
     popular_top10 = set(np.argsort(-counts, kind="stable")[:10].tolist())
     popularity_hr = np.mean([int(t) in popular_top10 for t in split.targets(split.eval_users, "valid")])
     assert result.best_valid["HR@10"] > 1.3 * popularity_hr  # 0.39 vs 0.25 when written
+
+
+def test_recipe_flags_of_the_train_command_reach_the_config(synthetic_dir, tmp_path, monkeypatch) -> None:
+    """`recsys train recall` defaults to the per-prefix recipe; its flags give the former one."""
+    import recall_service.train as recall_train
+
+    seen: list[recall_train.RecallTrainConfig] = []
+
+    def capture(dataset, config, context=None, text_encoder=None):
+        seen.append(config)
+        raise RuntimeError("stop after the config")
+
+    monkeypatch.setattr(recall_train, "train_model", capture)
+    base = ["--data", str(synthetic_dir), "--artifacts", str(tmp_path)]
+    former = ["--no-per-prefix-targets", "--batch-size", "64", "--learning-rate", "0.001"]
+    for argv in (base, [*base, *former]):
+        with pytest.raises(RuntimeError, match="stop after the config"):
+            recall_train.main(argv)
+    default, chosen = seen
+    assert default == recall_train.RecallTrainConfig.default()
+    assert default.per_prefix_targets and default.batch_size == 256
+    assert not chosen.per_prefix_targets and (chosen.batch_size, chosen.learning_rate) == (64, 0.001)
