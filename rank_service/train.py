@@ -748,7 +748,7 @@ def holdout_candidates(
     recorded = json.loads(manifest.read_text()) if manifest.is_file() else {}
     stale = (
         recorded.get("data_fingerprint") != holdout.fingerprint()
-        or recorded.get("train", {}).get("per_prefix_targets", False) != recall_config.per_prefix_targets
+        or trained_per_prefix(holdout_dir) != recall_config.per_prefix_targets
     )
     if any_rank(stale, context):
         recall_config.threads = config.threads
@@ -778,9 +778,9 @@ def answer_validation_phase(dataset: Dataset, served: RecallCandidates) -> Recal
     return served
 
 
-def served_per_prefix_targets(recall_bundle_dir: Path) -> bool:
+def trained_per_prefix(recall_bundle_dir: Path) -> bool:
     """Whether the recall bundle at ``recall_bundle_dir`` was trained with one example per prefix
-    (its manifest's record; a bundle from before the record was not)."""
+    (its manifest's record; a bundle from before the record, or none, was not)."""
     manifest = recall_bundle_dir / "manifest.json"
     train = json.loads(manifest.read_text()).get("train", {}) if manifest.is_file() else {}
     return bool(train.get("per_prefix_targets", False))
@@ -801,7 +801,7 @@ def build_bundle(
     context = init_distributed(config.device)
     if config.recall_per_prefix_targets is None:  # train the held-out bundle like the served one
         config = dataclasses.replace(
-            config, recall_per_prefix_targets=served_per_prefix_targets(Path(recall_bundle_dir))
+            config, recall_per_prefix_targets=trained_per_prefix(Path(recall_bundle_dir))
         )
     served = load_candidates(Path(recall_bundle_dir), config) if source is None else None
     holdout_trains: list[dict] = []

@@ -54,11 +54,12 @@ class Recipe:
     config: RecallTrainConfig
     setup: TrainingSetup
     rng: np.random.Generator
+    precision: str
     train_seconds: list[float] = dataclasses.field(default_factory=list)
     validation_seconds: list[float] = dataclasses.field(default_factory=list)
     valid_hr10: list[float] = dataclasses.field(default_factory=list)
 
-    def epoch(self, precision: str) -> None:
+    def epoch(self) -> None:
         """One training epoch and one validation, each timed."""
         started = time.perf_counter()
         train_one_epoch(
@@ -68,7 +69,7 @@ class Recipe:
             self.config.batch_size,
             self.rng,
             self.setup.average,
-            precision=precision,
+            precision=self.precision,
         )
         trained = time.perf_counter()
         with averaged_weights(self.setup.model, self.setup.average):
@@ -77,18 +78,17 @@ class Recipe:
         self.validation_seconds.append(time.perf_counter() - trained)
         self.valid_hr10.append(round(valid["HR@10"], 4))
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self, preset: RecallTrainConfig) -> dict[str, Any]:
         epoch_seconds = [t + v for t, v in zip(self.train_seconds, self.validation_seconds, strict=True)]
         windows = self.setup.windows
         return {
             "overrides": {
-                k: v
-                for k, v in dataclasses.asdict(self.config).items()
-                if v != getattr(RecallTrainConfig.default(), k)
+                k: v for k, v in dataclasses.asdict(self.config).items() if v != getattr(preset, k)
             },
             "per_prefix_targets": self.config.per_prefix_targets,
             "batch_size": self.config.batch_size,
             "learning_rate": self.config.learning_rate,
+            "precision": self.precision,
             "windows": len(windows.lengths),
             "steps_per_epoch": -(-len(windows.lengths) // self.config.batch_size),
             "epoch_seconds": [round(s, 1) for s in epoch_seconds],
@@ -108,19 +108,19 @@ def run_bench(data: Path, recipes: list[str], rounds: int, threads: int) -> dict
     split = LeaveOneOutSplit(dataset)
     context = init_distributed("cpu")
     threads = configure_threads(threads)
+    preset = RecallTrainConfig.default()
     built: list[Recipe] = []
     for text in recipes:
         name, overrides = parse_trial(text)
-        config = dataclasses.replace(RecallTrainConfig.default(), **overrides)
+        config = dataclasses.replace(preset, **overrides)
         precision = resolve_precision(config.precision, "cpu")
         torch.manual_seed(config.seed)
         rng = np.random.default_rng(config.seed)
         setup = prepare_training(dataset, split, config, context, precision, rng)
-        built.append(Recipe(name, config, setup, rng))
-    precision = resolve_precision(RecallTrainConfig.default().precision, "cpu")
+        built.append(Recipe(name, config, setup, rng, precision))
     for round_index in range(rounds):
         for recipe in built if round_index % 2 == 0 else built[::-1]:
-            recipe.epoch(precision)
+            recipe.epoch()
             log.info(
                 "round %d %s: %.1f s train + %.1f s validation, valid HR@10 %.4f",
                 round_index + 1,
@@ -139,12 +139,11 @@ def run_bench(data: Path, recipes: list[str], rounds: int, threads: int) -> dict
             "cores": available_cores(),
             "threads": threads,
             "native_bf16": cpu_has_native_bf16(),
-            "precision": precision,
             "torch": torch.__version__,
         },
         "data": {"name": dataset.name, "users": dataset.num_users, "items": dataset.num_items},
         "rounds": rounds,
-        "recipes": {r.name: r.summary() for r in built},
+        "recipes": {r.name: r.summary(preset) for r in built},
         f"epoch_seconds_ratio_to_{first.name}": {
             r.name: round(medians[r.name] / medians[first.name], 2) for r in built[1:]
         },

@@ -329,9 +329,9 @@ def test_held_out_recall_bundle_follows_the_served_bundles_recipe_and_is_rebuilt
         (served / "manifest.json").write_text(
             json.dumps({"train": {"per_prefix_targets": served_per_prefix}})
         )
-        assert rank_train.served_per_prefix_targets(served) is served_per_prefix
+        assert rank_train.trained_per_prefix(served) is served_per_prefix
     (served / "manifest.json").write_text(json.dumps({"train": {}}))  # from before the record
-    assert rank_train.served_per_prefix_targets(served) is False
+    assert rank_train.trained_per_prefix(served) is False
 
     held_out_dir = rank_train.holdout_recall_dir(tmp_path / "rank")
     held_out_dir.mkdir(parents=True)
