@@ -111,7 +111,7 @@ class CausalSelfAttentionBlock(nn.Module):
         last_only: bool = False,
     ) -> torch.Tensor:
         """``hidden`` [B, S, D]; ``allowed`` [B, 1, S, S] bool (query row may attend key column);
-        ``bias`` [B, H, S, S] added to the attention logits. ``last_only``: the output of the last
+        ``bias`` [B or 1, H, S, S] added to the attention logits. ``last_only``: the output of the last
         position alone, [B, 1, D] (every position is still a key and a value)."""
         batch, length, dim = hidden.shape
         attention_input = hidden if self.post_norm else self.norm_attention(hidden)
@@ -429,8 +429,12 @@ class TwoTowerModel(nn.Module):
         allowed = ((causal & valid.unsqueeze(1)) | diagonal).unsqueeze(1)  # [B, 1, S + 1, S + 1]
         bias = None
         if self.relative_bias is not None:
-            distance = (positions.unsqueeze(2) - positions.unsqueeze(1)).clamp(0, self.shape.max_length)
-            bias = self.relative_bias(distance).permute(0, 3, 1, 2)  # [B, H, S + 1, S + 1]
+            # The pairs attention reads (a valid key at or before its query, or a row attending
+            # itself) lie as far apart in positions as in columns, a row's valid tokens being
+            # consecutive at its end: one bias from the column distance serves every row (masked
+            # pairs never read theirs), and training scatters its gradient once, not once per row.
+            distance = (steps.unsqueeze(1) - steps.unsqueeze(0)).clamp(0, self.shape.max_length)
+            bias = self.relative_bias(distance).permute(2, 0, 1).unsqueeze(0)  # [1, H, S + 1, S + 1]
         last_block = len(self.blocks) - 1
         for index, block in enumerate(self.blocks):
             hidden = block(hidden, allowed, bias, last_only=last_only and index == last_block)

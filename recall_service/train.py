@@ -356,6 +356,13 @@ class SampledSoftmaxLoss:
     With ``uniform_negatives`` at least the catalog size every item is a candidate: an exact
     (full) softmax, which needs no correction. ``seen_only``: items without interactions
     (``item_counts`` 0) are never candidates (cold-start items: nothing says users avoid them).
+
+    Sampled candidates are padded to a multiple of ``candidate_multiple`` with columns that are
+    never chosen (bias -inf: probability and gradient exactly 0): the distinct draws number
+    differently every step, and a CPU's bf16 matmuls are compiled per shape (oneDNN primitives),
+    so an unpadded count recompiles the step's three catalog products every step (on Beauty tiled
+    3x, ~15.5k candidates, ~30 ms of a ~110 ms step: ``python -m recall_service.train_bench``,
+    ``candidate_padding_step_speedup``). 1 = no padding.
     """
 
     def __init__(
@@ -367,6 +374,7 @@ class SampledSoftmaxLoss:
         low_precision: bool = False,
         seen_only: bool = False,
         fused_on_cpu: bool = True,
+        candidate_multiple: int = 512,
     ):
         counts = item_counts.astype(np.float64) + 1.0
         self.popularity = torch.as_tensor(counts / counts.sum(), dtype=torch.float32)
@@ -383,6 +391,7 @@ class SampledSoftmaxLoss:
         # (recall_service.softmax_loss: a fragmenting heap otherwise grows with the catalog);
         # ``fused_on_cpu=False`` keeps autograd's path there too (benchmarks, tests).
         self.fused_on_cpu = fused_on_cpu
+        self.candidate_multiple = max(1, candidate_multiple)
         self.buffer = LogitsBuffer()
 
     def __call__(
@@ -432,14 +441,19 @@ class SampledSoftmaxLoss:
         extra = np.setdiff1d(extra, in_batch.cpu().numpy())
         candidates = torch.cat([in_batch, torch.as_tensor(extra, dtype=torch.long, device=in_batch.device)])
         labels = torch.searchsorted(in_batch, positives)
-        log_q = None
+        bias = None
         if self.logq_correction:
             # Probability that each candidate was drawn: expected in-batch occurrences + uniform draws.
             popularity = self.popularity.to(users.device)[candidates - 1]
             sample_probability = len(positives) * popularity + self.uniform_negatives / self.num_items
-            log_q = torch.log(sample_probability)
+            bias = -torch.log(sample_probability)
+        padding = -len(candidates) % self.candidate_multiple
+        if padding:  # columns never chosen (any item's vector, bias -inf): one shape for many steps
+            if bias is None:
+                bias = torch.zeros(len(candidates), device=users.device)
+            candidates = torch.cat([candidates, candidates.new_ones(padding)])
+            bias = torch.cat([bias, bias.new_full((padding,), float("-inf"))])
         if fused:
-            bias = None if log_q is None else -log_q
             return softmax_cross_entropy(
                 users,
                 vectors[candidates - 1],
@@ -452,8 +466,8 @@ class SampledSoftmaxLoss:
                 self.low_precision,
             )
         logits = model.scaled(catalog_logits(users, vectors[candidates - 1], self.low_precision))
-        if log_q is not None:
-            logits = logits - log_q
+        if bias is not None:
+            logits = logits + bias
         return weighted_loss(F.cross_entropy(logits, labels, reduction="none"), weights, normaliser)
 
     def _unseen(self, device: torch.device) -> torch.Tensor:
@@ -538,6 +552,9 @@ class TrainResult:
     run: dict[str, Any] = field(default_factory=dict)  # TrainingRun.record(): stop reason, threads, ...
 
 
+VALIDATION_SCORE_ROWS = 64  # users scored at once by RecallValidator on a CPU
+
+
 class RecallValidator:
     """Full-ranking metrics of the torch model for a fixed set of users (early stopping).
 
@@ -611,10 +628,12 @@ class RecallValidator:
             [member.candidate_vectors(table).float() for member, table in zip(members, tables, strict=True)],
             dim=1,
         )
-        # Users scored a few rows at a time on a CPU, so that each chunk's scores stay in cache
-        # between the product and the count (~1.6 MB of fp32 scores: 3x faster than a whole batch
-        # at Beauty's 12,101 items; the same scores, bit for bit).
-        chunk = max(8, min(256, 400_000 // max(self.num_items, 1))) if device.type == "cpu" else 1 << 30
+        # Users scored 64 rows at a time on a CPU: few enough that a chunk's scores mostly stay in
+        # cache between the product and the count (3x faster than a whole batch of 256 at Beauty's
+        # 12,101 items), enough that reading the catalog's vectors is spread over many users (a
+        # share of ~1.6 MB of scores, 11 rows on Beauty tiled 3x, made the product memory-bound:
+        # validation 1.4x slower there; level on Beauty). The same scores, bit for bit.
+        chunk = VALIDATION_SCORE_ROWS if device.type == "cpu" else 1 << 30
         # Widest batches first: the narrower ones then fit in the memory those freed instead of
         # growing the heap (glibc's, kept by reuse_freed_memory) pass after pass.
         ranks: list[list[torch.Tensor]] = [[] for _ in self.batches]

@@ -18,6 +18,10 @@ Variants (each its own copy of one initial model, AdamW and weight average):
 - ``new_autograd_loss``: ``new`` with the catalog softmax through autograd (matmul, cross-entropy
   and their backward) instead of ``recall_service.softmax_loss``'s one reused buffer: what that
   buffer is worth per step (``loss_in_one_buffer_step_speedup``).
+- ``new_exact_candidate_count``: ``new`` without padding a sampled softmax's candidates to a
+  multiple of 512 (a catalog above ``uniform_negatives`` items, e.g. Beauty tiled 3x; the same
+  step as ``new`` on a full softmax): what one matmul shape for many steps is worth
+  (``candidate_padding_step_speedup``; oneDNN compiles a bf16 product per shape).
 
 Both run in one process after ``recsys.training.reuse_freed_memory`` (which the trainers call):
 large freed buffers are reused instead of page-faulted in again, which speeds up both paths.
@@ -235,6 +239,9 @@ def run_bench(data: Path, rounds: int, steps: int, threads: int, validation_roun
     autograd_loss = SampledSoftmaxLoss(
         counts, config.uniform_negatives, rng, low_precision=precision == "bf16", fused_on_cpu=False
     )
+    exact_count_loss = SampledSoftmaxLoss(
+        counts, config.uniform_negatives, rng, low_precision=precision == "bf16", candidate_multiple=1
+    )
 
     variants = [
         Variant("legacy", model, config, threads, lambda m, b: legacy_loss(m, windows, b)),
@@ -246,6 +253,13 @@ def run_bench(data: Path, rounds: int, steps: int, threads: int, validation_roun
             config,
             threads,
             lambda m, b: new_step_loss(m, windows, b, autograd_loss),
+        ),
+        Variant(
+            "new_exact_candidate_count",
+            model,
+            config,
+            threads,
+            lambda m, b: new_step_loss(m, windows, b, exact_count_loss),
         ),
     ]
     warmup = batches[:3]
@@ -325,6 +339,8 @@ def run_bench(data: Path, rounds: int, steps: int, threads: int, validation_roun
         "step_speedup_vs_old_default_1_thread": round(step_ms["legacy_1_thread"] / step_ms["new"], 2),
         "step_cpu_time_ratio_same_threads": round(cpu_ms["legacy"] / cpu_ms["new"], 2),
         "loss_in_one_buffer_step_speedup": round(step_ms["new_autograd_loss"] / step_ms["new"], 2),
+        "candidate_padding_step_speedup": round(step_ms["new_exact_candidate_count"] / step_ms["new"], 2),
+        "sampled_softmax": not new_loss.full_softmax,
         "validation_seconds": {
             name: [round(s, 2) for s in seconds] for name, seconds in validation_seconds.items()
         },

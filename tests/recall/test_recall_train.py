@@ -210,6 +210,46 @@ def test_item_table_is_every_items_features_with_the_same_gradients() -> None:
         torch.testing.assert_close(table_grad[1:], parameter.grad[1:])  # row 0: padding, never trained
 
 
+def test_a_rows_user_vector_and_gradients_do_not_depend_on_the_padding_beside_it() -> None:
+    """The relative-position bias is taken from column distances once for the whole batch: a
+    history left-padded among longer ones encodes as it does alone, unpadded, and the bias table
+    gets the same gradient."""
+    import torch
+
+    from recall_service.model import TwoTowerModel, TwoTowerShape
+
+    torch.manual_seed(0)
+    shape = TwoTowerShape(
+        num_items=9,
+        num_attributes=2,
+        max_attributes=1,
+        num_scenarios=1,
+        dim=8,
+        layers=2,
+        max_length=6,
+        relative_positions=True,
+    )
+    model = TwoTowerModel(shape, np.zeros((10, 1), dtype=np.int64)).eval()
+    torch.nn.init.normal_(model.relative_bias.weight)  # zeros at first: make the bias matter
+    histories = [[3, 1, 4, 1, 5, 9], [2, 6], [], [5, 3, 5]]
+    width = max(len(h) for h in histories)
+    items = torch.tensor([[0] * (width - len(h)) + h for h in histories])
+    events = (items > 0).long()
+    batched = model.encode(items, events, model.item_table())[:, -1]
+    batched.square().sum().backward()
+    batched_grad = model.relative_bias.weight.grad.clone()
+    model.zero_grad()
+    alone_grad = torch.zeros_like(batched_grad)
+    for row, history in enumerate(histories):
+        row_items = torch.tensor([history]) if history else torch.zeros(1, 1, dtype=torch.long)
+        alone = model.encode(row_items, (row_items > 0).long(), model.item_table())[:, -1]
+        torch.testing.assert_close(alone[0], batched[row], rtol=1e-5, atol=1e-6)
+        alone.square().sum().backward()
+        alone_grad += model.relative_bias.weight.grad
+        model.zero_grad()
+    torch.testing.assert_close(batched_grad, alone_grad, rtol=1e-4, atol=1e-6)
+
+
 def test_validator_computes_the_protocols_metrics(synthetic_dataset) -> None:
     """The early-stopping validator (length-bucketed, masks built once) gives evaluate_scorer's
     numbers for the same model: full ranking, history excluded, pessimistic ties."""

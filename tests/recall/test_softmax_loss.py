@@ -163,3 +163,56 @@ def test_the_trainers_loss_is_the_same_through_the_buffer_as_through_autograd(
     assert len(fused_grads) == len(autograd_grads) > 1
     for a, b in zip(fused_grads, autograd_grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("logq_correction", [True, False])
+def test_padded_sampled_candidates_give_the_same_loss_and_gradients_on_one_shape_per_step(
+    fused: bool, logq_correction: bool
+) -> None:
+    from recall_service.model import TwoTowerModel, TwoTowerShape
+    from recall_service.train import SampledSoftmaxLoss
+
+    torch.manual_seed(0)
+    shape = TwoTowerShape(
+        num_items=300, num_attributes=3, max_attributes=1, num_scenarios=1, dim=8, layers=1, similarity="dot"
+    )
+    model = TwoTowerModel(shape, np.zeros((301, 1), dtype=np.int64)).eval()
+    counts = np.arange(300) % 11 + 1
+    positives = torch.tensor([2, 4, 4, 9, 30, 290])
+    columns_seen: dict[int, set[int]] = {}
+    results = {}
+    for multiple in (1, 64):
+        loss_fn = SampledSoftmaxLoss(
+            counts,
+            uniform_negatives=100,  # a sampled softmax: the distinct draws vary step to step
+            rng=np.random.default_rng(3),
+            logq_correction=logq_correction,
+            fused_on_cpu=fused,
+            candidate_multiple=multiple,
+        )
+        taken = loss_fn.buffer.take
+        columns_seen[multiple] = set()
+
+        def recording_take(rows, columns, *args, _seen=columns_seen[multiple], _take=taken):
+            _seen.add(columns)
+            return _take(rows, columns, *args)
+
+        loss_fn.buffer.take = recording_take
+        steps = []
+        for step in range(3):
+            users = torch.randn(6, 8, generator=torch.Generator().manual_seed(step), requires_grad=True)
+            model.zero_grad()
+            loss = loss_fn(model, users, positives + 0)
+            loss.backward()
+            grads = [users.grad] + [p.grad.clone() for p in model.parameters() if p.grad is not None]
+            steps.append((loss.detach(), grads))
+        results[multiple] = steps
+    for (padded_loss, padded_grads), (exact_loss, exact_grads) in zip(results[64], results[1], strict=True):
+        torch.testing.assert_close(padded_loss, exact_loss, rtol=1e-5, atol=1e-6)
+        for a, b in zip(padded_grads, exact_grads, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    if fused:  # the product's width: the exact counts differ step to step, the padded ones do not
+        assert len(columns_seen[1]) > 1
+        assert columns_seen[64] and all(columns % 64 == 0 for columns in columns_seen[64])
+        assert len(columns_seen[64]) < len(columns_seen[1])
