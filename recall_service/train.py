@@ -1093,7 +1093,9 @@ def _refit(
     precision: str,
     governor: ThreadGovernor | None = None,
 ) -> TwoTowerModel:
-    """Retrain from the same seed for ``epochs`` on training + validation items (not test)."""
+    """Retrain from the same seed for ``epochs`` on training + validation items (not test); with
+    ``config.weight_average_decay`` the averaged weights are returned, as they were the ones
+    validated when ``epochs`` was chosen."""
     log.info("refit: %d epochs on training + validation items", epochs)
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
@@ -1110,11 +1112,14 @@ def _refit(
     model, optimizer, objective = build_for_training(
         shape, attributes, text_arrays, counts, config, rng, context, precision
     )
+    average = WeightAverage(model, config.weight_average_decay) if config.weight_average_decay > 0 else None
     for epoch in range(1, epochs + 1):
         loss = train_one_epoch(
-            objective, optimizer, windows, config.batch_size, rng, None, context, precision, governor
+            objective, optimizer, windows, config.batch_size, rng, average, context, precision, governor
         )
         log.info("refit epoch %d/%d loss %.4f", epoch, epochs, loss)
+    if average is not None:
+        model.load_state_dict(average.state_dict(model))
     return model.eval()
 
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
 pytest.importorskip("torch")
 
-from recall_service.train import build_training_windows
+from recall_service.train import RecallTrainConfig, build_training_windows
 from recsys.data.split import LeaveOneOutSplit
 
 
@@ -96,6 +98,39 @@ def test_refit_windows_add_the_validation_item_but_never_the_test_item(make_data
     )
     targets = set((windows.targets[windows.targets > 0] - 1).tolist())
     assert targets == {0, 1, 2, 3, 5, 6}  # 3 is user 0's validation item; 4 (test) stays out
+
+
+@pytest.mark.parametrize("decay", [0.0, 0.5])
+def test_refit_returns_the_weight_average_when_training_keeps_one(make_dataset, monkeypatch, decay) -> None:
+    """The refit model is what early stopping validated: the averaged weights when the config
+    keeps an average (the live ones otherwise)."""
+    import torch
+
+    from recall_service import train as recall_train
+    from recsys.training import DistributedContext
+
+    dataset = make_dataset([[0, 1, 2, 3, 4], [5, 6, 1, 2]], num_items=7)
+    config = replace(RecallTrainConfig.tiny(), weight_average_decay=decay, use_attributes=False, text="off")
+    attributes = recall_train.model_attributes(dataset, config)
+    shape = recall_train.model_shape(dataset, config, attributes.shape[1])
+
+    def one_known_step(objective, optimizer, windows, batch_size, rng, average, *args):
+        with torch.no_grad():  # every weight moves by +1: the average moves half as far
+            for parameter in objective.model.parameters():
+                parameter.add_(1.0)
+        if average is not None:
+            average.update()
+        return 0.0
+
+    monkeypatch.setattr(recall_train, "train_one_epoch", one_known_step)
+    torch.manual_seed(config.seed)
+    start = recall_train.TwoTowerModel(shape, attributes).state_dict()
+    model = recall_train._refit(
+        dataset, LeaveOneOutSplit(dataset), config, shape, attributes, None, 1, DistributedContext(), "fp32"
+    )
+    moved = 1.0 - decay
+    weight = "item_embedding.weight"
+    torch.testing.assert_close(model.state_dict()[weight], start[weight] + moved)
 
 
 def test_recency_boost_weighs_each_users_newest_training_targets_most(make_dataset) -> None:
