@@ -370,6 +370,12 @@ class TwoTowerModel(nn.Module):
         vectors = table[1:]
         return F.normalize(vectors, dim=-1) if self.normalised else vectors
 
+    def candidate_rows(self, table: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """``candidate_vectors(table)[items - 1]`` for ``items`` (+1 ids) without the whole catalog's
+        vectors (a sampled softmax): its gradient reaches the table without a full-size slice."""
+        rows = table[items]
+        return F.normalize(rows, dim=-1) if self.normalised else rows
+
     def item_vectors(self, items: torch.Tensor) -> torch.Tensor:
         """Item tower: vectors of ``items`` (+1 ids), L2-normalised for cosine similarity."""
         id_dropout = self.shape.id_dropout if self.training else 0.0

@@ -411,7 +411,6 @@ class SampledSoftmaxLoss:
         so that the averaged gradients are exactly the one-process gradient)."""
         if item_table is None:
             item_table = model.item_table(model.shape.id_dropout if model.training else 0.0)
-        vectors = model.candidate_vectors(item_table)
         fused = users.device.type == "cpu" and self.fused_on_cpu
         if fused and model.normalised:  # the temperature on the rows: the same logits
             users = model.scale() * users
@@ -419,7 +418,7 @@ class SampledSoftmaxLoss:
             masked = self._unseen(users.device) if self.seen is not None else None
             return softmax_cross_entropy(
                 users,
-                vectors,
+                model.candidate_vectors(item_table),
                 positives - 1,
                 self.buffer,
                 weights,
@@ -429,6 +428,7 @@ class SampledSoftmaxLoss:
                 self.low_precision,
             )
         if self.full_softmax:
+            vectors = model.candidate_vectors(item_table)
             logits = model.scaled(catalog_logits(users, vectors, self.low_precision))
             if self.seen is not None:
                 logits = logits.masked_fill(self._unseen(logits.device), float("-inf"))
@@ -453,10 +453,11 @@ class SampledSoftmaxLoss:
                 bias = torch.zeros(len(candidates), device=users.device)
             candidates = torch.cat([candidates, candidates.new_ones(padding)])
             bias = torch.cat([bias, bias.new_full((padding,), float("-inf"))])
+        vectors = model.candidate_rows(item_table, candidates)
         if fused:
             return softmax_cross_entropy(
                 users,
-                vectors[candidates - 1],
+                vectors,
                 labels,
                 self.buffer,
                 weights,
@@ -465,7 +466,7 @@ class SampledSoftmaxLoss:
                 None,
                 self.low_precision,
             )
-        logits = model.scaled(catalog_logits(users, vectors[candidates - 1], self.low_precision))
+        logits = model.scaled(catalog_logits(users, vectors, self.low_precision))
         if bias is not None:
             logits = logits + bias
         return weighted_loss(F.cross_entropy(logits, labels, reduction="none"), weights, normaliser)

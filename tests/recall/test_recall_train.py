@@ -245,6 +245,41 @@ def test_item_table_is_every_items_features_with_the_same_gradients() -> None:
         torch.testing.assert_close(table_grad[1:], parameter.grad[1:])  # row 0: padding, never trained
 
 
+@pytest.mark.parametrize("similarity", ["dot", "cosine"])
+def test_candidate_rows_are_the_catalogs_vectors_of_those_items_with_the_same_gradients(similarity) -> None:
+    """A sampled softmax reads its candidates' rows straight from the item table: the values and
+    gradients of gathering them from the whole catalog's vectors."""
+    import torch
+
+    from recall_service.model import TwoTowerModel, TwoTowerShape
+
+    torch.manual_seed(0)
+    attributes = np.array([[0, 0], [1, 2], [2, 0], [3, 1], [0, 0], [3, 3], [2, 1]])
+    shape = TwoTowerShape(
+        num_items=6,
+        num_attributes=3,
+        max_attributes=2,
+        num_scenarios=1,
+        dim=8,
+        layers=1,
+        similarity=similarity,
+    )
+    model = TwoTowerModel(shape, attributes)
+    candidates = torch.tensor([6, 2, 3, 1, 1])  # +1 ids; a repeat (padding columns repeat an item)
+    weights = torch.randn(5, 8)
+    rows = model.candidate_rows(model.item_table(), candidates)
+    (rows * weights).sum().backward()
+    grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    model.zero_grad()
+    reference = model.candidate_vectors(model.item_table())[candidates - 1]
+    (reference * weights).sum().backward()
+    torch.testing.assert_close(rows, reference, rtol=0, atol=0)
+    reference_grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert len(grads) == len(reference_grads) >= 2
+    for grad, reference_grad in zip(grads, reference_grads, strict=True):
+        torch.testing.assert_close(grad, reference_grad)
+
+
 def test_a_rows_user_vector_and_gradients_do_not_depend_on_the_padding_beside_it() -> None:
     """The relative-position bias is taken from column distances once for the whole batch: a
     history left-padded among longer ones encodes as it does alone, unpadded, and the bias table
