@@ -372,8 +372,12 @@ class TwoTowerModel(nn.Module):
 
     def candidate_rows(self, table: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """``candidate_vectors(table)[items - 1]`` for ``items`` (+1 ids) without the whole catalog's
-        vectors (a sampled softmax): its gradient reaches the table without a full-size slice."""
-        rows = table[items]
+        vectors (a sampled softmax): its gradient reaches the table without a full-size slice.
+
+        ``index_select``, not ``table[items]``: on a CPU the indexing's backward is an accumulating
+        ``index_put`` (sorted, serial), ~6x slower than ``index_select``'s ``index_add`` for the
+        ~16k rows of a step on Beauty tiled 3x; the same sums (the candidates are distinct)."""
+        rows = table.index_select(0, items)
         return F.normalize(rows, dim=-1) if self.normalised else rows
 
     def item_vectors(self, items: torch.Tensor) -> torch.Tensor:
