@@ -216,3 +216,18 @@ def test_padded_sampled_candidates_give_the_same_loss_and_gradients_on_one_shape
         assert len(columns_seen[1]) > 1
         assert columns_seen[64] and all(columns % 64 == 0 for columns in columns_seen[64])
         assert len(columns_seen[64]) < len(columns_seen[1])
+
+
+def test_the_sampled_negatives_are_the_distinct_draws_outside_the_batch_in_ascending_order() -> None:
+    """The sampler's mask over the catalog keeps exactly what np.setdiff1d keeps (the draws, each
+    once, less the batch's positives, ascending): the same candidates, columns and logQ terms."""
+    from recall_service.train import distinct_except
+
+    rng = np.random.default_rng(5)
+    for num_items, draws, batch in [(50, 200, 10), (36_303, 20_000, 256), (7, 3, 0), (7, 0, 4), (1, 5, 1)]:
+        drawn = rng.integers(1, num_items + 1, size=draws)
+        positives = np.unique(rng.integers(1, num_items + 1, size=batch))
+        kept = distinct_except(drawn, positives, num_items)
+        expected = np.setdiff1d(drawn, positives)
+        assert kept.dtype == np.int64
+        np.testing.assert_array_equal(kept, expected)
