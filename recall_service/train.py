@@ -435,10 +435,7 @@ class SampledSoftmaxLoss:
             losses = F.cross_entropy(logits, positives - 1, reduction="none")
             return weighted_loss(losses, weights, normaliser)
         in_batch = torch.unique(positives)
-        extra = self.rng.integers(1, self.num_items + 1, size=self.uniform_negatives)
-        if self.seen is not None:  # the same draws, unseen items left out (logQ is per item)
-            extra = extra[self.seen[extra - 1]]
-        extra = distinct_except(extra, in_batch.cpu().numpy(), self.num_items)
+        extra = self.uniform_draws(in_batch.cpu().numpy())
         candidates = torch.cat([in_batch, torch.as_tensor(extra, dtype=torch.long, device=in_batch.device)])
         labels = torch.searchsorted(in_batch, positives)
         bias = None
@@ -470,6 +467,14 @@ class SampledSoftmaxLoss:
         if bias is not None:
             logits = logits + bias
         return weighted_loss(F.cross_entropy(logits, labels, reduction="none"), weights, normaliser)
+
+    def uniform_draws(self, in_batch: np.ndarray) -> np.ndarray:
+        """This step's uniform negatives (+1 ids): the distinct draws, ascending, less the batch's
+        positives ``in_batch`` (and, ``seen_only``, less items without interactions)."""
+        extra = self.rng.integers(1, self.num_items + 1, size=self.uniform_negatives)
+        if self.seen is not None:  # the same draws, unseen items left out (logQ is per item)
+            extra = extra[self.seen[extra - 1]]
+        return distinct_except(extra, in_batch, self.num_items)
 
     def _unseen(self, device: torch.device) -> torch.Tensor:
         """[num_items] bool: the catalog columns that are never candidates."""

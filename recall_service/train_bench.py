@@ -22,6 +22,11 @@ Variants (each its own copy of one initial model, AdamW and weight average):
   multiple of 512 (a catalog above ``uniform_negatives`` items, e.g. Beauty tiled 3x; the same
   step as ``new`` on a full softmax): what one matmul shape for many steps is worth
   (``candidate_padding_step_speedup``; oneDNN compiles a bf16 product per shape).
+- ``new_sorted_sampler``: ``new`` with the sampled softmax's distinct uniform draws taken by
+  ``np.setdiff1d`` (a sort) instead of a mask over the catalog (``sampler_mask_step_speedup``);
+  ``new_indexed_candidates``: ``new`` with the candidates' rows gathered by indexing (backward an
+  accumulating ``index_put``) instead of ``index_select`` (``candidate_index_select_step_speedup``).
+  Both are the same step as ``new`` on a full softmax.
 
 Both run in one process after ``recsys.training.reuse_freed_memory`` (which the trainers call):
 large freed buffers are reused instead of page-faulted in again, which speeds up both paths.
@@ -150,6 +155,31 @@ class LegacyScorer:
         return (scale * (user_vectors @ vectors.T)).numpy()
 
 
+class SortedSampler(SampledSoftmaxLoss):
+    """The sampled softmax with its distinct draws from ``np.setdiff1d`` (the earlier sampler)."""
+
+    def uniform_draws(self, in_batch: np.ndarray) -> np.ndarray:
+        extra = self.rng.integers(1, self.num_items + 1, size=self.uniform_negatives)
+        if self.seen is not None:
+            extra = extra[self.seen[extra - 1]]
+        return np.setdiff1d(extra, in_batch)
+
+
+class IndexedCandidates(TwoTowerModel):
+    """The model with candidate rows gathered by indexing (the earlier gather)."""
+
+    def candidate_rows(self, table: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        rows = table[items]
+        return F.normalize(rows, dim=-1) if self.normalised else rows
+
+
+def indexed_candidates_model(model: TwoTowerModel) -> TwoTowerModel:
+    """A copy of ``model`` whose candidate rows are gathered by indexing."""
+    copied = copy.deepcopy(model)
+    copied.__class__ = IndexedCandidates
+    return copied
+
+
 # -- the bench ---------------------------------------------------------------------------------
 class Variant:
     """One training setup: its own model copy, optimizer and weight average, and a step."""
@@ -242,6 +272,9 @@ def run_bench(data: Path, rounds: int, steps: int, threads: int, validation_roun
     exact_count_loss = SampledSoftmaxLoss(
         counts, config.uniform_negatives, rng, low_precision=precision == "bf16", candidate_multiple=1
     )
+    sorted_sampler_loss = SortedSampler(
+        counts, config.uniform_negatives, rng, low_precision=precision == "bf16"
+    )
 
     variants = [
         Variant("legacy", model, config, threads, lambda m, b: legacy_loss(m, windows, b)),
@@ -260,6 +293,20 @@ def run_bench(data: Path, rounds: int, steps: int, threads: int, validation_roun
             config,
             threads,
             lambda m, b: new_step_loss(m, windows, b, exact_count_loss),
+        ),
+        Variant(
+            "new_sorted_sampler",
+            model,
+            config,
+            threads,
+            lambda m, b: new_step_loss(m, windows, b, sorted_sampler_loss),
+        ),
+        Variant(
+            "new_indexed_candidates",
+            indexed_candidates_model(model),
+            config,
+            threads,
+            lambda m, b: new_step_loss(m, windows, b, new_loss),
         ),
     ]
     warmup = batches[:3]
@@ -340,6 +387,8 @@ def run_bench(data: Path, rounds: int, steps: int, threads: int, validation_roun
         "step_cpu_time_ratio_same_threads": round(cpu_ms["legacy"] / cpu_ms["new"], 2),
         "loss_in_one_buffer_step_speedup": round(step_ms["new_autograd_loss"] / step_ms["new"], 2),
         "candidate_padding_step_speedup": round(step_ms["new_exact_candidate_count"] / step_ms["new"], 2),
+        "sampler_mask_step_speedup": round(step_ms["new_sorted_sampler"] / step_ms["new"], 2),
+        "candidate_index_select_step_speedup": round(step_ms["new_indexed_candidates"] / step_ms["new"], 2),
         "sampled_softmax": not new_loss.full_softmax,
         "validation_seconds": {
             name: [round(s, 2) for s in seconds] for name, seconds in validation_seconds.items()
