@@ -222,17 +222,32 @@ def test_id_dropout_only_touches_training_item_vectors() -> None:
     )
 
 
-def test_item_table_is_every_items_features_with_the_same_gradients() -> None:
-    """Training's item table (sparse attribute mean) computes what the serving graph's per-token
-    gather computes, values and gradients."""
+def six_item_model(similarity: str = "dot"):
+    """A one-layer two-tower model over 6 items with 0-3 attributes each (item 4 has none)."""
     import torch
 
     from recall_service.model import TwoTowerModel, TwoTowerShape
 
     torch.manual_seed(0)
     attributes = np.array([[0, 0, 0], [1, 2, 0], [2, 0, 0], [3, 4, 1], [0, 0, 0], [4, 4, 2], [2, 3, 0]])
-    shape = TwoTowerShape(num_items=6, num_attributes=4, max_attributes=3, num_scenarios=1, dim=8, layers=1)
-    model = TwoTowerModel(shape, attributes)
+    shape = TwoTowerShape(
+        num_items=6,
+        num_attributes=4,
+        max_attributes=3,
+        num_scenarios=1,
+        dim=8,
+        layers=1,
+        similarity=similarity,
+    )
+    return TwoTowerModel(shape, attributes)
+
+
+def test_item_table_is_every_items_features_with_the_same_gradients() -> None:
+    """Training's item table (sparse attribute mean) computes what the serving graph's per-token
+    gather computes, values and gradients."""
+    import torch
+
+    model = six_item_model()
     items = torch.arange(0, 7)
     weights = torch.randn(7, 8)
     (model.item_table() * weights).sum().backward()
@@ -251,20 +266,7 @@ def test_candidate_rows_are_the_catalogs_vectors_of_those_items_with_the_same_gr
     gradients of gathering them from the whole catalog's vectors."""
     import torch
 
-    from recall_service.model import TwoTowerModel, TwoTowerShape
-
-    torch.manual_seed(0)
-    attributes = np.array([[0, 0], [1, 2], [2, 0], [3, 1], [0, 0], [3, 3], [2, 1]])
-    shape = TwoTowerShape(
-        num_items=6,
-        num_attributes=3,
-        max_attributes=2,
-        num_scenarios=1,
-        dim=8,
-        layers=1,
-        similarity=similarity,
-    )
-    model = TwoTowerModel(shape, attributes)
+    model = six_item_model(similarity)
     candidates = torch.tensor([6, 2, 3, 1, 1])  # +1 ids; a repeat (padding columns repeat an item)
     weights = torch.randn(5, 8)
     rows = model.candidate_rows(model.item_table(), candidates)
