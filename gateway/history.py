@@ -1,6 +1,7 @@
 """Users' event logs and behaviour histories: an interface with two real backends.
 
-- :class:`SQLiteHistoryStore` — embedded default (WAL), nothing to install, one gateway replica.
+- :class:`SQLiteHistoryStore` — embedded default (WAL), nothing to install; the gateway replicas of
+  one host share its file (each append is one transaction, so another process's next read sees it).
   Blocking SQLite calls run in a worker thread behind a lock, so the event loop never blocks.
 - :class:`RedisHistoryStore` — shared by a fleet of gateways, via ``redis.asyncio``; each
   ``append`` (all users of one ``LogEvents`` call, with their dedupe records) is one atomic Lua

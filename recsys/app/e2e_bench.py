@@ -2,8 +2,9 @@
 
 Starts the three services the way `make run` does (recall, rank, gateway as separate processes on
 loopback), the same cascade in one process (``recsys.app.inprocess``: the gateway with in-process
-recall and rank, no gRPC hops) and the two-process deployment (recall, and the gateway with the
-ranker in-process: one internal hop), then sweeps arrival rates from low to saturation. At each
+recall and rank, no gRPC hops), one such process per core over one history file, called
+round-robin (``inprocess_replicas``), and the two-process deployment (recall, and the gateway with
+the ranker in-process: one internal hop), then sweeps arrival rates from low to saturation. At each
 rate the stacks are measured one after the other, ``--repeats`` times, the order reversed at
 every turn (ABBA), each by an
 open-loop Poisson load generator in its own process (``recsys.app.loadgen``: latency from the
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -33,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from recsys.app import count_at_least
-from recsys.app.loadgen import latency_summary
+from recsys.app.loadgen import gateway_target, latency_summary
 from recsys.app.run import (
     HISTORY_LENGTH,
     SERVING_TIMEOUT_S,
@@ -62,11 +64,14 @@ STACKS = {
     "inprocess": "one process: the gateway with in-process recall and rank (recsys.app.inprocess)",
     "rank_in_gateway": "two processes: recall, and the gateway with the ranker in-process "
     "(recsys.app.inprocess --rank-bundle): one internal hop",
+    "inprocess_replicas": "--replicas processes (default: one per core), each the whole cascade "
+    "(recsys.app.inprocess) over one shared history store, called round-robin: no internal hop and "
+    "no single GIL",
     "grpc_event_engine": "the same three processes on gRPC's default I/O (EventEngine; GRPC_EXPERIMENTS "
     "empty) instead of the services' setting (recsys.grpc_env)",
 }
 # What `--stacks` runs unless told: every stack but the one that only checks a gRPC setting.
-DEFAULT_STACKS = "grpc,grpc_per_call,inprocess,rank_in_gateway"
+DEFAULT_STACKS = "grpc,grpc_per_call,inprocess,inprocess_replicas,rank_in_gateway"
 
 
 @dataclass
@@ -75,7 +80,12 @@ class Stack:
 
     name: str
     services: list[Service]
-    gateway: Service
+    gateways: list[Service]  # what the load generator calls, round-robin when more than one
+
+    @property
+    def target(self) -> str:
+        """The gRPC target of the stack's gateways (``ipv4:`` list for more than one)."""
+        return gateway_target([gateway.address for gateway in self.gateways])
 
     def start(self) -> None:
         for service in self.services:
@@ -115,6 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=count_at_least(1),
         default=3,
         help="runs per stack and rate, interleaved, then pooled",
+    )
+    parser.add_argument(
+        "--replicas",
+        type=count_at_least(1),
+        default=os.cpu_count() or 1,
+        help="processes of the inprocess_replicas stack (default: one per core)",
     )
     parser.add_argument("--users", type=int, default=1000, help="known users the requests are for")
     parser.add_argument("--deadline-ms", type=float, default=500.0, help="client deadline")
@@ -169,7 +185,7 @@ def start_stacks(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, Sta
         remote = ["--recall-address", recall.address, "--rank-address", rank.address]
         gateway_command = [*gateway_args, *remote, *extra_gateway_args]
         gateway = service("gateway", "gateway", gateway_command, f"{log_prefix}gateway.log", env)
-        return Stack(name, [recall, rank, gateway], gateway)
+        return Stack(name, [recall, rank, gateway], [gateway])
 
     if "grpc" in wanted:
         stacks["grpc"] = three_processes("grpc", "", [])
@@ -179,15 +195,21 @@ def start_stacks(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, Sta
     if "grpc_event_engine" in wanted:
         engine = {GRPC_EXPERIMENTS_VARIABLE: ""}  # empty: gRPC's own defaults
         stacks["grpc_event_engine"] = three_processes("grpc_event_engine", "event_engine-", [], engine)
+    whole_cascade = ["--recall-bundle", str(recall_dir), "--rank-bundle", str(rank_dir), *gateway_args]
     if "inprocess" in wanted:
-        local = ["--recall-bundle", str(recall_dir), "--rank-bundle", str(rank_dir)]
-        single = service("inprocess", "recsys.app.inprocess", [*local, *gateway_args], "inprocess.log")
-        stacks["inprocess"] = Stack("inprocess", [single], single)
+        single = service("inprocess", "recsys.app.inprocess", whole_cascade, "inprocess.log")
+        stacks["inprocess"] = Stack("inprocess", [single], [single])
     if "rank_in_gateway" in wanted:
         recall = service("recall", "recall_service", recall_args, "rank_in_gateway-recall.log")
         mixed = ["--rank-bundle", str(rank_dir), "--recall-address", recall.address]
         gateway = service("gateway", "recsys.app.inprocess", [*mixed, *gateway_args], "rank_in_gateway.log")
-        stacks["rank_in_gateway"] = Stack("rank_in_gateway", [recall, gateway], gateway)
+        stacks["rank_in_gateway"] = Stack("rank_in_gateway", [recall, gateway], [gateway])
+    if "inprocess_replicas" in wanted:
+        replicas = [
+            service(f"cascade_{number}", "recsys.app.inprocess", whole_cascade, f"replica-{number}.log")
+            for number in range(args.replicas)
+        ]
+        stacks["inprocess_replicas"] = Stack("inprocess_replicas", replicas, replicas)
     try:
         for stack in stacks.values():
             stack.start()
@@ -203,7 +225,7 @@ def measure(
 ) -> dict:
     """One open-loop run against ``stack``: the load generator's JSON plus CPU per request."""
     command = [
-        sys.executable, "-m", "recsys.app.loadgen", "--gateway", stack.gateway.address,
+        sys.executable, "-m", "recsys.app.loadgen", "--gateway", stack.target,
         "--token-file", str(token), "--rate", str(rate), "--duration", str(args.duration),
         "--warmup", str(args.warmup), "--scenario", scenario, "--users", str(users),
         "--items", str(items), "--deadline-ms", str(args.deadline_ms), "--samples",

@@ -31,7 +31,11 @@ from recsys.v1 import gateway_pb2, gateway_pb2_grpc
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m recsys.app.loadgen", description=__doc__.splitlines()[0])
-    parser.add_argument("--gateway", required=True, help="gateway HOST:PORT")
+    parser.add_argument(
+        "--gateway",
+        required=True,
+        help="gateway HOST:PORT, or a gRPC target such as ipv4:HOST:PORT,HOST:PORT (called round-robin)",
+    )
     parser.add_argument("--token-file", type=Path, help="bearer token file (default: $RECSYS_TOKEN)")
     parser.add_argument("--rate", type=float, required=True, help="arrivals per second (Poisson)")
     parser.add_argument("--duration", type=float, default=15.0, help="seconds of arrivals")
@@ -49,6 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--scenarios-file", type=Path, default=DEFAULT_SCENARIOS_FILE, help="the gateway's scenario file"
     )
     return parser
+
+
+def gateway_target(addresses: list[str]) -> str:
+    """The gRPC target for gateways at ``addresses`` (IPv4 HOST:PORT each): the address itself for
+    one, an ``ipv4:`` list (gRPC's static resolver) for several."""
+    return addresses[0] if len(addresses) == 1 else "ipv4:" + ",".join(addresses)
 
 
 def cpu_seconds() -> float:
@@ -94,7 +104,9 @@ async def run(args: argparse.Namespace) -> dict:
     outcomes: Counter[str] = Counter()
     reasons: Counter[str] = Counter()
 
-    async with grpc.aio.insecure_channel(args.gateway) as channel:
+    # round_robin: a target that resolves to several gateways spreads the calls over all of them.
+    options = [("grpc.lb_policy_name", "round_robin")]
+    async with grpc.aio.insecure_channel(args.gateway, options=options) as channel:
         stub = gateway_pb2_grpc.GatewayStub(channel)
         await stub.Recommend(requests[0], timeout=10, metadata=metadata)  # connected and warm
         loop = asyncio.get_running_loop()

@@ -1,5 +1,6 @@
 """The open-loop load generator against a real gateway (fake downstreams): it keeps its schedule,
-counts every outcome and measures from the scheduled send."""
+counts every outcome and measures from the scheduled send; against several gateway replicas (one
+history file) it spreads the calls round-robin, and each replica sees what another stored."""
 
 from __future__ import annotations
 
@@ -7,9 +8,12 @@ from pathlib import Path
 
 import pytest
 
+from gateway.server import serve
 from recsys.app import loadgen
-from tests.gateway.conftest import TEST_TOKEN, FakeStack
-from tests.gateway.fakes import ITEM_IDS
+from recsys.serving.metrics import new_registry
+from recsys.v1 import gateway_pb2, gateway_pb2_grpc
+from tests.gateway.conftest import TEST_TOKEN, FakeStack, gateway_channel, gateway_config
+from tests.gateway.fakes import ITEM_IDS, history_of
 
 
 @pytest.fixture
@@ -57,3 +61,45 @@ async def test_failures_are_counted_by_status_not_hidden(fake_stack: FakeStack, 
     )  # fmt: skip
     with pytest.raises(Exception, match="UNAUTHENTICATED"):
         await loadgen.run(args)  # the connection check refuses to measure a run that cannot succeed
+
+
+def recommend_count(registry) -> float:
+    return sum(
+        sample.value
+        for metric in registry.collect()
+        if metric.name == "recsys_requests"
+        for sample in metric.samples
+        if sample.name == "recsys_requests_total"
+    )
+
+
+async def test_replicas_share_the_load_and_one_history(fake_stack: FakeStack, id_files, tmp_path: Path):
+    users, items, token = id_files
+    # a second replica: its own process state, the same downstreams and the same SQLite file
+    config = gateway_config(tmp_path, fake_stack.recall.address, fake_stack.rank.address)
+    assert str(config.sqlite_path) == fake_stack.gateway.servicer.history_store.path
+    replica = await serve(config, new_registry(False))
+    try:
+        target = loadgen.gateway_target([fake_stack.gateway.address, replica.address])
+        assert target == f"ipv4:{fake_stack.gateway.address},{replica.address}"
+        args = loadgen.build_parser().parse_args(
+            [
+                "--gateway", target, "--token-file", str(token), "--rate", "60", "--duration", "1",
+                "--warmup", "0.2", "--users", str(users), "--items", str(items),
+            ]
+        )  # fmt: skip
+        result = await loadgen.run(args)
+        assert result["errors"] == 0
+        served = [recommend_count(fake_stack.gateway.registry), recommend_count(replica.registry)]
+        assert sum(served) == result["sent"] + 1  # + the connection check
+        assert min(served) >= 0.3 * sum(served)  # round-robin, not all on one replica
+
+        # an event acknowledged by one replica is in the history the other one sends to recall
+        event = gateway_pb2.Event(event_id="shared-1", user_id="u-shared", item_id=ITEM_IDS[5], type=1)
+        await fake_stack.stub.LogEvents(gateway_pb2.LogEventsRequest(events=[event]), timeout=5)
+        async with gateway_channel(replica.address) as channel:
+            request = gateway_pb2.RecommendRequest(user_id="u-shared", scenario="home", num_items=5)
+            await gateway_pb2_grpc.GatewayStub(channel).Recommend(request, timeout=5)
+        assert history_of(fake_stack.fake_recall.behaviour.requests[-1]) == [5]
+    finally:
+        await replica.stop(0)
