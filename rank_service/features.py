@@ -44,31 +44,34 @@ def candidate_features(
     recall_scores = np.asarray(recall_scores, dtype=np.float32).reshape(-1)
     n = recall_scores.shape[0]
     sources = len(SOURCES)
-    source_scores = np.asarray(source_scores, dtype=np.float32).reshape(n, sources)
     present = np.asarray(source_mask, dtype=bool).reshape(n, sources)
-    per_source = np.zeros((n, sources, PER_SOURCE_FEATURES), dtype=np.float32)
-    per_source[:, :, 0] = present
-    counts = present.sum(axis=0)
-    scores = np.where(present, source_scores, np.float32(0.0))
+    given = np.asarray(source_scores, dtype=np.float32).reshape(n, sources)
+    scores = np.where(present, given, np.float32(0.0))
+    counts = np.count_nonzero(present, axis=0)
     safe_counts = np.maximum(counts, 1).astype(np.float32)
     mean = scores.sum(axis=0, dtype=np.float32) / safe_counts
     centred = np.where(present, scores - mean, np.float32(0.0))
     spread = np.sqrt((centred * centred).sum(axis=0, dtype=np.float32) / safe_counts)
     usable = (counts > 1) & (spread > 0)
-    zscores = centred / np.where(usable, spread, np.float32(1.0))
-    per_source[:, :, 1] = np.where(present & usable, zscores, np.float32(0.0))
-    # Rank within each source (0 = best), ties broken by position for determinism.
-    order = np.argsort(-np.where(present, scores, -np.inf), axis=0, kind="stable")
-    ranks = np.empty((n, sources), dtype=np.float32)
-    np.put_along_axis(ranks, order, np.arange(n, dtype=np.float32)[:, None], axis=0)
-    per_source[:, :, 2] = np.where(present, 1.0 / (1.0 + ranks), np.float32(0.0))
-    per_source[:, :, 3] = np.where(present, signed_log(scores), np.float32(0.0))
-    per_source[:, :, 4] = np.where(present, -np.log1p(ranks), np.float32(0.0))
+    # Written in place: the per-source block is a view of the output's first columns.
     features = np.empty((n, NUM_CANDIDATE_FEATURES), dtype=np.float32)
-    features[:, :-2] = per_source.reshape(n, sources * PER_SOURCE_FEATURES)
+    per_source = features[:, : sources * PER_SOURCE_FEATURES].reshape(n, sources, PER_SOURCE_FEATURES)
+    per_source[:, :, 0] = present
+    # An absent entry's centred score is 0, so is its z-score: only the source's spread decides.
+    zscores = centred / np.where(usable, spread, np.float32(1.0))
+    per_source[:, :, 1] = np.where(usable, zscores, np.float32(0.0))
+    # Rank within each source (0 = best), ties broken by position for determinism.
+    order = np.argsort(np.where(present, -scores, np.inf), axis=0, kind="stable")
+    ranks = np.empty((n, sources), dtype=np.float32)
+    ranks[order, np.arange(sources)] = np.arange(n, dtype=np.float32)[:, None]
+    per_source[:, :, 2] = np.where(present, 1.0 / (1.0 + ranks), np.float32(0.0))
+    per_source[:, :, 3] = signed_log(scores)  # 0 where absent
+    per_source[:, :, 4] = np.where(present, -np.log1p(ranks), np.float32(0.0))
     features[:, -2] = signed_log(recall_scores)
-    features[:, -1] = present.mean(axis=1)
-    return np.nan_to_num(features, nan=0.0, posinf=0.0, neginf=0.0)
+    features[:, -1] = np.count_nonzero(present, axis=1) / np.float32(sources)
+    if not np.isfinite(features).all():  # an infinite or NaN score; rare, so checked first
+        np.nan_to_num(features, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+    return features
 
 
 def history_inputs(

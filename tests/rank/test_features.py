@@ -41,6 +41,50 @@ def test_candidate_features_do_not_depend_on_order():
     assert np.allclose(forward[permutation], shuffled)
 
 
+def reference_features(recall: np.ndarray, scores: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The candidate features written out per source and per candidate (the definition)."""
+    n = len(recall)
+    rows = np.zeros((n, NUM_CANDIDATE_FEATURES), dtype=np.float64)
+    for column in range(len(SOURCES)):
+        present = np.flatnonzero(mask[:, column])
+        values = scores[present, column].astype(np.float64)
+        mean, spread = (values.mean(), values.std()) if len(values) else (0.0, 0.0)
+        by_score = sorted(present, key=lambda row: (-scores[row, column], row))  # ties: position
+        for rank, row in enumerate(by_score):
+            score = float(scores[row, column])
+            z = (score - mean) / spread if len(values) > 1 and spread > 0 else 0.0
+            base = column * PER_SOURCE_FEATURES
+            signed = np.sign(score) * np.log1p(abs(score))
+            rows[row, base : base + PER_SOURCE_FEATURES] = [1.0, z, 1 / (1 + rank), signed, -np.log1p(rank)]
+    rows[:, -2] = np.sign(recall) * np.log1p(np.abs(recall))
+    rows[:, -1] = mask.mean(axis=1)
+    return np.nan_to_num(rows, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def test_candidate_features_match_their_definition_with_ties_lone_sources_and_infinite_scores():
+    rng = np.random.default_rng(3)
+    for case in range(60):
+        n = int(rng.integers(0, 40))
+        scores = (rng.normal(size=(n, len(SOURCES))) * [1, 10, 100, 0.1]).astype(np.float32)
+        if case % 3 == 1:
+            scores = np.round(scores)  # ties
+        mask = rng.random((n, len(SOURCES))) < rng.random()
+        if case % 3 == 2 and n:
+            mask[:, 0] = False
+            mask[0, 0] = True  # a source with one candidate: no spread, z-score 0
+            scores[rng.random(scores.shape) < 0.1] = np.inf
+            scores[rng.random(scores.shape) < 0.1] = np.nan
+        recall = np.where(mask, np.nan_to_num(scores), 0).max(axis=1, initial=0).astype(np.float32)
+        with np.errstate(invalid="ignore"):
+            features = candidate_features(recall, scores, mask)
+            expected = reference_features(recall, scores, mask)
+        assert features.dtype == np.float32 and features.shape == (n, NUM_CANDIDATE_FEATURES)
+        assert np.isfinite(features).all()
+        finite = np.isfinite(scores).all()
+        if finite:  # with an infinite score the z-scores of its source are NaN -> 0 either way
+            assert np.allclose(features, expected, rtol=1e-5, atol=1e-5), case
+
+
 def test_history_inputs_drop_unknown_items_keep_the_most_recent_and_read_unspecified_as_view():
     items, events = history_inputs(np.array([5, -1, 6, 7, 8]), np.array([0, 1, 2, 3, 4]), max_history=3)
     assert items.tolist() == [7, 8, 9]  # dense + 1
