@@ -17,7 +17,8 @@ in-process stage takes its service's settings under its own prefix, flag or vari
 ``--rank-max-queue``, ``--rank-bundle-poll-s`` (and ``--recall-*`` alike; ``RECSYS_RANK_BUNDLE`` for
 the bundle), and swaps in a new bundle version the way its own service does (a versions folder's
 ``current`` link or a rewritten manifest, loaded, verified and warmed before it serves). The Helm
-chart runs the ranker this way with ``rank.inGateway: true``.
+chart runs the ranker this way with ``rank.inGateway: true``, recall with ``recall.inGateway: true``
+(both: the whole cascade in every gateway pod).
 """
 
 from __future__ import annotations

@@ -124,6 +124,15 @@ RANK_IN_GATEWAY = {
     "gateway": {"resources": {"requests": {"cpu": "1500m", "memory": "1Gi"}, "limits": {"memory": "2Gi"}}},
 }
 
+# The whole cascade (recall and rank) inside the gateway's pods.
+CASCADE_IN_GATEWAY = deep_merge(
+    RANK_IN_GATEWAY,
+    {
+        "recall": {"inGateway": True, "config": {"maxBatch": 16}},
+        "gateway": {"resources": {"requests": {"cpu": "2", "memory": "2Gi"}, "limits": {"memory": "4Gi"}}},
+    },
+)
+
 # name -> (values, API versions the "cluster" announces)
 OTLP_ENDPOINT = "http://otel-collector.observability:4317"
 COMBINATIONS: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
@@ -185,6 +194,11 @@ COMBINATIONS: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
     "rank-in-gateway": (RANK_IN_GATEWAY, ()),
     "rank-in-gateway-claim": (
         deep_merge(RANK_IN_GATEWAY, {"rank": {"bundle": {"existingClaim": "recsys-bundles"}}}),
+        (),
+    ),
+    "cascade-in-gateway": (CASCADE_IN_GATEWAY, ()),
+    "cascade-in-gateway-recall-claim": (
+        deep_merge(CASCADE_IN_GATEWAY, {"recall": {"bundle": {"existingClaim": "recsys-bundles"}}}),
         (),
     ),
     "auth-existing-secret": ({"gateway": {"auth": {"existingSecret": "shop-tokens"}}}, ()),
@@ -351,7 +365,17 @@ def test_values_schema_rejects_misspelled_keys() -> None:
             "contradict each other",
         ),
         ({"rank": {"inGateway": True, "gpu": {"enabled": True}}}, "set rank.gpu.enabled: false"),
-        ({"recall": {"inGateway": True}}, "only the ranker runs inside the gateway"),
+        ({"recall": {"inGateway": True, "enabled": False}}, "recall.inGateway needs recall.enabled"),
+        (
+            {
+                "recall": {"inGateway": True},
+                "gateway": {"recallAddress": "recall.ml:50051"},
+                "networkPolicy": {"egress": {"enabled": False}},
+            },
+            "gateway.recallAddress and recall.inGateway contradict each other",
+        ),
+        ({"recall": {"inGateway": True, "shards": 2}}, "set recall.shards: 1"),
+        ({"recall": {"inGateway": True, "gpu": {"enabled": True}}}, "set recall.gpu.enabled: false"),
         ({"redis": {"enabled": True, "externalUrl": "redis://r:6379/0"}}, "not both"),
         ({"redis": {"externalUrl": "redis://r:6379/0"}}, "not both"),  # Redis in-cluster by default
     ],
@@ -1330,8 +1354,9 @@ def test_rank_in_gateway_runs_the_ranker_in_the_gateway_pods_from_its_own_bundle
         "--dest": "/bundles/rank",
     }
     assert fetch["image"] == container["image"]
-    mount = next(m for m in container["volumeMounts"] if m["name"] == "bundle")
-    assert mount == {"name": "bundle", "mountPath": "/bundles/rank", "readOnly": True}
+    assert fetch["name"] == "fetch-rank-bundle"
+    mount = next(m for m in container["volumeMounts"] if m["name"] == "rank-bundle")
+    assert mount == {"name": "rank-bundle", "mountPath": "/bundles/rank", "readOnly": True}
     assert template["metadata"]["annotations"]["recsys/rank-bundle-version"] == bundle["version"]
     newer = {"rank": {"bundle": {"version": "rank-20261202T060000", "sha256": "3" * 64}}}
     rolled = deployment(manifests(render(deep_merge(RANK_IN_GATEWAY, newer))), "gateway")["spec"]["template"]
@@ -1345,5 +1370,72 @@ def test_rank_in_gateway_runs_the_ranker_in_the_gateway_pods_from_its_own_bundle
     claimed = deployment(rendered["rank-in-gateway-claim"], "gateway")["spec"]["template"]["spec"]
     assert "initContainers" not in claimed  # a claim is mounted, not fetched
     (claimed_container,) = claimed["containers"]
-    mount = next(m for m in claimed_container["volumeMounts"] if m["name"] == "bundle")
+    mount = next(m for m in claimed_container["volumeMounts"] if m["name"] == "rank-bundle")
     assert mount["subPath"] == f"rank/{bundle['version']}" and mount["readOnly"] is True
+
+
+def test_cascade_in_gateway_serves_recall_and_rank_in_every_gateway_pod(
+    rendered: dict[str, list[Manifest]],
+) -> None:
+    """recall.inGateway with rank.inGateway: the gateway Deployment is the only workload; each pod
+    fetches both bundles (one init container each, the fetch script mounted once), mounts them at
+    /bundles/<component>, takes each stage's config as RECSYS_<COMPONENT>_*, dials no recall or
+    rank address, and rolls when either bundle's version changes."""
+    objects = rendered["cascade-in-gateway"]
+    workloads = {m.name for m in objects if m.kind in WORKLOAD_KINDS}
+    assert workloads == {f"{FULLNAME}-gateway", f"{FULLNAME}-redis"}
+    assert not [m for m in objects if m.name.startswith((f"{FULLNAME}-recall", f"{FULLNAME}-rank"))]
+    template = deployment(objects, "gateway")["spec"]["template"]
+    pod = template["spec"]
+    (container,) = pod["containers"]
+    assert container["command"] == ["python", "-m", "recsys.app.inprocess"]
+    default_recall = deployment(rendered["default"], "recall")["spec"]["template"]["spec"]["containers"][0]
+    assert container["image"] == default_recall["image"], "the serving image (Faiss, ONNX Runtime)"
+    env = env_of(container)
+    assert not {"RECSYS_RECALL_ADDRESS", "RECSYS_RECALL_ADDRESSES", "RECSYS_RANK_ADDRESS"} & set(env)
+    assert {name: env[name] for name in env if name.startswith("RECSYS_RECALL_")} == {
+        "RECSYS_RECALL_BUNDLE": "/bundles/recall",
+        "RECSYS_RECALL_THREADS": "2",  # "auto": the gateway's 2-CPU request
+        "RECSYS_RECALL_MAX_BATCH": "16",
+        "RECSYS_RECALL_MAX_WAIT_MS": "0",
+        "RECSYS_RECALL_MAX_QUEUE": "256",
+    }
+    assert env["RECSYS_RANK_BUNDLE"] == "/bundles/rank" and env["RECSYS_RANK_MAX_BATCH"] == "32"
+    assert env["RECSYS_DEVICE"] == "cpu"
+    fetches = {fetch["name"]: fetch_args(fetch) for fetch in pod["initContainers"]}
+    assert {name: args["--dest"] for name, args in fetches.items()} == {
+        "fetch-rank-bundle": "/bundles/rank",
+        "fetch-recall-bundle": "/bundles/recall",
+    }
+    recall_bundle = BUNDLE_VALUES["recall"]["bundle"]
+    assert fetches["fetch-recall-bundle"]["--url"] == f"{BUNDLE_STORE}/recall/{recall_bundle['version']}.tar"
+    volumes = [volume["name"] for volume in pod["volumes"]]
+    assert volumes.count("fetch-script") == 1 and {"recall-bundle", "rank-bundle"} <= set(volumes)
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    assert mounts["recall-bundle"] == {
+        "name": "recall-bundle",
+        "mountPath": "/bundles/recall",
+        "readOnly": True,
+    }
+    annotations = template["metadata"]["annotations"]
+    assert annotations["recsys/recall-bundle-version"] == recall_bundle["version"]
+    assert annotations["recsys/rank-bundle-version"] == BUNDLE_VALUES["rank"]["bundle"]["version"]
+    newer = {"recall": {"bundle": {"version": "recall-20261202T060000", "sha256": "4" * 64}}}
+    rolled = deployment(manifests(render(deep_merge(CASCADE_IN_GATEWAY, newer))), "gateway")["spec"][
+        "template"
+    ]
+    assert rolled["metadata"]["annotations"]["recsys/recall-bundle-version"] == "recall-20261202T060000"
+    # The gateway's egress reaches neither recall nor rank pods; no policy for either exists.
+    policy = find(objects, "NetworkPolicy", f"{FULLNAME}-gateway")
+    peers = json.dumps(policy["spec"]["egress"])
+    assert '"app.kubernetes.io/component": "recall"' not in peers
+    assert '"app.kubernetes.io/component": "rank"' not in peers
+
+    claimed = deployment(rendered["cascade-in-gateway-recall-claim"], "gateway")["spec"]["template"]["spec"]
+    (fetch,) = claimed["initContainers"]  # recall's claim is mounted; rank's bundle is still fetched
+    assert fetch["name"] == "fetch-rank-bundle"
+    assert [volume["name"] for volume in claimed["volumes"]].count("fetch-script") == 1
+    claim = next(v for v in claimed["volumes"] if v["name"] == "recall-bundle")
+    assert claim["persistentVolumeClaim"] == {"claimName": "recsys-bundles", "readOnly": True}
+    mount = next(m for m in claimed["containers"][0]["volumeMounts"] if m["name"] == "recall-bundle")
+    assert mount["subPath"] == f"recall/{recall_bundle['version']}"

@@ -164,12 +164,14 @@ restores the previous version with the previous values. */}}
 {{- end }}
 
 {{/* The init container that fetches a bundle into the pod (not for claim sources): called as
-(dict "root" $ "source" <recsys.bundleSource> "image" <image> "path" /bundles/<component>). */}}
+(dict "root" $ "source" <recsys.bundleSource> "image" <image> "path" /bundles/<component>), and
+"volume" <name> where a pod holds two bundles (default "bundle"; the container is fetch-<name>). */}}
 {{- define "recsys.fetchBundleContainer" -}}
 {{- $root := .root }}
+{{- $volume := .volume | default "bundle" }}
 # Fetches <store>/<name>/<version>.tar (or the url), checks its sha256, the manifest's
 # version and every file's digest, and unpacks it into the pod's own emptyDir.
-- name: fetch-bundle
+- name: fetch-{{ $volume }}
   image: {{ .image | quote }}
   imagePullPolicy: {{ $root.Values.image.pullPolicy }}
   command:
@@ -195,7 +197,7 @@ restores the previous version with the previous values. */}}
   resources:
     {{- toYaml $root.Values.bundles.resources | nindent 4 }}
   volumeMounts:
-    - name: bundle
+    - name: {{ $volume }}
       mountPath: {{ .path }}
     - name: fetch-script
       mountPath: /opt/recsys/fetch
@@ -204,9 +206,9 @@ restores the previous version with the previous values. */}}
       mountPath: /tmp
 {{- end }}
 
-{{/* The serving container's read-only mount of the bundle at .path. */}}
+{{/* The serving container's read-only mount of the bundle at .path (volume .volume, default "bundle"). */}}
 {{- define "recsys.bundleMount" -}}
-- name: bundle
+- name: {{ .volume | default "bundle" }}
   mountPath: {{ .path }}
   readOnly: true
   {{- if eq .source.mode "claim" }}
@@ -215,9 +217,10 @@ restores the previous version with the previous values. */}}
   {{- end }}
 {{- end }}
 
-{{/* The bundle volume (the claim, or an emptyDir the fetch container fills) and the fetch script. */}}
+{{/* The bundle volume (the claim, or an emptyDir the fetch container fills) and the fetch script
+(unless "script" is false: a pod with two fetched bundles mounts the script once). */}}
 {{- define "recsys.bundleVolumes" -}}
-- name: bundle
+- name: {{ .volume | default "bundle" }}
   {{- if eq .source.mode "claim" }}
   persistentVolumeClaim:
     claimName: {{ .values.bundle.existingClaim }}
@@ -225,8 +228,10 @@ restores the previous version with the previous values. */}}
   {{- else }}
   emptyDir:
     sizeLimit: {{ .values.bundle.sizeLimit }}
+  {{- if or (not (hasKey . "script")) .script }}
 - name: fetch-script
   configMap:
     name: {{ include "recsys.fullname" .root }}-fetch-bundle
+  {{- end }}
   {{- end }}
 {{- end }}
