@@ -5,7 +5,9 @@ oldest first, per user; ForgetUser's store side."""
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 import sqlite3
+import time
 import uuid
 from pathlib import Path
 
@@ -169,6 +171,57 @@ async def test_forget_deletes_history_and_dedupe_records_and_lists_the_user(stor
 
     assert await store.forget("nobody") == 0
     assert list(await store.forgotten_users()) == ["alice", "nobody"]
+
+
+def append_from_a_replica(path: str, replica: int, replicas: int, count: int) -> list[bool]:
+    """One gateway replica's appends (run in its own process): ``count`` events of its own and,
+    interleaved, the same ``count`` shared event ids every replica also sends. The replicas start
+    together (each marks itself ready and waits for the others), so their writes overlap."""
+    Path(f"{path}.ready-{replica}").touch()
+    deadline = time.monotonic() + 60
+    while not all(Path(f"{path}.ready-{other}").exists() for other in range(replicas)):
+        assert time.monotonic() < deadline, "the other replica never started"
+        time.sleep(0.005)
+
+    async def run() -> list[bool]:
+        store = SQLiteHistoryStore(path, 1000)
+        stored = []
+        for number in range(count):
+            own = event(f"r{replica}-{number}", f"i{number}", number, user_id=f"user{number % 4}")
+            shared = event(f"shared-{number}", f"s{number}", number, user_id="shared-user")
+            stored.extend((await store.append([own, shared])).stored)
+        await store.close()
+        return stored
+
+    return asyncio.run(run())
+
+
+def test_replicas_in_separate_processes_share_one_sqlite_file_without_loss_or_double_counting(
+    tmp_path: Path,
+):
+    """Gateway replicas of one host (one process per core) append to the same file at once:
+    every event is stored once, and an event id sent to both is accepted by exactly one."""
+    path = str(tmp_path / "history.sqlite3")
+    SQLiteHistoryStore(path, 1000)  # the schema exists before the replicas race
+    count, replicas = 150, 2
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(replicas) as pool:
+        results = pool.starmap(
+            append_from_a_replica, [(path, replica, replicas, count) for replica in range(replicas)]
+        )
+    own = [flag for result in results for flag in result[0::2]]
+    shared = [flag for result in results for flag in result[1::2]]
+    assert all(own) and len(own) == replicas * count
+    assert sum(shared) == count  # each shared id accepted once, whichever replica came first
+
+    async def read() -> tuple[int, int]:
+        store = SQLiteHistoryStore(path, 1000)
+        users = [len(await store.history(f"user{user}", limit=10_000)) for user in range(4)]
+        shared_user = len(await store.history("shared-user", limit=10_000))
+        await store.close()
+        return sum(users), shared_user
+
+    assert asyncio.run(read()) == (replicas * count, count)
 
 
 def test_sqlite_store_uses_wal_and_the_configured_synchronous_mode(tmp_path: Path):
