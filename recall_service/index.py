@@ -25,6 +25,9 @@ EXACT_SEARCH_MAX_ITEMS = 100_000
 # Build-time tuning of the search parameter (IVF nprobe / HNSW efSearch) for larger catalogs:
 # the smallest value whose recall@TUNE_K against exact search reaches TUNE_TARGET_RECALL on
 # held-out queries. TUNE_K is the most a scenario's u2i source fetches (quota 200 + 50% slack).
+# The largest k (and IVF nprobe) faiss-gpu selects on the device (GPU_MAX_SELECTION_K: 2048 with
+# CUDA >= 9, the builds that exist now); a search past it fails there, so it runs on the CPU copy.
+GPU_MAX_K = 2048
 TUNE_MIN_ITEMS = EXACT_SEARCH_MAX_ITEMS
 TUNE_TARGET_RECALL = 0.95
 TUNE_K = 300
@@ -340,8 +343,9 @@ class FaissSearcher:
             resources = faiss.StandardGpuResources()
             self.gpu_index = faiss.index_cpu_to_gpu(resources, 0, index)
             self._gpu_resources = resources  # keep alive as long as the GPU index
-            if self.ivf is not None:
-                faiss.GpuParameterSpace().set_index_parameter(self.gpu_index, "nprobe", nprobe)
+            if self.ivf is not None:  # the device probes at most GPU_MAX_K lists
+                gpu_nprobe = min(nprobe, GPU_MAX_K)
+                faiss.GpuParameterSpace().set_index_parameter(self.gpu_index, "nprobe", gpu_nprobe)
             self.device = "gpu"
         self.description = f"faiss {type(faiss.downcast_index(index)).__name__} on {self.device}"
 
@@ -357,8 +361,9 @@ class FaissSearcher:
     ) -> tuple[np.ndarray, np.ndarray]:
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         k = max(1, min(k, self.cpu_index.ntotal))
-        if allowed is None and self.id_range is None and self.gpu_index is not None:
-            # faiss-gpu indexes take no ID selectors; filtered searches stay on the CPU copy.
+        if allowed is None and self.id_range is None and self.gpu_index is not None and k <= GPU_MAX_K:
+            # faiss-gpu indexes take no ID selectors and select at most GPU_MAX_K: filtered searches
+            # and larger k stay on the CPU copy (the same index, the same results).
             return self.gpu_index.search(queries, k)
         selector = None
         if allowed is not None:  # a shard's allowed ids are its own already

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from recall_service.index import (
+    GPU_MAX_K,
     INDEX_FILE,
     TUNE_K,
     TUNE_TARGET_RECALL,
@@ -236,3 +237,32 @@ def test_export_writes_the_tuned_nprobe_into_the_bundle_manifest(
     assert manifest["nprobe"] == record["value"] and manifest["ef_search"] == config.ef_search
     assert record["recall"] >= record["target_recall"] == TUNE_TARGET_RECALL
     assert record["queries"] == min(1000, synthetic_dataset.num_items)
+
+
+class RecordingGpuIndex:
+    """Stands in for a faiss-gpu index (no GPU here): answers like the CPU index, records each k."""
+
+    def __init__(self, index: faiss.Index):
+        self.index = index
+        self.calls: list[int] = []
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        assert k <= GPU_MAX_K, "faiss-gpu refuses k past its selection limit"
+        self.calls.append(k)
+        return self.index.search(queries, k)
+
+
+def test_searches_past_the_gpu_k_limit_or_with_a_filter_run_on_the_cpu_copy() -> None:
+    vectors = gaussian_mixture(3_000, 16, centres=20, spread=0.4, seed=3)
+    searcher = FaissSearcher(build_index(vectors, "Flat"))
+    gpu = RecordingGpuIndex(searcher.cpu_index)
+    searcher.gpu_index = gpu  # what use_gpu=True sets on a GPU host
+    queries = vectors[:2]
+    exact = searcher.cpu_index.search(queries, GPU_MAX_K + 500)
+    scores, ids = searcher.search(queries, GPU_MAX_K + 500)  # past the limit: the CPU copy answers
+    assert gpu.calls == [] and ids.shape == (2, GPU_MAX_K + 500)
+    assert np.array_equal(ids, exact[1]) and np.allclose(scores, exact[0])
+    searcher.search(queries, GPU_MAX_K)  # at the limit: the GPU
+    assert gpu.calls == [GPU_MAX_K]
+    _, filtered = searcher.search(queries, 10, allowed=np.arange(100))  # ID selector: the CPU copy
+    assert gpu.calls == [GPU_MAX_K] and set(filtered.ravel().tolist()) <= set(range(100))
