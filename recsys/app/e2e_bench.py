@@ -2,18 +2,17 @@
 
 Starts the three services the way `make run` does (recall, rank, gateway as separate processes on
 loopback), the same cascade in one process (``recsys.app.inprocess``: the gateway with in-process
-recall and rank, no gRPC hops), one such process per core over one history file, called
-round-robin (``inprocess_replicas``), and the two-process deployment (recall, and the gateway with
-the ranker in-process: one internal hop), then sweeps arrival rates from low to saturation. At each
-rate the stacks are measured one after the other, ``--repeats`` times, the order reversed at
-every turn (ABBA), each by an
-open-loop Poisson load generator in its own process (``recsys.app.loadgen``: latency from the
-scheduled send time). Per stack, scenario and rate: p50/p95/p99, errors, degraded share, and the
-CPU seconds each service process used per request (from /proc, the source of
-``process_cpu_seconds_total``): every request of every repeat pooled (one bad repeat shows in
-the p99 and the errors), each repeat's own figures kept (``repeats``), since this host drifts by
-tens of percent within minutes. A stack's sweep stops at its first rate that misses the
-saturation criteria (no errors, <= 1% degraded, p99 <= --saturation-p99-ms).
+recall and rank, no gRPC hops), one such process per core, pinned to it, over one history file,
+called round-robin (``inprocess_replicas``), and the two-process deployment (recall, and the
+gateway with the ranker in-process: one internal hop), then sweeps arrival rates from low to
+saturation. At each rate the stacks are measured one after the other, ``--repeats`` times, the
+order reversed at every turn (ABBA), each by an open-loop Poisson load generator in its own process
+(``recsys.app.loadgen``: latency from the scheduled send time). Per stack, scenario and rate:
+p50/p95/p99, errors, degraded share, and the CPU seconds each service process used per request
+(from /proc, the source of ``process_cpu_seconds_total``): every request of every repeat pooled
+(one bad repeat shows in the p99 and the errors), each repeat's own figures kept (``repeats``),
+since this host drifts by tens of percent within minutes. A stack's sweep stops at its first rate
+that misses the saturation criteria (no errors, <= 1% degraded, p99 <= --saturation-p99-ms).
 
     recsys bench e2e --artifacts artifacts --out artifacts/bench/e2e.json
 """
@@ -65,8 +64,8 @@ STACKS = {
     "rank_in_gateway": "two processes: recall, and the gateway with the ranker in-process "
     "(recsys.app.inprocess --rank-bundle): one internal hop",
     "inprocess_replicas": "--replicas processes (default: one per core), each the whole cascade "
-    "(recsys.app.inprocess) over one shared history store, called round-robin: no internal hop and "
-    "no single GIL",
+    "(recsys.app.inprocess) pinned to its own core (RECSYS_CPU_AFFINITY), over one shared history "
+    "store, called round-robin: no internal hop and no single GIL",
     "grpc_event_engine": "the same three processes on gRPC's default I/O (EventEngine; GRPC_EXPERIMENTS "
     "empty) instead of the services' setting (recsys.grpc_env)",
 }
@@ -129,8 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--replicas",
         type=count_at_least(1),
-        default=os.cpu_count() or 1,
-        help="processes of the inprocess_replicas stack (default: one per core)",
+        default=len(os.sched_getaffinity(0)),
+        help="processes of the inprocess_replicas stack (default: one per core this process may use)",
     )
     parser.add_argument("--users", type=int, default=1000, help="known users the requests are for")
     parser.add_argument("--deadline-ms", type=float, default=500.0, help="client deadline")
@@ -205,8 +204,16 @@ def start_stacks(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, Sta
         gateway = service("gateway", "recsys.app.inprocess", [*mixed, *gateway_args], "rank_in_gateway.log")
         stacks["rank_in_gateway"] = Stack("rank_in_gateway", [recall, gateway], [gateway])
     if "inprocess_replicas" in wanted:
+        # Replica i on the i-th CPU this process may use (RECSYS_CPU_AFFINITY), round-robin past them.
+        cpus = sorted(os.sched_getaffinity(0))
         replicas = [
-            service(f"cascade_{number}", "recsys.app.inprocess", whole_cascade, f"replica-{number}.log")
+            service(
+                f"cascade_{number}",
+                "recsys.app.inprocess",
+                whole_cascade,
+                f"replica-{number}.log",
+                {"RECSYS_CPU_AFFINITY": str(cpus[number % len(cpus)])},
+            )
             for number in range(args.replicas)
         ]
         stacks["inprocess_replicas"] = Stack("inprocess_replicas", replicas, replicas)

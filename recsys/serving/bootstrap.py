@@ -25,7 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
-from recsys.serving.config import ServingConfig
+from recsys.serving.config import ServingConfig, format_cpu_list, parse_cpu_list
 from recsys.serving.logging import configure_logging
 from recsys.serving.metrics import GrpcServerMetrics, MetricsHttpServer, MetricsInterceptor, new_registry
 from recsys.serving.tracing import tracing_interceptor
@@ -62,6 +62,18 @@ def run_event_loop(main: Coroutine[Any, Any, Any]) -> Any:
             return uvloop.run(main)
     logger.info("event loop: asyncio")
     return asyncio.run(main)
+
+
+def pin_threads(cpu_list: str) -> set[int]:
+    """Pin every thread of this process to the CPUs of ``cpu_list`` (a Linux CPU list); threads
+    started later inherit it from the thread that starts them. Returns the CPUs."""
+    cpus = parse_cpu_list(cpu_list)
+    for task in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(task), cpus)
+        except ProcessLookupError:
+            continue  # the thread ended meanwhile
+    return cpus
 
 
 def message_size_options(max_message_bytes: int) -> list[tuple[str, Any]]:
@@ -298,6 +310,8 @@ async def start_server(
     if not logging.getLogger().handlers:  # like logging.basicConfig: only if nobody configured logging
         configure_logging(service, config.log_level)
     registry = new_registry() if registry is None else registry
+    if config.cpu_affinity:  # before the server's threads start; the bundle's are pinned too
+        logger.info("threads pinned to CPUs %s", format_cpu_list(pin_threads(config.cpu_affinity)))
     # Outermost, so the span covers every other interceptor; None (no interceptor) when tracing is off.
     tracing = tracing_interceptor(service, untraced_services=(HEALTH_SERVICE_NAME, REFLECTION_SERVICE_NAME))
     server = grpc.aio.server(

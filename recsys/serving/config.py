@@ -47,6 +47,9 @@ class ServingConfig:
     tls_key: Path | None = None
     tls_client_ca: Path | None = None  # set: mutual TLS, clients must present a cert it signed
     log_level: str = "INFO"
+    # CPUs every thread of the process runs on ("0", "0-3", "0,2"; "" = wherever the OS puts them):
+    # one whole-cascade replica per core stays on its core (its caches warm, no migrations).
+    cpu_affinity: str = ""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -93,6 +96,41 @@ class ServingConfig:
                 raise ConfigError(f"{name}: file not found: {path}")
         if self.log_level not in LOG_LEVELS:
             raise ConfigError(f"log_level: must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
+        if self.cpu_affinity:
+            cpus = parse_cpu_list(self.cpu_affinity)  # ConfigError naming the setting when malformed
+            if not hasattr(os, "sched_setaffinity"):
+                raise ConfigError("cpu_affinity: this platform cannot pin threads to CPUs")
+            allowed = os.sched_getaffinity(0)
+            if not cpus <= allowed:
+                raise ConfigError(
+                    f"cpu_affinity: CPUs {sorted(cpus - allowed)} are not available to this process "
+                    f"(available: {format_cpu_list(allowed)})"
+                )
+
+
+def parse_cpu_list(text: str) -> set[int]:
+    """The CPUs of a Linux CPU list ("0", "0-3", "0,2,4-5"); ConfigError when malformed or empty."""
+    cpus: set[int] = set()
+    for part in text.split(","):
+        low, dash, high = part.strip().partition("-")
+        if not low.isdigit() or (dash and not high.isdigit()):
+            raise ConfigError(f"cpu_affinity: {text!r} is not a CPU list like 0, 0-3 or 0,2")
+        first, last = int(low), int(high) if dash else int(low)
+        if last < first:
+            raise ConfigError(f"cpu_affinity: range {part.strip()!r} runs backwards")
+        cpus.update(range(first, last + 1))
+    return cpus
+
+
+def format_cpu_list(cpus: set[int]) -> str:
+    """``cpus`` as a Linux CPU list (ranges collapsed): {0, 1, 2, 5} -> "0-2,5"."""
+    parts: list[str] = []
+    for cpu in sorted(cpus):
+        if parts and cpu == int(parts[-1].rpartition("-")[2]) + 1:
+            parts[-1] = f"{parts[-1].partition('-')[0]}-{cpu}"
+        else:
+            parts.append(str(cpu))
+    return ",".join(parts)
 
 
 def env_default(name: str, default: T, cast: Callable[[str], Any] = str) -> Any:
@@ -163,6 +201,11 @@ _SERVING_FLAGS: dict[str, tuple[str, Callable[[str], Any], str]] = {
     "--tls-key": ("RECSYS_TLS_KEY", _optional_path, "server private key (PEM)"),
     "--tls-client-ca": ("RECSYS_TLS_CLIENT_CA", _optional_path, "client CA (PEM); enables mutual TLS"),
     "--log-level": ("RECSYS_LOG_LEVEL", _log_level, f"one of {', '.join(LOG_LEVELS)}"),
+    "--cpu-affinity": (
+        "RECSYS_CPU_AFFINITY",
+        str,
+        "CPUs all of this process's threads run on, e.g. 0 or 0-3 ('' = any)",
+    ),
 }
 
 
@@ -192,6 +235,7 @@ def add_serving_arguments(
         "tls_key": None,
         "tls_client_ca": None,
         "log_level": ServingConfig.log_level,
+        "cpu_affinity": ServingConfig.cpu_affinity,
     }
     group = parser.add_argument_group("serving (flags override RECSYS_* environment variables)")
     for flag, (env_name, cast, help_text) in _SERVING_FLAGS.items():
@@ -229,6 +273,7 @@ def serving_config_from_args(args: argparse.Namespace) -> ServingConfig:
         tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca,
         log_level=args.log_level,
+        cpu_affinity=args.cpu_affinity,
     )
 
 

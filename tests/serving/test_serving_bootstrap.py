@@ -4,8 +4,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
 import socket
+import subprocess
+import sys
 import urllib.request
 from collections.abc import Awaitable, Callable
 
@@ -235,3 +239,45 @@ async def test_a_taken_metrics_port_fails_loudly_and_releases_the_grpc_port(serv
         await serve(clash)
     again = await serve(ServingConfig(host="127.0.0.1", port=free_port))
     assert again.port == free_port
+
+
+PINNED_SERVER = """
+import asyncio, json, os, sys, threading
+from recsys.serving.bootstrap import start_server
+from recsys.serving.config import ServingConfig
+
+cpu = sys.argv[1]
+earlier = threading.Thread(target=threading.Event().wait, args=(5,), daemon=True)
+earlier.start()  # a thread that exists before the server pins the process (like a bundle's)
+
+
+async def main():
+    config = ServingConfig(host="127.0.0.1", metrics_port=0, cpu_affinity=cpu)
+    running = await start_server(config, "recall", lambda server: [])
+    later = []
+    thread = threading.Thread(target=lambda: later.append(sorted(os.sched_getaffinity(0))))
+    thread.start()
+    thread.join()
+    threads = [sorted(os.sched_getaffinity(int(task))) for task in os.listdir("/proc/self/task")]
+    await running.stop(0)
+    print(json.dumps({"threads": threads, "later": later[0]}))
+
+
+asyncio.run(main())
+"""
+
+
+def test_cpu_affinity_pins_every_thread_of_the_server_process_and_those_started_later(tmp_path) -> None:
+    """Run in its own process: pinning the test process would slow every test after it."""
+    cpu = max(os.sched_getaffinity(0))
+    script = tmp_path / "pinned_server.py"
+    script.write_text(PINNED_SERVER)
+    done = subprocess.run(
+        [sys.executable, str(script), str(cpu)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(report["threads"]) >= 3  # main, the earlier thread, gRPC's and /metrics' own
+    assert all(cpus == [cpu] for cpus in report["threads"]), report["threads"]
+    assert report["later"] == [cpu]
+    assert f"threads pinned to CPUs {cpu}" in done.stderr  # the bootstrap's log line

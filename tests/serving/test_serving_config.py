@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,8 @@ from recsys.serving.config import (
     ServingConfig,
     add_serving_arguments,
     env_default,
+    format_cpu_list,
+    parse_cpu_list,
     serving_config_from_args,
 )
 
@@ -28,6 +31,7 @@ SERVING_ENV_VARS = (
     "RECSYS_TLS_KEY",
     "RECSYS_TLS_CLIENT_CA",
     "RECSYS_LOG_LEVEL",
+    "RECSYS_CPU_AFFINITY",
 )
 
 
@@ -109,6 +113,10 @@ def test_tls_paths_from_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> 
         (["--max-concurrent-rpcs", "0"], "max_concurrent_rpcs: must be in 1..1000000"),
         (["--max-connection-age-s", "-1"], "max_connection_age_s: must be in 0..86400"),
         (["--max-connection-age-grace-s", "nan"], "max_connection_age_grace_s: must be in 0..86400"),
+        (["--cpu-affinity", "0-"], "cpu_affinity: '0-' is not a CPU list"),
+        (["--cpu-affinity", "a"], "cpu_affinity: 'a' is not a CPU list"),
+        (["--cpu-affinity", "3-1"], "cpu_affinity: range '3-1' runs backwards"),
+        (["--cpu-affinity", "100000"], "100000] are not available to this process"),
     ],
 )
 def test_invalid_values_are_rejected_naming_the_setting(argv: list[str], message: str) -> None:
@@ -151,3 +159,14 @@ def test_a_service_can_set_its_own_size_and_concurrency_defaults() -> None:
     add_serving_arguments(parser, 50050, 9090, max_message_bytes=4 << 20, max_concurrent_rpcs=64)
     config = serving_config_from_args(parser.parse_args([]))
     assert (config.max_message_bytes, config.max_concurrent_rpcs) == (4 << 20, 64)
+
+
+def test_cpu_lists_parse_and_print_like_linux_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert parse_cpu_list("0") == {0}
+    assert parse_cpu_list("0-2, 5,7-8") == {0, 1, 2, 5, 7, 8}
+    assert format_cpu_list({0, 1, 2, 5, 7, 8}) == "0-2,5,7-8"
+    assert format_cpu_list({3}) == "3"
+    first = min(os.sched_getaffinity(0))
+    monkeypatch.setenv("RECSYS_CPU_AFFINITY", str(first))
+    assert parse([]).cpu_affinity == str(first)
+    assert parse(["--cpu-affinity", ""]).cpu_affinity == ""  # the flag overrides: no pinning
