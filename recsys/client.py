@@ -13,6 +13,10 @@
 Needs only grpcio, protobuf and the generated stubs (``recsys.v1``): nothing here imports the
 serving stack (numpy, Faiss, ONNX Runtime), so it runs in a client's own small environment.
 
+Replicas: an address that resolves to several gateways (a Kubernetes headless Service's DNS name,
+``dns:///gateway.shop:50050``, or a list, ``ipv4:10.0.0.1:50050,10.0.0.2:50050``) is called
+round-robin over all of them, not pinned to the first.
+
 Token: the ``token`` argument, else the first line of ``token_file``, else ``$RECSYS_TOKEN``; it
 travels as ``authorization: Bearer <token>`` on every call (use ``tls=True`` off localhost).
 
@@ -397,11 +401,13 @@ def _duration(seconds: float) -> str:
 
 
 def retry_service_config(retries: int, initial_backoff_s: float = 0.1, max_backoff_s: float = 2.0) -> str:
-    """The channel's service config (JSON): gRPC's retry policy per Gateway method."""
+    """The channel's service config (JSON): calls spread round-robin over every address the target
+    resolves to (gateway replicas), and gRPC's retry policy per Gateway method."""
     if not 0 <= retries <= MAX_RETRIES:
         raise ValueError(f"retries: must be in 0..{MAX_RETRIES} (gRPC makes at most 5 attempts)")
+    balancing = {"loadBalancingConfig": [{"round_robin": {}}]}
     if retries == 0:
-        return json.dumps({"methodConfig": []})
+        return json.dumps({**balancing, "methodConfig": []})
 
     def policy(codes: Sequence[str]) -> dict[str, Any]:
         return {
@@ -427,7 +433,7 @@ def retry_service_config(retries: int, initial_backoff_s: float = 0.1, max_backo
     ]
     # Each failure costs a token, each success gives back 0.1; below half of maxTokens, no retries.
     throttling = {"maxTokens": 10, "tokenRatio": 0.1}
-    return json.dumps({"methodConfig": method_config, "retryThrottling": throttling})
+    return json.dumps({**balancing, "methodConfig": method_config, "retryThrottling": throttling})
 
 
 class _ClientBase:

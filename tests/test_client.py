@@ -56,8 +56,12 @@ async def stack(tmp_path: Path) -> AsyncIterator[FakeStack]:
 
 def attempts(stack: FakeStack, method: str) -> int:
     """How many calls of ``method`` the gateway received (each retry is one more)."""
+    return calls_received(stack.gateway, method)
+
+
+def calls_received(gateway, method: str) -> int:
     labels = {"grpc_type": "unary", "grpc_service": GATEWAY, "grpc_method": method}
-    return int(stack.gateway.registry.get_sample_value("grpc_server_started_total", labels) or 0)
+    return int(gateway.registry.get_sample_value("grpc_server_started_total", labels) or 0)
 
 
 async def test_recommend_log_events_and_forget_user_round_trip(stack: FakeStack):
@@ -188,6 +192,8 @@ def test_the_retry_policy_covers_only_transient_codes():
     recommend = policies["Recommend"]
     assert (recommend["initialBackoff"], recommend["maxBackoff"]) == ("0.200s", "1.000s")
     assert json.loads(retry_service_config(0))["methodConfig"] == []
+    for retries in (0, 2):  # every address the target resolves to, not the first one only
+        assert json.loads(retry_service_config(retries))["loadBalancingConfig"] == [{"round_robin": {}}]
     with pytest.raises(ValueError, match="retries"):
         retry_service_config(5)  # gRPC caps a call at 5 attempts
 
@@ -243,3 +249,18 @@ def test_the_client_needs_no_serving_dependencies():
     # grpcio needs typing_extensions; it aliases grpc_tools/_health/_reflection when they are installed
     allowed = {*CLIENT_RUNTIME, "grpc_tools", "grpc_health", "grpc_reflection"}
     assert loaded <= allowed, loaded - allowed
+
+
+async def test_a_target_of_several_gateways_is_called_round_robin(stack: FakeStack, tmp_path: Path):
+    replica = await serve(
+        gateway_config(tmp_path, stack.recall.address, stack.rank.address), new_registry(False)
+    )
+    try:
+        target = f"ipv4:{stack.gateway.address},{replica.address}"
+        async with AsyncRecsysClient(target, token=TEST_TOKEN) as client:
+            for _ in range(10):
+                await client.recommend("u1", "home", num_items=3)
+        served = [calls_received(gateway, "Recommend") for gateway in (stack.gateway, replica)]
+        assert served == [5, 5]
+    finally:
+        await replica.stop(0)
