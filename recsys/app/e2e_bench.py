@@ -101,6 +101,13 @@ class Stack:
         return {service.name: service_cpu_seconds(service) for service in self.services}
 
 
+def usable_cpus() -> list[int]:
+    """The CPUs this process may run on (all of them where the OS cannot tell)."""
+    if hasattr(os, "sched_getaffinity"):
+        return sorted(os.sched_getaffinity(0))
+    return list(range(os.cpu_count() or 1))
+
+
 def service_cpu_seconds(service: Service) -> float:
     assert service.process is not None
     return process_cpu_seconds(service.process.pid)
@@ -128,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--replicas",
         type=count_at_least(1),
-        default=len(os.sched_getaffinity(0)),
+        default=len(usable_cpus()),
         help="processes of the inprocess_replicas stack (default: one per core this process may use)",
     )
     parser.add_argument("--users", type=int, default=1000, help="known users the requests are for")
@@ -205,14 +212,14 @@ def start_stacks(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, Sta
         stacks["rank_in_gateway"] = Stack("rank_in_gateway", [recall, gateway], [gateway])
     if "inprocess_replicas" in wanted:
         # Replica i on the i-th CPU this process may use (RECSYS_CPU_AFFINITY), round-robin past them.
-        cpus = sorted(os.sched_getaffinity(0))
+        cpus, can_pin = usable_cpus(), hasattr(os, "sched_setaffinity")
         replicas = [
             service(
                 f"cascade_{number}",
                 "recsys.app.inprocess",
                 whole_cascade,
                 f"replica-{number}.log",
-                {"RECSYS_CPU_AFFINITY": str(cpus[number % len(cpus)])},
+                {"RECSYS_CPU_AFFINITY": str(cpus[number % len(cpus)])} if can_pin else {},
             )
             for number in range(args.replicas)
         ]
