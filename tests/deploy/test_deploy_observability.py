@@ -211,6 +211,8 @@ def test_dashboard_has_the_panels_an_sre_expects() -> None:
         "CTR per arm": r"sum by \(scenario, experiment, arm\) \(rate\(recsys_clicks_total[^/]*/ "
         r"sum by \(scenario, experiment, arm\) \(rate\(recsys_impressions_total",
         "process CPU and memory": r"process_cpu_seconds_total.*process_resident_memory_bytes",
+        "CPU per Recommend": r"1000 \* sum by \(namespace\) \(rate\(process_cpu_seconds_total[^/]*/ "
+        r"sum by \(namespace\) \(rate\(recsys_requests_total",
         "restarts": r"changes\(process_start_time_seconds",
         "GPU utilisation and memory": r"DCGM_FI_DEV_GPU_UTIL.*DCGM_FI_DEV_FB_USED",
     }
