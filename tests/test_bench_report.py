@@ -251,6 +251,16 @@ def test_the_readme_table_shows_the_range_of_repeated_runs(tmp_path: Path):
     assert any("3 times each, their requests pooled" in line for line in lines)
 
 
+def test_the_host_calibration_at_both_ends_of_a_sweep_is_reported():
+    report = e2e_report()
+    assert not any("Host speed" in line for line in bench_report.e2e_section(report, None))  # none run
+    report["host_calibration"] = {"what": "x", "before_ms": 3.9, "after_ms": 5.85}
+    (header,) = [line for line in bench_report.e2e_section(report, None) if "Host speed" in line]
+    assert "3.90 ms before the sweep, 5.85 ms after (1.50x)" in header
+    report["host_calibration"]["after_ms"] = None  # the second calibration failed
+    assert not any("Host speed" in line for line in bench_report.e2e_section(report, None))
+
+
 ZEN1_CPUINFO = """processor\t: 0
 vendor_id\t: AuthenticAMD
 cpu family\t: 23

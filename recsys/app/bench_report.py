@@ -51,6 +51,18 @@ def _spread(run: dict, key: str, form: str) -> str:
     return f" ({form.format(min(values))}-{form.format(max(values))})"
 
 
+def _calibration(report: dict) -> str:
+    """' Host speed: ...' from the sweep's before/after calibration ('' when not recorded)."""
+    calibration = report.get("host_calibration") or {}
+    before, after = calibration.get("before_ms"), calibration.get("after_ms")
+    if before is None or after is None:
+        return ""
+    return (
+        f" Host speed (the in-process cascade's CPU per `home` request, `recsys bench cpu`): "
+        f"{before:.2f} ms before the sweep, {after:.2f} ms after ({after / before:.2f}x)."
+    )
+
+
 def e2e_section(report: dict, plot: str | None) -> list[str]:
     settings = report["settings"]
     lines = [
@@ -65,7 +77,8 @@ def e2e_section(report: dict, plot: str | None) -> list[str]:
             if settings.get("repeats", 1) > 1
             else ""
         )
-        + ". CPU = CPU time of every service process per request (the load generator excluded).",
+        + ". CPU = CPU time of every service process per request (the load generator excluded)."
+        + _calibration(report),
         "",
         *[f"- {name}: {what}" for name, what in settings.get("stacks", {}).items()],
         "",

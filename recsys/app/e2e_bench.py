@@ -141,8 +141,36 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--users", type=int, default=1000, help="known users the requests are for")
     parser.add_argument("--deadline-ms", type=float, default=500.0, help="client deadline")
     parser.add_argument("--saturation-p99-ms", type=float, default=100.0)
+    parser.add_argument(
+        "--calibration-requests",
+        type=count_at_least(0),
+        default=400,
+        help="`home` requests of `recsys bench cpu` before and after the sweep, recording the host's "
+        "speed at both ends (0 = skip)",
+    )
     parser.add_argument("--out", type=Path, help="JSON file (plots beside it)")
     return parser
+
+
+def host_calibration(args: argparse.Namespace) -> float | None:
+    """CPU ms per `home` request of the in-process cascade (``recsys bench cpu``, its own process):
+    the same work at the start and the end of a sweep, so a host that changed speed meanwhile shows
+    (shared VMs drift by tens of percent within minutes). None when skipped or it failed."""
+    if not args.calibration_requests:
+        return None
+    with tempfile.TemporaryDirectory() as workdir:
+        out = Path(workdir) / "cpu.json"
+        command = [
+            sys.executable, "-m", "recsys.app.cli", "bench", "cpu", "--data", args.data,
+            "--artifacts", str(args.artifacts), "--scenarios", "home", "--requests",
+            str(args.calibration_requests), "--warmup", "100", "--profile-requests", "0",
+            "--hop-bytes", "", "--out", str(out),
+        ]  # fmt: skip
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        if done.returncode != 0 or not out.is_file():
+            print(f"host calibration failed: {done.stderr.strip()[-500:]}", file=sys.stderr)
+            return None
+        return float(json.loads(out.read_text())["scenarios"]["home"]["cpu_ms_per_request"])
 
 
 def start_stacks(args: argparse.Namespace, workdir: Path) -> tuple[dict[str, Stack], Path, Path, Path]:
@@ -439,6 +467,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     with tempfile.TemporaryDirectory() as workdir:
         stacks, token, users, items = start_stacks(args, Path(workdir))
+        calibration = {"before_ms": host_calibration(args)}
         names = list(stacks)
         runs: dict[str, dict[str, list[dict]]] = {name: {s: [] for s in scenarios} for name in names}
         try:
@@ -462,6 +491,7 @@ def main(argv: list[str] | None = None) -> int:
                             saturated.add(name)
                     if len(saturated) == len(names):
                         break
+            calibration["after_ms"] = host_calibration(args)
         finally:
             for stack in stacks.values():
                 stack.stop()
@@ -482,6 +512,11 @@ def main(argv: list[str] | None = None) -> int:
             "load_generator": "recsys.app.loadgen in its own process on the same machine",
         },
         "bars": BARS,
+        "host_calibration": {
+            "what": "CPU ms per `home` request of the in-process cascade (recsys bench cpu), before and "
+            "after the sweep: the host's speed at both ends",
+            **calibration,
+        },
         "runs": runs,
         "summary": summarise(runs, names, scenarios, args.saturation_p99_ms),
         "wall_s": round(time.monotonic() - started, 1),
