@@ -257,10 +257,21 @@ async def test_a_target_of_several_gateways_is_called_round_robin(stack: FakeSta
     )
     try:
         target = f"ipv4:{stack.gateway.address},{replica.address}"
+        gateways = (stack.gateway, replica)
+
+        def served() -> list[int]:
+            return [calls_received(gateway, "Recommend") for gateway in gateways]
+
         async with AsyncRecsysClient(target, token=TEST_TOKEN) as client:
+            # round_robin uses a replica once its connection is up: call until both have answered
+            for _ in range(50):
+                await client.recommend("u1", "home", num_items=3)
+                if min(served()) > 0:
+                    break
+            assert min(served()) > 0, f"one replica never got a call: {served()}"  # pick_first: [50, 0]
+            before = served()
             for _ in range(10):
                 await client.recommend("u1", "home", num_items=3)
-        served = [calls_received(gateway, "Recommend") for gateway in (stack.gateway, replica)]
-        assert served == [5, 5]
+        assert [after - earlier for after, earlier in zip(served(), before, strict=True)] == [5, 5]
     finally:
         await replica.stop(0)
