@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from recsys.data.dataset import EventType
+from recsys.jit import kernel
 from recsys.sources import RECALL_SOURCES
 
 # Recall sources, in the column order of ``source_scores`` / ``source_mask`` (same as recall's).
@@ -28,49 +29,72 @@ NUM_CANDIDATE_FEATURES = PER_SOURCE_FEATURES * len(SOURCES) + 2
 UNKNOWN_CANDIDATE_SCORE = np.float32(-1.0e9)
 
 
-def signed_log(values: np.ndarray) -> np.ndarray:
-    """sign(x) * log1p(|x|): compresses scores whose scale differs by source."""
-    return np.sign(values) * np.log1p(np.abs(values))
-
-
 def candidate_features(
     recall_scores: np.ndarray, source_scores: np.ndarray, source_mask: np.ndarray
 ) -> np.ndarray:
     """Per-candidate numeric features [n, NUM_CANDIDATE_FEATURES] (float32) of one request.
 
     Depends only on the request's own candidates (ranks and z-scores within the request), never
-    on their order in the request nor on padding. Vectorised over sources (no per-source loop).
+    on their order in the request nor on padding. A non-finite feature (from an infinite or NaN
+    score) is 0.
     """
     recall_scores = np.asarray(recall_scores, dtype=np.float32).reshape(-1)
     n = recall_scores.shape[0]
-    sources = len(SOURCES)
-    present = np.asarray(source_mask, dtype=bool).reshape(n, sources)
-    given = np.asarray(source_scores, dtype=np.float32).reshape(n, sources)
-    scores = np.where(present, given, np.float32(0.0))
-    counts = np.count_nonzero(present, axis=0)
-    safe_counts = np.maximum(counts, 1).astype(np.float32)
-    mean = scores.sum(axis=0, dtype=np.float32) / safe_counts
-    centred = np.where(present, scores - mean, np.float32(0.0))
-    spread = np.sqrt((centred * centred).sum(axis=0, dtype=np.float32) / safe_counts)
-    usable = (counts > 1) & (spread > 0)
-    # Written in place: the per-source block is a view of the output's first columns.
-    features = np.empty((n, NUM_CANDIDATE_FEATURES), dtype=np.float32)
-    per_source = features[:, : sources * PER_SOURCE_FEATURES].reshape(n, sources, PER_SOURCE_FEATURES)
-    per_source[:, :, 0] = present
-    # An absent entry's centred score is 0, so is its z-score: only the source's spread decides.
-    zscores = centred / np.where(usable, spread, np.float32(1.0))
-    per_source[:, :, 1] = np.where(usable, zscores, np.float32(0.0))
-    # Rank within each source (0 = best), ties broken by position for determinism.
-    order = np.argsort(np.where(present, -scores, np.inf), axis=0, kind="stable")
-    ranks = np.empty((n, sources), dtype=np.float32)
-    ranks[order, np.arange(sources)] = np.arange(n, dtype=np.float32)[:, None]
-    per_source[:, :, 2] = np.where(present, 1.0 / (1.0 + ranks), np.float32(0.0))
-    per_source[:, :, 3] = signed_log(scores)  # 0 where absent
-    per_source[:, :, 4] = np.where(present, -np.log1p(ranks), np.float32(0.0))
-    features[:, -2] = signed_log(recall_scores)
-    features[:, -1] = np.count_nonzero(present, axis=1) / np.float32(sources)
-    if not np.isfinite(features).all():  # an infinite or NaN score; rare, so checked first
-        np.nan_to_num(features, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+    present = np.asarray(source_mask, dtype=bool).reshape(n, len(SOURCES))
+    given = np.asarray(source_scores, dtype=np.float32).reshape(n, len(SOURCES))
+    return _candidate_features(recall_scores, given, present)
+
+
+@kernel("f4[:, :](f4[:], f4[:, :], b1[:, :])")
+def _candidate_features(recall_scores: np.ndarray, scores: np.ndarray, present: np.ndarray) -> np.ndarray:
+    """:func:`candidate_features`, one source (column) at a time, in float32 throughout."""
+    n, sources = present.shape
+    width = PER_SOURCE_FEATURES * sources + 2
+    features = np.zeros((n, width), np.float32)
+    one = np.float32(1.0)
+    keys = np.empty(n, np.float32)
+    for source in range(sources):
+        count = 0
+        total = np.float32(0.0)
+        for row in range(n):
+            if present[row, source]:
+                count += 1
+                total += scores[row, source]
+        safe_count = np.float32(max(count, 1))
+        mean = total / safe_count
+        squares = np.float32(0.0)
+        for row in range(n):
+            if present[row, source]:
+                centred = scores[row, source] - mean
+                squares += centred * centred
+        spread = np.float32(np.sqrt(squares / safe_count))
+        usable = count > 1 and spread > 0
+        # Rank within the source (0 = best), ties broken by position for determinism.
+        for row in range(n):
+            keys[row] = -scores[row, source] if present[row, source] else np.inf
+        order = np.argsort(keys, kind="mergesort")
+        base = source * PER_SOURCE_FEATURES
+        for rank in range(n):
+            row = order[rank]
+            if not present[row, source]:
+                continue
+            score = scores[row, source]
+            features[row, base] = one
+            if usable:
+                features[row, base + 1] = (score - mean) / spread
+            features[row, base + 2] = one / (one + np.float32(rank))
+            features[row, base + 3] = np.sign(score) * np.log1p(np.abs(score))
+            features[row, base + 4] = -np.log1p(np.float32(rank))
+    for row in range(n):
+        score = recall_scores[row]
+        features[row, width - 2] = np.sign(score) * np.log1p(np.abs(score))
+        produced = 0
+        for source in range(sources):
+            produced += present[row, source]
+        features[row, width - 1] = produced / sources
+        for column in range(width):
+            if not np.isfinite(features[row, column]):
+                features[row, column] = 0.0
     return features
 
 

@@ -34,6 +34,7 @@ from recall_service.index import VectorSearcher, load_searcher, restrict_to_rang
 from recall_service.sources import CovisitTable, PopularityTable, covisit_candidates
 from recsys.bundle import BundleError, read_manifest, resolve_bundle
 from recsys.data.dataset import EventType, IdMap
+from recsys.jit import isin
 from recsys.recall_merge import (
     CandidateList,
     SourceList,
@@ -428,7 +429,7 @@ class RecallEngine:
                 sampler.offer(self, vectors[positions], ids, allowed)
             for position, score_row, id_row in zip(positions, scores, ids, strict=True):
                 row = rows[position]
-                keep = (id_row >= 0) & ~np.isin(id_row, excluded[row], assume_unique=False)
+                keep = (id_row >= 0) & ~isin(id_row, excluded[row])
                 results[row] = SourceList(id_row[keep][: fetch[row]], score_row[keep][: fetch[row]])
         return results
 
@@ -448,7 +449,7 @@ class RecallEngine:
             self.covisit, np.asarray(anchors, np.int64), np.asarray(weights), self.popularity.counts
         )
         _, mask, _ = self._filter(query.category, query.sponsored_only)
-        keep = ~np.isin(items, excluded)
+        keep = ~isin(items, excluded)
         if mask is not None:
             keep &= mask[items]
         return SourceList(items[keep][:fetch], scores[keep][:fetch])
@@ -457,7 +458,7 @@ class RecallEngine:
         """The ``fetch`` most popular items that pass the query's filters (also the merge's top-up)."""
         _, _, ranked = self._filter(query.category, query.sponsored_only)
         head = ranked[: fetch + len(excluded)]
-        head = head[~np.isin(head, excluded)][:fetch]
+        head = head[~isin(head, excluded)][:fetch]
         return SourceList(head, self.popularity.scores(head))
 
     # ------------------------------------------------------------------ recall

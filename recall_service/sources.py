@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from recsys.jit import hash_slot, hash_table, kernel
+
 
 @dataclass
 class CovisitTable:
@@ -24,6 +26,11 @@ class CovisitTable:
     indptr: np.ndarray  # int64 [num_items + 1]
     neighbours: np.ndarray  # int64 [nnz]
     scores: np.ndarray  # float32 [nnz]
+
+    def __post_init__(self) -> None:  # the dtypes the look-up kernel is compiled for
+        self.indptr = np.asarray(self.indptr, np.int64)
+        self.neighbours = np.asarray(self.neighbours, np.int64)
+        self.scores = np.asarray(self.scores, np.float32)
 
     @property
     def num_items(self) -> int:
@@ -110,18 +117,48 @@ def covisit_candidates(
 
     Ties are broken by popularity, then by id. Returns (items int64, scores float32).
     """
-    rows = [table.row(int(a)) for a in anchors]
-    if not rows:
-        return np.zeros(0, np.int64), np.zeros(0, np.float32)
-    items = np.concatenate([r[0] for r in rows])
-    if items.size == 0:
-        return np.zeros(0, np.int64), np.zeros(0, np.float32)
-    scores = np.concatenate([r[1] * w for r, w in zip(rows, anchor_weights, strict=True)])
-    unique_items, inverse = np.unique(items, return_inverse=True)
+    unique_items, sums = _covisit_sums(
+        table.indptr,
+        table.neighbours,
+        table.scores,
+        np.asarray(anchors, np.int64).reshape(-1),
+        np.asarray(anchor_weights, np.float64).reshape(-1),
+    )
     # Ordered by the float32 score it reports: recall shards' lists merge by that score exactly.
-    summed = np.bincount(inverse, weights=scores).astype(np.float32)
+    summed = sums.astype(np.float32)
     order = np.lexsort((unique_items, -item_counts[unique_items], -summed))
     return unique_items[order], summed[order]
+
+
+@kernel("Tuple((i8[:], f8[:]))(i8[:], i8[:], f4[:], i8[:], f8[:])")
+def _covisit_sums(
+    indptr: np.ndarray, neighbours: np.ndarray, scores: np.ndarray, anchors: np.ndarray, weights: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Every neighbour of the anchors once (first-seen order) with the sum, in float64 and in the
+    anchors' order, of its scores times the anchor's weight; anchors outside the table add none."""
+    num_items = len(indptr) - 1
+    total = 0
+    for anchor in anchors:
+        if 0 <= anchor < num_items:
+            total += indptr[anchor + 1] - indptr[anchor]
+    keys, slots, shift = hash_table(total)
+    items = np.empty(total, np.int64)
+    sums = np.zeros(total, np.float64)
+    count = 0
+    for position in range(len(anchors)):
+        anchor = anchors[position]
+        if not 0 <= anchor < num_items:
+            continue
+        for entry in range(indptr[anchor], indptr[anchor + 1]):
+            item = neighbours[entry]
+            slot = hash_slot(keys, slots, shift, item)
+            if slots[slot] < 0:
+                keys[slot] = item
+                slots[slot] = count
+                items[count] = item
+                count += 1
+            sums[slots[slot]] += np.float64(scores[entry]) * weights[position]
+    return items[:count], sums[:count]
 
 
 @dataclass

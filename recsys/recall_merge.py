@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from recsys.jit import hash_slot, hash_table, kernel
 from recsys.serving.wire import FLAGS, INDEX, SCORE, mask_to_flags, pack, unpack
 from recsys.sources import RECALL_SOURCES as SOURCES
 from recsys.sources import SOURCE_INDEX
@@ -30,6 +31,7 @@ FETCH_SLACK = 0.5
 FETCH_SLACK_MIN = 20
 POPULAR = SOURCE_INDEX["popular"]
 _EMPTY_IDS = np.zeros(0, dtype=np.int64)
+_NO_SCORES = np.zeros(0, dtype=np.float32)
 
 
 def fetch_size(quota: int, num_items: int | None = None) -> int:
@@ -88,44 +90,114 @@ class CandidateList:
         return [SOURCES[s] for s in self.source_ids.tolist()]
 
 
-def take_under_quotas(
-    items: np.ndarray, source_ids: np.ndarray, quotas: dict[str, int], k: int | None = None
-) -> np.ndarray:
-    """Positions (in merge order) of the first occurrence of each item, each source capped.
+@kernel("Tuple((i8[:], i8[:]))(i8[:], i8[:], f8[:], i8[:], i8)")
+def merge_order(
+    items: np.ndarray, starts: np.ndarray, paces: np.ndarray, limits: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Positions in ``items`` (every source's list concatenated, source ``s`` at
+    ``starts[s]:starts[s + 1]``) of the merged candidates, and each one's source.
 
-    An entry past its source's quota is skipped without claiming its item, so a later entry
-    of another source may still claim it. One pass in merge order; stops at ``k`` taken.
+    Merge order: by rank relative to the source's pace ((rank + 1) / pace, so a source with twice
+    the quota comes twice as often), ties by source index. Walking that order, an entry is taken
+    when its item is new and its source is under ``limits``; an entry past its source's limit
+    claims nothing (a later entry of another source may still take the item). Stops at ``k``.
     """
-    limit = [0] * len(SOURCES)
-    for name, quota in quotas.items():
-        limit[SOURCE_INDEX[name]] = quota
-    taken = [0] * len(SOURCES)
-    seen: set[int] = set()
-    chosen: list[int] = []
-    wanted = len(items) if k is None else k
-    for position, (item, source) in enumerate(zip(items.tolist(), source_ids.tolist(), strict=True)):
-        if item in seen or taken[source] >= limit[source]:
-            continue
-        seen.add(item)
-        taken[source] += 1
-        chosen.append(position)
-        if len(chosen) >= wanted:
+    sources = len(starts) - 1
+    cursor = starts[:-1].copy()
+    taken = np.zeros(sources, np.int64)
+    wanted = min(k, len(items))
+    chosen = np.empty(wanted, np.int64)
+    chosen_sources = np.empty(wanted, np.int64)
+    keys, values, shift = hash_table(len(items))
+    count = 0
+    while count < wanted:
+        best = -1
+        best_key = np.inf
+        for source in range(sources):
+            if cursor[source] < starts[source + 1]:
+                key = (cursor[source] - starts[source] + 1.0) / paces[source]
+                if best < 0 or key < best_key:
+                    best, best_key = source, key
+        if best < 0:
             break
-    return np.asarray(chosen, dtype=np.int64)
+        position = cursor[best]
+        cursor[best] += 1
+        if taken[best] >= limits[best]:  # past its quota for good: the rest claims nothing
+            cursor[best] = starts[best + 1]
+            continue
+        item = items[position]
+        slot = hash_slot(keys, values, shift, item)
+        if values[slot] >= 0:
+            continue
+        keys[slot] = item
+        values[slot] = position
+        taken[best] += 1
+        chosen[count] = position
+        chosen_sources[count] = best
+        count += 1
+    return chosen[:count], chosen_sources[:count]
 
 
-def interleave(lists: dict[str, SourceList], quotas: dict[str, int]) -> tuple[np.ndarray, np.ndarray]:
-    """Every source's items in merge order, with the index of the source of each: by rank relative
-    to the source's quota ((rank + 1) / quota, so a source with twice the quota comes twice as
-    often), ties in :data:`SOURCES` order."""
-    names = [s for s in SOURCES if s in lists and len(lists[s].items)]
-    if not names:
-        return _EMPTY_IDS, np.zeros(0, dtype=np.int64)
-    items = np.concatenate([lists[s].items for s in names])
-    source_ids = np.concatenate([np.full(len(lists[s].items), SOURCE_INDEX[s]) for s in names])
-    keys = np.concatenate([(np.arange(len(lists[s].items)) + 1.0) / quotas[s] for s in names])
-    order = np.lexsort((source_ids, keys))
-    return items[order], source_ids[order]
+@kernel("Tuple((i8[:], i8[:], f4[:, :], b1[:, :]))(i8[:], i8[:], i8[:], f4[:], i8[:], i8[:], f4[:], i8, i8)")
+def candidate_columns(
+    merged: np.ndarray,
+    merged_sources: np.ndarray,
+    items: np.ndarray,
+    scores: np.ndarray,
+    starts: np.ndarray,
+    fill_items: np.ndarray,
+    fill_scores: np.ndarray,
+    k: int,
+    fill_source: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The merged candidates topped up from the fill list (its items not merged, in order, while
+    under ``k``), then every candidate's score in every source (an item's first entry in the
+    source's list; 0 where absent) and presence mask; a filled candidate the fill source's own
+    list lacks gets the fill list's score. Returns (items, source ids, source scores, mask)."""
+    num_sources = len(starts) - 1
+    keys, values, shift = hash_table(len(merged))
+    for row in range(len(merged)):
+        slot = hash_slot(keys, values, shift, merged[row])
+        keys[slot] = merged[row]
+        values[slot] = row
+    fresh = np.empty(min(len(fill_items), max(k - len(merged), 0)), np.int64)
+    filled = 0
+    for position in range(len(fill_items)):
+        if filled >= len(fresh):
+            break
+        if values[hash_slot(keys, values, shift, fill_items[position])] < 0:
+            fresh[filled] = position
+            filled += 1
+    count = len(merged) + filled
+    out_items = np.empty(count, np.int64)
+    out_sources = np.empty(count, np.int64)
+    out_items[: len(merged)] = merged
+    out_sources[: len(merged)] = merged_sources
+    for row in range(filled):
+        out_items[len(merged) + row] = fill_items[fresh[row]]
+        out_sources[len(merged) + row] = fill_source
+    source_scores = np.zeros((count, num_sources), np.float32)
+    source_mask = np.zeros((count, num_sources), np.bool_)
+    for source in range(num_sources):
+        length = starts[source + 1] - starts[source]
+        if length == 0:
+            continue
+        keys, values, shift = hash_table(length)  # item -> its first position in the list
+        for position in range(starts[source], starts[source + 1]):
+            slot = hash_slot(keys, values, shift, items[position])
+            if values[slot] < 0:
+                keys[slot] = items[position]
+                values[slot] = position
+        for row in range(count):
+            position = values[hash_slot(keys, values, shift, out_items[row])]
+            if position >= 0:
+                source_scores[row, source] = scores[position]
+                source_mask[row, source] = True
+    for row in range(filled):
+        if not source_mask[len(merged) + row, fill_source]:
+            source_scores[len(merged) + row, fill_source] = fill_scores[fresh[row]]
+            source_mask[len(merged) + row, fill_source] = True
+    return out_items, out_sources, source_scores, source_mask
 
 
 def merge_sources(
@@ -136,38 +208,38 @@ def merge_sources(
 ) -> CandidateList:
     """Interleave sources by rank relative to their quota, de-duplicate, cap each source at its
     quota, cut at k, then top up from ``fill`` (the popularity order under the same filters,
-    without excluded items; a callable is only called when short) while under k."""
-    items, source_ids = interleave(lists, quotas)
-    if len(items):
-        chosen = take_under_quotas(items, source_ids, quotas, k)
-        items, source_ids = items[chosen], source_ids[chosen]
-    merged = len(items)
-    fill_scores = np.zeros(0, np.float32)
-    if fill is not None and merged < k:
+    without excluded items; a callable is only called when short) while under k
+    (:func:`merge_order`, :func:`candidate_columns`)."""
+    starts = np.zeros(len(SOURCES) + 1, np.int64)
+    paces = np.ones(len(SOURCES), np.float64)
+    limits = np.zeros(len(SOURCES), np.int64)
+    for name, quota in quotas.items():
+        limits[SOURCE_INDEX[name]] = quota
+    parts = []
+    for index, name in enumerate(SOURCES):
+        found = lists.get(name)
+        length = 0 if found is None else len(found.items)
+        starts[index + 1] = starts[index] + length
+        if length:
+            paces[index] = quotas[name]
+            parts.append(found)
+    unknown = set(lists) - set(SOURCES)
+    if unknown:
+        raise KeyError(f"unknown recall sources {sorted(unknown)}")
+    items = np.concatenate([p.items for p in parts]).astype(np.int64, copy=False) if parts else _EMPTY_IDS
+    scores = np.concatenate([p.scores for p in parts]).astype(np.float32, copy=False) if parts else _NO_SCORES
+    chosen, chosen_sources = merge_order(items, starts, paces, limits, k)
+    fill_list = None
+    if fill is not None and len(chosen) < k:
         fill_list = fill() if callable(fill) else fill
-        fresh = np.flatnonzero(~np.isin(fill_list.items, items))[: k - merged]
-        items = np.concatenate([items, fill_list.items[fresh]])
-        source_ids = np.concatenate([source_ids, np.full(len(fresh), POPULAR)])
-        fill_scores = fill_list.scores[fresh]
-    source_scores = np.zeros((len(items), len(SOURCES)), dtype=np.float32)
-    source_mask = np.zeros((len(items), len(SOURCES)), dtype=bool)
-    for name, found in lists.items():
-        column = SOURCE_INDEX[name]
-        order = np.argsort(found.items, kind="stable")
-        sorted_items = found.items[order]
-        positions = np.searchsorted(sorted_items, items)
-        positions = np.minimum(positions, max(len(sorted_items) - 1, 0))
-        hit = sorted_items[positions] == items if len(sorted_items) else np.zeros(len(items), bool)
-        source_scores[hit, column] = found.scores[order][positions[hit]]
-        source_mask[hit, column] = True
-    filled = np.arange(merged, len(items))
-    unset = ~source_mask[filled, POPULAR]  # the popular list's own score where it has the item
-    source_scores[filled[unset], POPULAR] = fill_scores[unset]
-    source_mask[filled, POPULAR] = True
-    rows = np.arange(len(items))
+    fill_items = _EMPTY_IDS if fill_list is None else np.asarray(fill_list.items, np.int64)
+    fill_scores = _NO_SCORES if fill_list is None else np.asarray(fill_list.scores, np.float32)
+    merged, source_ids, source_scores, source_mask = candidate_columns(
+        items[chosen], chosen_sources, items, scores, starts, fill_items, fill_scores, k, POPULAR
+    )
     return CandidateList(
-        items=items.astype(np.int64),
-        scores=source_scores[rows, source_ids].astype(np.float32),
+        items=merged,
+        scores=source_scores[np.arange(len(merged)), source_ids],
         source_ids=source_ids.astype(np.uint8),
         source_scores=source_scores,
         source_mask=source_mask,

@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from recsys.jit import isin
 from recsys.scenario.candidates import Candidates, History
 from recsys.scenario.catalog import Catalog
 from recsys.scenario.spec import MAX_NUM_ITEMS, ScenarioConfigError, fields, integer, number
@@ -39,7 +40,7 @@ def exclude_items(candidates: Candidates, excluded: np.ndarray) -> Candidates:
     """Drop the given catalog indices."""
     if not len(excluded) or not len(candidates):
         return candidates
-    return candidates.take(np.flatnonzero(~np.isin(candidates.items, excluded)))
+    return candidates.take(np.flatnonzero(~isin(candidates.items, excluded)))
 
 
 def purchased_within(history: History, now_ms: int, days: float) -> np.ndarray:

@@ -113,6 +113,19 @@ def test_runtime_stage_is_non_root_torch_free_bundle_free_and_labelled(variant: 
 
 
 @pytest.mark.parametrize("variant", sorted(DOCKERFILES))
+def test_compiled_kernels_cache_under_tmp_which_the_chart_mounts_writable(variant: str) -> None:
+    """The image's site-packages are read-only to its user and $HOME does not exist: without a
+    cache folder numba refuses to compile recsys/jit.py's cached kernels at import."""
+    *_, runtime = stages(DOCKERFILES[variant])
+    env = " ".join(rest for keyword, rest in runtime if keyword == "ENV")
+    match = re.search(r"NUMBA_CACHE_DIR=(\S+)", env)
+    assert match and match.group(1).startswith("/tmp/"), env
+    templates = CHART_DIR / "templates"
+    for template in ("gateway.yaml", "_modelservice.tpl"):
+        assert re.search(r"mountPath: /tmp\s", (templates / template).read_text()), template
+
+
+@pytest.mark.parametrize("variant", sorted(DOCKERFILES))
 def test_dependencies_come_from_the_lock_in_their_own_cached_layer_before_the_sources(variant: str) -> None:
     """Editing a source file invalidates only the layers after the lock's install, and the
     package caches survive builds (BuildKit cache mounts)."""

@@ -64,3 +64,29 @@ def test_popularity_table_global_and_per_category() -> None:
     assert table.ranked(0).tolist() == [2, 0]
     assert table.ranked(1).tolist() == [3, 1]
     assert table.scores(np.array([2, 4])).tolist() == pytest.approx([1.0, 0.0])
+
+
+def reference_covisit_candidates(table, anchors, weights, counts) -> tuple[np.ndarray, np.ndarray]:
+    """The definition with NumPy: rows concatenated, summed per item in float64, best first."""
+    rows = [table.row(int(a)) for a in anchors if 0 <= a < table.num_items]
+    items = np.concatenate([r[0] for r in rows] + [np.zeros(0, np.int64)])
+    scores = np.concatenate([r[1] * np.float64(w) for r, w in zip(rows, weights, strict=False)] + [[]])
+    unique_items, inverse = np.unique(items, return_inverse=True)
+    summed = np.bincount(inverse, weights=scores, minlength=len(unique_items)).astype(np.float32)
+    order = np.lexsort((unique_items, -counts[unique_items], -summed))
+    return unique_items[order], summed[order]
+
+
+def test_covisit_candidates_equal_their_definition_bit_for_bit() -> None:
+    rng = np.random.default_rng(5)
+    num_items = 300
+    sequences = [rng.integers(0, num_items, int(rng.integers(2, 20))) for _ in range(800)]
+    table = build_covisit_table(sequences, num_items, top_m=40)
+    counts = np.bincount(np.concatenate(sequences), minlength=num_items)
+    for case in range(300):
+        anchors = rng.integers(0, num_items, int(rng.integers(0, 12)))
+        weights = rng.random(len(anchors))
+        items, scores = covisit_candidates(table, anchors, weights, counts)
+        expected_items, expected_scores = reference_covisit_candidates(table, anchors, weights, counts)
+        assert items.dtype == np.int64 and scores.dtype == np.float32
+        assert np.array_equal(items, expected_items) and np.array_equal(scores, expected_scores), case
