@@ -7,15 +7,17 @@ for companions instead (worth it only where bigger batches are much cheaper per 
 GPU). The queue is bounded: beyond ``max_queue`` waiting requests ``submit`` raises
 :class:`QueueFull` at once; a request whose deadline passed while it queued is dropped before
 compute with :class:`DeadlineExpired`. Batches run one at a time on the batcher's own worker
-thread, so the event loop only queues and answers.
+thread (:class:`BatchThread`), so the event loop only queues and answers.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import queue
+import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -53,6 +55,64 @@ def call_deadline(context: grpc.aio.ServicerContext) -> float | None:
     return asyncio.get_running_loop().time() + remaining
 
 
+class BatchThread:
+    """One worker thread that runs functions for an event loop and hands each result back with a
+    single ``call_soon_threadsafe``.
+
+    What ``loop.run_in_executor`` does for one call, without a thread pool's bookkeeping (a
+    ``concurrent.futures.Future`` with its lock, the idle-worker semaphore, the chaining of two
+    futures): measured on this project's 2-core host, a round trip of a 200 us call cost 18-25
+    against 43-59 us of CPU beyond the call with the thread on the loop's core, and 104-190
+    against 155-416 us unpinned (``sys``-heavy wake-ups across cores).
+    """
+
+    def __init__(self, name: str, initializer: Callable[[], None] | None = None):
+        self._calls: queue.SimpleQueue[tuple[Callable[..., Any], tuple, asyncio.Future, Any] | None] = (
+            queue.SimpleQueue()
+        )
+        self._initializer = initializer
+        self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
+        self._started = False
+        self._start_lock = threading.Lock()
+
+    def run(self, function: Callable[..., Result], *args: Any) -> asyncio.Future[Result]:
+        """A future (of the running loop) of ``function(*args)`` run on the thread."""
+        loop = asyncio.get_running_loop()
+        if not self._started:
+            with self._start_lock:
+                if not self._started:
+                    self._thread.start()
+                    self._started = True
+        future: asyncio.Future[Result] = loop.create_future()
+        self._calls.put((function, args, future, loop))
+        return future
+
+    def _serve(self) -> None:
+        if self._initializer is not None:
+            self._initializer()
+        while (call := self._calls.get()) is not None:
+            function, args, future, loop = call
+            try:
+                result, error = function(*args), None
+            except BaseException as raised:  # handed to the awaiting coroutine
+                result, error = None, raised
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits
+                loop.call_soon_threadsafe(_settle, future, result, error)
+
+    def close(self) -> None:
+        """Stop the thread once the running call (if any) finished."""
+        self._calls.put(None)
+
+
+def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    if future.done():  # the awaiting coroutine was cancelled
+        return
+    if error is None:
+        future.set_result(result)
+    else:
+        future.set_exception(error)
+
+
 class MicroBatcher(Generic[Request, Result]):
     """Collects concurrent ``submit`` calls into batches for ``run_batch`` (called in a thread)."""
 
@@ -82,9 +142,7 @@ class MicroBatcher(Generic[Request, Result]):
         self._queue: list[tuple[Request, asyncio.Future[Result], float, float | None]] = []
         self._wakeup: asyncio.Event | None = None
         self._worker: asyncio.Task[None] | None = None
-        self._executor = ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix=thread_name, initializer=thread_initializer
-        )
+        self._thread = BatchThread(thread_name, thread_initializer)
 
     @property
     def queued(self) -> int:
@@ -147,9 +205,7 @@ class MicroBatcher(Generic[Request, Result]):
             if self._on_batch is not None:
                 self._on_batch(len(batch))
             try:
-                results = await loop.run_in_executor(
-                    self._executor, self._run_batch, [request for request, _ in batch]
-                )
+                results = await self._thread.run(self._run_batch, [request for request, _ in batch])
             except Exception as error:  # every caller of the failed batch gets the error
                 for _, future in batch:
                     if not future.done():
@@ -161,7 +217,7 @@ class MicroBatcher(Generic[Request, Result]):
 
     def close(self) -> None:
         """Stop the worker thread once the running batch (if any) finished."""
-        self._executor.shutdown(wait=False)
+        self._thread.close()
 
 
 class BatcherMetrics:

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from recsys.serving.batching import DeadlineExpired, MicroBatcher, QueueFull
+from recsys.serving.batching import BatchThread, DeadlineExpired, MicroBatcher, QueueFull
 
 
 async def test_concurrent_requests_share_batches_and_keep_their_results():
@@ -119,3 +119,43 @@ async def test_a_request_whose_deadline_passed_while_queued_is_dropped_unrun():
         await expired
     assert computed == ["running", "on time"]
     assert len(waits) == 2 and waits[1] >= 0.04  # "on time" waited for the running batch
+
+
+async def test_the_batch_thread_runs_its_initializer_once_on_itself_and_hands_back_results_and_errors():
+    seen: list[str] = []
+    worker = BatchThread("test-batch", initializer=lambda: seen.append(threading.current_thread().name))
+    try:
+        assert await worker.run(lambda a, b: (a + b, threading.current_thread().name), 2, 3) == (
+            5,
+            "test-batch",
+        )
+        with pytest.raises(KeyError):
+            await worker.run(lambda: {}["missing"])
+        assert await asyncio.gather(*(worker.run(lambda v=v: v * 2) for v in range(20))) == list(
+            range(0, 40, 2)
+        )
+        assert seen == ["test-batch"]
+    finally:
+        worker.close()
+
+
+async def test_a_cancelled_caller_does_not_stop_the_batch_thread():
+    release = threading.Event()
+    worker = BatchThread("test-batch")
+    try:
+        slow = asyncio.ensure_future(worker.run(release.wait))
+        await asyncio.sleep(0.01)
+        slow.cancel()
+        release.set()
+        assert await asyncio.wait_for(worker.run(lambda: "next"), timeout=5) == "next"
+    finally:
+        worker.close()
+
+
+async def test_closing_the_batch_thread_ends_it_after_the_running_call():
+    worker = BatchThread("test-batch-closed")
+    assert await worker.run(lambda: 1) == 1
+    (thread,) = [t for t in threading.enumerate() if t.name == "test-batch-closed"]
+    worker.close()
+    thread.join(timeout=5)
+    assert not thread.is_alive()
