@@ -64,6 +64,8 @@ system-deps:
 # fixtures are listed at the end (the suite must stay under 10 minutes on 2 cores).
 TEST_WORKERS ?= 2
 test: install system-deps buf
+	@# the compiled kernels (recsys/jit.py), once, before the workers and the services they start
+	$(PY) -c "import rank_service.features, recall_service.sources, recsys.recall_merge"
 	RECSYS_BUF_AGAINST=$(BUF_AGAINST) $(PY) -m pytest -m "not slow and not gpu" -q --durations 15 \
 		$(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile,-p no:xdist)
 
