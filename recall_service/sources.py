@@ -195,10 +195,14 @@ class PopularityTable:
         ranks[self.global_order] = np.arange(len(self.global_order), dtype=np.int32)
         return ranks
 
+    @cached_property
+    def top_count(self) -> int:
+        """The most popular item's count (at least 1): the scale of :meth:`scores`."""
+        return max(int(self.counts.max(initial=0)), 1)
+
     def scores(self, items: np.ndarray) -> np.ndarray:
         """Popularity score in [0, 1]: count relative to the most popular item."""
-        top = max(int(self.counts.max(initial=0)), 1)
-        return (self.counts[items] / top).astype(np.float32)
+        return (self.counts[items] / self.top_count).astype(np.float32)
 
     def save(self, folder: Path) -> list[str]:
         names = {
