@@ -105,7 +105,7 @@ def merge_order(
     sources = len(starts) - 1
     cursor = starts[:-1].copy()
     taken = np.zeros(sources, np.int64)
-    wanted = min(k, len(items))
+    wanted = max(min(k, len(items)), 0)
     chosen = np.empty(wanted, np.int64)
     chosen_sources = np.empty(wanted, np.int64)
     keys, values, shift = hash_table(len(items))
@@ -210,6 +210,9 @@ def merge_sources(
     quota, cut at k, then top up from ``fill`` (the popularity order under the same filters,
     without excluded items; a callable is only called when short) while under k
     (:func:`merge_order`, :func:`candidate_columns`)."""
+    unknown = set(lists) - set(SOURCES)
+    if unknown:
+        raise KeyError(f"unknown recall sources {sorted(unknown)}")
     starts = np.zeros(len(SOURCES) + 1, np.int64)
     paces = np.ones(len(SOURCES), np.float64)
     limits = np.zeros(len(SOURCES), np.int64)
@@ -223,9 +226,6 @@ def merge_sources(
         if length:
             paces[index] = quotas[name]
             parts.append(found)
-    unknown = set(lists) - set(SOURCES)
-    if unknown:
-        raise KeyError(f"unknown recall sources {sorted(unknown)}")
     items = np.concatenate([p.items for p in parts]).astype(np.int64, copy=False) if parts else _EMPTY_IDS
     scores = np.concatenate([p.scores for p in parts]).astype(np.float32, copy=False) if parts else _NO_SCORES
     chosen, chosen_sources = merge_order(items, starts, paces, limits, k)

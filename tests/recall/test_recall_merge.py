@@ -139,5 +139,6 @@ def test_the_fill_is_fetched_only_when_the_sources_fall_short() -> None:
 def test_nothing_to_merge_gives_an_empty_list() -> None:
     merged = merge_sources({}, {"u2i": 5}, 5)
     assert len(merged) == 0 and merged.source_scores.shape == (0, len(RECALL_SOURCES))
+    assert len(merge_sources({"u2i": SourceList(np.arange(4), np.ones(4, np.float32))}, {"u2i": 4}, -1)) == 0
     empty = {"u2i": SourceList.empty()}
     assert len(merge_sources(empty, {"u2i": 5}, 5, SourceList(np.arange(3), np.ones(3, np.float32)))) == 3
