@@ -5,8 +5,9 @@ values: at that size every call is a few microseconds of fixed overhead, so most
 dispatch, not arithmetic. :func:`kernel` compiles a plain loop over the arrays instead (numba's
 nopython mode: no Python objects, GIL released). Compiled code is cached on disk (next to the
 source, or under ``NUMBA_CACHE_DIR`` where that is not writable, as in the images), so only the
-first process after an install pays the compile (about a second per kernel). Each kernel is
-compiled for one signature when its module is imported, so nothing compiles on a request.
+first process after an install pays the compile (about a second per kernel; where no cache folder
+is writable, every process compiles, with a warning). Each kernel is compiled for one signature
+when its module is imported, so nothing compiles on a request.
 
 Also here: a small open-addressing hash table (:func:`hash_table`, :func:`hash_slot`) that
 kernels use to map a catalog index to a position ("have I seen this item, and where").
@@ -14,6 +15,7 @@ kernels use to map a catalog index to a position ("have I seen this item, and wh
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -23,6 +25,7 @@ from numba import types
 from numba.core import sigutils
 
 Function = TypeVar("Function", bound=Callable)
+log = logging.getLogger(__name__)
 
 # Fibonacci hashing: multiply by 2^64 / golden ratio, keep the top bits.
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
@@ -40,7 +43,12 @@ def kernel(signature: str) -> Callable[[Function], Function]:
     readonly = [a.copy(readonly=True) if isinstance(a, types.Array) else a for a in arguments]
 
     def compile_(function: Function) -> Function:
-        return numba.njit(result(*readonly), cache=True, nogil=True, error_model="numpy")(function)
+        compile_options = {"nogil": True, "error_model": "numpy"}
+        try:
+            return numba.njit(result(*readonly), cache=True, **compile_options)(function)
+        except RuntimeError as error:  # no writable cache folder: compile for this process only
+            log.warning("kernel %s compiled without a disk cache: %s", function.__qualname__, error)
+            return numba.njit(result(*readonly), cache=False, **compile_options)(function)
 
     return compile_
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from recsys.jit import hash_slot, hash_table, isin
+from recsys.jit import hash_slot, hash_table, isin, kernel
 
 
 def test_isin_matches_numpy_on_random_integer_arrays() -> None:
@@ -38,3 +38,12 @@ def test_kernels_take_read_only_views_of_wire_bytes() -> None:
     test = np.frombuffer(np.array([3, 30], np.int64).tobytes(), dtype=np.int64)
     assert not values.flags.writeable and not test.flags.writeable
     assert np.flatnonzero(isin(values, test)).tolist() == [3]
+
+
+def test_a_kernel_without_a_writable_cache_compiles_for_the_process_and_warns(caplog) -> None:
+    namespace: dict = {}
+    exec("def add_one(x):\n    return x + 1\n", namespace)  # no source file: numba has nowhere to cache
+    with caplog.at_level("WARNING", logger="recsys.jit"):
+        add_one = kernel("i8(i8)")(namespace["add_one"])
+    assert add_one(41) == 42
+    assert "without a disk cache" in caplog.text
