@@ -65,7 +65,7 @@ system-deps:
 TEST_WORKERS ?= 2
 test: install system-deps buf
 	@# the compiled kernels (recsys/jit.py), once, before the workers and the services they start
-	$(PY) -c "import rank_service.features, recall_service.sources, recsys.recall_merge"
+	$(PY) -c "import rank_service.features, recall_service.sources, recsys.recall_merge, recsys.scenario.rules"
 	RECSYS_BUF_AGAINST=$(BUF_AGAINST) $(PY) -m pytest -m "not slow and not gpu" -q --durations 15 \
 		$(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile,-p no:xdist)
 

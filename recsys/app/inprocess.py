@@ -68,7 +68,8 @@ async def _call(work: Callable[[float | None], Awaitable[Response]], timeout: fl
     loop = asyncio.get_running_loop()
     deadline = None if timeout is None else loop.time() + timeout
     try:
-        return await asyncio.wait_for(work(deadline), timeout)
+        async with asyncio.timeout(timeout):  # no task per call, unlike wait_for
+            return await work(deadline)
     except TimeoutError:
         raise rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded") from None
     except EXPECTED_ERRORS as error:  # a bad field, a catalog mismatch, a shed or expired request

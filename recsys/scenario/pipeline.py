@@ -225,7 +225,8 @@ class Pipeline:
             return await self.load_history(inputs, catalog)  # nothing to wait for
         budget = min(self.history_timeout_s, max(0.0, deadline - time.monotonic()))
         try:
-            return await asyncio.wait_for(self.load_history(inputs, catalog), budget)
+            async with asyncio.timeout(budget):  # no task per request, unlike wait_for
+                return await self.load_history(inputs, catalog)
         except TimeoutError:
             log.warning("history store slower than %.0f ms: serving without history", budget * 1000)
             result.degraded_reasons.append("history_timeout")

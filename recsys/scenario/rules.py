@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from recsys.jit import isin
+from recsys.jit import hash_slot, hash_table, isin, kernel
 from recsys.scenario.candidates import Candidates, History
 from recsys.scenario.catalog import Catalog
 from recsys.scenario.spec import MAX_NUM_ITEMS, ScenarioConfigError, fields, integer, number
@@ -64,39 +64,70 @@ def diversify(
     already at its cap; deferred items follow, in their original order. Items without a category
     (or brand) are not capped on it."""
     count = len(candidates)
-    no_cap = count + 1
-    category_cap = no_cap if max_per_category is None else max_per_category
-    brand_cap = no_cap if max_per_brand is None else max_per_brand
-    top: list[int] = []
-    deferred: list[int] = []
-    per_category: dict[int, int] = {}
-    per_brand: dict[int, int] = {}
-    scanned = 0  # candidates looked at: the top fills long before the end of a long list
-    chunk = max(4 * top_n, 64)
-    while scanned < count and len(top) < top_n:
-        items = candidates.items[scanned : scanned + chunk]
-        categories = catalog.item_category[items].tolist()
-        brands = catalog.item_brand[items].tolist()
-        for position, category, brand in zip(
-            range(scanned, scanned + len(items)), categories, brands, strict=True
-        ):
-            if len(top) >= top_n:
-                break
-            scanned = position + 1
-            if (category >= 0 and per_category.get(category, 0) >= category_cap) or (
-                brand >= 0 and per_brand.get(brand, 0) >= brand_cap
-            ):
-                deferred.append(position)
-                continue
-            top.append(position)
-            per_category[category] = per_category.get(category, 0) + 1
-            per_brand[brand] = per_brand.get(brand, 0) + 1
-    if not deferred:  # nothing moved
+    if not count or top_n <= 0:
         return candidates
-    order = np.concatenate(
-        [np.asarray(top + deferred, dtype=np.int64), np.arange(scanned, count, dtype=np.int64)]
+    no_cap = count + 1
+    order = _diversified_order(
+        np.asarray(candidates.items, np.int32),
+        np.asarray(catalog.item_category, np.int32),
+        np.asarray(catalog.item_brand, np.int32),
+        top_n,
+        no_cap if max_per_category is None else max_per_category,
+        no_cap if max_per_brand is None else max_per_brand,
     )
+    if not len(order):  # nothing moved
+        return candidates
     return candidates.take(order)
+
+
+@kernel("i8[:](i4[:], i4[:], i4[:], i8, i8, i8)")
+def _diversified_order(
+    items: np.ndarray,
+    item_category: np.ndarray,
+    item_brand: np.ndarray,
+    top_n: int,
+    category_cap: int,
+    brand_cap: int,
+) -> np.ndarray:
+    """:func:`diversify`'s new order of positions, or an empty array when nothing moves. Counts per
+    category and brand live in two small hash tables (at most ``top_n`` keys each)."""
+    count = len(items)
+    order = np.empty(count, np.int64)
+    deferred = np.empty(count, np.int64)
+    category_keys, category_counts, category_shift = hash_table(min(top_n, count))
+    brand_keys, brand_counts, brand_shift = hash_table(min(top_n, count))
+    filled = 0
+    moved = 0
+    scanned = 0  # the top fills long before the end of a long list
+    while scanned < count and filled < top_n:
+        item = items[scanned]
+        if item < 0 or item >= len(item_category) or item >= len(item_brand):
+            raise IndexError("candidate item index outside the catalog")
+        category = item_category[item]
+        brand = item_brand[item]
+        category_slot = hash_slot(category_keys, category_counts, category_shift, category)
+        brand_slot = hash_slot(brand_keys, brand_counts, brand_shift, brand)
+        if (category >= 0 and category_counts[category_slot] >= category_cap) or (
+            brand >= 0 and brand_counts[brand_slot] >= brand_cap
+        ):
+            deferred[moved] = scanned
+            moved += 1
+        else:
+            order[filled] = scanned
+            filled += 1
+            if category >= 0:
+                category_keys[category_slot] = category
+                category_counts[category_slot] = max(category_counts[category_slot], 0) + 1
+            if brand >= 0:
+                brand_keys[brand_slot] = brand
+                brand_counts[brand_slot] = max(brand_counts[brand_slot], 0) + 1
+        scanned += 1
+    if moved == 0:
+        return order[:0]
+    order[filled : filled + moved] = deferred[:moved]
+    for position in range(scanned, count):
+        order[filled + moved + position - scanned] = position
+    return order
 
 
 def explore(

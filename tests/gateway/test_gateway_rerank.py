@@ -6,6 +6,7 @@ import dataclasses
 import math
 
 import numpy as np
+import pytest
 
 from recsys.scenario.candidates import Candidates
 from recsys.scenario.catalog import Catalog
@@ -83,6 +84,71 @@ def test_diversity_when_the_caps_cannot_fill_the_top_n():
     catalog = catalog_of([("a1", "A", "", 0.0), ("a2", "A", "", 0.0), ("a3", "A", "", 0.0)])
     result = diversify(listed(catalog), catalog, top_n=3, max_per_category=1, max_per_brand=None)
     assert ids(catalog, result) == ["a1", "a2", "a3"]
+
+
+def reference_diversify(
+    items: list[int], categories: list[int], brands: list[int], top_n: int, category_cap: int, brand_cap: int
+) -> list[int]:
+    """The greedy caps written plainly: the new order of positions."""
+    top: list[int] = []
+    deferred: list[int] = []
+    per_category: dict[int, int] = {}
+    per_brand: dict[int, int] = {}
+    scanned = 0
+    for position, item in enumerate(items):
+        if len(top) >= top_n:
+            break
+        scanned = position + 1
+        category, brand = categories[item], brands[item]
+        if (category >= 0 and per_category.get(category, 0) >= category_cap) or (
+            brand >= 0 and per_brand.get(brand, 0) >= brand_cap
+        ):
+            deferred.append(position)
+            continue
+        top.append(position)
+        per_category[category] = per_category.get(category, 0) + 1
+        per_brand[brand] = per_brand.get(brand, 0) + 1
+    return top + deferred + list(range(scanned, len(items)))
+
+
+def test_diversity_orders_like_the_plain_greedy_loop_on_random_lists():
+    rng = np.random.default_rng(7)
+    for case in range(2000):
+        size = int(rng.integers(1, 60))
+        catalog = catalog_of(
+            [
+                (
+                    f"i{i}",
+                    f"c{rng.integers(0, 6)}" if rng.random() < 0.8 else "",
+                    f"b{rng.integers(0, 40)}" if rng.random() < 0.9 else "",
+                    0.0,
+                )
+                for i in range(size)
+            ]
+        )
+        chosen = rng.choice(size, size=int(rng.integers(0, size + 1)), replace=False).astype(np.int32)
+        candidates = Candidates.from_source(chosen, np.ones(len(chosen), np.float32), "u2i")
+        top_n = int(rng.integers(1, 30))
+        per_category = None if rng.random() < 0.2 else int(rng.integers(1, 4))
+        per_brand = None if per_category is not None and rng.random() < 0.5 else int(rng.integers(1, 3))
+        no_cap = len(chosen) + 1
+        expected = reference_diversify(
+            chosen.tolist(),
+            catalog.item_category.tolist(),
+            catalog.item_brand.tolist(),
+            top_n,
+            no_cap if per_category is None else per_category,
+            no_cap if per_brand is None else per_brand,
+        )
+        result = diversify(candidates, catalog, top_n, per_category, per_brand)
+        assert result.items.tolist() == chosen[expected].tolist(), case
+
+
+def test_diversity_refuses_an_item_outside_the_catalog():
+    catalog = catalog_of([("a1", "A", "", 0.0), ("a2", "A", "", 0.0)])
+    outside = Candidates.from_source(np.asarray([0, 5], np.int32), np.ones(2, np.float32), "u2i")
+    with pytest.raises(IndexError):
+        diversify(outside, catalog, top_n=2, max_per_category=1, max_per_brand=None)
 
 
 def test_purchased_within_days_uses_timestamps_and_treats_unknown_times_as_recent():

@@ -64,3 +64,27 @@ def test_the_fingerprint_depends_on_ids_and_their_order():
     check_catalog(catalog_fingerprint(ids), catalog_fingerprint(ids))
     with pytest.raises(CatalogMismatch):
         check_catalog(catalog_fingerprint(ids), catalog_fingerprint(["a"]))
+
+
+def test_index_and_score_checks_agree_with_numpy_on_random_arrays():
+    rng = np.random.default_rng(3)
+    extremes = np.asarray([np.iinfo(np.int32).min, -1, 0, np.iinfo(np.int32).max], np.int32)
+    for _ in range(500):
+        num_items = int(rng.integers(1, 50))
+        values = rng.integers(-3, num_items + 3, size=int(rng.integers(0, 20))).astype(np.int32)
+        if rng.random() < 0.2 and len(values):
+            values[rng.integers(len(values))] = rng.choice(extremes)
+        outside = values[(values < 0) | (values >= num_items)]
+        if len(outside):
+            with pytest.raises(InvalidArgument, match=f"catalog index {outside[0]} is outside"):
+                unpack_indices(pack(values, INDEX), "items", num_items)
+        else:
+            assert unpack_indices(pack(values, INDEX), "items", num_items).tolist() == values.tolist()
+        scores = rng.normal(size=len(values)).astype(np.float32)
+        if rng.random() < 0.3 and len(scores):
+            scores[rng.integers(len(scores))] = rng.choice([np.nan, np.inf, -np.inf])
+        if np.isfinite(scores).all():
+            assert unpack_scores(pack(scores, SCORE), "scores", len(scores)).tolist() == scores.tolist()
+        else:
+            with pytest.raises(InvalidArgument, match="scores: must be finite"):
+                unpack_scores(pack(scores, SCORE), "scores", len(scores))
