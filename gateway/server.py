@@ -186,6 +186,7 @@ async def serve(
         await history_store.ping()
         if not await pipeline.refresh_catalog(CATALOG_TIMEOUT_S):
             log.warning("recall unreachable at start: requests are UNAVAILABLE until it serves the catalog")
+        await connect_channels(channels, CATALOG_TIMEOUT_S)
 
     def register(server: grpc.aio.Server) -> list[str]:
         gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, server)
@@ -258,6 +259,31 @@ def start_http(
     )
     http.start()
     return http
+
+
+async def connect_channels(channels: list[grpc.aio.Channel], timeout_s: float) -> int:
+    """Connect the downstream channels before the gateway reports ready (a channel connects on
+    its first call otherwise, inside the first request's deadline), and say at start which did
+    not. Waits until each channel is connected or has failed to (a refused or unresolvable address
+    returns at once), at most ``timeout_s``; one not connected is logged, not fatal: calls to it
+    fail over to the scenario's fallbacks while it keeps reconnecting. Returns how many are
+    connected."""
+
+    async def settle(channel: grpc.aio.Channel) -> None:
+        state = channel.get_state(try_to_connect=True)
+        while state in (grpc.ChannelConnectivity.IDLE, grpc.ChannelConnectivity.CONNECTING):
+            await channel.wait_for_state_change(state)
+            state = channel.get_state(try_to_connect=True)
+
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout_s):
+            await asyncio.gather(*(settle(channel) for channel in channels))
+    connected = sum(channel.get_state() is grpc.ChannelConnectivity.READY for channel in channels)
+    if connected < len(channels):
+        log.warning(
+            "%d of %d downstream channels not connected at start", len(channels) - connected, len(channels)
+        )
+    return connected
 
 
 def open_backends(

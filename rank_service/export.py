@@ -36,6 +36,7 @@ from rank_service.folded import FOLDED_DESCRIPTION, ONNX_TRANSLATIONS, FoldedRan
 from rank_service.model import Ranker, RankerConfig, ScoresOnly, onnx_multi_head_attention
 from recsys.bundle import new_version, write_manifest
 from recsys.data.dataset import IdMap
+from recsys.training import quiet_exporter_logs
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +48,6 @@ INPUT_NAMES = ("history", "history_events", "scenario", "candidates", "candidate
 FUSED_ATTENTION_OP = "com.microsoft.MultiHeadAttention"
 # ONNX Runtime optimisers that slowed the CPU graph down on this machine (see bench.py).
 CPU_DISABLED_OPTIMIZERS = ("SkipLayerNormFusion",)
-
-
-def quiet_exporter_logs() -> None:
-    """The exporter's optimiser logs every pass at INFO: keep export logs readable."""
-    for name in ("onnxscript", "onnx_ir", "torch.onnx"):
-        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def checkpoint_path(bundle_dir: Path) -> Path:
@@ -117,6 +112,7 @@ def _export(
     module: torch.nn.Module, inputs: tuple, path: Path, outputs: list[str], translations: dict | None = None
 ) -> Path:
     """``torch.onnx.export(dynamo=True)`` with dynamic batch/history/candidates, saved to ``path``."""
+    quiet_exporter_logs()
     # One Dim shared by several inputs makes the exporter warn about axis names: expected here.
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="# The axis name")
@@ -210,7 +206,6 @@ def export_bundle(
     bundle_dir.mkdir(parents=True, exist_ok=True)
     for stale in bundle_dir.glob("*.onnx*"):
         stale.unlink()
-    quiet_exporter_logs()
     with tempfile.TemporaryDirectory() as scratch:
         folded = export_folded(model, Path(scratch) / "folded.onnx")
         plain = export_onnx(model, Path(scratch) / "plain.onnx", fused_attention=False)

@@ -35,7 +35,7 @@ from recall_service.sources import interaction_tables
 from recsys.bundle import new_version, write_manifest
 from recsys.data.dataset import Dataset
 from recsys.data.split import LeaveOneOutSplit
-from recsys.training import resolve_threads
+from recsys.training import quiet_exporter_logs, resolve_threads
 
 if TYPE_CHECKING:
     from recall_service.model import TowerEnsemble, TwoTowerModel
@@ -51,6 +51,8 @@ ONNX_OPSET = 18
 def export_user_tower(model: TwoTowerModel | TowerEnsemble, path: Path) -> None:
     """Export the user tower to ONNX with dynamic batch and sequence axes (dynamo exporter)."""
     import torch
+
+    quiet_exporter_logs()
 
     from recall_service.model import UserTowerForExport
 
@@ -260,7 +262,7 @@ def export_bundle(
 
 def main(argv: list[str] | None = None) -> int:
     """`recsys export recall --data synthetic|DIR --artifacts DIR [--checkpoint PATH]`: re-export."""
-    from recall_service.train import load_checkpoint, quiet_exporter_logs
+    from recall_service.train import load_checkpoint
     from recsys.data.prepare import dataset_artifacts, prepare_dataset
 
     parser = argparse.ArgumentParser(prog="recsys export recall", description=__doc__.splitlines()[0])
@@ -271,7 +273,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--index-factory", help="Faiss index_factory string ('' = by catalog size)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    quiet_exporter_logs()
 
     dataset = prepare_dataset(args.data, args.artifacts, args.quick)
     artifacts = dataset_artifacts(dataset, args.artifacts)

@@ -1203,12 +1203,6 @@ def _train_info(result: TrainResult, config: RecallTrainConfig) -> dict:
     }
 
 
-def quiet_exporter_logs() -> None:
-    """The ONNX exporter logs every graph pass at INFO; keep the CLI output readable."""
-    for name in ("onnx_ir", "onnxscript", "torch.onnx", "torch.export"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-
-
 def add_text_arguments(parser: argparse.ArgumentParser) -> None:
     """``--text`` and ``--text-model`` (shared with ``recall_service.text_eval``)."""
     parser.add_argument(
@@ -1272,7 +1266,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    quiet_exporter_logs()
 
     config = RecallTrainConfig.quick() if args.quick else RecallTrainConfig.default()
     for name in (

@@ -21,6 +21,10 @@ from typing import TypeVar
 
 import numba
 import numpy as np
+
+# numba's typeof asks numpy.ma about every array, which NumPy imports lazily: loaded here, at import,
+# rather than by a service's first request (~15 ms).
+import numpy.ma
 from numba import types
 from numba.core import sigutils
 

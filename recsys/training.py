@@ -43,6 +43,13 @@ DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "bf16", "fp32")
 
 
+def quiet_exporter_logs() -> None:
+    """The ONNX exporter and its optimiser log every graph pass at INFO: keep training, export and
+    `make run` output readable (their warnings still show)."""
+    for name in ("onnx_ir", "onnxscript", "torch.onnx", "torch.export"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def available_cores() -> int:
     """CPU cores this process may run on (its affinity mask, else the machine's count)."""
     try:

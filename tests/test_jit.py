@@ -3,6 +3,9 @@ integer arrays (negative, repeated, int32 and int64, empty, a full table)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 
 from recsys.jit import hash_slot, hash_table, isin, kernel
@@ -47,3 +50,11 @@ def test_a_kernel_without_a_writable_cache_compiles_for_the_process_and_warns(ca
         add_one = kernel("i8(i8)")(namespace["add_one"])
     assert add_one(41) == 42
     assert "without a disk cache" in caplog.text
+
+
+def test_importing_the_kernels_loads_what_their_first_call_needs() -> None:
+    # numba's typeof checks each array against numpy.ma, which NumPy imports lazily: without it
+    # the first kernel call in a process (a service's first request) paid that import.
+    code = "import sys, recsys.jit; print('numpy.ma' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "True"

@@ -106,6 +106,13 @@ async def log_history(stub, user_id: str, history: list[common_pb2.HistoryItem],
     return await stub.LogEvents(gateway_pb2.LogEventsRequest(events=events))
 
 
+async def test_the_gateway_is_connected_to_rank_and_recall_when_it_reports_ready(stack):
+    # First in this file: no request has been served yet, so only the start-up could connect them.
+    channels = stack.gateway._channels
+    assert len(channels) == 2
+    assert all(channel.get_state() is grpc.ChannelConnectivity.READY for channel in channels)
+
+
 async def test_every_shipped_scenario_serves_items_that_obey_its_rules(stub, synthetic_dataset):
     dataset = synthetic_dataset
     catalog = dataset.catalog

@@ -138,3 +138,27 @@ def test_bundle_index_holds_exactly_the_item_vectors(recall_bundle: Path) -> Non
     np.testing.assert_array_equal(ids[:, 0], np.arange(20))
     items = (recall_bundle / "items.txt").read_text().splitlines()
     assert len(items) == len(vectors)
+
+
+def test_exporting_keeps_the_exporters_pass_by_pass_logs_out_of_the_output(tmp_path, caplog) -> None:
+    import logging
+
+    for name in ("onnx_ir", "onnxscript", "torch.onnx"):
+        logging.getLogger(name).setLevel(logging.NOTSET)  # as in a fresh process (`make run`)
+    caplog.set_level(logging.INFO)
+    shape = TwoTowerShape(
+        num_items=8,
+        num_attributes=2,
+        max_attributes=1,
+        num_scenarios=1,
+        dim=8,
+        layers=1,
+        heads=1,
+        max_length=4,
+    )
+    attributes = np.zeros((9, 1), dtype=np.int64)
+    export_user_tower(TwoTowerModel(shape, attributes).eval(), tmp_path / "user_tower.onnx")
+    chatty = [
+        r.name for r in caplog.records if r.levelno < logging.WARNING and r.name.startswith(("onnx", "torch"))
+    ]
+    assert chatty == []
