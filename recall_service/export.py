@@ -52,10 +52,9 @@ def export_user_tower(model: TwoTowerModel | TowerEnsemble, path: Path) -> None:
     """Export the user tower to ONNX with dynamic batch and sequence axes (dynamo exporter)."""
     import torch
 
-    quiet_exporter_logs()
-
     from recall_service.model import UserTowerForExport
 
+    quiet_exporter_logs()
     tower = UserTowerForExport(model).eval()
     batch, length = 3, 5
     items = torch.randint(1, model.shape.num_items + 1, (batch, length))
