@@ -33,6 +33,26 @@ def _make_dataset(
     )
 
 
+def six_item_model(similarity: str = "dot"):
+    """A one-layer two-tower model over 6 items with 0-3 attributes each (item 4 has none)."""
+    import torch
+
+    from recall_service.model import TwoTowerModel, TwoTowerShape
+
+    torch.manual_seed(0)
+    attributes = np.array([[0, 0, 0], [1, 2, 0], [2, 0, 0], [3, 4, 1], [0, 0, 0], [4, 4, 2], [2, 3, 0]])
+    shape = TwoTowerShape(
+        num_items=6,
+        num_attributes=4,
+        max_attributes=3,
+        num_scenarios=1,
+        dim=8,
+        layers=1,
+        similarity=similarity,
+    )
+    return TwoTowerModel(shape, attributes)
+
+
 @pytest.fixture(scope="session")
 def recall_engine(recall_bundle: Path):
     from recall_service.engine import RecallEngine

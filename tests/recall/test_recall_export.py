@@ -15,6 +15,7 @@ torch = pytest.importorskip("torch")
 from recall_service.export import export_user_tower  # noqa: E402
 from recall_service.index import stored_vectors  # noqa: E402
 from recall_service.model import TwoTowerModel, TwoTowerShape  # noqa: E402
+from tests.recall.conftest import six_item_model  # noqa: E402
 
 MAX_LENGTH = 12
 
@@ -146,18 +147,7 @@ def test_exporting_keeps_the_exporters_pass_by_pass_logs_out_of_the_output(tmp_p
     for name in ("onnx_ir", "onnxscript", "torch.onnx"):
         logging.getLogger(name).setLevel(logging.NOTSET)  # as in a fresh process (`make run`)
     caplog.set_level(logging.INFO)
-    shape = TwoTowerShape(
-        num_items=8,
-        num_attributes=2,
-        max_attributes=1,
-        num_scenarios=1,
-        dim=8,
-        layers=1,
-        heads=1,
-        max_length=4,
-    )
-    attributes = np.zeros((9, 1), dtype=np.int64)
-    export_user_tower(TwoTowerModel(shape, attributes).eval(), tmp_path / "user_tower.onnx")
+    export_user_tower(six_item_model().eval(), tmp_path / "user_tower.onnx")
     chatty = [
         r.name for r in caplog.records if r.levelno < logging.WARNING and r.name.startswith(("onnx", "torch"))
     ]

@@ -11,6 +11,7 @@ pytest.importorskip("torch")
 
 from recall_service.train import RecallTrainConfig, build_training_windows
 from recsys.data.split import LeaveOneOutSplit
+from tests.recall.conftest import six_item_model
 
 
 def test_windows_cover_every_training_prefix_and_never_a_held_out_item(make_dataset) -> None:
@@ -220,26 +221,6 @@ def test_id_dropout_only_touches_training_item_vectors() -> None:
     torch.testing.assert_close(
         model.item_vectors(items), torch.nn.functional.normalize(model.item_features(items), dim=-1)
     )
-
-
-def six_item_model(similarity: str = "dot"):
-    """A one-layer two-tower model over 6 items with 0-3 attributes each (item 4 has none)."""
-    import torch
-
-    from recall_service.model import TwoTowerModel, TwoTowerShape
-
-    torch.manual_seed(0)
-    attributes = np.array([[0, 0, 0], [1, 2, 0], [2, 0, 0], [3, 4, 1], [0, 0, 0], [4, 4, 2], [2, 3, 0]])
-    shape = TwoTowerShape(
-        num_items=6,
-        num_attributes=4,
-        max_attributes=3,
-        num_scenarios=1,
-        dim=8,
-        layers=1,
-        similarity=similarity,
-    )
-    return TwoTowerModel(shape, attributes)
 
 
 def test_item_table_is_every_items_features_with_the_same_gradients() -> None:
