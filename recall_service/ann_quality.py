@@ -36,6 +36,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from recall_service.engine import RecallEngine
 from recsys.serving.metrics import get_or_create
 from recsys.serving.reload import Stoppable
+from recsys.serving.thread_names import name_os_thread
 
 log = logging.getLogger(__name__)
 
@@ -184,6 +185,7 @@ class AnnQualityMonitor:
     # ------------------------------------------------------------------ the worker thread
 
     def _work(self) -> None:
+        name_os_thread()
         faiss.omp_set_num_threads(1)  # per calling thread: this one never competes with the batcher
         # Linux threads have their own niceness; elsewhere the thread keeps the process's priority.
         with contextlib.suppress(AttributeError, OSError):

@@ -106,10 +106,33 @@ def time_interleaved(
     }
 
 
+def _stat_cpu_seconds(stat: Path) -> float:
+    """utime + stime of a /proc ``stat`` file, in seconds."""
+    fields = stat.read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def process_cpu_seconds(pid: int) -> float:
     """User + system CPU seconds, all threads, process ``pid`` has used so far (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+    return _stat_cpu_seconds(Path(f"/proc/{pid}/stat"))
+
+
+MAIN_THREAD = "main"
+
+
+def thread_cpu_seconds(pid: int) -> dict[str, float]:
+    """CPU seconds each thread of process ``pid`` has used so far, by the kernel's thread name
+    (threads of one name summed; the main thread, where the services run their event loop, as
+    ``"main"``; threads that ended meanwhile left out). Linux /proc."""
+    seconds: dict[str, float] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            name = MAIN_THREAD if task.name == str(pid) else (task / "comm").read_text().strip()
+            used = _stat_cpu_seconds(task / "stat")
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # the thread ended between the listing and the read
+        seconds[name] = seconds.get(name, 0.0) + used
+    return seconds
 
 
 def report_json(report: object, out: Path | None = None) -> None:

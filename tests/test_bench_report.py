@@ -292,3 +292,69 @@ def test_the_machine_record_names_the_cpu_generation_and_its_vector_units(tmp_pa
     (bench / "cpu.json").write_text(json.dumps(cpu))
     body = bench_report.render(bench, tmp_path)
     assert "AMD EPYC (family/model/stepping 23/1/2), avx2 fma, 2 cores" in body
+
+
+def test_the_requests_per_internal_call_are_read_off_the_gateways_metrics():
+    from prometheus_client import CollectorRegistry
+
+    from gateway.metrics import downstream_call_size
+    from recsys.app.e2e_bench import calls_between, scrape_downstream_calls
+    from recsys.serving.metrics import MetricsHttpServer
+
+    registry = CollectorRegistry()
+    recall, rank = downstream_call_size(registry, "recall"), downstream_call_size(registry, "rank")
+    server = MetricsHttpServer("127.0.0.1", 0, registry)
+    try:
+        assert scrape_downstream_calls(server.port) == {"recall": (0.0, 0.0), "rank": (0.0, 0.0)}
+        for size in (1, 1, 4):
+            recall(size)
+        before = scrape_downstream_calls(server.port)
+        for size in (2, 3, 1):
+            recall(size)
+        rank(6)
+        after = scrape_downstream_calls(server.port)
+    finally:
+        server.close()
+    assert before == {"recall": (3.0, 6.0), "rank": (0.0, 0.0)}
+    assert calls_between(before, after) == {
+        "rank": {"calls": 1, "requests": 6, "requests_per_call": 6.0},
+        "recall": {"calls": 3, "requests": 6, "requests_per_call": 2.0},
+    }
+    assert calls_between(after, after)["rank"]["requests_per_call"] is None  # no call meanwhile
+    assert scrape_downstream_calls(server.port, timeout_s=1.0) == {}  # closed: nothing, no error
+
+
+def test_repeats_pool_the_cpu_by_thread_and_the_internal_calls():
+    first, second = repeat_result([10.0] * 100, 6.0, sent=100), repeat_result([10.0] * 100, 7.0, sent=300)
+    first["cpu_ms_per_request_by_thread"] = {"recall": {"recall-batch": 1.0, "main": 0.5}}
+    second["cpu_ms_per_request_by_thread"] = {"recall": {"recall-batch": 2.0, "python": 0.4}}
+    first["downstream_calls"] = {"recall": {"calls": 80, "requests": 100, "requests_per_call": 1.25}}
+    second["downstream_calls"] = {"recall": {"calls": 120, "requests": 300, "requests_per_call": 2.5}}
+    combined = combine_repeats([first, second])
+    assert combined["cpu_ms_per_request_by_thread"] == {
+        "recall": {"recall-batch": 1.75, "python": 0.3, "main": 0.125}  # weighted by requests sent
+    }
+    assert combined["downstream_calls"] == {
+        "recall": {"calls": 200, "requests": 400, "requests_per_call": 2.0}
+    }
+    del second["downstream_calls"]  # a stack whose gateway makes no calls in one repeat: not pooled
+    assert "downstream_calls" not in combine_repeats([first, second])
+
+
+def test_the_readme_shows_where_the_grpc_stacks_cpu_goes_when_recorded():
+    report = e2e_report()
+    assert not any("requests per call" in line for line in bench_report.e2e_section(report, None))
+    grpc_200 = report["runs"]["grpc"]["home"][1]
+    grpc_200["cpu_ms_per_request_by_thread"] = {
+        "recall": {"recall-batch": 1.07, "main": 0.7, "event_engine": 0.006},
+        "rank": {"rank-batch": 0.94, "main": 0.75},
+        "gateway": {"main": 2.23, "python": 0.22},
+    }
+    grpc_200["downstream_calls"] = {
+        "recall": {"calls": 10, "requests": 13, "requests_per_call": 1.3},
+        "rank": {"calls": 0, "requests": 0, "requests_per_call": None},
+    }
+    lines = bench_report.e2e_section(report, None)
+    assert "| scenario | rate req/s | recall | rank | gateway | requests per call (recall / rank) |" in lines
+    row = "| home | 200 | recall-batch 1.07, main 0.70 | rank-batch 0.94, main 0.75 | main 2.23, python 0.22 "
+    assert row + "| 1.30 / — |" in lines  # threads under 0.01 ms left out; no rank calls: a dash

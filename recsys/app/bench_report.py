@@ -142,8 +142,49 @@ def e2e_section(report: dict, plot: str | None) -> list[str]:
             f"| gRPC cascade / in-process, p50 at 200 req/s | <= 1.5x | {ratio_text} "
             f"| {mark(ratio['met'])} |",
         ]
+    lines += thread_breakdown(report["runs"].get("grpc", {}))
     if plot:
         lines += ["", f"![latency and CPU per request against the arrival rate]({plot})"]
+    return lines
+
+
+def thread_breakdown(runs_by_scenario: dict) -> list[str]:
+    """Where the ``grpc`` stack's CPU goes under load: each process's CPU per request by thread,
+    and how many requests the gateway's calls to recall and rank carried ([] for runs measured
+    before these were recorded)."""
+    rows = [
+        (scenario, run)
+        for scenario, runs in runs_by_scenario.items()
+        for run in runs
+        if "cpu_ms_per_request_by_thread" in run
+    ]
+    if not rows:
+        return []
+    services = list(rows[0][1]["cpu_ms_per_request_by_thread"])
+    lines = [
+        "",
+        "Where the `grpc` stack's CPU goes under that load, ms per request by process and thread "
+        "(`main`: the event loop and gRPC handlers; `recall-batch` / `rank-batch`: the models; "
+        "`python`: gRPC's completion-queue poller and other unnamed threads), and the requests each "
+        "of the gateway's calls to recall and rank carried (its batch calls form under load):",
+        "",
+        "| scenario | rate req/s | " + " | ".join(services) + " | requests per call (recall / rank) |",
+        "|---|---|" + "---|" * len(services) + "---|",
+    ]
+    for scenario, run in rows:
+        by_thread = run["cpu_ms_per_request_by_thread"]
+        cells = [
+            ", ".join(f"{thread} {ms:.2f}" for thread, ms in by_thread.get(service, {}).items() if ms >= 0.01)
+            for service in services
+        ]
+        calls = run.get("downstream_calls", {})
+        per_call = " / ".join(
+            "—"
+            if calls.get(hop, {}).get("requests_per_call") is None
+            else f"{calls[hop]['requests_per_call']:.2f}"
+            for hop in ("recall", "rank")
+        )
+        lines.append(f"| {scenario} | {run['rate']:g} | " + " | ".join(cells) + f" | {per_call} |")
     return lines
 
 

@@ -9,7 +9,9 @@ saturation. At each rate the stacks are measured one after the other, ``--repeat
 order reversed at every turn (ABBA), each by an open-loop Poisson load generator in its own process
 (``recsys.app.loadgen``: latency from the scheduled send time). Per stack, scenario and rate:
 p50/p95/p99, errors, degraded share, and the CPU seconds each service process used per request
-(from /proc, the source of ``process_cpu_seconds_total``): every request of every repeat pooled
+(from /proc, the source of ``process_cpu_seconds_total``), split by thread (the services name
+their batch threads in the kernel: ``main`` is the event loop), and how many requests the
+gateway's calls to recall and rank carried (from its ``/metrics``): every request of every repeat pooled
 (one bad repeat shows in the p99 and the errors), each repeat's own figures kept (``repeats``),
 since this host drifts by tens of percent within minutes. A stack's sweep stops at its first rate
 that misses the saturation criteria (no errors, <= 1% degraded, p99 <= --saturation-p99-ms).
@@ -27,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +40,7 @@ from recsys.app import count_at_least
 from recsys.app.loadgen import gateway_target, latency_summary
 from recsys.app.run import (
     HISTORY_LENGTH,
+    HOST,
     SERVING_TIMEOUT_S,
     Service,
     build_bundles,
@@ -45,7 +49,7 @@ from recsys.app.run import (
     seed_history_store,
 )
 from recsys.grpc_env import GRPC_EXPERIMENTS_VARIABLE
-from recsys.timing import machine_info, process_cpu_seconds
+from recsys.timing import machine_info, process_cpu_seconds, thread_cpu_seconds
 
 DEFAULT_RATES = "50,100,200,300,400,500,600,800"
 BARS = {
@@ -69,6 +73,8 @@ STACKS = {
     "grpc_event_engine": "the same three processes on gRPC's default I/O (EventEngine; GRPC_EXPERIMENTS "
     "empty) instead of the services' setting (recsys.grpc_env)",
 }
+# The gateway's histogram of requests per call to recall and rank (gateway/metrics.py).
+DOWNSTREAM_CALL_METRIC = "recsys_gateway_downstream_call_requests"
 # What `--stacks` runs unless told: every stack but the one that only checks a gRPC setting.
 DEFAULT_STACKS = "grpc,grpc_per_call,inprocess,inprocess_replicas,rank_in_gateway"
 
@@ -99,6 +105,79 @@ class Stack:
     def cpu_seconds(self) -> dict[str, float]:
         """CPU time (user + system, all threads) each process used so far."""
         return {service.name: service_cpu_seconds(service) for service in self.services}
+
+    def thread_cpu_seconds(self) -> dict[str, dict[str, float]]:
+        """Each process's CPU time so far by thread name (:func:`recsys.timing.thread_cpu_seconds`)."""
+        seconds = {}
+        for service in self.services:
+            assert service.process is not None
+            seconds[service.name] = thread_cpu_seconds(service.process.pid)
+        return seconds
+
+    def downstream_calls(self) -> dict[str, tuple[float, float]]:
+        """recall / rank -> (calls, requests) the gateways have sent so far, from their /metrics;
+        empty for gateways that make no calls (recall and rank in-process) or cannot be read."""
+        totals: dict[str, tuple[float, float]] = {}
+        for gateway in self.gateways:
+            for service, (calls, requests) in scrape_downstream_calls(gateway.metrics_port).items():
+                before = totals.get(service, (0.0, 0.0))
+                totals[service] = (before[0] + calls, before[1] + requests)
+        return totals
+
+
+def scrape_downstream_calls(metrics_port: int, timeout_s: float = 5.0) -> dict[str, tuple[float, float]]:
+    """recall / rank -> (calls, requests) from the gateway's ``/metrics`` on ``metrics_port``
+    (its histogram of requests per call: count and sum); empty when it cannot be read."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        with urllib.request.urlopen(f"http://{HOST}:{metrics_port}/metrics", timeout=timeout_s) as reply:
+            text = reply.read().decode("utf-8")
+    except OSError:
+        return {}
+    calls: dict[str, float] = {}
+    requests: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name != DOWNSTREAM_CALL_METRIC:
+            continue
+        for sample in family.samples:
+            service = sample.labels.get("service", "")
+            if sample.name.endswith("_count"):
+                calls[service] = calls.get(service, 0.0) + sample.value
+            elif sample.name.endswith("_sum"):
+                requests[service] = requests.get(service, 0.0) + sample.value
+    return {service: (calls[service], requests.get(service, 0.0)) for service in calls}
+
+
+def calls_between(before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]) -> dict:
+    """recall / rank -> calls, requests and requests per call sent between two scrapes."""
+    sent = {}
+    for service, (calls, requests) in sorted(after.items()):
+        calls -= before.get(service, (0.0, 0.0))[0]
+        requests -= before.get(service, (0.0, 0.0))[1]
+        sent[service] = {
+            "calls": int(calls),
+            "requests": int(requests),
+            "requests_per_call": round(requests / calls, 2) if calls > 0 else None,
+        }
+    return sent
+
+
+def ms_per_request_by_thread(
+    before: dict[str, dict[str, float]], after: dict[str, dict[str, float]], sent: int
+) -> dict[str, dict[str, float]]:
+    """service -> thread name -> CPU ms per request between two readings, busiest first (threads
+    under 0.001 ms per request left out)."""
+    by_service = {}
+    for service, threads in after.items():
+        used = {
+            thread: round((seconds - before.get(service, {}).get(thread, 0.0)) * 1000 / sent, 3)
+            for thread, seconds in threads.items()
+        }
+        by_service[service] = {
+            thread: ms for thread, ms in sorted(used.items(), key=lambda item: -item[1]) if ms >= 0.001
+        }
+    return by_service
 
 
 def usable_cpus() -> list[int]:
@@ -272,15 +351,26 @@ def measure(
         "--warmup", str(args.warmup), "--scenario", scenario, "--users", str(users),
         "--items", str(items), "--deadline-ms", str(args.deadline_ms), "--samples",
     ]  # fmt: skip
-    before = stack.cpu_seconds()
+    before, threads_before, calls_before = (
+        stack.cpu_seconds(),
+        stack.thread_cpu_seconds(),
+        stack.downstream_calls(),
+    )
     done = subprocess.run(command, capture_output=True, text=True, check=False)
-    after = stack.cpu_seconds()
+    after, threads_after, calls_after = (
+        stack.cpu_seconds(),
+        stack.thread_cpu_seconds(),
+        stack.downstream_calls(),
+    )
     if done.returncode != 0:
         raise RuntimeError(f"load generator failed: {done.stderr.strip()[-2000:]}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
     sent = max(result["sent"], 1)
     per_service = {name: round((after[name] - before[name]) * 1000 / sent, 3) for name in after}
     result["cpu_ms_per_request"] = {**per_service, "total": round(sum(per_service.values()), 3)}
+    result["cpu_ms_per_request_by_thread"] = ms_per_request_by_thread(threads_before, threads_after, sent)
+    if calls_after:
+        result["downstream_calls"] = calls_between(calls_before, calls_after)
     return result
 
 
@@ -310,6 +400,27 @@ def combine_repeats(results: list[dict]) -> dict:
     combined["cpu_ms_per_request"] = {
         key: per_sent([r["cpu_ms_per_request"][key] for r in runs]) for key in runs[0]["cpu_ms_per_request"]
     }
+    combined.pop("cpu_ms_per_request_by_thread", None)  # pooled below when every repeat has them
+    combined.pop("downstream_calls", None)
+    if all("cpu_ms_per_request_by_thread" in r for r in runs):
+        by_thread: dict[str, dict[str, float]] = {}
+        for service in runs[0]["cpu_ms_per_request_by_thread"]:
+            names = {name for r in runs for name in r["cpu_ms_per_request_by_thread"].get(service, {})}
+            pooled = {
+                name: per_sent(
+                    [r["cpu_ms_per_request_by_thread"].get(service, {}).get(name, 0.0) for r in runs]
+                )
+                for name in names
+            }
+            by_thread[service] = dict(sorted(pooled.items(), key=lambda item: -item[1]))
+        combined["cpu_ms_per_request_by_thread"] = by_thread
+    if all("downstream_calls" in r for r in runs):
+        totals: dict[str, tuple[float, float]] = {}
+        for run in runs:
+            for service, counts in run["downstream_calls"].items():
+                calls, requests = totals.get(service, (0.0, 0.0))
+                totals[service] = (calls + counts["calls"], requests + counts["requests"])
+        combined["downstream_calls"] = calls_between({}, totals)
     samples = [r.get("latency_samples_ms") for r in results]
     if all(s is not None for s in samples):
         pooled = np.concatenate([np.asarray(s, dtype=np.float64) for s in samples])

@@ -23,6 +23,7 @@ import grpc
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from recsys.serving.metrics import LATENCY_BUCKETS, get_or_create
+from recsys.serving.thread_names import name_os_thread
 from recsys.serving.validation import StatusError
 
 Request = TypeVar("Request")
@@ -88,6 +89,7 @@ class BatchThread:
         return future
 
     def _serve(self) -> None:
+        name_os_thread()  # its Python name, visible to top -H and recsys bench e2e
         if self._initializer is not None:
             self._initializer()
         while (call := self._calls.get()) is not None:

@@ -31,6 +31,8 @@ from prometheus_client import (
 )
 from prometheus_client.registry import Collector
 
+from recsys.serving.thread_names import name_os_thread
+
 # About 0.25 ms to 1 s (the default buckets hide sub-millisecond work), plus a tail for slow calls;
 # dense from 75 ms to 400 ms, where the stage timeouts (120, 150 ms), the 300 ms scenario budget and
 # the alerts' thresholds are (deploy/prometheus/alerts.yaml: p99 > 150 ms, latency SLO 300 ms), so a
@@ -323,13 +325,13 @@ class MetricsHttpServer:
             host.strip("[]"), port, make_wsgi_app(registry), server_class, handler_class=_QuietHandler
         )
         self.port: int = self._httpd.server_port
-        self._thread = threading.Thread(
-            target=self._httpd.serve_until_stopped,
-            name=f"metrics-http-{self.port}",
-            daemon=True,
-        )
+        self._thread = threading.Thread(target=self._serve, name=f"metrics-http-{self.port}", daemon=True)
         self._thread.start()
         self._closed = False
+
+    def _serve(self) -> None:
+        name_os_thread("metrics-http")
+        self._httpd.serve_until_stopped()
 
     def close(self) -> None:
         """Stop serving and release the port (idempotent)."""
