@@ -11,8 +11,8 @@ order reversed at every turn (ABBA), each by an open-loop Poisson load generator
 p50/p95/p99, errors, degraded share, and the CPU seconds each service process used per request
 (from /proc, the source of ``process_cpu_seconds_total``), split by thread (the services name
 their batch threads in the kernel: ``main`` is the event loop), and how many requests the
-gateway's calls to recall and rank carried (from its ``/metrics``): every request of every repeat pooled
-(one bad repeat shows in the p99 and the errors), each repeat's own figures kept (``repeats``),
+gateway's calls to recall and rank carried (from its ``/metrics``): every request of every repeat
+pooled (one bad repeat shows in the p99 and the errors), each repeat's own figures kept (``repeats``),
 since this host drifts by tens of percent within minutes. A stack's sweep stops at its first rate
 that misses the saturation criteria (no errors, <= 1% degraded, p99 <= --saturation-p99-ms).
 
@@ -351,17 +351,11 @@ def measure(
         "--warmup", str(args.warmup), "--scenario", scenario, "--users", str(users),
         "--items", str(items), "--deadline-ms", str(args.deadline_ms), "--samples",
     ]  # fmt: skip
-    before, threads_before, calls_before = (
-        stack.cpu_seconds(),
-        stack.thread_cpu_seconds(),
-        stack.downstream_calls(),
-    )
+    before, threads_before = stack.cpu_seconds(), stack.thread_cpu_seconds()
+    calls_before = stack.downstream_calls()
     done = subprocess.run(command, capture_output=True, text=True, check=False)
-    after, threads_after, calls_after = (
-        stack.cpu_seconds(),
-        stack.thread_cpu_seconds(),
-        stack.downstream_calls(),
-    )
+    after, threads_after = stack.cpu_seconds(), stack.thread_cpu_seconds()
+    calls_after = stack.downstream_calls()
     if done.returncode != 0:
         raise RuntimeError(f"load generator failed: {done.stderr.strip()[-2000:]}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
@@ -405,13 +399,9 @@ def combine_repeats(results: list[dict]) -> dict:
     if all("cpu_ms_per_request_by_thread" in r for r in runs):
         by_thread: dict[str, dict[str, float]] = {}
         for service in runs[0]["cpu_ms_per_request_by_thread"]:
-            names = {name for r in runs for name in r["cpu_ms_per_request_by_thread"].get(service, {})}
-            pooled = {
-                name: per_sent(
-                    [r["cpu_ms_per_request_by_thread"].get(service, {}).get(name, 0.0) for r in runs]
-                )
-                for name in names
-            }
+            threads = [r["cpu_ms_per_request_by_thread"].get(service, {}) for r in runs]
+            names = {name for used in threads for name in used}
+            pooled = {name: per_sent([used.get(name, 0.0) for used in threads]) for name in names}
             by_thread[service] = dict(sorted(pooled.items(), key=lambda item: -item[1]))
         combined["cpu_ms_per_request_by_thread"] = by_thread
     if all("downstream_calls" in r for r in runs):
