@@ -120,14 +120,18 @@ def process_cpu_seconds(pid: int) -> float:
 MAIN_THREAD = "main"
 
 
-def thread_cpu_seconds(pid: int) -> dict[str, float]:
-    """CPU seconds each thread of process ``pid`` has used so far, by the kernel's thread name
-    (threads of one name summed; the main thread, where the services run their event loop, as
-    ``"main"``; threads that ended meanwhile left out). Linux /proc."""
+def thread_cpu_seconds(pid: int, names: Mapping[int, str] | None = None) -> dict[str, float]:
+    """CPU seconds each thread of process ``pid`` has used so far, by name: ``names[thread id]``
+    where given, else the kernel's thread name, the main thread (where the services run their
+    event loop) as ``"main"``; threads of one name summed, threads that ended meanwhile left out.
+    Linux /proc."""
+    names = names or {}
     seconds: dict[str, float] = {}
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
-            name = MAIN_THREAD if task.name == str(pid) else (task / "comm").read_text().strip()
+            name = names.get(int(task.name)) or (
+                MAIN_THREAD if task.name == str(pid) else (task / "comm").read_text().strip()
+            )
             used = _stat_cpu_seconds(task / "stat")
         except (FileNotFoundError, ProcessLookupError):
             continue  # the thread ended between the listing and the read

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from recsys import timing
 from recsys.app import count_at_least
 from recsys.app.grpc_floor import event_loop_name
 from recsys.app.grpc_floor import measure as measure_hop
@@ -51,19 +52,10 @@ class DirectContext:
 
 
 def thread_cpu_seconds() -> dict[str, float]:
-    """CPU seconds (user + system) of each live thread of this process, by thread name."""
-    names = {thread.native_id: thread.name for thread in threading.enumerate()}
-    tick = os.sysconf("SC_CLK_TCK")
-    seconds: dict[str, float] = {}
-    for task in os.listdir("/proc/self/task"):
-        try:
-            stat = Path(f"/proc/self/task/{task}/stat").read_text()
-        except FileNotFoundError:
-            continue  # the thread ended
-        fields = stat[stat.rindex(")") + 2 :].split()
-        name = names.get(int(task), "native")  # threads Python did not start (ONNX Runtime, gRPC)
-        seconds[name] = seconds.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
-    return seconds
+    """CPU seconds (user + system) of each live thread of this process, by its Python name (by its
+    kernel name for threads Python did not start: ONNX Runtime's, gRPC's)."""
+    python_names = {thread.native_id: thread.name for thread in threading.enumerate() if thread.native_id}
+    return timing.thread_cpu_seconds(os.getpid(), python_names)
 
 
 def top_functions(profile: cProfile.Profile, count: int, requests: int) -> list[dict[str, Any]]:

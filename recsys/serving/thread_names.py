@@ -10,26 +10,24 @@ a batch thread from the event loop (the process's main thread) and gRPC's own th
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
+import functools
 import sys
 import threading
+from collections.abc import Callable
 
 PR_SET_NAME = 15  # prctl option: the calling thread's name (/proc/self/task/<tid>/comm)
 MAX_NAME_BYTES = 15  # the kernel keeps 16 bytes with the terminating NUL
 
-_libc: ctypes.CDLL | None = None
 
-
-def _prctl() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
-    global _libc
+@functools.cache
+def _prctl() -> Callable[..., int] | None:
+    """libc's ``prctl`` (through the symbols already loaded in this process), None off Linux."""
     if not sys.platform.startswith("linux"):
         return None
-    if _libc is None:
-        try:
-            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        except OSError:
-            return None
-    return getattr(_libc, "prctl", None)
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
 
 
 def os_thread_name(name: str) -> bytes:
